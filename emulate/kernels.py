@@ -1,0 +1,56 @@
+"""Block attention that returns (output, lse): the kernel oracle's small call.
+
+One call attends the queries of one block to the keys of one block (or of a sample of keys) and
+returns the normalised block average B/A and log A per query row and head (PAPER.md: the
+(output, log-sum-exp) pair that the merge combines). A row with no visible key returns output 0
+and lse = -inf, so the merge counts it as empty.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: str = "none",
+           visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, mq, dh], k and v [Hkv, mk, dh] -> (o [H, mq, dh], lse [H, mq]).
+
+    mask: 'none' (all visible), 'causal' (aligned diagonal block) or 'explicit' with `visible`
+    a boolean [mq, mk] matrix. GQA: each KV head serves H / Hkv consecutive query heads.
+    """
+    H, Hkv = q.shape[0], k.shape[0]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=0)
+        v = v.repeat_interleave(H // Hkv, dim=0)
+    bias = None
+    if mask == "explicit":
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
+    if q.device.type == "cpu":
+        # torch's CPU flash kernel returns the lse and runs at ~75% of this machine's matmul rate
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, mask == "causal", attn_mask=bias, scale=scale)[:2]
+        o, lse = o[0], lse[0]
+    else:
+        o, lse = _attend_math(q, k, v, scale, mask, bias)
+    if mask == "explicit":
+        # the flash kernel returns (0, 0) for a fully masked row; e^0 would weigh it as one key
+        empty = ~visible.any(dim=1)
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty[None, :], NEG_INF)
+            o = o.masked_fill(empty[None, :, None], 0.0)
+    return o, lse
+
+
+def _attend_math(q, k, v, scale, mask, bias):
+    """The textbook form, for devices without a CPU flash kernel and for float64 on GPUs."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask == "causal":
+        mq, mk = scores.shape[-2:]
+        causal = torch.ones(mq, mk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, NEG_INF)
+    elif bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    return weights @ v, lse

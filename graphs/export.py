@@ -1,0 +1,55 @@
+"""Serialise a logical graph: JSON node-link (loss-free, reloadable) and Graphviz DOT (for drawing)."""
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+
+COLOURS = {"embed": "#cfd8dc", "project": "#bbdefb", "attend": "#ffe0b2", "merge": "#f8bbd0",
+           "mix": "#c8e6c9", "head": "#d1c4e9"}
+
+
+def to_json(g: nx.DiGraph) -> str:
+    data = nx.node_link_data(g, edges="edges")
+    return json.dumps(data, default=_plain, separators=(",", ":"))
+
+
+def from_json(text: str) -> nx.DiGraph:
+    g = nx.node_link_graph(json.loads(text), directed=True, edges="edges")
+    for _, a in g.nodes(data=True):
+        for key in ("span", "key_span"):
+            if isinstance(a.get(key), list):
+                a[key] = tuple(a[key])
+    g.graph["block_spans"] = [tuple(s) for s in g.graph["block_spans"]]
+    return g
+
+
+def to_dot(g: nx.DiGraph) -> str:
+    """DOT with one cluster per layer, nodes coloured by kind and labelled with their call size."""
+    lines = ["digraph emulate {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontsize=10];']
+    by_layer: dict[int, list[str]] = {}
+    for n, a in g.nodes(data=True):
+        by_layer.setdefault(a["layer"], []).append(n)
+    for layer in sorted(by_layer):
+        name = "embed" if layer < 0 else ("head" if layer >= len(g.graph["spec"]["patterns"]) else f"layer {layer}")
+        lines.append(f'  subgraph "cluster_{layer}" {{ label="{name}"; color="#9e9e9e";')
+        for n in by_layer[layer]:
+            a = g.nodes[n]
+            label = f"{a['kind']} {a['block']}"
+            if a["kind"] == "attend":
+                label += f"x{'tau' if a['key_block'] < 0 else a['key_block']}\\n{a['mask']}"
+            label += f"\\n{a['tokens']} tok"
+            lines.append(f'    "{n}" [label="{label}", fillcolor="{COLOURS[a["kind"]]}"];')
+        lines.append("  }")
+    for u, v in g.edges():
+        lines.append(f'  "{u}" -> "{v}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
