@@ -1,0 +1,90 @@
+"""forward_s of the emulated forward against Hugging Face transformers on the same checkpoint, side by side.
+
+Builds seeded Llama and Mistral checkpoints shaped like the presets (width 256, 4 layers, 8 heads
+with 2 KV heads, vocabulary 1024) with `save_pretrained`, loads them through emulate's checkpoint
+loader, and times, in this one process with the same threads, the transformers forward (sdpa) and
+the emulated forward (local executor, kernel oracle) on the same N tokens. Each is run `--repeat`
+times and the best time is kept. Prints a markdown table; every figure is measured in this run.
+
+    .venv/bin/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from emulate.checkpoints import load_checkpoint
+from emulate.executor import run_local
+from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
+from emulate.ops import NodeRunner
+
+
+def build_checkpoint(family: str, path: str, window: int) -> None:
+    import transformers
+
+    shape = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 20)
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=window))
+    model.save_pretrained(path)
+
+
+def time_transformers(path: str, tokens: torch.Tensor, repeat: int):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                              dtype=torch.float32).eval()
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(tokens[None], output_hidden_states=True)
+        best = min(best, time.perf_counter() - t0)
+    return best, out.hidden_states[-1][0]
+
+
+def time_emulate(path: str, tokens: torch.Tensor, block_size: int, repeat: int):
+    config, weights, _ = load_checkpoint(path)
+    patterns = resolve_patterns(config)
+    model = new_model(config, weights, torch.float32, "cpu")
+    best, hidden = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        g = compile_forward(config, tokens.shape[0], block_size, patterns, torch.float32)
+        got = Collected()
+        with torch.no_grad():
+            for _, value in run_local(g, NodeRunner(model, tokens, g.graph)):
+                got.add(value)
+        best = min(best, time.perf_counter() - t0)
+        hidden = got.result()["hidden"]
+    return best, hidden, patterns[0].describe(), g.number_of_nodes()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--block-size", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=4096, help="Mistral's sliding window (Hugging Face's sliding_window)")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    tokens = torch.randint(0, 1024, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, torch threads = {torch.get_num_threads()}\n")
+    print("| model | attention | transformers forward_s | emulate forward_s | emulate / transformers | max_rel_err vs transformers |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for family in ("llama", "mistral"):
+        with tempfile.TemporaryDirectory() as path:
+            build_checkpoint(family, path, args.window)
+            hf_s, hf_hidden = time_transformers(path, tokens, args.repeat)
+            em_s, em_hidden, attention, _ = time_emulate(path, tokens, args.block_size, args.repeat)
+        _, rel = row_errors(em_hidden, hf_hidden)
+        print(f"| {family} | {attention} | {hf_s:.2f} | {em_s:.2f} | {em_s / hf_s:.2f} | {rel:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
