@@ -46,12 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
     run.add_argument("--verify", action="store_true", help="also run the monolithic forward and report the error")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    add_ray_options(run)
     run.set_defaults(handler=cmd_run)
     graph = sub.add_parser("graph", help="export the logical task graph")
     add_problem_options(graph)
     graph.add_argument("--format", choices=("json", "dot"), default="json")
     graph.add_argument("-o", "--output", required=True, help="file to write")
     graph.set_defaults(handler=cmd_graph, dtype="float32")
+    submit = sub.add_parser("submit", help="submit `emulate run ...` to a Ray cluster as a job (Ray Jobs API)")
+    submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
+                        "or http://127.0.0.1:8265)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- run <run options>")
+    submit.set_defaults(handler=lambda a: _cluster_command("cluster.jobs", "cmd_submit", a))
+    cluster = sub.add_parser("cluster", help="start or stop a local multi-node Ray cluster on this machine")
+    cluster.add_argument("action", choices=("up", "down", "status"))
+    cluster.add_argument("--worker-nodes", type=int, default=2, help="nodes besides the head (default 2)")
+    cluster.add_argument("--cpus-per-node", type=float, default=None, help="CPUs each node offers (default: this machine's)")
+    cluster.add_argument("--port", type=int, default=6380, help="the head's GCS port (default 6380)")
+    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port on 127.0.0.1")
+    cluster.set_defaults(handler=lambda a: _cluster_command("cluster.local", "cmd_cluster", a))
     return parser
 
 
@@ -66,6 +80,25 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="auto|full|causal|sliding|sink|sampled")
     p.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
     p.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray executor (--executor ray)")
+    ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default $RAY_ADDRESS, "
+                     "else a private local instance, stopped at the end)")
+    ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker; its torch threads (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, with --device cuda")
+    ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON")
+    ray.add_argument("--stall-timeout", type=float, default=600.0, metavar="S",
+                     help="stop with an error when no task finishes for S seconds (default 600)")
+
+
+def _cluster_command(module: str, name: str, args) -> int:
+    """Reach cluster/ (and Ray) only when a Ray command is used."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(args)
 
 
 def load_problem(args):
@@ -125,7 +158,8 @@ def cmd_run(args) -> int:
     if default_run:
         args.verify = True
     config, weights, tokens, patterns, dtype, g = load_problem(args)
-    model = new_model(config, weights, dtype, args.device)
+    # Ray workers hold their own model on --device; the driver's copy only serves --verify, on CPU
+    model = new_model(config, weights, dtype, args.device if args.executor == "local" else "cpu")
     tokens_t = torch.from_numpy(np.ascontiguousarray(tokens))
     c = counts(g)
     writer = None
@@ -146,6 +180,7 @@ def cmd_run(args) -> int:
         else:
             from cluster.executor import run_ray  # lazy: Ray is only imported when asked for
             blocks = run_ray(g, config, weights, tokens_t, dtype, args, extra)
+            t0 = time.perf_counter()  # Ray's start-up and the workers' weight loading: extra's ray_setup_s
         for _, value in blocks:
             if writer is not None:
                 writer.write(value)

@@ -1,0 +1,207 @@
+"""The Ray executor: the physical plan on worker actors, scheduled as a wavefront.
+
+Every task is submitted up front with the ObjectRefs of its inputs, so Ray starts it the moment
+they exist: a block of layer l+1 waits for its own few inputs of layer l, never for the whole
+layer (PAPER.md, practical claims: O(N/M) modes overlap layers as a wavefront). Workers run
+their tasks out of order as inputs arrive, one at a time each. The driver drops its handles on
+intermediate values once submitted, so Ray frees each value when its last reader has run.
+
+Faults: worker actors restart (max_restarts) and Ray re-runs their lost or interrupted tasks
+(max_task_retries, lineage reconstruction for values lost with a node); tasks are pure functions
+of their inputs, so a re-run gives the same bits. A run that cannot go on stops with one line.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from cluster.plan import Plan, make_plan
+from cluster.session import RayOptions, WorkerPool, capacity, connect, disconnect
+from emulate.config import EmulateError
+
+HEALTH_EVERY_S = 5.0
+RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
+
+
+def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
+    """Start (or join) Ray and the workers, then return an iterator of (block, head value) in block order.
+
+    Set-up happens here, before the first value is asked for; `extra` receives the plan's
+    figures (physical_tasks, workers, bytes_transferred, ...) by the time the iterator ends.
+    """
+    opts = RayOptions.from_args(args)
+    if opts.trace:
+        from emulate.io import _check_target  # fail on a bad --trace path before any work
+        from pathlib import Path
+
+        _check_target(Path(opts.trace))
+    t0 = time.perf_counter()
+    owned = connect(opts.address)
+    try:
+        meta = {k: v for k, v in g.graph.items()}
+        pool = WorkerPool(opts, config, weights, tokens, meta, str(dtype).rsplit(".", 1)[-1])
+    except BaseException:
+        disconnect(owned)
+        raise
+    try:
+        plan = make_plan(g, pool.size)
+    except BaseException:
+        pool.close()
+        disconnect(owned)
+        raise
+    _, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
+    extra.update({
+        "workers": pool.size, "cpus_per_worker": opts.cpus_per_worker, "gpus_per_worker": opts.gpus_per_worker,
+        "threads_per_worker": pool.info[0]["threads"], "physical_tasks": len(plan.tasks),
+        "ray_cluster": ("private local instance, " if owned else "joined, ") + nodes,
+        "ray_workers": pool.names, "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
+    })
+    return _execute(plan, pool, owned, opts, extra, tokens.shape[0])
+
+
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra: dict, n_tokens: int):
+    import ray
+
+    progress = None
+    try:
+        t0 = time.time()
+        heads, metas = _submit(plan, pool)
+        if opts.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(plan.tasks), unit="task", file=sys.stderr, leave=False)
+        producer = {key: t for t in plan.tasks for key in t.writes}
+        records: list[dict] = []
+        pending = list(metas)
+        head_done: set[int] = set()
+        tokens_done = 0
+        next_block = 0
+        last_done = last_health = time.monotonic()
+        while next_block < plan.blocks:
+            if next_block in head_done:
+                value = _get(ray, heads.pop(next_block), f"the output of block {next_block}")
+                yield next_block, value
+                next_block += 1
+                continue
+            if not pending:
+                raise EmulateError(f"every task finished but block {next_block}'s output never came")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if ready and pending:
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
+            now = time.monotonic()
+            for ref in ready:
+                task = metas.pop(ref)
+                m = _get(ray, ref, f"task {task.name}", pool, task)
+                records.append(_record(task, m, producer))
+                if task.head:
+                    head_done.add(task.block)
+                    tokens_done += len(range(*task.attrs[task.writes[0]]["span"]))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix_str(f"{tokens_done / max(time.time() - t0, 1e-9):,.0f} tokens/s")
+                last_done = now
+            if not ready and now - last_health >= HEALTH_EVERY_S:
+                last_health = now
+                _check_health(pool, opts, now - last_done)
+        for ref, task in list(metas.items()):  # stragglers: cannot exist (heads come last), kept honest
+            records.append(_record(task, _get(ray, ref, f"task {task.name}", pool, task), producer))
+        extra.update(_figures(records, pool))
+        if opts.trace:
+            from cluster.trace import write_trace
+
+            write_trace(opts.trace, records, pool.info, t0)
+            extra["trace"] = opts.trace
+    except BaseException:
+        _teardown(pool, owned, progress)
+        raise
+    # A private instance stops when this process exits (atexit), not here: its shutdown takes a
+    # second or more, which is no part of the forward.
+    _teardown(pool, False, progress)
+    if owned:
+        import atexit
+
+        atexit.register(disconnect, True)
+
+
+def _teardown(pool: WorkerPool, owned: bool, progress) -> None:
+    if progress is not None:
+        progress.close()
+    pool.close()
+    disconnect(owned)
+
+
+def _submit(plan: Plan, pool: WorkerPool):
+    """Submit every task with the refs of its inputs; keep only the heads' and the metadata refs."""
+    values, heads, metas = {}, {}, {}
+    for t in plan.tasks:
+        refs = pool.actors[t.worker].run.options(num_returns=len(t.writes) + 1).remote(
+            t, pool.shared, *[values[key] for key in t.reads])
+        for key, ref in zip(t.writes, refs[:-1]):
+            values[key] = ref
+        if t.head:
+            heads[t.block] = refs[0]
+        metas[refs[-1]] = t
+    values.clear()  # pending tasks hold their inputs; Ray frees each value after its last reader
+    return heads, metas
+
+
+def _record(task, m: dict, producer: dict) -> dict:
+    """One finished task, with its input bytes split by whether they crossed between workers."""
+    crossed = sum(b for key, b in zip(task.reads, m["bytes_each"]) if producer[key].worker != task.worker)
+    return {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
+            "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(), "bytes_in": m["bytes_in"],
+            "bytes_out": m["bytes_out"], "bytes_crossed": crossed}
+
+
+def _figures(records: list[dict], pool: WorkerPool) -> dict:
+    busy = [0.0] * pool.size
+    for r in records:
+        busy[r["worker"]] += r["end"] - r["start"]
+    pids = {}
+    for r in records:
+        pids.setdefault(r["worker"], set()).add(r["pid"])
+    return {
+        "bytes_transferred": sum(r["bytes_in"] for r in records),
+        "bytes_between_workers": sum(r["bytes_crossed"] for r in records),
+        "bytes_returned": sum(r["bytes_out"] for r in records),
+        "worker_busy_s": [round(b, 3) for b in busy],
+        "worker_processes": sum(len(p) for p in pids.values()),
+    }
+
+
+def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None):
+    """ray.get with Ray's failures turned into one line that says what could not be done."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        raise EmulateError(f"{what} failed on worker {task.worker if task else '?'}: "
+                           f"{type(cause).__name__}: {_line(cause)}") from None
+    except ray.exceptions.RayActorError as err:
+        worker = f"worker {task.worker}" if task else "a worker"
+        raise EmulateError(f"{what} could not run: {worker} died and could not be restarted "
+                           f"({pool.opts.max_restarts if pool else '?'} restarts allowed): {_line(err)}") from None
+    except ray.exceptions.ObjectLostError as err:
+        raise EmulateError(f"{what}: its data was lost and could not be rebuilt: {_line(err)}") from None
+    except ray.exceptions.RayError as err:
+        raise EmulateError(f"{what}: {type(err).__name__}: {_line(err)}") from None
+
+
+def _check_health(pool: WorkerPool, opts: RayOptions, idle_s: float) -> None:
+    """Fail, rather than wait forever, when no worker can make progress."""
+    states = pool.states()
+    if all(s == "DEAD" for s in states):
+        raise EmulateError(f"all {pool.size} workers are dead; nothing can run the remaining tasks")
+    fit, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
+    down = [k for k, s in enumerate(states) if s != "ALIVE"]
+    if down and idle_s >= RESTART_GRACE_S:
+        raise EmulateError(f"worker(s) {down} not running for {idle_s:.0f} s ({', '.join(states[k] for k in down)}); "
+                           f"the cluster has room for {fit} worker(s) now ({nodes})")
+    if idle_s >= opts.stall_timeout_s:
+        raise EmulateError(f"no task finished in {idle_s:.0f} s (--stall-timeout); worker states {states}; {nodes}")
+
+
+def _line(err: BaseException) -> str:
+    lines = [s for s in str(err).strip().splitlines() if s.strip()]
+    return lines[-1].strip() if lines else type(err).__name__

@@ -1,0 +1,107 @@
+"""`emulate submit`: run `emulate run ...` on a Ray cluster as a job, through the Ray Jobs API.
+
+Prints the job id, follows the job's logs, and exits with the job's status (0 when it
+succeeded). Ray's token authentication stays on: the token is read where Ray keeps it
+($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and sent with every request; with
+no token the command stops with one line rather than trying without.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from emulate.config import EmulateError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+PATH_OPTIONS = ("--input", "--output", "-o", "--trace", "--model")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def job_server(address: str | None) -> str:
+    """The job server's URL: --address, then $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, the default."""
+    for candidate in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+        if candidate and candidate.startswith(("http://", "https://")):
+            return candidate.rstrip("/")
+        if candidate and candidate is address:
+            raise EmulateError(f"--address for submit is the job server's URL, like {DEFAULT_ADDRESS}; got {address!r}")
+    return DEFAULT_ADDRESS
+
+
+def auth_headers() -> dict:
+    """The Authorization header for Ray's token authentication; a missing token is an error."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise EmulateError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emulate submit keeps Ray's token "
+                           "authentication on; unset RAY_AUTH_MODE or set it to token")
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # the token file may have appeared since this process started
+    if not loader.has_token(ignore_auth_mode=True):
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+        raise EmulateError(f"no Ray authentication token (looked in $RAY_AUTH_TOKEN and {where}); copy the "
+                           "cluster's token there (`ray get-auth-token` on the head prints it)")
+    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+
+
+def entrypoint(run_args: list[str], local: bool) -> str:
+    """The job's shell command. On a cluster on this machine, paths become absolute and the
+    interpreter is this one; elsewhere the cluster's own `python` must have emulate installed."""
+    args = list(run_args)
+    if local:
+        for k, a in enumerate(args[:-1]):
+            if a in PATH_OPTIONS and not (a == "--model" and not Path(args[k + 1]).exists()):
+                args[k + 1] = str(Path(args[k + 1]).resolve())
+        python = sys.executable
+    else:
+        python = "python"
+    return " ".join(shlex.quote(x) for x in [python, "-m", "emulate.cli", *args])
+
+
+def cmd_submit(args) -> int:
+    run_args = list(args.entrypoint)
+    if run_args[:1] == ["--"]:
+        run_args = run_args[1:]
+    if run_args[:1] != ["run"]:
+        raise EmulateError("usage: emulate submit [--address URL] -- run <run options>")
+    if "--executor" not in run_args:
+        run_args += ["--executor", "ray"]
+    url = job_server(args.address)
+    headers = auth_headers()
+    local = (urlparse(url).hostname or "") in LOCAL_HOSTS
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(url, headers=headers)
+    except Exception as err:  # noqa: BLE001 - connection, auth and version errors all end here
+        raise EmulateError(f"cannot reach the Ray job server at {url}: {_first_line(err)}") from None
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint(run_args, local))
+    except Exception as err:  # noqa: BLE001
+        raise EmulateError(f"the job server at {url} refused the job: {_first_line(err)}") from None
+    print(f"job {job_id} submitted to {url}", file=sys.stderr, flush=True)
+    print(job_id, file=sys.stderr if "--json" in run_args else sys.stdout, flush=True)
+    if args.no_wait:
+        return 0
+    try:
+        asyncio.run(_follow(client, job_id))
+    except KeyboardInterrupt:
+        print(f"emulate: stopped following job {job_id}; it keeps running (ray job stop {job_id})", file=sys.stderr)
+        return 130
+    status = client.get_job_status(job_id)
+    print(f"job {job_id} {status.value.lower()}", file=sys.stderr)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+async def _follow(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [s for s in str(err).strip().splitlines() if s.strip()]
+    return lines[0] if lines else type(err).__name__
