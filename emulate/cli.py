@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from emulate.config import EmulateError
+from emulate.paper.options import add_oracle_options, add_theorems_command, make_oracle, oracle_summary
 
 DEFAULT_MODEL = "tiny-llama"
 DEFAULT_TOKENS = 4096
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
     run.add_argument("--verify", action="store_true", help="also run the monolithic forward and report the error")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    add_oracle_options(run)
     add_ray_options(run)
     run.set_defaults(handler=cmd_run)
     graph = sub.add_parser("graph", help="export the logical task graph")
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--format", choices=("json", "dot"), default="json")
     graph.add_argument("-o", "--output", required=True, help="file to write")
     graph.set_defaults(handler=cmd_graph, dtype="float32")
+    add_theorems_command(sub)
     submit = sub.add_parser("submit", help="submit `emulate run ...` to a Ray cluster as a job (Ray Jobs API)")
     submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
                         "or http://127.0.0.1:8265)")
@@ -162,6 +165,7 @@ def cmd_run(args) -> int:
     model = new_model(config, weights, dtype, args.device if args.executor == "local" else "cpu")
     tokens_t = torch.from_numpy(np.ascontiguousarray(tokens))
     c = counts(g)
+    oracle = make_oracle(args, g)  # None: the kernel oracle
     writer = None
     if args.output:
         writer = OutputWriter(args.output, tokens, config.width, dtype, logprob=config.lm_head,
@@ -174,7 +178,7 @@ def cmd_run(args) -> int:
         t0 = time.perf_counter()
         if args.executor == "local":
             from emulate.executor import run_local
-            runner = NodeRunner(model, tokens_t, g.graph)
+            runner = NodeRunner(model, tokens_t, g.graph, oracle=oracle)
             progress = _progress(len(g), len(tokens), args.json)
             blocks = run_local(g, runner, on_node=(lambda n: progress.update(1)) if progress else None)
         else:
@@ -197,11 +201,11 @@ def cmd_run(args) -> int:
         "model": config.name, "family": config.family, "layers": config.layers, "heads": config.heads,
         "kv_heads": config.kv_heads, "tokens": len(tokens), "block_size": g.graph["spec"]["block_size"],
         "blocks": g.graph["blocks"], "attention": _describe(patterns), "window": _window(patterns),
-        "sinks": patterns[0].sinks, "oracle": "kernel", "dtype": args.dtype, "device": args.device,
+        "sinks": patterns[0].sinks, "oracle": getattr(args, "oracle", "kernel"), "dtype": args.dtype, "device": args.device,
         "executor": args.executor,
         **{k: c[k] for k in ("attention_calls", "attention_calls_per_layer", "attention_calls_bound", "small_calls",
                              "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth")},
-        "forward_s": round(forward_s, 4), **extra,
+        "forward_s": round(forward_s, 4), **extra, **oracle_summary(oracle),
     }
     if args.verify:
         t1 = time.perf_counter()

@@ -18,8 +18,11 @@ class NodeRunner:
     log p(token[s + t + 1] | tokens <= s + t).
     """
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor, graph_meta: dict):
+    def __init__(self, model: Transformer, tokens: torch.Tensor, graph_meta: dict, oracle=None):
         self.model = model
+        # the small call behind each attend node: None is the kernel oracle (emulate.kernels.attend);
+        # another oracle (emulate.paper.PaperOracle) gets the node and returns the same (o, lse)
+        self.oracle = oracle
         self.tokens = tokens.to(model.device)
         spec = graph_meta["spec"]
         self.patterns = [Pattern(**p) for p in spec["patterns"]]
@@ -49,6 +52,9 @@ class NodeRunner:
 
     def attend(self, a: dict, inputs: list):
         q = inputs[0][0]
+        if self.oracle is not None:
+            k, v = self.gather_sample(a, inputs[1:]) if a["mask"] == "sample" else inputs[1][1:]
+            return self.oracle.pair(q, k, v, self.model.scale, a, self.patterns[a["layer"]])
         if a["mask"] == "sample":
             return attend(q, *self.gather_sample(a, inputs[1:]), self.model.scale)
         _, k, v = inputs[1]

@@ -1,0 +1,193 @@
+"""`emulate theorems`: each result's oracle calls, counted from real runs, against the paper's count.
+
+For every result and N/M = 1, 2, 4, ... the command runs the emulated forward of a preset with the
+paper oracle (float64), counts the small transformer's literal invocations, checks the output
+against the monolithic reference, and sets the count beside the paper's construction count:
+
+    Thm 1.1 full     (Lemma 3.1)        2 B^2                    (an A call and a B call per pair)
+    Thm 3.5 causal   (Claim B.6)        2 B + 4 B(B-1)/2         (2 per diagonal block, 4 per earlier one)
+    Thm 5.1 sliding  (r < M)            4 ceil(N / (M - r))      (one ordinary, one shifted call per chunk)
+    Sec. 5 sinks                        6 ceil(N / (M - r))      (plus the sink keys packed beside each chunk)
+    Thm 4.1 sampled                     B                        (one B/A call per block)
+
+each times ceil(H/H') L single-head instances (H' = heads packed per call, Lemma 3.3), B = ceil(N/M).
+The sampled result is an estimate: its error is against exact full attention.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emulate.config import EmulateError
+
+RESULTS = {  # result -> (label, preset, attention)
+    "full": ("Thm 1.1 full", "tiny-bert", "full"),
+    "causal": ("Thm 3.5 causal", "tiny-llama", "causal"),
+    "sampled": ("Thm 4.1 sampled", "tiny-bert", "sampled"),
+    "sliding": ("Thm 5.1 sliding", "tiny-llama", "sliding"),
+    "sink": ("Sec. 5 sinks", "tiny-llama", "sink"),
+}
+SLOPE = {"full": 2, "causal": 2, "sampled": 1, "sliding": 1, "sink": 1}
+
+
+def paper_count(result: str, tokens: int, block: int, window: int | None, heads: int, layers: int, pack: int) -> int:
+    """The paper's construction count for one forward (see the module docstring)."""
+    B = math.ceil(tokens / block)
+    per_instance = {
+        "full": 2 * B * B,
+        "causal": 2 * B + 4 * (B * (B - 1) // 2),
+        "sampled": B,
+        "sliding": 4 * math.ceil(tokens / (block - window)) if window else 0,
+        "sink": 6 * math.ceil(tokens / (block - window)) if window else 0,
+    }[result]
+    return per_instance * math.ceil(heads / pack) * layers
+
+
+def measure(result: str, tokens: int, block: int, window: int | None, sinks: int | None, oracle_kind: str = "paper",
+            pack_heads: int | None = None, seed: int = 0) -> dict:
+    """One verified run of the paper oracle: counted invocations, the paper's count, the error."""
+    from emulate.executor import run_local
+    from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
+    from emulate.io import random_tokens
+    from emulate.ops import NodeRunner
+    from emulate.paper.oracle import PaperOracle
+    from emulate.presets import preset
+    from emulate.reference import reference_forward
+    from graphs import counts
+
+    label, model_name, attention = RESULTS[result]
+    config, weights = preset(model_name)
+    model = new_model(config, weights, torch.float64, "cpu")
+    ids = torch.from_numpy(np.ascontiguousarray(random_tokens(tokens, config.vocab, seed)))
+    patterns = resolve_patterns(config, attention, window if attention in ("sliding", "sink") else None,
+                                sinks if attention == "sink" else None)
+    g = compile_forward(config, tokens, block, patterns, torch.float64, seed)
+    pack = 1 if pack_heads is None else (config.heads if pack_heads == 0 else pack_heads)
+    oracle = PaperOracle(block, stable=oracle_kind == "paper-stable", pack_heads=pack)
+    got = Collected()
+    t0 = time.perf_counter()
+    for _, value in run_local(g, NodeRunner(model, ids, g.graph, oracle=oracle)):
+        got.add(value)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        ref = reference_forward(model, ids, patterns)
+    s = oracle.summary()
+    bound = paper_count(result, tokens, block, window, config.heads, config.layers, pack)
+    return {"result": result, "label": label, "model": model_name, "tokens": tokens, "block_size": block,
+            "n_over_m": tokens / block, "window": window if attention in ("sliding", "sink") else None,
+            "sinks": sinks if attention == "sink" else None, "pair_calls": counts(g)["attention_calls"],
+            "invocations": s["oracle_invocations"], "paper_count": bound,
+            "ratio": s["oracle_invocations"] / bound if bound else None,
+            "max_rel_err": row_errors(got.result()["hidden"], ref["hidden"])[1],
+            "by_construction": s["oracle_invocations_by_construction"], "capacity": s["oracle_capacity"],
+            "max_rows": s["oracle_max_rows"], "pack_heads": pack, "seconds": round(seconds, 3)}
+
+
+def slopes(rows: list[dict]) -> dict:
+    """Slope of log(invocations) against log(N/M) per result between its two largest N (N/M doubles)."""
+    out = {}
+    for result in dict.fromkeys(r["result"] for r in rows):
+        pts = sorted((r["n_over_m"], r["invocations"]) for r in rows if r["result"] == result)
+        if len(pts) >= 2:
+            (x0, y0), (x1, y1) = pts[-2:]
+            out[result] = math.log(y1 / y0) / math.log(x1 / x0)
+    return out
+
+
+def table(rows: list[dict], fitted: dict) -> str:
+    lines = ["| result | N | N/M | invocations (measured) | paper's count | ratio | slope, last doubling | max_rel_err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    last = {r["result"]: k for k, r in enumerate(rows)}
+    for k, r in enumerate(rows):
+        slope = f"{fitted[r['result']]:.2f} (paper {SLOPE[r['result']]})" if last[r["result"]] == k and r["result"] in fitted else ""
+        lines.append(f"| {r['label']} | {r['tokens']} | {r['n_over_m']:g} | {r['invocations']} | {r['paper_count']} | "
+                     f"{r['ratio']:.2f} | {slope} | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, block: int) -> None:
+    """Invocations against N/M on log-log axes, with slope-2 and slope-1 guides; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs_all = sorted({r["n_over_m"] for r in rows})
+    styles = {"full": ("o", "-"), "causal": ("s", "--"), "sampled": ("^", "-"), "sliding": ("D", "-"), "sink": ("v", "-")}
+    for result in dict.fromkeys(r["result"] for r in rows):
+        pts = [(r["n_over_m"], r["invocations"]) for r in rows if r["result"] == result]
+        marker, line = styles[result]
+        ax.plot(*zip(*pts), marker=marker, linestyle=line, fillstyle="none" if result == "causal" else "full",
+                label=RESULTS[result][0])
+    # guides through half the smallest count, so they run beside the data, not on it
+    x = np.array([xs_all[0], xs_all[-1]])
+    y0 = 0.5 * min(r["invocations"] for r in rows)
+    ax.plot(x, y0 * (x / x[0]) ** 2, "k--", lw=0.8, label="slope 2")
+    ax.plot(x, y0 * (x / x[0]), "k:", lw=0.8, label="slope 1")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"N / M  (M = {block})")
+    ax.set_ylabel("small-transformer invocations (counted)")
+    ax.set_title("Oracle calls per forward, measured")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise EmulateError(f"output directory {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp.png", dir=target.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_theorems(args) -> int:
+    M = args.block_size
+    if M < 2:
+        raise EmulateError(f"--block-size must be >= 2, got {M}")
+    if args.max_tokens < M:
+        raise EmulateError(f"--max-tokens must be at least the block size {M}")
+    window = args.window if args.window is not None else M // 2
+    if not 1 <= window < M:
+        raise EmulateError(f"--window must lie in [1, M) for Thm 5.1's count, got {window}")
+    results = [r.strip() for r in args.results.split(",") if r.strip()]
+    unknown = [r for r in results if r not in RESULTS]
+    if unknown:
+        raise EmulateError(f"unknown result(s) {', '.join(unknown)} (choose from {', '.join(RESULTS)})")
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise EmulateError(f"output directory {Path(args.plot).parent} does not exist")
+    sizes = [M * 2 ** e for e in range(int(math.log2(args.max_tokens // M)) + 1)]
+    rows = []
+    for result in results:
+        for n in sizes:
+            row = measure(result, n, M, window, args.sinks, args.oracle, args.pack_heads)
+            rows.append(row)
+            if not args.json:
+                print(f"  {row['label']:<16} N = {n:>6}: {row['invocations']:>7} invocations, "
+                      f"max_rel_err {row['max_rel_err']:.1e} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    fitted = slopes(rows)
+    if args.plot:
+        plot(rows, args.plot, M)
+    if args.json:
+        print(json.dumps({"block_size": M, "window": window, "sinks": args.sinks, "oracle": args.oracle,
+                          "rows": rows, "slopes": fitted}))
+    else:
+        print(f"paper oracle ({args.oracle}), float64, M = {M}, window r = {window}, sinks s = {args.sinks}; "
+              f"capacity M+1 = {M + 1}")
+        print(table(rows, fitted))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
