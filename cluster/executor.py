@@ -30,6 +30,8 @@ def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
     figures (physical_tasks, workers, bytes_transferred, ...) by the time the iterator ends.
     """
     opts = RayOptions.from_args(args)
+    if getattr(args, "oracle", "kernel") not in (None, "kernel"):
+        raise EmulateError(f"--oracle {args.oracle} runs on the local executor; the Ray executor runs the kernel oracle")
     if opts.trace:
         from emulate.io import _check_target  # fail on a bad --trace path before any work
         from pathlib import Path
@@ -54,7 +56,7 @@ def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
         "workers": pool.size, "cpus_per_worker": opts.cpus_per_worker, "gpus_per_worker": opts.gpus_per_worker,
         "threads_per_worker": pool.info[0]["threads"], "physical_tasks": len(plan.tasks),
         "ray_cluster": ("private local instance, " if owned else "joined, ") + nodes,
-        "ray_workers": pool.names, "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
+        "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)], "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
     })
     return _execute(plan, pool, owned, opts, extra, tokens.shape[0])
 

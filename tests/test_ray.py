@@ -1,0 +1,304 @@
+"""The Ray executor against a real local Ray instance (one per test run) and the physical plan.
+
+Plan tests run the plan in-process (no Ray) and must reproduce the local executor's bits;
+executor tests share one Ray instance with a fixed CPU count (session fixture).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cluster.plan import make_plan, slice_size
+from cluster.worker import TreeMerge, run_task
+from emulate.config import EmulateError
+from emulate.executor import run_local
+from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
+from emulate.io import random_tokens
+from emulate.merge import merge
+from emulate.ops import NodeRunner
+from emulate.presets import preset
+from emulate.reference import reference_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATE = [sys.executable, "-m", "emulate.cli"]
+
+
+def problem(name="tiny-llama", attention="auto", window=None, sinks=None, tokens=1024, block=128,
+            dtype=torch.float32):
+    config, weights = preset(name)
+    patterns = resolve_patterns(config, attention, window, sinks)
+    ids = torch.from_numpy(random_tokens(tokens, config.vocab, 0))
+    g = compile_forward(config, tokens, block, patterns, dtype)
+    return config, weights, ids, patterns, g
+
+
+def local_hidden(config, weights, ids, g, dtype=torch.float32):
+    runner = NodeRunner(new_model(config, weights, dtype, "cpu"), ids, g.graph)
+    return torch.cat([v["hidden"] for _, v in run_local(g, runner)])
+
+
+def inline_plan(plan, runner):
+    """Run a plan's tasks in order in this process: the plan's arithmetic without Ray."""
+    values, hidden = {}, {}
+    for t in plan.tasks:
+        out = run_task(runner, t, [values[k] for k in t.reads])
+        values.update(zip(t.writes, out))
+        if t.head:
+            hidden[t.block] = out[0]["hidden"]
+    return torch.cat([hidden[b] for b in sorted(hidden)])
+
+
+# -- the plan, without Ray ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", list(range(1, 34)))
+def test_tree_merge_streams_the_same_bits_as_merge(n):
+    gen = torch.Generator().manual_seed(n)
+    partials = [(torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, generator=gen) * 3) for _ in range(n)]
+    partials[0][1][0, 0] = float("-inf")  # an empty row must stay harmless
+    fold = TreeMerge()
+    for p in partials:
+        fold.push(p)
+    got, want = fold.result(), merge(partials)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for pieces in (2, 3, 5):  # aligned slices merged on top give the same tree
+        size = slice_size(n, pieces)
+        tops = [merge(partials[a:a + size]) for a in range(0, n, size)]
+        top = merge(tops)
+        assert torch.equal(top[0], want[0]) and torch.equal(top[1], want[1])
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="tiny-llama"),
+    dict(name="tiny-mistral", attention="sliding", window=200),
+    dict(name="tiny-llama", attention="sink", window=150, sinks=4),
+    dict(name="tiny-bert"),
+    dict(name="tiny-bert", attention="sampled"),
+])
+def test_plan_reproduces_local_bits_for_any_worker_count(case):
+    torch.set_num_threads(1)
+    try:
+        config, weights, ids, _, g = problem(tokens=700, block=96, **case)
+        want = local_hidden(config, weights, ids, g)
+        runner = NodeRunner(new_model(config, weights, torch.float32, "cpu"), ids, g.graph)
+        for workers, split in ((1, False), (2, False), (3, False), (16, None), (3, True)):
+            plan = make_plan(g, workers, split)
+            assert torch.equal(inline_plan(plan, runner), want), (workers, split)
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_plan_covers_the_graph_once_in_topological_order():
+    _, _, _, _, g = problem(tokens=1000, block=128)
+    for workers in (1, 3, 20):
+        plan = make_plan(g, workers)
+        seen, written = [], set()
+        for t in plan.tasks:
+            assert all(k in written for k in t.reads), t.name
+            written.update(t.writes)
+            seen += t.logical_nodes()
+            assert 0 <= t.worker < workers
+        assert sorted(seen) == sorted(g.nodes)
+        if workers > g.graph["blocks"]:
+            assert plan.split_blocks > 0 and any(t.kind == "slice" for t in plan.tasks)
+    plan = make_plan(g, 2)
+    share = plan.describe()["flops_share_per_worker"]
+    assert max(share) < 0.6  # a causal layer's heavy late rows are balanced by cost, not by count
+
+
+# -- the executor on a real Ray instance ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole run, 4 CPUs, no dashboard; stopped at the end."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="emulate")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def ray_args(**kw):
+    base = dict(address=None, workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0, device="cpu", trace=None,
+                json=True, stall_timeout=120.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def ray_hidden(ray_cluster, config, weights, ids, g, dtype=torch.float32, extra=None, **kw):
+    from cluster.executor import run_ray
+
+    extra = {} if extra is None else extra
+    got = Collected()
+    for _, value in run_ray(g, config, weights, ids, dtype, ray_args(**kw), extra):
+        got.add(value)
+    return got.result()["hidden"], extra
+
+
+@pytest.fixture(scope="module")
+def causal_runs(ray_cluster):
+    """One causal problem run on Ray with 1, 2 and 3 workers, and twice with 2."""
+    config, weights, ids, _, g = problem(tokens=1024, block=128)
+    runs = {k: ray_hidden(ray_cluster, config, weights, ids, g, workers=k) for k in (1, 2, 3)}
+    runs["again"] = ray_hidden(ray_cluster, config, weights, ids, g, workers=2)
+    return config, weights, ids, g, runs
+
+
+def test_ray_matches_local_executor(causal_runs):
+    config, weights, ids, g, runs = causal_runs
+    want = local_hidden(config, weights, ids, g)
+    _, rel = row_errors(runs[2][0], want)
+    assert rel <= 1e-6
+
+
+def test_ray_is_bit_identical_run_to_run_and_across_worker_counts(causal_runs):
+    *_, runs = causal_runs
+    assert torch.equal(runs[2][0], runs["again"][0])
+    assert torch.equal(runs[1][0], runs[2][0]) and torch.equal(runs[2][0], runs[3][0])
+
+
+def test_ray_reports_plan_and_measured_transfers(causal_runs):
+    *_, g, runs = causal_runs
+    for workers in (1, 2, 3):
+        extra = runs[workers][1]
+        assert extra["workers"] == workers and extra["physical_tasks"] == len(make_plan(g, workers).tasks)
+        assert 0 < extra["bytes_transferred"] and 0 <= extra["bytes_between_workers"] <= extra["bytes_transferred"]
+        # every task reads at least one block-sized tensor, and nothing reads more than the whole layer's keys
+        assert extra["bytes_transferred"] >= extra["physical_tasks"] * 128 * 256 * 4
+    assert runs[1][1]["bytes_between_workers"] == 0  # one worker: nothing crosses
+    assert runs[2][1]["bytes_between_workers"] > 0
+
+
+def test_ray_splits_rows_when_blocks_are_fewer_than_workers(ray_cluster):
+    config, weights, ids, _, g = problem(tokens=300, block=128)  # 3 blocks, 4 workers
+    one, _ = ray_hidden(ray_cluster, config, weights, ids, g, workers=1)
+    four, extra = ray_hidden(ray_cluster, config, weights, ids, g, workers=4)
+    assert extra["plan"]["split_rows"] > 0
+    assert torch.equal(one, four)
+
+
+def test_ray_float64_meets_the_contract(ray_cluster):
+    config, weights, ids, patterns, g = problem("tiny-mistral", "sliding", 200, tokens=1000, block=128,
+                                                dtype=torch.float64)
+    got, _ = ray_hidden(ray_cluster, config, weights, ids, g, dtype=torch.float64, workers=2)
+    with torch.no_grad():
+        ref = reference_forward(new_model(config, weights, torch.float64, "cpu"), ids, patterns)
+    assert got.dtype == torch.float64
+    _, rel = row_errors(got, ref["hidden"])
+    assert rel <= 1e-10
+
+
+def test_cli_joins_a_cluster_and_writes_a_trace(ray_cluster, tmp_path):
+    trace = tmp_path / "trace.json"
+    env = dict(os.environ, RAY_ADDRESS="")
+    cmd = EMULATE + ["run", "--executor", "ray", "--address", ray_cluster, "--workers", "2", "--random-tokens", "1024",
+                     "-M", "128", "--attention", "sliding", "--window", "200", "--verify", "--json", "--trace", str(trace)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    s = json.loads(done.stdout)
+    assert s["executor"] == "ray" and s["workers"] == 2 and s["max_rel_err"] <= 2e-5
+    assert s["physical_tasks"] == s["blocks"] * (s["layers"] + 1) and s["bytes_transferred"] > 0
+    assert s["ray_cluster"].startswith("joined")
+    events = json.loads(trace.read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    tracks = {e["tid"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert tracks == {0, 1} and {e["tid"] for e in slices} <= tracks
+    assert len(slices) == s["physical_tasks"]
+    nodes = [n for e in slices for n in e["args"]["nodes"]]
+    assert len(nodes) == len(set(nodes)) == s["graph_nodes"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_private_instance_starts_and_stops(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(EMULATE + ["run", "--executor", "ray", "--workers", "1", "--random-tokens", "512", "-M", "128",
+                                     "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    s = json.loads(done.stdout)
+    assert s["ray_cluster"].startswith("private local instance") and s["workers"] == 1
+    assert "dashboard" not in done.stderr.lower()
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
+    """SIGKILL one worker's process after the first output block: Ray restarts it, re-runs its tasks."""
+    from cluster.executor import run_ray
+
+    config, weights, ids, g, runs = causal_runs
+    extra: dict = {}
+    blocks = run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra)
+    got = Collected()
+    for b, value in blocks:
+        got.add(value)
+        if b == 0:
+            victim = extra["ray_workers"][-1]["pid"]  # the last worker holds the heavy late rows
+            os.kill(victim, signal.SIGKILL)
+    assert torch.equal(got.result()["hidden"], runs[2][0])
+    assert extra["worker_processes"] > 2  # the restarted process really ran tasks
+
+
+def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
+    import ray
+
+    from cluster.executor import run_ray
+
+    config, weights, ids, _, g = problem(tokens=1024, block=128)
+    extra: dict = {}
+    blocks = run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra)
+    next(blocks)
+    for w in extra["ray_workers"]:
+        ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
+    start = time.monotonic()
+    with pytest.raises(EmulateError, match="died|dead"):
+        for _ in blocks:
+            pass
+    assert time.monotonic() - start < 60
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_more_workers_or_gpus_than_the_cluster_has(ray_cluster):
+    config, weights, ids, _, g = problem(tokens=256, block=128)
+    with pytest.raises(EmulateError, match=r"room for 4 .*4 CPU"):
+        ray_hidden(ray_cluster, config, weights, ids, g, workers=9)
+    with pytest.raises(EmulateError, match=r"room for 0 .*GPU|room for 0"):
+        ray_hidden(ray_cluster, config, weights, ids, g, workers=1, gpus_per_worker=1.0, device="cuda")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster reachable at 127.0.0.1:1"),
+    (["run", "--executor", "ray", "--address", "http://127.0.0.1:8265"], "job server"),
+    (["run", "--executor", "ray", "--workers", "0"], "--workers must be >= 1"),
+    (["submit", "--address", "http://127.0.0.1:1", "--", "run"], "cannot reach the Ray job server"),
+    (["submit", "--", "graph"], "usage: emulate submit"),
+])
+def test_bad_ray_input_is_one_clear_line(argv, message, tmp_path):
+    env = dict(os.environ, RAY_AUTH_TOKEN="x" * 32)
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(EMULATE + argv + ["--random-tokens", "64"] * (argv[0] == "run"), capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("emulate: error:"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_submit_without_a_token_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)
+    done = subprocess.run(EMULATE + ["submit", "--", "run"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "no Ray authentication token" in done.stderr
