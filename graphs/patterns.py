@@ -119,7 +119,10 @@ def pair_mask(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]
     seen = int(row_counts(pattern, q_span, k_span).sum())
     if seen == total:
         return PairMask("none", total)
-    if pattern.kind == "causal" and (q0, q1) == (k0, k1):
+    m = q1 - q0
+    if (q0, q1) == (k0, k1) and seen == m * (m + 1) // 2:
+        # a causal-type mask only shows keys k <= q, so on an aligned diagonal block a full count
+        # means the whole lower triangle: a window or sink that never cuts into it (r >= M)
         return PairMask("causal", seen)
     return PairMask("explicit", seen)
 
