@@ -21,7 +21,10 @@ DEFAULT_BLOCK = 256  # 16 blocks of the default input: enough for the block stru
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a usage error already reported on one line (2)
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -35,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error contract: `emulate: error: ...`, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        print(f"emulate: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emulate", description=__doc__)
+    parser = Parser(prog="emulate", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the emulated forward (the embedded default with no options)")
     add_problem_options(run)

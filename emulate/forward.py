@@ -27,8 +27,9 @@ def resolve_patterns(config: ModelConfig, attention: str = "auto", window: int |
                 if window is not None:
                     raise PatternError(f"--window needs a causal model; {config.name} is an encoder")
                 return [Pattern("full")] * config.layers
-            return [Pattern("sliding", window=window or w) if (window or w) else Pattern("causal")
-                    for w in config.windows]
+            # `window is None`, not falsiness: --window 0 must reach Pattern and be refused
+            own = [w if window is None else window for w in config.windows]
+            return [Pattern("causal") if w is None else Pattern("sliding", window=w) for w in own]
         if attention == "sliding" and window is None:
             own = {w for w in config.windows if w is not None}
             if len(own) != 1:

@@ -101,8 +101,7 @@ class OutputWriter:
     def __init__(self, path: str, tokens: np.ndarray, width: int, dtype: torch.dtype, logprob: bool, hidden: bool,
                  metadata: dict | None = None):
         self.path = Path(path)
-        if not self.path.parent.exists():
-            raise EmulateError(f"output directory {self.path.parent} does not exist")
+        _check_target(self.path)
         self.tokens = tokens
         self.logprob, self.hidden = logprob, hidden
         self.float_type = pa.float64() if dtype == torch.float64 else pa.float32()
@@ -159,8 +158,7 @@ class OutputWriter:
 def atomic_write_text(path: str, text: str) -> None:
     """Write text under a temporary name in the target directory, then rename it into place."""
     target = Path(path)
-    if not target.parent.exists():
-        raise EmulateError(f"output directory {target.parent} does not exist")
+    _check_target(target)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -170,3 +168,11 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _check_target(target: Path) -> None:
+    """Refuse an output path that cannot be renamed into before any work is done."""
+    if not target.parent.is_dir():
+        raise EmulateError(f"output directory {target.parent} does not exist or is not a directory")
+    if target.is_dir():
+        raise EmulateError(f"output {target} is a directory; give a file name")
