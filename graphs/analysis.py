@@ -11,18 +11,26 @@ from graphs.patterns import Pattern
 def execution_order(g: nx.DiGraph) -> list[str]:
     """A topological order that keeps the live set small.
 
-    Ties go to the lowest (layer, stage, block, key block): all projections of a layer first (their
-    keys are shared by many pairs), then each query block's pairs, merge and mix together, so a
-    block's partials die before the next block's are made.
+    Windowed graphs (every layer sliding or sink) run as a wavefront: block by block through all
+    layers, the smallest available node first, so a block's values die once the few blocks whose
+    window holds it have passed, and memory is O(window x layers) whatever N is. Other graphs run
+    layer by layer: all projections of a layer first (every later block reads their keys), then each
+    query block's pairs, merge and mix together, so a block's partials die before the next block's
+    are made; memory is O(N) for the layer's keys and values, never N x N.
     """
     stage = {"embed": 0, "project": 0, "attend": 1, "merge": 1, "mix": 1, "head": 1}
-    within = {"attend": 0, "merge": 1, "mix": 2}
+    within = {"project": 0, "attend": 1, "merge": 2, "mix": 3, "head": 4}
+    windowed = all(p["kind"] in ("sliding", "sink") for p in g.graph["spec"]["patterns"])
 
-    def key(n):
+    def layer_major(n):
         a = g.nodes[n]
         return (a["layer"], stage[a["kind"]], a["block"], within.get(a["kind"], 0), a.get("key_block", 0))
 
-    return list(nx.lexicographical_topological_sort(g, key=key))
+    def wavefront(n):
+        a = g.nodes[n]
+        return (a["block"], a["layer"], within.get(a["kind"], 0), a.get("key_block", 0))
+
+    return list(nx.lexicographical_topological_sort(g, key=wavefront if windowed else layer_major))
 
 
 def last_uses(g: nx.DiGraph, order: list[str]) -> dict[str, list[str]]:
