@@ -12,14 +12,17 @@ Lemma 3.1's A call pads Wq, Wk with one extra output column (the "corner"):
     paper:      query corner <- ONE, key corner <- ONE: real scores gain +1, z scores exactly 1, so
                 softmax weights are a_ij / (A + 1); value REAL; psi(p) = p / (1 - p) returns A.
     stabilised: query corner <- SHIFT (= -c), key corner <- REAL: real scores s - c, z scores 0, so
-                the call returns A e^{-c}; with c >= log A (a norm bound, below) p <= 1/2 and the
-                readout p / (1 - p) keeps full precision. Same calls, same rows: only where the padded
+                the call returns A e^{-c}; with c near log A (between a norm bound and a mean-key
+                bound, see `shift`) p stays away from 1 and from underflow, and the readout
+                p / (1 - p) keeps full precision. Same calls, same rows: only where the padded
                 corner entries sit changes.
 The B call is plain softmax attention on the same packing without z (value V, psi the identity), so
 it returns B/A; the stabilised variant shifts its scores by -c too, which softmax ignores.
 Lemma 3.3: H' instances with the same rows run as one call, inputs concatenated by columns.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -71,11 +74,13 @@ class Calls:
 
     # -- the stabilised shift ---------------------------------------------------------------
     def shift(self, layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """c [H, nq]: an upper bound on log A for each query, from norms alone (no scores).
+        """c [H, nq] for the stabilised variant, from norms and a mean key alone (no scores); 0 otherwise.
 
-        max_j <q, k_j> <= min(|q| max_j |k_j|, sum_d |q_d| max_j |k_jd|) over the keys the query
-        sees (a running max along the layout's key order), plus log(number of keys): then
-        A e^{-c} <= 1. 0 in the paper's form.
+        Over the n keys a query sees (running along the layout's key order for prefix layouts):
+            upper  U = max_j s_j + log n >= log A,  max_j s_j <= min(|q| max|k_j|, sum_d |q_d| max|k_jd|)
+            lower  L = mean_j s_j + log n <= log A  (Jensen),  mean_j s_j = <q, mean_j k_j>
+        c = min(U, L + R): A e^{-c} >= e^{-R} never underflows (R = 90% of the dtype's exponent
+        range below 1), and when the norm bound is that tight, A e^{-c} <= 1 keeps p <= 1/2.
         """
         H, nq = q.shape[0], len(layout.queries)
         if not self.stable or nq == 0:
@@ -83,18 +88,20 @@ class Calls:
         keys = k[:, torch.as_tensor(layout.keys, device=k.device)]  # [H, n, d] in layout order
         qu = q[:, torch.as_tensor(layout.queries, device=q.device)]  # [H, nq, d]
         if layout.kind == "prefix":
-            counts = torch.as_tensor(layout.counts, device=q.device)
-            norm_max = keys.norm(dim=-1).cummax(dim=1).values  # [H, n]
-            coord_max = keys.abs().cummax(dim=1).values  # [H, n, d]
-            at = (counts - 1).clamp_min(0)
-            nk = counts.clamp_min(1).to(q.dtype)
-            norm_max, coord_max = norm_max[:, at], coord_max[:, at]  # [H, nq], [H, nq, d]
+            at = torch.as_tensor(layout.counts, device=q.device).clamp_min(1) - 1  # the last key each query sees
+            nk = (at + 1).to(q.dtype)
+            norm_max = keys.norm(dim=-1).cummax(dim=1).values[:, at]  # [H, nq]
+            coord_max = keys.abs().cummax(dim=1).values[:, at]  # [H, nq, d]
+            mean_key = keys.cumsum(dim=1)[:, at] / nk[None, :, None]
         else:
+            nk = torch.tensor(float(max(1, len(layout.keys))), dtype=q.dtype, device=q.device)
             norm_max = keys.norm(dim=-1).amax(dim=1, keepdim=True)
             coord_max = keys.abs().amax(dim=1, keepdim=True)
-            nk = torch.tensor(float(max(1, len(layout.keys))), dtype=q.dtype, device=q.device)
-        bound = torch.minimum(qu.norm(dim=-1) * norm_max, (qu.abs() * coord_max).sum(-1))
-        return scale * bound + torch.log(nk)
+            mean_key = keys.mean(dim=1, keepdim=True)
+        upper = scale * torch.minimum(qu.norm(dim=-1) * norm_max, (qu.abs() * coord_max).sum(-1)) + torch.log(nk)
+        lower = scale * (qu * mean_key).sum(-1) + torch.log(nk)
+        reach = -0.9 * math.log(torch.finfo(q.dtype).tiny)  # 637 nats in float64, 79 in float32
+        return torch.minimum(upper, lower + reach)
 
     # -- one call ---------------------------------------------------------------------------
     def inputs(self, rows: Rows, layout: Layout, q, k, v, c) -> torch.Tensor:

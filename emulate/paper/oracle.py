@@ -58,7 +58,7 @@ class PaperOracle:
             k = k.repeat_interleave(H // k.shape[0], dim=0)
             v = v.repeat_interleave(H // v.shape[0], dim=0)
         kind = "sampled" if node["mask"] == "sample" else pattern.kind
-        layouts, visible = plan_pair(kind, pattern.window, pattern.sinks, tuple(node["span"]),
+        layouts, visible = plan_pair(kind, getattr(pattern, "window", None), getattr(pattern, "sinks", None), tuple(node["span"]),
                                      tuple(node["key_span"]) if node.get("key_span") else None, k.shape[1])
         if kind == "sampled":
             return self.calls.run(layouts[0], q, k, v, scale)

@@ -72,15 +72,25 @@ class SmallTransformer:
         self.by_construction[construction] += 1
         self.max_rows = max(self.max_rows, n)
 
-        heads = x.view(n, w.heads, -1).transpose(0, 1).contiguous()  # [H', n, width]: column blocks
-        q, k, v = heads @ w.q, heads @ w.k, heads @ w.v
-        scores = q @ k.transpose(-1, -2)  # [H', n, n]
         visible = None
         if causal:
             visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         if key_mask is not None:
             visible = key_mask[None, :].expand(n, n) if visible is None else visible & key_mask[None, :]
-        if self.literal_exp:
+        # head h reads its own column block (block-selector weights, Lemma 3.3). The heads run one
+        # after another on freshly allocated operands: BLAS rounds differently with the batch size
+        # and even with the alignment of a view, and a packed call must give the bits of H' calls.
+        width = x.shape[1] // w.heads
+        y = torch.stack([self._head(x[:, h * width:(h + 1) * width].clone(), w.q[h].clone(), w.k[h].clone(),
+                                    w.v[h].clone(), visible) for h in range(w.heads)])  # [H', n, d_v]
+        if w.psi is not None:
+            y = w.psi(y)
+        return y.transpose(0, 1).reshape(n, -1)
+
+    def _head(self, x, wq, wk, wv, visible):
+        """softmax((x Wq)(x Wk)^T) (x Wv) of one head, under the causal / key-padding mask."""
+        scores = (x @ wq) @ (x @ wk).T.contiguous()
+        if self.literal_exp:  # Def 2.1 as written: raw exponentials, no max subtracted
             e = scores.exp()
             if visible is not None:
                 e = e.masked_fill(~visible, 0.0)
@@ -89,10 +99,7 @@ class SmallTransformer:
             if visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
             attn = torch.softmax(scores, dim=-1)
-        y = attn @ v  # [H', n, d_v]
-        if w.psi is not None:
-            y = w.psi(y)
-        return y.transpose(0, 1).reshape(n, -1)
+        return attn @ (x @ wv)
 
     def counts(self) -> dict:
         return {"invocations": self.invocations, "instances": self.instances, "max_rows": self.max_rows,
