@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -234,7 +235,8 @@ def cmd_run(args) -> int:
     summary["tokens_per_s"] = round(len(tokens) / forward_s, 1) if forward_s > 0 else None
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if args.json:
-        print(json.dumps(summary))
+        # NaN is not JSON: a non-finite error (a broken run) is printed as null, never as a bare NaN
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}, allow_nan=False))
     else:
         print(human_summary(summary))
     return 0
