@@ -21,6 +21,7 @@ from emulate.config import EmulateError
 
 HEALTH_EVERY_S = 5.0
 RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
+NO_ROOM_GRACE_S = 15.0  # ... sooner when no live node has room for one (an autoscaler may still add some)
 
 
 def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
@@ -81,7 +82,7 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra:
         last_done = last_health = time.monotonic()
         while next_block < plan.blocks:
             if next_block in head_done:
-                value = _get(ray, heads.pop(next_block), f"the output of block {next_block}")
+                value = _fetch(ray, heads.pop(next_block), f"the output of block {next_block}", pool, opts)
                 yield next_block, value
                 next_block += 1
                 continue
@@ -172,10 +173,12 @@ def _figures(records: list[dict], pool: WorkerPool) -> dict:
     }
 
 
-def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None):
+def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout: float | None = None):
     """ray.get with Ray's failures turned into one line that says what could not be done."""
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         raise EmulateError(f"{what} failed on worker {task.worker if task else '?'}: "
@@ -190,6 +193,16 @@ def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None):
         raise EmulateError(f"{what}: {type(err).__name__}: {_line(err)}") from None
 
 
+def _fetch(ray, ref, what: str, pool: WorkerPool, opts: RayOptions):
+    """ray.get of a value that may need rebuilding (its node died): wait, but never past the health checks."""
+    since = time.monotonic()
+    while True:
+        try:
+            return _get(ray, ref, what, pool, timeout=HEALTH_EVERY_S)
+        except ray.exceptions.GetTimeoutError:
+            _check_health(pool, opts, time.monotonic() - since)
+
+
 def _check_health(pool: WorkerPool, opts: RayOptions, idle_s: float) -> None:
     """Fail, rather than wait forever, when no worker can make progress."""
     states = pool.states()
@@ -197,7 +210,7 @@ def _check_health(pool: WorkerPool, opts: RayOptions, idle_s: float) -> None:
         raise EmulateError(f"all {pool.size} workers are dead; nothing can run the remaining tasks")
     fit, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
     down = [k for k, s in enumerate(states) if s != "ALIVE"]
-    if down and idle_s >= RESTART_GRACE_S:
+    if down and (idle_s >= RESTART_GRACE_S or (fit == 0 and idle_s >= NO_ROOM_GRACE_S)):
         raise EmulateError(f"worker(s) {down} not running for {idle_s:.0f} s ({', '.join(states[k] for k in down)}); "
                            f"the cluster has room for {fit} worker(s) now ({nodes})")
     if idle_s >= opts.stall_timeout_s:

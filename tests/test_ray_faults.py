@@ -1,0 +1,171 @@
+"""Faults on a multi-node Ray cluster (ray.cluster_utils.Cluster: 3 nodes on this machine), and jobs.
+
+Each scenario runs in a child process: a process joins one Ray cluster at a time, and the
+session's shared instance (tests/test_ray.py) stays untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATE = [sys.executable, "-m", "emulate.cli"]
+
+
+def scenario(name: str, timeout: int = 420) -> dict:
+    done = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_removing_a_worker_node_mid_run_gives_the_same_bits():
+    result = scenario("node-kill")
+    assert result["removed_node_hosted"] >= 1
+    assert result["same_bits"], result
+    assert result["worker_processes"] > result["workers"]
+
+
+@pytest.mark.slow
+def test_cluster_gone_fails_within_bounded_time():
+    result = scenario("all-nodes-gone")
+    assert result["failed"] and result["seconds"] < 150, result
+    assert "worker" in result["message"], result
+
+
+@pytest.mark.slow
+def test_four_jobs_at_once_on_one_cluster():
+    """`emulate cluster up`, four `emulate submit` at once, each verified, then `emulate cluster down`."""
+    state = tempfile.mkdtemp(prefix="emc-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = dict(os.environ, EMULATE_CLUSTER_DIR=state)
+    env.pop("RAY_ADDRESS", None)
+    up = subprocess.run(EMULATE + ["cluster", "up", "--worker-nodes", "2", "--cpus-per-node", "2", "--port", "6392",
+                                   "--dashboard-port", "8292"], capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=300)
+    assert up.returncode == 0, up.stderr
+    try:
+        def submit(seed):
+            return subprocess.run(EMULATE + ["submit", "--address", "http://127.0.0.1:8292", "--", "run",
+                                             "--random-tokens", "1024", "-M", "128", "--seed", str(seed), "--workers", "1",
+                                             "--verify", "--json"], capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=600)
+
+        with ThreadPoolExecutor(4) as pool:
+            runs = list(pool.map(submit, range(4)))
+        for r in runs:
+            assert r.returncode == 0, r.stderr[-2000:]
+            summary = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+            assert summary["executor"] == "ray" and summary["max_rel_err"] <= 2e-5
+    finally:
+        down = subprocess.run(EMULATE + ["cluster", "down"], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+
+
+# -- the scenarios, run in a child process --------------------------------------------------------
+
+def _problem():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_ray import problem
+
+    return problem(tokens=2048, block=128), torch
+
+
+def _run(blocks_iter, on_block=None):
+    from emulate.forward import Collected
+
+    got = Collected()
+    for b, value in blocks_iter:
+        got.add(value)
+        if on_block is not None:
+            on_block(b)
+    return got.result()["hidden"]
+
+
+def _node_kill() -> dict:
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    from cluster.executor import run_ray
+    from test_ray import ray_args
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="emulate", log_to_driver=False)
+        (config, weights, ids, _, g), torch = _problem()
+        clean = _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), {}))
+        extra: dict = {}
+        removed = {"hosted": 0}
+
+        def remove_a_node(block):
+            if block != 0:
+                return
+            actor = ray.get_actor(extra["ray_workers"][-1]["name"], namespace="emulate")
+            node_id = state.actors(actor._actor_id.hex())["Address"]["NodeID"]
+            for node in workers:
+                if node.node_id == node_id:
+                    hosted = sum(state.actors(ray.get_actor(w["name"], namespace="emulate")._actor_id.hex())
+                                 ["Address"]["NodeID"] == node_id for w in extra["ray_workers"])
+                    removed["hosted"] = hosted
+                    cluster.remove_node(node)
+
+        faulty = _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra), remove_a_node)
+        return {"same_bits": bool(torch.equal(clean, faulty)), "removed_node_hosted": removed["hosted"],
+                "workers": extra["workers"], "worker_processes": extra["worker_processes"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _all_nodes_gone() -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.executor import run_ray
+    from emulate.config import EmulateError
+    from test_ray import ray_args
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="emulate", log_to_driver=False)
+        (config, weights, ids, _, g), torch = _problem()
+        start = [0.0]
+
+        def remove_all(block):
+            if block == 0:
+                start[0] = time.monotonic()
+                for node in workers:
+                    cluster.remove_node(node)
+
+        try:
+            _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2, stall_timeout=60.0), {}),
+                 remove_all)
+        except EmulateError as err:
+            return {"failed": True, "message": str(err), "seconds": time.monotonic() - start[0]}
+        return {"failed": False, "message": "", "seconds": time.monotonic() - start[0]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "tests"))
+    out = {"node-kill": _node_kill, "all-nodes-gone": _all_nodes_gone}[sys.argv[1]]()
+    print(json.dumps(out))
