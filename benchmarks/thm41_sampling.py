@@ -10,7 +10,7 @@
    own model card: layer 0's attention alone (its real q, k, v), and the whole model with sampled
    attention in every layer, final hidden states against exact full attention.
 
-    .venv/bin/python benchmarks/thm41_sampling.py [--seeds 20] [--tokens 1024,4096,16384] [--skip-minilm]
+    .venv/bin/python benchmarks/thm41_sampling.py [--seeds 20] [--tokens 1024,4096,16384] [--skip-minilm | --only-minilm]
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def minilm(seeds: int, blocks=(32, 64, 128, 256)) -> None:
     scores = q @ k.transpose(-1, -2)
     c_eff = math.exp(float(scores.abs().max()))
     exact0 = torch.softmax(scores, -1) @ v
+    patterns = resolve_patterns(config, "sampled")
     print(f"\n### all-MiniLM-L6-v2, N = {len(ids)} tokens of its model card\n")
     print(f"Layer 0 scores span [{float(scores.min()):.1f}, {float(scores.max()):.1f}]: the smallest C with "
           f"1/C <= a_ij <= C is {c_eff:.3g} (the synthetic inputs above have C = e).\n")
@@ -115,9 +116,11 @@ def main() -> None:
     ap.add_argument("--tokens", default="1024,4096,16384")
     ap.add_argument("--C", type=float, default=math.e)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--only-minilm", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    synthetic([int(n) for n in args.tokens.split(",")], args.C, args.seeds)
+    if not args.only_minilm:
+        synthetic([int(n) for n in args.tokens.split(",")], args.C, args.seeds)
     if not args.skip_minilm:
         minilm(min(args.seeds, 10))
 

@@ -24,6 +24,15 @@ from graphs import Pattern, block_spans, key_blocks, pair_mask
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of calls of a few dozen rows: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- layouts: every visible key exactly once, nothing else, no call over capacity ---------------
 WINDOWED = [Pattern("causal"), Pattern("sliding", window=1), Pattern("sliding", window=5),
             Pattern("sliding", window=16), Pattern("sliding", window=40), Pattern("sink", window=3, sinks=2),
@@ -111,9 +120,10 @@ def test_pairs_match_the_kernel_oracle(pattern, stable):
             (k0, k1) = spans[j]
             pm = pair_mask(pattern, (q0, q1), (k0, k1))
             visible = torch.from_numpy(pattern.visible(np.arange(q0, q1), np.arange(k0, k1)))
-            want_o, want_lse = attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], 0.3, pm.kind, visible)
+            qb, kb, vb = (t.contiguous() for t in (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]))  # as project nodes give them
+            want_o, want_lse = attend(qb, kb, vb, 0.3, pm.kind, visible)
             node = {"mask": pm.kind, "span": (q0, q1), "key_span": (k0, k1)}
-            got_o, got_lse = oracle.pair(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], 0.3, node, pattern)
+            got_o, got_lse = oracle.pair(qb, kb, vb, 0.3, node, pattern)
             torch.testing.assert_close(got_lse, want_lse, rtol=1e-11, atol=1e-11)
             torch.testing.assert_close(got_o, want_o, rtol=1e-10, atol=1e-11)
     assert oracle.module.max_rows <= block + 1

@@ -147,6 +147,9 @@ def plot(rows: list[dict], path: str, block: int) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, target)
     finally:
         plt.close(fig)
@@ -170,6 +173,7 @@ def cmd_theorems(args) -> int:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise EmulateError(f"output directory {Path(args.plot).parent} does not exist")
     sizes = [M * 2 ** e for e in range(int(math.log2(args.max_tokens // M)) + 1)]
+    torch.set_num_threads(1)  # thousands of calls of M + 1 rows: intra-op threads only add contention
     rows = []
     for result in results:
         for n in sizes:
