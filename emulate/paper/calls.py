@@ -151,14 +151,16 @@ class Calls:
         if layout.weighted:
             rows = layout.a_rows()
             x = self.inputs(rows, layout, q, k, v, c)
-            y = self.invoke(x, self.weights("A", d, scale, self.pack_heads, q.dtype, q.device), rows, layout.construction)
+            w = self.weights("A", d, scale, self.pack_heads, q.dtype, q.device)
+            y = self.invoke(x, w, rows, layout.construction)
             lse = torch.log(y[:, torch.as_tensor(rows.query_row, device=q.device), 0]) + c
         rows = layout.b_rows()
         o = torch.zeros(H, nq, d, dtype=q.dtype, device=q.device)
         present = rows.query_row >= 0
         if present.any():
             x = self.inputs(rows, layout, q, k, v, c)
-            y = self.invoke(x, self.weights("B", d, scale, self.pack_heads, q.dtype, q.device), rows, layout.construction)
+            w = self.weights("B", d, scale, self.pack_heads, q.dtype, q.device)
+            y = self.invoke(x, w, rows, layout.construction)
             sel = torch.as_tensor(present, device=q.device)
             o[:, sel] = y[:, torch.as_tensor(rows.query_row[present], device=q.device)]
         return o, lse

@@ -58,8 +58,9 @@ class PaperOracle:
             k = k.repeat_interleave(H // k.shape[0], dim=0)
             v = v.repeat_interleave(H // v.shape[0], dim=0)
         kind = "sampled" if node["mask"] == "sample" else pattern.kind
-        layouts, visible = plan_pair(kind, getattr(pattern, "window", None), getattr(pattern, "sinks", None), tuple(node["span"]),
-                                     tuple(node["key_span"]) if node.get("key_span") else None, k.shape[1])
+        window, sinks = getattr(pattern, "window", None), getattr(pattern, "sinks", None)
+        key_span = tuple(node["key_span"]) if node.get("key_span") else None
+        layouts, visible = plan_pair(kind, window, sinks, tuple(node["span"]), key_span, k.shape[1])
         if kind == "sampled":
             return self.calls.run(layouts[0], q, k, v, scale)
         acc = None

@@ -107,7 +107,8 @@ def table(rows: list[dict], fitted: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     last = {r["result"]: k for k, r in enumerate(rows)}
     for k, r in enumerate(rows):
-        slope = f"{fitted[r['result']]:.2f} (paper {SLOPE[r['result']]})" if last[r["result"]] == k and r["result"] in fitted else ""
+        ends = last[r["result"]] == k and r["result"] in fitted
+        slope = f"{fitted[r['result']]:.2f} (paper {SLOPE[r['result']]})" if ends else ""
         lines.append(f"| {r['label']} | {r['tokens']} | {r['n_over_m']:g} | {r['invocations']} | {r['paper_count']} | "
                      f"{r['ratio']:.2f} | {slope} | {r['max_rel_err']:.1e} |")
     return "\n".join(lines)
