@@ -21,9 +21,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     """
     H, Hkv = q.shape[0], k.shape[0]
     if Hkv != H and mask == "none":
-        # GQA without a mask: fold each KV head's query heads into its rows (a view, no copy); every
+        # GQA without a mask: fold each KV head's query heads into its rows (a view for contiguous q); every
         # row is its own softmax, so the result is the same, bit for bit, as repeating the keys
-        o, lse = attend(q.view(Hkv, -1, q.shape[2]), k, v, scale)
+        o, lse = attend(q.reshape(Hkv, -1, q.shape[2]), k, v, scale)
         return o.reshape(q.shape), lse.reshape(q.shape[:2])
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=0)
