@@ -90,8 +90,12 @@ def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int) ->
 
 
 def _processes_of(state: dict) -> list[int]:
-    """Pids of this cluster's processes: those naming its directory or address, and their descendants."""
-    marks = (state["temp_dir"], state["address"])
+    """Pids of this cluster's processes and their descendants (workers, job drivers)."""
+    def ours(cmd: str) -> bool:
+        # Ray's processes name the cluster's directory, or its address as `--flag=ADDRESS`; a
+        # driver that joined with `--address ADDRESS` is the user's, not the cluster's.
+        return state["temp_dir"] in cmd or (f"={state['address']}" in cmd and "ray" in cmd)
+
     table = {}
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -102,7 +106,7 @@ def _processes_of(state: dict) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         table[int(p)] = (ppid, cmd)
-    own = {pid for pid, (_, cmd) in table.items() if any(m in cmd for m in marks) and pid != os.getpid()}
+    own = {pid for pid, (_, cmd) in table.items() if ours(cmd) and pid != os.getpid()}
     grew = True
     while grew:
         grew = False
