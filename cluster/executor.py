@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from cluster.plan import Plan, make_plan
 from cluster.session import RayOptions, WorkerPool, capacity, connect, disconnect
@@ -33,16 +34,14 @@ def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
     opts = RayOptions.from_args(args)
     if getattr(args, "oracle", "kernel") not in (None, "kernel"):
         raise EmulateError(f"--oracle {args.oracle} runs on the local executor; the Ray executor runs the kernel oracle")
-    if opts.trace:
-        from emulate.io import _check_target  # fail on a bad --trace path before any work
-        from pathlib import Path
-
-        _check_target(Path(opts.trace))
+    if opts.trace:  # a bad --trace path fails before any work
+        trace = Path(opts.trace)
+        if not trace.parent.is_dir() or trace.is_dir():
+            raise EmulateError(f"--trace {opts.trace}: not a file in an existing directory")
     t0 = time.perf_counter()
     owned = connect(opts.address)
     try:
-        meta = {k: v for k, v in g.graph.items()}
-        pool = WorkerPool(opts, config, weights, tokens, meta, str(dtype).rsplit(".", 1)[-1])
+        pool = WorkerPool(opts, config, weights, tokens, dict(g.graph), str(dtype).rsplit(".", 1)[-1])
     except BaseException:
         disconnect(owned)
         raise
@@ -57,12 +56,13 @@ def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
         "workers": pool.size, "cpus_per_worker": opts.cpus_per_worker, "gpus_per_worker": opts.gpus_per_worker,
         "threads_per_worker": pool.info[0]["threads"], "physical_tasks": len(plan.tasks),
         "ray_cluster": ("private local instance, " if owned else "joined, ") + nodes,
-        "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)], "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
+        "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)],
+        "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
     })
-    return _execute(plan, pool, owned, opts, extra, tokens.shape[0])
+    return _execute(plan, pool, owned, opts, extra)
 
 
-def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra: dict, n_tokens: int):
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra: dict):
     import ray
 
     progress = None
@@ -107,7 +107,7 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra:
             if not ready and now - last_health >= HEALTH_EVERY_S:
                 last_health = now
                 _check_health(pool, opts, now - last_done)
-        for ref, task in list(metas.items()):  # stragglers: cannot exist (heads come last), kept honest
+        for ref, task in list(metas.items()):  # finished, but not yet seen when the last head came in
             records.append(_record(task, _get(ray, ref, f"task {task.name}", pool, task), producer))
         extra.update(_figures(records, pool))
         if opts.trace:

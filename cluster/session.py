@@ -1,7 +1,8 @@
 """Joining or starting Ray, and the pool of worker actors: every bad request ends in one clear line.
 
 Without an address the executor starts a private local Ray instance (no dashboard, no job
-server) and stops it at the end; with `--address auto|HOST:PORT` or RAY_ADDRESS it joins a
+server) and stops it at the end (on success when the process exits: its shutdown takes seconds
+that are no part of the forward); with `--address auto|HOST:PORT` or RAY_ADDRESS it joins a
 running cluster and leaves it running. Token authentication stays as Ray sets it: on for a new
 local instance, and a joined cluster that wants a token refuses a driver without one.
 """
@@ -11,7 +12,7 @@ import logging
 import math
 import os
 import socket
-import time
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -60,8 +61,6 @@ class RayOptions:
 
 
 def _stderr_is_terminal() -> bool:
-    import sys
-
     return sys.stderr.isatty()
 
 
@@ -218,12 +217,3 @@ class WorkerPool:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone is fine
                 pass
-
-
-def wait_for(deadline_s: float, check, interval_s: float = 0.5) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(interval_s)
-    return check()

@@ -96,6 +96,15 @@ def test_plan_reproduces_local_bits_for_any_worker_count(case):
         torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("tokens, block", [(1, 128), (97, 128), (131, 7), (5, 1)])
+def test_plan_edge_sizes(tokens, block):
+    config, weights, ids, _, g = problem(tokens=tokens, block=block)
+    want = local_hidden(config, weights, ids, g)
+    runner = NodeRunner(new_model(config, weights, torch.float32, "cpu"), ids, g.graph)
+    for workers in (1, 2, 5):
+        assert torch.equal(inline_plan(make_plan(g, workers), runner), want), workers
+
+
 def test_plan_covers_the_graph_once_in_topological_order():
     _, _, _, _, g = problem(tokens=1000, block=128)
     for workers in (1, 3, 20):
