@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -163,6 +162,7 @@ def cmd_run(args) -> int:
 
     from emulate.forward import Collected, new_model, row_errors
     from emulate.io import OutputWriter
+    from emulate.memory import peak_rss_mb
     from emulate.ops import NodeRunner
     from emulate.reference import reference_forward
     from graphs import counts
@@ -232,7 +232,7 @@ def cmd_run(args) -> int:
         summary["output"] = args.output
     summary["wall_s"] = round(time.perf_counter() - t_start, 4)
     summary["tokens_per_s"] = round(len(tokens) / forward_s, 1) if forward_s > 0 else None
-    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if args.json:
         # NaN is not JSON: a non-finite error (a broken run) is printed as null, never as a bare NaN
         print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}, allow_nan=False))

@@ -1,7 +1,8 @@
 """The local executor's memory follows the live set: it never holds an N x N matrix.
 
 At N = 32768 an N x N float32 matrix is 4.3 GB (and one per head far more). The forward runs in a
-child process so its peak RSS is its own, measured with resource.getrusage.
+child process so its peak RSS is its own: VmHWM, which exec resets, unlike ru_maxrss, which would
+carry the test runner's own high-water mark into the child.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ N = 32768
 NxN_FLOAT32_MB = N * N * 4 / 2**20  # 4096 MiB
 
 CHILD = r"""
-import dataclasses, json, resource, sys, time
+import dataclasses, json, sys, time
 import torch
 torch.set_num_threads(1)
 from emulate.executor import run_local
+from emulate.memory import peak_rss_mb
 from emulate.forward import compile_forward, new_model, resolve_patterns
 from emulate.ops import NodeRunner
 from emulate.presets import PRESETS, weight_names
@@ -35,13 +37,13 @@ weights = {k: torch.randn(s, generator=gen, dtype=torch.float64) / s[-1] ** 0.5 
 model = new_model(config, weights, torch.float32, "cpu")
 tokens = torch.randint(0, config.vocab, (N,), generator=gen)
 g = compile_forward(config, N, M, resolve_patterns(config, "sliding", window=r), torch.float32)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak_rss_mb()
 t0 = time.perf_counter()
 rows, finite = 0, True
 for block, value in run_local(g, NodeRunner(model, tokens, g.graph)):
     rows += value["hidden"].shape[0]
     finite = finite and bool(torch.isfinite(value["hidden"]).all())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_rss_mb()
 print(json.dumps({"rows": rows, "finite": finite, "before_mb": before, "peak_mb": peak,
                   "forward_s": time.perf_counter() - t0, "nodes": g.number_of_nodes()}))
 """
