@@ -30,8 +30,13 @@ test-slow: install
 check-gpu: install
 	$(BIN)/python benchmarks/check_gpu.py
 
+# The README's benchmark tables, one script each (about 25 minutes on 2 cores).
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/call_counts.py
+	$(BIN)/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024
+	$(BIN)/python benchmarks/ray_vs_local.py
+	$(BIN)/python benchmarks/paper_numerics.py
+	$(BIN)/python benchmarks/thm41_sampling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -446,3 +446,13 @@ def build_graph_from(g):
     spec = dict(g.graph["spec"])
     spec["patterns"] = tuple(Pattern(**p) for p in spec["patterns"])
     return build_graph(ForwardSpec(**spec))
+
+
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--cpus-per-worker", "2"], ["--gpus-per-worker", "1"],
+                                    ["--address", "auto"], ["--trace", "t.json"], ["--stall-timeout", "5"]])
+def test_a_ray_option_on_a_local_run_is_refused_not_ignored(capsys, tmp_path, option):
+    target = tmp_path / "out.arrow"
+    assert main(["run", "--random-tokens", "20", "--block-size", "8", *option, "--output", str(target)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"emulate: error: {option[0]} is a Ray option: add --executor ray, or drop it for a local run"]
+    assert os.listdir(tmp_path) == []
