@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import emulate_and_reference, row_errors
+from conftest import emulate_and_reference, record_error, row_errors
 from hf_models import FAMILIES, VOCAB, checkpoint
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -93,7 +93,9 @@ def test_matches_transformers(family, tokens, block_size, dtype, tmp_path, reque
     assert g.graph["blocks"] == math.ceil(tokens / block_size) > 1
     assert got["hidden"].dtype == dtype
     err = compare(got, hf_forward(hf, ids, dtype))
-    print(f"{family} {dtype} N={tokens} M={block_size}: {err}")
+    patterns = resolve_patterns(config, "auto")
+    record_error(f"{family} checkpoint", patterns, "transformers", dtype, err["rel"])
+    record_error(f"{family} checkpoint", patterns, "reference", dtype, row_errors(got["hidden"], ref["hidden"])[1])
     assert err["rel"] <= TOL[dtype]
     assert row_errors(got["hidden"], ref["hidden"])[1] <= TOL[dtype]
     if config.lm_head:
@@ -228,7 +230,7 @@ def test_minilm_matches_transformers_at_512_tokens(minilm, dtype):
     with torch.no_grad():
         want = hf(input_ids=tokens[None]).last_hidden_state[0]
     rel = row_errors(got["hidden"], want)[1]
-    print(f"all-MiniLM-L6-v2 {dtype} N=512 M=64: max_rel_err {rel:.3e}")
+    record_error("all-MiniLM-L6-v2 (pretrained, 512 tokens)", patterns, "transformers", dtype, rel)
     assert rel <= TOL[dtype]
     assert row_errors(got["hidden"], ref["hidden"])[1] <= TOL[dtype]
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import emulate_and_reference, row_errors
+from conftest import emulate_and_reference, record_error, row_errors
 from emulate.forward import resolve_patterns
 from emulate.kernels import attend
 from emulate.merge import merge, merge_pair
@@ -44,10 +44,11 @@ def causal_patterns(M):
     }
 
 
-def check(got, ref, dtype):
+def check(got, ref, dtype, model, patterns):
     assert got["hidden"].dtype == dtype and got["hidden"].shape == ref["hidden"].shape
     assert torch.isfinite(got["hidden"]).all()
     _, rel = row_errors(got["hidden"], ref["hidden"])
+    record_error(model, patterns, "reference", dtype, rel)
     assert rel <= TOLERANCE[dtype], f"max_rel_err {rel:.3e} above {TOLERANCE[dtype]:.0e}"
     if "logprob_next" in ref:
         assert got["logprob_next"].shape == ref["logprob_next"].shape == (ref["hidden"].shape[0] - 1,)
@@ -63,7 +64,7 @@ def check(got, ref, dtype):
 def test_full_attention_matches_the_encoder_reference(presets, N, M, dtype):
     config, weights = presets["tiny-bert"]
     got, ref, _ = emulate_and_reference(config, weights, tokens_for(config, N), M, [Pattern("full")] * 4, dtype)
-    check(got, ref, dtype)
+    check(got, ref, dtype, "tiny-bert", Pattern("full"))
     assert "logprob_next" not in got
 
 
@@ -75,7 +76,7 @@ def test_causal_patterns_match_the_decoder_reference(presets, model, N, M, dtype
     tokens = tokens_for(config, N, seed=N)
     for name, pattern in causal_patterns(M).items():
         got, ref, _ = emulate_and_reference(config, weights, tokens, M, [pattern] * config.layers, dtype)
-        check(got, ref, dtype)
+        check(got, ref, dtype, model, pattern)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,7 +85,7 @@ def test_window_longer_than_the_input_is_plain_causal(presets, dtype):
     tokens = tokens_for(config, 60)
     sliding, ref, _ = emulate_and_reference(config, weights, tokens, 16, [Pattern("sliding", window=500)] * 4, dtype)
     causal, _, _ = emulate_and_reference(config, weights, tokens, 16, [Pattern("causal")] * 4, dtype)
-    check(sliding, ref, dtype)
+    check(sliding, ref, dtype, "tiny-llama", Pattern("sliding", window=500))
     assert row_errors(sliding["hidden"], causal["hidden"])[1] <= TOLERANCE[dtype]
 
 
@@ -94,7 +95,7 @@ def test_mistral_auto_keeps_its_own_window(presets, dtype):
     patterns = resolve_patterns(config, "auto")
     assert patterns == [Pattern("sliding", window=512)] * 4
     got, ref, g = emulate_and_reference(config, weights, tokens_for(config, 1100), 128, patterns, dtype)
-    check(got, ref, dtype)
+    check(got, ref, dtype, "tiny-mistral", patterns)
     # the window cuts the pairs: far-back key blocks are never attended
     assert g.graph["blocks"] == 9 and all(a["key_block"] >= a["block"] - 4
                                           for _, a in g.nodes(data=True) if a["kind"] == "attend")
@@ -107,7 +108,7 @@ def test_per_layer_windows_compile_and_match(presets, dtype):
     patterns = resolve_patterns(config, "auto")
     assert [p.kind for p in patterns] == ["sliding", "causal", "sliding", "sliding"]
     got, ref, g = emulate_and_reference(config, weights, tokens_for(config, 131), 16, patterns, dtype)
-    check(got, ref, dtype)
+    check(got, ref, dtype, "tiny-mistral (per-layer windows)", patterns)
     per_layer = [sum(1 for _, a in g.nodes(data=True) if a["kind"] == "attend" and a["layer"] == l) for l in range(4)]
     assert per_layer[1] == 9 * 10 // 2 and per_layer[0] < per_layer[2] < per_layer[1]
 
