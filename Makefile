@@ -30,7 +30,7 @@ test-slow: install
 check-gpu: install
 	$(BIN)/python benchmarks/check_gpu.py
 
-# The README's benchmark tables, one script each (about 25 minutes on 2 cores).
+# The README's benchmark tables, one script each.
 bench: install
 	$(BIN)/python benchmarks/call_counts.py
 	$(BIN)/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024

@@ -95,19 +95,22 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
 
 
-RAY_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "trace", "stall_timeout")
-
-
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray executor (--executor ray)")
-    ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default $RAY_ADDRESS, "
-                     "else a private local instance, stopped at the end)")
-    ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
-    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker; its torch threads (default 1)")
-    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda")
-    ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON")
-    ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
-                     help="stop with an error when no task finishes for S seconds (default 600)")
+    options = [
+        ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default "
+                         "$RAY_ADDRESS, else a private local instance, stopped at the end)"),
+        ray.add_argument("--workers", type=int, default=None,
+                         help="worker actors (default: as many as the cluster fits)"),
+        ray.add_argument("--cpus-per-worker", type=float, default=None,
+                         help="CPUs per worker; its torch threads (default 1)"),
+        ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda"),
+        ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON"),
+        ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                         help="stop with an error when no task finishes for S seconds (default 600)"),
+    ]
+    # every option of the group defaults to None, so a local run can tell which ones were given
+    p.set_defaults(ray_options={o.dest: o.option_strings[0] for o in options})
 
 
 def _cluster_command(module: str, name: str, args) -> int:
@@ -173,7 +176,7 @@ def cmd_run(args) -> int:
     t_start = time.perf_counter()
     if args.executor == "local":
         # a Ray option on a local run would be silently ignored: the user meant something else
-        named = [f"--{n.replace('_', '-')}" for n in RAY_OPTIONS if getattr(args, n, None) is not None]
+        named = [flag for dest, flag in args.ray_options.items() if getattr(args, dest) is not None]
         if named:
             raise EmulateError(f"{', '.join(named)} {'is a Ray option' if len(named) == 1 else 'are Ray options'}: "
                                "add --executor ray, or drop it for a local run")

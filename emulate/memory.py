@@ -1,4 +1,4 @@
-"""The process's own peak resident memory, for the figures the CLI and the benchmarks print."""
+"""The process's own peak resident memory: the CLI's peak_rss_mb, and what the memory test checks."""
 from __future__ import annotations
 
 import resource

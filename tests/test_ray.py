@@ -167,9 +167,10 @@ def causal_runs(ray_cluster):
 def test_ray_matches_local_executor(causal_runs):
     config, weights, ids, g, runs = causal_runs
     want = local_hidden(config, weights, ids, g)
+    patterns = resolve_patterns(config, "auto")
     for workers in (1, 2, 3):
         _, rel = row_errors(runs[workers][0], want)
-        record_error("tiny-llama, Ray executor, 1-3 workers", resolve_patterns(config, "auto"), "local executor", torch.float32, rel)
+        record_error("tiny-llama, Ray executor, 1-3 workers", patterns, "local executor", torch.float32, rel)
         assert rel <= 1e-6
 
 
