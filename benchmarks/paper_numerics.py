@@ -19,13 +19,8 @@ import math
 
 import torch
 
-from emulate.executor import run_local
-from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
-from emulate.io import random_tokens
-from emulate.ops import NodeRunner
-from emulate.paper.oracle import PaperOracle
-from emulate.presets import preset
-from emulate.reference import reference_attention, reference_forward
+import emulate
+from emulate.reference import reference_attention
 
 CASES = [  # (pattern label, preset, attention, window, sinks)
     ("full", "tiny-bert", "full", None, None),
@@ -33,7 +28,8 @@ CASES = [  # (pattern label, preset, attention, window, sinks)
     ("sliding r=48", "tiny-llama", "sliding", 48, None),
     ("sink s=4 r=48", "tiny-llama", "sink", 48, 4),
 ]
-ORACLES = ("kernel", "paper", "paper-stable", "paper-rawexp")
+ORACLES = {"kernel": "kernel", "paper": emulate.PaperOracle(), "paper-stable": emulate.PaperOracle(stable=True),
+           "paper-rawexp": emulate.PaperOracle(literal_exp=True)}
 
 
 def scaled_weights(weights: dict, layers: int, factor: float) -> dict:
@@ -63,18 +59,11 @@ def score_stats(model, tokens, patterns) -> tuple[float, float]:
     return top_score, top_lse
 
 
-def run_case(config, weights, tokens, block, patterns, dtype, oracle_kind):
-    model = new_model(config, weights, dtype, "cpu")
-    g = compile_forward(config, tokens.shape[0], block, patterns, dtype)
-    oracle = None
-    if oracle_kind != "kernel":
-        oracle = PaperOracle(block, stable=oracle_kind == "paper-stable", literal_exp=oracle_kind == "paper-rawexp")
-    got = Collected()
-    for _, value in run_local(g, NodeRunner(model, tokens, g.graph, oracle=oracle)):
-        got.add(value)
-    with torch.no_grad():
-        ref = reference_forward(model, tokens, patterns)
-    return row_errors(got.result()["hidden"], ref["hidden"])[1]
+def run_case(model: emulate.Model, tokens, block, patterns, dtype, oracle) -> float:
+    """One emulated forward's max_rel_err against the monolithic forward of the same model (verify)."""
+    run = emulate.run(model, tokens, block_size=block, attention=list(patterns), dtype=dtype, oracle=oracle,
+                      verify=True, collect=False)
+    return run.stats["max_rel_err"]
 
 
 def fmt(err: float) -> str:
@@ -97,16 +86,17 @@ def main() -> None:
     for label, name, attention, window, sinks in CASES:
         if label.split()[0] not in wanted:
             continue
-        config, weights = preset(name)
-        tokens = torch.from_numpy(random_tokens(args.tokens, config.vocab, 0).astype("int64"))
-        patterns = resolve_patterns(config, attention, window, sinks)
+        base = emulate.load(name)
+        # the seeded random ids of `emulate run --random-tokens N` and the mask of each layer
+        problem = emulate.prepare(base, random_tokens=args.tokens, attention=attention, window=window, sinks=sinks)
+        tokens, patterns = torch.from_numpy(problem.tokens), problem.patterns
         for f in factors:
-            w = scaled_weights(weights, config.layers, f)
+            model = emulate.Model(base.config, scaled_weights(base.weights, base.config.layers, f))
             with torch.no_grad():
-                top_score, top_lse = score_stats(new_model(config, w, torch.float64, "cpu"), tokens, patterns)
-            for dtype in (torch.float64, torch.float32):
-                errs = [run_case(config, w, tokens, args.block, patterns, dtype, o) for o in ORACLES]
-                print(f"| {label} | {f:g} | {top_score:.1f} | {top_lse:.1f} | {str(dtype)[6:]} | "
+                top_score, top_lse = score_stats(model.transformer(torch.float64), tokens, patterns)
+            for dtype in ("float64", "float32"):
+                errs = [run_case(model, tokens, args.block, patterns, dtype, o) for o in ORACLES.values()]
+                print(f"| {label} | {f:g} | {top_score:.1f} | {top_lse:.1f} | {dtype} | "
                       + " | ".join(fmt(e) for e in errs) + " |", flush=True)
 
 

@@ -1,9 +1,10 @@
 """forward_s of the local executor against the Ray executor with 1 and 2 workers, from one run each.
 
-Every row is a real `emulate run --json` in a fresh process, one after the other on this
-machine: the local executor (torch's own thread count), then Ray with a private local instance
-and K workers of one CPU (one torch thread) each. forward_s excludes Ray's start-up and the
-workers' weight loading, which the summary reports as ray_setup_s.
+Every row is one `emulate.run` in a fresh process (the `emulate run --json` listed at the end),
+one after the other on this machine: the local executor (torch's own thread count), then Ray with
+a private local instance and K workers of one CPU (one torch thread) each. forward_s is the run's
+own (run.stats): it excludes Ray's start-up and the workers' weight loading, which the summary
+reports as ray_setup_s.
 
     .venv/bin/python benchmarks/ray_vs_local.py            # N = 65536 sliding, N = 16384 causal
     .venv/bin/python benchmarks/ray_vs_local.py --quick    # small sizes, to check the script
@@ -11,36 +12,86 @@ workers' weight loading, which the summary reports as ray_setup_s.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import multiprocessing
 import os
-import subprocess
-import sys
+import traceback
 
 CASES = [
-    ("tiny-mistral", 65536, 1024, ["--attention", "sliding", "--window", "512"]),
-    ("tiny-llama", 16384, 1024, ["--attention", "causal"]),
+    ("tiny-mistral", 65536, 1024, {"attention": "sliding", "window": 512}),
+    ("tiny-llama", 16384, 1024, {"attention": "causal"}),
 ]
-QUICK = [("tiny-mistral", 4096, 256, ["--attention", "sliding", "--window", "128"]),
-         ("tiny-llama", 2048, 256, ["--attention", "causal"])]
-# (name, options, torch threads of the local process: None keeps torch's default, one per core)
-EXECUTORS = [("local", [], None), ("local, 1 thread", [], 1),
-             ("ray, 1 worker", ["--executor", "ray", "--workers", "1"], None),
-             ("ray, 2 workers", ["--executor", "ray", "--workers", "2"], None)]
+QUICK = [("tiny-mistral", 4096, 256, {"attention": "sliding", "window": 128}),
+         ("tiny-llama", 2048, 256, {"attention": "causal"})]
+# (name, emulate.Ray keywords or None for the local executor, torch threads of the local process:
+# None keeps torch's default, one per core)
+EXECUTORS = [("local", None, None), ("local, 1 thread", None, 1),
+             ("ray, 1 worker", {"workers": 1}, None),
+             ("ray, 2 workers", {"workers": 2}, None)]
 
 
-def command(model: str, tokens: int, block: int, pattern: list[str], executor: list[str]) -> list[str]:
-    return [sys.executable, "-m", "emulate.cli", "run", "--model", model, "--random-tokens", str(tokens),
-            "--block-size", str(block), *pattern, *executor, "--json"]
+def forward(model: str, tokens: int, block: int, pattern: dict, ray: dict | None) -> dict:
+    """One forward through the API, as `emulate run --json` makes it; its stats."""
+    import emulate
+
+    executor = "local" if ray is None else emulate.Ray(**ray)
+    run = emulate.run(model, random_tokens=tokens, block_size=block, **pattern, executor=executor, collect=False)
+    return run.stats
 
 
-def run(cmd: list[str], threads: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private instance, not a joined one
+def _child(conn, *args) -> None:
+    try:
+        conn.send(("ok", forward(*args)))
+    except BaseException:  # noqa: BLE001 - the parent reports it and stops
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _environment(threads: int | None):
+    """The environment a fresh process starts with: a private Ray instance, not a joined one."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
+    os.environ.pop("RAY_ADDRESS", None)
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr}")
-    return json.loads(done.stdout)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None) -> dict:
+    """forward(...) in a fresh (spawned) Python process that starts with `threads` torch threads."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, model, tokens, block, pattern, ray))
+    with _environment(threads):
+        child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:  # it died without a word (killed, out of memory)
+        status, value = "error", "the process ended without a result"
+    child.join()
+    if status != "ok" and child.exitcode:
+        value += f"\n(exit code {child.exitcode})"
+    if status != "ok":
+        raise SystemExit(f"failed: {command(model, tokens, block, pattern, ray, threads)}\n{value}")
+    return value
+
+
+def command(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None) -> str:
+    """The `emulate run` command line of the same forward."""
+    options = {"model": model, "random-tokens": tokens, "block-size": block, **pattern}
+    if ray is not None:
+        options.update({"executor": "ray", **{k.replace("_", "-"): v for k, v in ray.items()}})
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return prefix + "emulate run " + " ".join(f"--{k} {v}" for k, v in options.items()) + " --json"
 
 
 def main() -> None:
@@ -54,9 +105,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, tokens, block, pattern in cases:
         base = None
-        for name, executor, threads in EXECUTORS:
+        for name, ray, threads in EXECUTORS:
             load = os.getloadavg()[0]
-            s = run(command(model, tokens, block, pattern, executor), threads)
+            s = run(model, tokens, block, pattern, ray, threads)
             base = base or s["forward_s"]
             attention = s["attention"] + (f" r={s['window']}" if s["window"] else "")
             print(f"| {model} | {tokens} | {block} | {attention} | {name} | {s['forward_s']:.2f} | "
@@ -64,9 +115,8 @@ def main() -> None:
                   f"{_mb(s.get('bytes_transferred'))} | {_mb(s.get('bytes_between_workers'))} | {load:.1f} |", flush=True)
     print("\ncommands:")
     for model, tokens, block, pattern in cases:
-        for _, executor, threads in EXECUTORS:
-            prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
-            print(f"  {prefix}emulate " + " ".join(command(model, tokens, block, pattern, executor)[3:]))
+        for _, ray, threads in EXECUTORS:
+            print("  " + command(model, tokens, block, pattern, ray, threads))
 
 
 def _mb(n) -> str:

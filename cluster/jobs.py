@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from emulate.config import EmulateError
+from emulate.config import EmulateError, error_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PATH_OPTIONS = ("--input", "--output", "-o", "--trace", "--model")
@@ -61,15 +61,16 @@ def entrypoint(run_args: list[str], local: bool) -> str:
     return " ".join(shlex.quote(x) for x in [python, "-m", "emulate.cli", *args])
 
 
-def cmd_submit(args) -> int:
-    run_args = list(args.entrypoint)
+def submit(run_args: list[str], address: str | None = None, wait: bool = True) -> int:
+    """Submit `emulate run ...` as a job; follow its logs unless wait is False. The job's exit status."""
+    run_args = list(run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
     if run_args[:1] != ["run"]:
         raise EmulateError("usage: emulate submit [--address URL] -- run <run options>")
     if "--executor" not in run_args:
         run_args += ["--executor", "ray"]
-    url = job_server(args.address)
+    url = job_server(address)
     headers = auth_headers()
     local = (urlparse(url).hostname or "") in LOCAL_HOSTS
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -77,14 +78,14 @@ def cmd_submit(args) -> int:
     try:
         client = JobSubmissionClient(url, headers=headers)
     except Exception as err:  # noqa: BLE001 - connection, auth and version errors all end here
-        raise EmulateError(f"cannot reach the Ray job server at {url}: {_first_line(err)}") from None
+        raise EmulateError(f"cannot reach the Ray job server at {url}: {error_line(err)}") from None
     try:
         job_id = client.submit_job(entrypoint=entrypoint(run_args, local))
     except Exception as err:  # noqa: BLE001
-        raise EmulateError(f"the job server at {url} refused the job: {_first_line(err)}") from None
+        raise EmulateError(f"the job server at {url} refused the job: {error_line(err)}") from None
     print(f"job {job_id} submitted to {url}", file=sys.stderr, flush=True)
     print(job_id, file=sys.stderr if "--json" in run_args else sys.stdout, flush=True)
-    if args.no_wait:
+    if not wait:
         return 0
     try:
         asyncio.run(_follow(client, job_id))
@@ -100,8 +101,3 @@ async def _follow(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         sys.stdout.write(lines)
         sys.stdout.flush()
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [s for s in str(err).strip().splitlines() if s.strip()]
-    return lines[0] if lines else type(err).__name__

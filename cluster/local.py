@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,12 +38,9 @@ def _load() -> dict | None:
 
 
 def _reachable(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except OSError:
-        return False
+    from cluster.session import unreachable
+
+    return unreachable(address, timeout_s=2.0) is None
 
 
 def _env() -> dict:
@@ -91,29 +87,23 @@ def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int) ->
 
 def _processes_of(state: dict) -> list[int]:
     """Pids of this cluster's processes and their descendants (workers, job drivers)."""
+    import psutil
+
     def ours(cmd: str) -> bool:
         # Ray's processes name the cluster's directory, or its address as `--flag=ADDRESS`; a
         # driver that joined with `--address ADDRESS` is the user's, not the cluster's.
         return state["temp_dir"] in cmd or (f"={state['address']}" in cmd and "ray" in cmd)
 
-    table = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
+    own: set[int] = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] != os.getpid() and ours(cmd):
+            own.add(proc.info["pid"])
+    for pid in list(own):
         try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(p)] = (ppid, cmd)
-    own = {pid for pid, (_, cmd) in table.items() if ours(cmd) and pid != os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, _) in table.items():
-            if ppid in own and pid not in own:
-                own.add(pid)
-                grew = True
+            own.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:  # gone meanwhile
+            pass
     return sorted(own)
 
 
@@ -142,27 +132,15 @@ def down() -> int:
 
 
 def _alive(pid: int) -> bool:
+    import psutil
+
     try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has exited; only its parent's wait is missing
+    except psutil.Error:
         return False
-    return status != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
-def cmd_cluster(args) -> int:
-    if args.action == "down":
-        return down()
-    if args.action == "status":
-        state = _load()
-        if state is None or not _reachable(state["address"]):
-            print("no local cluster is up", file=sys.stderr)
-            return 1
-        print(json.dumps(state))
-        return 0
-    state = up(args.worker_nodes, args.cpus_per_node, args.port, args.dashboard_port)
-    print(f"local Ray cluster up: head + {state['worker_nodes']} worker node(s), {state['cpus_per_node']:g} CPU each\n"
-          f"  run on it:    emulate run --executor ray --address {state['address']} ...\n"
-          f"  submit a job: emulate submit --address {state['dashboard']} -- run ...\n"
-          f"  stop it:      emulate cluster down", file=sys.stderr)
-    print(json.dumps(state))
-    return 0
+def status() -> dict | None:
+    """The recorded state of the local cluster when it is up and reachable, else None."""
+    state = _load()
+    return state if state is not None and _reachable(state["address"]) else None

@@ -1,6 +1,6 @@
 """The physical plan: logical nodes grouped into Ray tasks, sized from the number of workers.
 
-One Ray task per pair call would drown in Ray's ~1 ms per task (DESIGN.md, Logical graph vs
+One Ray task per pair call would drown in Ray's ~1 ms per task (docs/design.md, Logical graph and
 physical plan), so the plan groups the logical graph per query block and layer:
 
     start i       embed i, project 0 i
@@ -17,19 +17,56 @@ mix. Slices are aligned subtrees of the merge tree of `emulate.merge.merge` (chu
 partials), so the split result has the same bits as the unsplit one: merge(P) ==
 merge([merge(P[t*2^h:(t+1)*2^h]) for t]).
 
-Values travel between tasks under string keys: a logical node id, `<project id>:q` or
-`<project id>:kv` (a block's queries go only to its own row, its keys and values to every row that
-reads them), or `<merge id>[a:b]` for the partial of a slice.
+Values travel between tasks under typed keys: `ValueKey(node)` for a logical node's value,
+`ValueKey(project, Part.Q)` and `ValueKey(project, Part.KV)` for the two halves of a projection (a
+block's queries go only to its own row, its keys and values to every row that reads them), and
+`SliceKey(merge, a, b)` for the partial of a slice.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from math import ceil, log2
 
 import networkx as nx
 
-from graphs import node_id
+from graphs import NodeKind, node_id
+
+
+class Part(StrEnum):
+    """Which part of a logical node's value a key names."""
+
+    WHOLE = "whole"
+    Q = "q"  # a projection's queries
+    KV = "kv"  # a projection's keys and values
+
+
+@dataclass(frozen=True)
+class ValueKey:
+    """A logical node's value, or one part of it, as it travels between tasks."""
+
+    node: str
+    part: Part = Part.WHOLE
+
+
+@dataclass(frozen=True)
+class SliceKey:
+    """The partial (o, lse) of the pairs merge.inputs[start:stop]: one aligned subtree of its merge."""
+
+    merge: str
+    start: int
+    stop: int
+
+
+class TaskKind(StrEnum):
+    START = "start"
+    ROW = "row"
+    SLICE = "slice"
+    COMBINE = "combine"
+
+
+Key = ValueKey | SliceKey
 
 
 @dataclass
@@ -37,13 +74,13 @@ class Task:
     """One physical task: the logical nodes it runs, the values it reads and the values it returns."""
 
     index: int
-    kind: str  # start | row | slice | combine
+    kind: TaskKind
     layer: int  # -1 for start tasks
     block: int
-    nodes: list[str]  # logical node ids (and slice merges) in execution order
-    reads: list[str]  # value keys made by earlier tasks, one Ray argument each
-    writes: list[str]  # value keys returned, one Ray object each
-    merges: dict[str, list[str]] = field(default_factory=dict)  # merge key -> partial keys, in tree order
+    nodes: list[str | SliceKey]  # logical node ids (and a slice's merge) in execution order
+    reads: list[Key]  # values made by earlier tasks, one Ray argument each
+    writes: list[Key]  # values returned, one Ray object each
+    merges: dict[Key, list[Key]] = field(default_factory=dict)  # merge -> its partials, in tree order
     attrs: dict[str, dict] = field(default_factory=dict)  # attributes of the logical nodes run here
     flops: int = 0
     worker: int = 0
@@ -51,15 +88,17 @@ class Task:
     @property
     def name(self) -> str:
         where = f"L{self.layer} " if self.layer >= 0 else ""
-        return f"{where}{self.kind} {self.block}" + (f" {self.nodes[-1].rsplit('/', 1)[-1]}" if self.kind == "slice" else "")
+        last = self.nodes[-1]
+        return f"{where}{self.kind} {self.block}" + (f" [{last.start}:{last.stop}]" if isinstance(last, SliceKey) else "")
 
     @property
     def head(self) -> bool:
-        return any(w.startswith("head/") for w in self.writes)
+        last = self.nodes[-1]
+        return isinstance(last, str) and self.attrs[last]["kind"] == NodeKind.HEAD
 
     def logical_nodes(self) -> list[str]:
-        """The logical graph's nodes this task computes (slice merges are part of their merge node)."""
-        return [n for n in self.nodes if "[" not in n]
+        """The logical graph's nodes this task computes (a slice's merge is part of its merge node)."""
+        return [n for n in self.nodes if isinstance(n, str)]
 
 
 @dataclass
@@ -110,13 +149,13 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
     def tail(layer: int, i: int, t: Task, x_key: str):
         """After the mix of `layer` (or the embed): project the next layer, or the head."""
         if layer + 1 < layers:
-            p = node_id("project", layer + 1, i)
+            p = node_id(NodeKind.PROJECT, layer + 1, i)
             t.nodes.append(p)
-            t.writes += [x_key, p + ":q", p + ":kv"]
+            t.writes += [ValueKey(x_key), ValueKey(p, Part.Q), ValueKey(p, Part.KV)]
         else:
-            h = node_id("head", None, i)
+            h = node_id(NodeKind.HEAD, None, i)
             t.nodes.append(h)
-            t.writes.append(h)
+            t.writes.append(ValueKey(h))
         for n in t.logical_nodes():
             t.attrs.setdefault(n, attrs(n))
 
@@ -127,8 +166,8 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
 
     split_rows = 0
     for i in range(blocks):
-        e = node_id("embed", None, i)
-        t = Task(0, "start", -1, i, [e], [], [])
+        e = node_id(NodeKind.EMBED, None, i)
+        t = Task(0, TaskKind.START, -1, i, [e], [], [])
         tail(-1, i, t, e)
         add(t)
 
@@ -138,14 +177,14 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
         target = ceil(pairs_total / workers)
         for i, (merge_id, pairs, mix_id) in enumerate(rows):
             x_key = g.nodes[mix_id]["inputs"][0]
-            q_key = node_id("project", layer, i) + ":q"
+            q_key = ValueKey(node_id(NodeKind.PROJECT, layer, i), Part.Q)
             kv_keys = _kv_reads(g, pairs)
             size = slice_size(len(pairs), ceil(len(pairs) / target)) if split and merge_id else len(pairs)
             if size >= len(pairs):
-                t = Task(0, "row", layer, i, list(pairs), [x_key, q_key] + kv_keys, [])
+                t = Task(0, TaskKind.ROW, layer, i, list(pairs), [ValueKey(x_key), q_key] + kv_keys, [])
                 if merge_id:
                     t.nodes.append(merge_id)
-                    t.merges[merge_id] = list(pairs)
+                    t.merges[ValueKey(merge_id)] = [ValueKey(p) for p in pairs]
                 t.nodes.append(mix_id)
                 tail(layer, i, t, mix_id)
                 add(t)
@@ -154,12 +193,13 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
             partials = []
             for a in range(0, len(pairs), size):
                 chunk = pairs[a:a + size]
-                key = f"{merge_id}[{a}:{a + len(chunk)}]"
-                t = Task(0, "slice", layer, i, chunk + [key], [q_key] + _kv_reads(g, chunk), [key],
-                         merges={key: list(chunk)}, attrs={n: attrs(n) for n in chunk})
+                key = SliceKey(merge_id, a, a + len(chunk))
+                t = Task(0, TaskKind.SLICE, layer, i, chunk + [key], [q_key] + _kv_reads(g, chunk), [key],
+                         merges={key: [ValueKey(p) for p in chunk]}, attrs={n: attrs(n) for n in chunk})
                 add(t)
                 partials.append(key)
-            t = Task(0, "combine", layer, i, [merge_id, mix_id], [x_key] + partials, [], merges={merge_id: partials})
+            t = Task(0, TaskKind.COMBINE, layer, i, [merge_id, mix_id], [ValueKey(x_key)] + partials, [],
+                     merges={ValueKey(merge_id): partials})
             tail(layer, i, t, mix_id)
             add(t)
 
@@ -169,19 +209,19 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
 
 def _row(g: nx.DiGraph, layer: int, i: int):
     """(merge id or None, the pair nodes in merge order, mix id) of query block i in `layer`."""
-    mix_id = node_id("mix", layer, i)
+    mix_id = node_id(NodeKind.MIX, layer, i)
     source = g.nodes[mix_id]["inputs"][1]
-    if g.nodes[source]["kind"] == "merge":
+    if g.nodes[source]["kind"] == NodeKind.MERGE:
         return source, list(g.nodes[source]["inputs"]), mix_id
     return None, [source], mix_id
 
 
-def _kv_reads(g: nx.DiGraph, pairs: list[str]) -> list[str]:
+def _kv_reads(g: nx.DiGraph, pairs: list[str]) -> list[ValueKey]:
     """Keys and values read by these pairs; a pair's own query block is read for q, not kv."""
-    keys: dict[str, None] = {}
+    keys: dict[ValueKey, None] = {}
     for p in pairs:
         for src in g.nodes[p]["inputs"][1:]:
-            keys[src + ":kv"] = None
+            keys[ValueKey(src, Part.KV)] = None
     return list(keys)
 
 
@@ -204,6 +244,6 @@ def place(tasks: list[Task], workers: int, layers: int) -> None:
             middle = done + t.flops / 2
             t.worker = min(workers - 1, int(middle * workers / total))
             done += t.flops
-    first = {t.block: t.worker for t in by_layer.get(0, []) if t.kind in ("row", "combine")}
+    first = {t.block: t.worker for t in by_layer.get(0, []) if t.kind in (TaskKind.ROW, TaskKind.COMBINE)}
     for t in by_layer.get(-1, []):
         t.worker = first.get(t.block, t.block * workers // max(1, len(by_layer[-1])))

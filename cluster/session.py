@@ -14,54 +14,11 @@ import os
 import socket
 import sys
 import uuid
-from dataclasses import dataclass
 
-from emulate.config import EmulateError
+from emulate.config import EmulateError, error_line
+from emulate.executor import Ray
 
 NAMESPACE = "emulate"
-
-
-@dataclass
-class RayOptions:
-    address: str | None = None
-    workers: int | None = None
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    device: str = "cpu"
-    trace: str | None = None
-    progress: bool = False
-    max_restarts: int = 3  # per worker actor; then its tasks fail and the run stops with an error
-    start_timeout_s: float = 120.0  # workers not placed by then: the cluster is too busy or too small
-    stall_timeout_s: float = 600.0  # no task finished for this long: stop rather than hang
-
-    @classmethod
-    def from_args(cls, args) -> RayOptions:
-        get = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
-        opts = cls(address=get("address", None), workers=get("workers", None),
-                   cpus_per_worker=float(get("cpus_per_worker", 1.0)), gpus_per_worker=float(get("gpus_per_worker", 0.0)),
-                   device=get("device", "cpu"), trace=get("trace", None),
-                   progress=not get("json", False) and _stderr_is_terminal(),
-                   max_restarts=int(get("max_restarts", 3)), start_timeout_s=float(get("start_timeout", 120.0)),
-                   stall_timeout_s=float(get("stall_timeout", 600.0)))
-        if opts.workers is not None and opts.workers < 1:
-            raise EmulateError(f"--workers must be >= 1, got {opts.workers}")
-        if opts.cpus_per_worker <= 0:
-            raise EmulateError(f"--cpus-per-worker must be > 0, got {opts.cpus_per_worker:g}")
-        if opts.gpus_per_worker < 0:
-            raise EmulateError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker:g}")
-        if opts.device == "cuda" and opts.gpus_per_worker == 0:
-            raise EmulateError("--device cuda with the Ray executor needs --gpus-per-worker G (G > 0)")
-        if opts.gpus_per_worker > 0 and opts.device != "cuda":
-            raise EmulateError("--gpus-per-worker needs --device cuda")
-        return opts
-
-    @property
-    def threads(self) -> int:
-        return max(1, int(self.cpus_per_worker))
-
-
-def _stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
 
 
 def connect(address: str | None) -> bool:
@@ -77,7 +34,7 @@ def connect(address: str | None) -> bool:
         try:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
         except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; the user needs one line
-            raise EmulateError(f"could not start a local Ray instance: {_first_line(err)}") from None
+            raise EmulateError(f"could not start a local Ray instance: {error_line(err)}") from None
         return True
     if address.startswith(("http://", "https://")):
         raise EmulateError(f"--address {address} is a dashboard/job server address; `emulate run` joins a cluster "
@@ -90,7 +47,7 @@ def connect(address: str | None) -> bool:
     except Exception as err:  # noqa: BLE001
         hint = "" if has_token else (" (no Ray authentication token found in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
                                      "~/.ray/auth_token; a cluster with token authentication refuses drivers without one)")
-        raise EmulateError(f"could not join the Ray cluster at {address}: {_first_line(err)}{hint}") from None
+        raise EmulateError(f"could not join the Ray cluster at {address}: {error_line(err)}{hint}") from None
     return False
 
 
@@ -105,20 +62,23 @@ def _use_token_if_present() -> bool:
     return has_token
 
 
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why HOST:PORT takes no TCP connection now, or None when it does."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return str(err.strerror or err)
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise EmulateError(f"--address must be auto or HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as err:
-        raise EmulateError(f"no Ray cluster reachable at {address}: {err.strerror or err}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
+    why = unreachable(address, timeout_s)
+    if why is not None:
+        raise EmulateError(f"no Ray cluster reachable at {address}: {why}")
 
 
 def disconnect(owned: bool) -> None:
@@ -157,7 +117,7 @@ def _available() -> str:
 class WorkerPool:
     """K worker actors, each holding the model once; restartable, tasks retried after a restart."""
 
-    def __init__(self, opts: RayOptions, config, weights: dict, tokens, graph_meta: dict, dtype: str):
+    def __init__(self, opts: Ray, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str):
         import ray
 
         from cluster.worker import Worker
@@ -180,7 +140,7 @@ class WorkerPool:
                          scheduling_strategy="SPREAD", namespace=NAMESPACE)
         self.names = [f"emulate-{self.run_id}-worker-{k}" for k in range(want)]
         self.actors = [actor.options(name=name, **placement).remote(k, config, graph_meta, dtype,
-                                                        opts.device, opts.threads)
+                                                        device, opts.threads)
                        for k, name in enumerate(self.names)]
         self.info = self._wait_ready(shape, nodes)
 
@@ -188,19 +148,23 @@ class WorkerPool:
         import ray
 
         pings = [a.ping.remote(self.shared) for a in self.actors]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=self.opts.start_timeout_s)
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=self.opts.start_timeout)
         if len(ready) < len(pings):
             self.close()
             raise EmulateError(f"only {len(ready)} of {len(pings)} worker(s) of {shape} started within "
-                               f"{self.opts.start_timeout_s:g} s ({nodes}; {_available()})")
+                               f"{self.opts.start_timeout:g} s ({nodes}; {_available()})")
         try:
             return ray.get(pings)
         except ray.exceptions.RayError as err:
             self.close()
-            raise EmulateError(f"a worker failed to start: {_first_line(err)}") from None
+            raise EmulateError(f"a worker failed to start: {error_line(err)}") from None
 
     def states(self) -> list[str]:
-        """Each actor's state from the GCS: ALIVE, RESTARTING, PENDING_CREATION or DEAD."""
+        """Each actor's state from the GCS: ALIVE, RESTARTING, PENDING_CREATION or DEAD.
+
+        Read from the GCS client: Ray's public state API (ray.util.state) asks the dashboard's
+        state server, and a private instance runs without a dashboard.
+        """
         from ray._private import state
 
         out = []

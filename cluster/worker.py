@@ -11,35 +11,11 @@ import time
 
 import torch
 
-from cluster.plan import Task
-from emulate.forward import new_model
-from emulate.merge import merge, merge_pair
+from cluster.plan import Key, Part, SliceKey, Task, ValueKey
+from emulate.merge import TreeMerge, merge
+from emulate.model import Transformer
 from emulate.ops import NodeRunner
-
-
-class TreeMerge:
-    """The balanced tree of `emulate.merge.merge`, folded as partials arrive: same bits, O(log n) held.
-
-    A partial pushed at height 0 merges with the left neighbour of equal height, like a binary
-    counter; what is left at the end is the tree's right spine, folded right to left, which is
-    exactly where merge() carries an odd element up a level.
-    """
-
-    def __init__(self):
-        self.stack: list[tuple[int, tuple]] = []
-
-    def push(self, partial) -> None:
-        height = 0
-        while self.stack and self.stack[-1][0] == height:
-            partial = merge_pair(self.stack.pop()[1], partial)
-            height += 1
-        self.stack.append((height, partial))
-
-    def result(self):
-        partial = self.stack.pop()[1]
-        while self.stack:
-            partial = merge_pair(self.stack.pop()[1], partial)
-        return partial
+from emulate.oracles import KernelOracle
 
 
 def tensor_bytes(value) -> int:
@@ -55,42 +31,43 @@ def tensor_bytes(value) -> int:
 
 def run_task(runner: NodeRunner, task: Task, inputs: list) -> list:
     """Compute a task's logical nodes in order and return its writes, in order."""
-    values = dict(zip(task.reads, inputs))
+    values: dict[Key, object] = dict(zip(task.reads, inputs))
     folds = {key: TreeMerge() for key in task.merges}
     feeds = {src: key for key, sources in task.merges.items() for src in sources}
     for n in task.nodes:
-        if n in task.merges:
-            fold = folds.pop(n)
-            sources = task.merges[n]
+        key = n if isinstance(n, SliceKey) else ValueKey(n)
+        if key in task.merges:
+            fold = folds.pop(key)
+            sources = task.merges[key]
             if all(s in values for s in sources):  # partials made elsewhere: the top of the tree
-                values[n] = merge([values.pop(s) for s in sources])
+                values[key] = merge([values.pop(s) for s in sources])
             else:
-                values[n] = fold.result()
+                values[key] = fold.result()
             continue
         a = task.attrs[n]
         value = runner.run(a, [_lookup(values, src) for src in a["inputs"]])
-        if n in feeds:
-            folds[feeds[n]].push(value)  # a pair's partial lives only until its merge takes it
+        if key in feeds:
+            folds[feeds[key]].push(value)  # a pair's partial lives only until its merge takes it
         else:
-            values[n] = value
+            values[key] = value
     return [_select(values, key) for key in task.writes]
 
 
-def _lookup(values: dict, src: str):
-    """A logical value by node id; a projection read from elsewhere arrives as ':q' and ':kv' parts."""
-    if src in values:
-        return values[src]
-    q = values.get(src + ":q")
-    k, v = values.get(src + ":kv", (None, None))
+def _lookup(values: dict, node: str):
+    """A logical value by node id; a projection read from elsewhere arrives as its q and kv parts."""
+    whole = values.get(ValueKey(node))
+    if whole is not None:
+        return whole
+    q = values.get(ValueKey(node, Part.Q))
+    k, v = values.get(ValueKey(node, Part.KV), (None, None))
     return q, k, v
 
 
-def _select(values: dict, key: str):
-    base, _, part = key.partition(":")
-    if part == "q":
-        return values[base][0]
-    if part == "kv":
-        return values[base][1], values[base][2]
+def _select(values: dict, key: Key):
+    if isinstance(key, ValueKey) and key.part == Part.Q:
+        return values[ValueKey(key.node)][0]
+    if isinstance(key, ValueKey) and key.part == Part.KV:
+        return values[ValueKey(key.node)][1:]
     return values[key]
 
 
@@ -115,8 +92,8 @@ class Worker:
 
             weights, tokens = ray.get(shared)
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
-            model = new_model(self.config, weights, self.dtype, self.device)
-            self.runner = NodeRunner(model, tokens, self.graph_meta)
+            model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
+            self.runner = NodeRunner(model, tokens, self.graph_meta, KernelOracle())
         return self.runner
 
     def ping(self, shared: list) -> dict:

@@ -1,28 +1,52 @@
-"""The `emulate` command: run a forward as a task graph of small calls, or export the graph."""
+"""The `emulate` command: argparse, a call into the Python API (emulate/api.py), and print.
+
+Every bad input is one line on stderr and exit 2 (the API's EmulateError); a verified run whose
+error exceeds its tolerance exits 1; an interrupt exits 130.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import sys
-import time
-from pathlib import Path
-
-import numpy as np
 
 from emulate.config import EmulateError
-from emulate.paper.options import add_oracle_options, add_theorems_command, make_oracle, oracle_summary
 
-DEFAULT_MODEL = "tiny-llama"
-DEFAULT_TOKENS = 4096
-DEFAULT_BLOCK = 256  # 16 blocks of the default input: enough for the block structure to matter
+DESCRIPTION = """\
+Run a long-context transformer forward as a task graph of small calls that each see at most
+M tokens, in-process or on a Ray cluster, and measure it against the monolithic forward."""
+
+
+
+def preset_names() -> str:
+    from emulate.presets import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error contract: `emulate: error: ...`, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        print(f"emulate: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and adds each option's default to its help, unless it says one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help (0), or a usage error already reported on one line (2)
+    except SystemExit as stop:  # --help or --version (0), or a usage error already reported on one line (2)
         return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -37,240 +61,156 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line error contract: `emulate: error: ...`, exit code 2, no usage dump."""
-
-    def error(self, message: str):
-        print(f"emulate: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="emulate", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run the emulated forward (the embedded default with no options)")
-    add_problem_options(run)
-    run.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--executor", choices=("local", "ray"), default="local")
-    run.add_argument("--output", "-o", help="write the outputs to this Arrow IPC file")
-    run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
-    run.add_argument("--verify", action="store_true", help="also run the monolithic forward and report the error")
-    run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
-    add_oracle_options(run)
-    add_ray_options(run)
-    run.set_defaults(handler=cmd_run)
-    graph = sub.add_parser("graph", help="export the logical task graph")
-    add_problem_options(graph)
-    graph.add_argument("--format", choices=("json", "dot"), default="json")
-    graph.add_argument("-o", "--output", required=True, help="file to write")
-    graph.set_defaults(handler=cmd_graph, dtype="float32")
+    from emulate import __version__
+
+    parser = Parser(prog="emulate", description=DESCRIPTION, formatter_class=Help, epilog=(
+        "examples:\n"
+        "  emulate run                                   the embedded default: tiny-llama, 4096 tokens, M = 256, verified\n"
+        "  emulate run --random-tokens 65536 -M 1024 --attention sliding --window 512 --json\n"
+        "  emulate graph --random-tokens 2048 -M 256 -o graph.json\n"
+        "  emulate theorems --max-tokens 256\n"
+        f"\npresets: {preset_names()}; any Hugging Face checkpoint directory of llama, mistral, qwen2, gpt2 or bert\n"
+        "`emulate COMMAND --help` lists a command's options."))
+    parser.add_argument("--version", action="version", version=f"emulate {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands")
+    add_run_command(sub)
+    add_graph_command(sub)
     add_theorems_command(sub)
-    submit = sub.add_parser("submit", help="submit `emulate run ...` to a Ray cluster as a job (Ray Jobs API)")
-    submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
-                        "or http://127.0.0.1:8265)")
-    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
-    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- run <run options>")
-    submit.set_defaults(handler=lambda a: _cluster_command("cluster.jobs", "cmd_submit", a))
-    cluster = sub.add_parser("cluster", help="start or stop a local multi-node Ray cluster on this machine")
-    cluster.add_argument("action", choices=("up", "down", "status"))
-    cluster.add_argument("--worker-nodes", type=int, default=2, help="nodes besides the head (default 2)")
-    cluster.add_argument("--cpus-per-node", type=float, default=None, help="CPUs each node offers (default: this machine's)")
-    cluster.add_argument("--port", type=int, default=6380, help="the head's GCS port (default 6380)")
-    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port on 127.0.0.1")
-    cluster.set_defaults(handler=lambda a: _cluster_command("cluster.local", "cmd_cluster", a))
+    add_submit_command(sub)
+    add_cluster_command(sub)
     return parser
 
 
+# -- run --------------------------------------------------------------------------------------
+
+def add_run_command(sub) -> None:
+    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS
+
+    run = sub.add_parser(
+        "run", formatter_class=Help, help="run the emulated forward (the embedded default with no options)",
+        description="Run one forward as a task graph of small calls and print a summary. With no options: "
+                    f"{DEFAULT_MODEL}, {DEFAULT_TOKENS} seeded random tokens, M = {DEFAULT_BLOCK}, verified.",
+        epilog="examples:\n"
+               "  emulate run\n"
+               "  emulate run --model tiny-mistral --random-tokens 16384 -M 1024 --dtype float64 --verify\n"
+               "  emulate run --text 'Hello there' --output out.arrow --hidden\n"
+               "  emulate run --executor ray --workers 2 --random-tokens 16384 -M 1024 --json\n"
+               "  emulate run --oracle paper-stable --pack-heads --dtype float64 --random-tokens 512 -M 64 --verify\n"
+               "exit status: 0 ok; 1 --verify found an error above the tolerance; 2 bad input; 130 interrupted")
+    add_problem_options(run)
+    run.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the small calls run")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: in-process; ray: worker actors on a Ray cluster")
+    run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
+    run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
+    run.add_argument("--verify", action="store_true",
+                     help="also run the monolithic forward and check the error (on by default for the embedded default)")
+    run.add_argument("--tolerance", type=float, default=None,
+                     help="the largest per-row relative error --verify accepts (default: 2e-5 for float32, 1e-10 "
+                          "for float64; sampled attention and the raw paper oracle state their own)")
+    run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    oracle = run.add_argument_group("oracle: what runs each pair call")
+    oracle.add_argument("--oracle", choices=("kernel", "paper", "paper-stable"), default="kernel",
+                        help="kernel: block attention returning (output, lse); paper: the paper's literal constructions "
+                             "on a small transformer of capacity M+1 (Lemma 3.1, Claim B.6, Thm 3.5, Thm 5.1, Sec. 5, "
+                             "Thm 4.1); paper-stable: the same calls with the A call's scores shifted by a norm bound")
+    oracle.add_argument("--pack-heads", type=pack_width, nargs="?", const="all", default=None, metavar="H'",
+                        help="Lemma 3.3: run H' single-head instances side by side in one call (no value: all heads; "
+                             "default 1)")
+    ray = run.add_argument_group("Ray executor (with --executor ray)")
+    ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default "
+                     "$RAY_ADDRESS, else a private local instance, stopped at the end)")
+    ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker; its torch threads (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
+    ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON")
+    ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                     help="stop with an error when no task finishes for S seconds (default 600)")
+    run.set_defaults(handler=cmd_run)
+
+
 def add_problem_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"preset name or Hugging Face checkpoint directory (default {DEFAULT_MODEL})")
+    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS
+
+    p.add_argument("--model", default=None,
+                   help=f"a preset ({preset_names()}) or a Hugging Face checkpoint directory (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt)")
-    src.add_argument("--text", help="text to tokenize")
-    src.add_argument("--random-tokens", type=int, metavar="N", help="N seeded random tokens")
+    src.add_argument("--input", default=None, help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt, .md)")
+    src.add_argument("--text", default=None, help="text to tokenize (the checkpoint's tokenizer, or bytes for presets)")
+    src.add_argument("--random-tokens", type=int, metavar="N", default=None,
+                     help=f"N seeded random tokens (default input: {DEFAULT_TOKENS} of them)")
     p.add_argument("--seed", type=int, default=0, help="seeds random tokens and the sampled permutation")
-    p.add_argument("--block-size", "-M", type=int, default=None, help=f"M: the most tokens a small call sees (default {DEFAULT_BLOCK})")
-    p.add_argument("--attention", default="auto", help="auto|full|causal|sliding|sink|sampled")
+    p.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most tokens a small call sees")
+    p.add_argument("--attention", default="auto",
+                   help="auto (the model's own mask), full, causal, sliding, sink or sampled")
     p.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
     p.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
 
 
-def add_ray_options(p: argparse.ArgumentParser) -> None:
-    ray = p.add_argument_group("Ray executor (--executor ray)")
-    options = [
-        ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default "
-                         "$RAY_ADDRESS, else a private local instance, stopped at the end)"),
-        ray.add_argument("--workers", type=int, default=None,
-                         help="worker actors (default: as many as the cluster fits)"),
-        ray.add_argument("--cpus-per-worker", type=float, default=None,
-                         help="CPUs per worker; its torch threads (default 1)"),
-        ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda"),
-        ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON"),
-        ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
-                         help="stop with an error when no task finishes for S seconds (default 600)"),
-    ]
-    # every option of the group defaults to None, so a local run can tell which ones were given
-    p.set_defaults(ray_options={o.dest: o.option_strings[0] for o in options})
+def pack_width(text: str) -> int | str:
+    """--pack-heads H' (an integer), or "all" (what the option means with no value)."""
+    return text if text == "all" else int(text)
 
 
-def _cluster_command(module: str, name: str, args) -> int:
-    """Reach cluster/ (and Ray) only when a Ray command is used."""
-    import importlib
-
-    return getattr(importlib.import_module(module), name)(args)
-
-
-def load_problem(args):
-    """Model, tokens and the compiled graph for `run` and `graph`; every bad input raises EmulateError."""
-    import torch
-
-    from emulate import loaders
-    from emulate.forward import check_tokens, compile_forward, resolve_patterns
-    from emulate.io import byte_tokens, random_tokens, read_text, read_tokens, tokenizer_tokens
-
-    config, weights, tokenizer = loaders.load_model(args.model or DEFAULT_MODEL, args.seed)
-    default_input = args.input is None and args.text is None and args.random_tokens is None
-    if default_input:
-        tokens = random_tokens(DEFAULT_TOKENS, config.vocab, args.seed)
-    elif args.random_tokens is not None:
-        tokens = random_tokens(args.random_tokens, config.vocab, args.seed)
-    else:
-        text = args.text
-        if args.input is not None and Path(args.input).suffix.lower() in (".txt", ".text", ".md"):
-            text = read_text(args.input)
-        if text is None:
-            tokens = read_tokens(args.input)
-        else:
-            tokens = tokenizer_tokens(tokenizer, text) if tokenizer is not None else byte_tokens(text)
-    tokens_t = torch.from_numpy(np.ascontiguousarray(tokens))
-    check_tokens(config, tokens_t)
-    block = DEFAULT_BLOCK if args.block_size is None else args.block_size
-    patterns = resolve_patterns(config, args.attention, args.window, args.sinks)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    graph = compile_forward(config, len(tokens), block, patterns, dtype, args.seed)
-    return config, weights, tokens, patterns, dtype, graph
-
-
-def cmd_graph(args) -> int:
-    from emulate.io import atomic_write_text
-    from graphs import counts, to_dot, to_json
-
-    _, _, _, _, _, g = load_problem(args)
-    atomic_write_text(args.output, to_json(g) if args.format == "json" else to_dot(g))
-    c = counts(g)
-    print(f"wrote {args.output}: {c['graph_nodes']} nodes, {c['graph_edges']} edges, "
-          f"{c['attention_calls']} attention calls, depth {c['graph_depth']}", file=sys.stderr)
-    return 0
+def problem_keywords(args) -> dict:
+    """The API keywords of the options shared by `run` and `graph`."""
+    return dict(text=args.text, input=args.input, random_tokens=args.random_tokens, seed=args.seed,
+                block_size=args.block_size, attention=args.attention, window=args.window, sinks=args.sinks)
 
 
 def cmd_run(args) -> int:
-    import torch
+    import emulate
 
-    from emulate.forward import Collected, new_model, row_errors
-    from emulate.io import OutputWriter
-    from emulate.memory import peak_rss_mb
-    from emulate.ops import NodeRunner
-    from emulate.reference import reference_forward
-    from graphs import counts
-
-    t_start = time.perf_counter()
-    if args.executor == "local":
-        # a Ray option on a local run would be silently ignored: the user meant something else
-        named = [flag for dest, flag in args.ray_options.items() if getattr(args, dest) is not None]
-        if named:
-            raise EmulateError(f"{', '.join(named)} {'is a Ray option' if len(named) == 1 else 'are Ray options'}: "
-                               "add --executor ray, or drop it for a local run")
     default_run = args.model is None and args.input is None and args.text is None and args.random_tokens is None
-    if default_run:
-        args.verify = True
-    config, weights, tokens, patterns, dtype, g = load_problem(args)
-    # Ray workers hold their own model on --device; the driver's copy only serves --verify, on CPU
-    model = new_model(config, weights, dtype, args.device if args.executor == "local" else "cpu")
-    tokens_t = torch.from_numpy(np.ascontiguousarray(tokens))
-    c = counts(g)
-    oracle = make_oracle(args, g)  # None: the kernel oracle
-    writer = None
-    if args.output:
-        writer = OutputWriter(args.output, tokens, config.width, dtype, logprob=config.lm_head,
-                              hidden=args.hidden or not config.lm_head,
-                              metadata={"model": config.name, "block_size": g.graph["spec"]["block_size"],
-                                        "attention": patterns[0].describe(), "dtype": args.dtype})
-    collected = Collected() if args.verify else None
-    extra: dict = {}
+    progress = None if args.json else _progress_bar()
     try:
-        t0 = time.perf_counter()
-        if args.executor == "local":
-            from emulate.executor import run_local
-            runner = NodeRunner(model, tokens_t, g.graph, oracle=oracle)
-            progress = _progress(len(g), len(tokens), args.json)
-            blocks = run_local(g, runner, on_node=(lambda n: progress.update(1)) if progress else None)
-        else:
-            from cluster.executor import run_ray  # lazy: Ray is only imported when asked for
-            blocks = run_ray(g, config, weights, tokens_t, dtype, args, extra)
-            t0 = time.perf_counter()  # Ray's start-up and the workers' weight loading: extra's ray_setup_s
-        for _, value in blocks:
-            if writer is not None:
-                writer.write(value)
-            if collected is not None:
-                collected.add(value)
-        forward_s = time.perf_counter() - t0
-        if writer is not None:
-            writer.close()
-            writer = None
+        result = emulate.run(
+            args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
+            oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
+            stall_timeout=args.stall_timeout, output=args.output, hidden=args.hidden,
+            verify=args.verify or default_run, tolerance=args.tolerance, collect=False,
+            progress=progress.update if progress else None)
     finally:
-        if writer is not None:
-            writer.abort()
-    summary = {
-        "model": config.name, "family": config.family, "layers": config.layers, "heads": config.heads,
-        "kv_heads": config.kv_heads, "tokens": len(tokens), "block_size": g.graph["spec"]["block_size"],
-        "blocks": g.graph["blocks"], "attention": _describe(patterns), "window": _window(patterns),
-        "sinks": patterns[0].sinks, "oracle": getattr(args, "oracle", "kernel"), "dtype": args.dtype, "device": args.device,
-        "executor": args.executor,
-        **{k: c[k] for k in ("attention_calls", "attention_calls_per_layer", "attention_calls_bound", "small_calls",
-                             "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth")},
-        "forward_s": round(forward_s, 4), **extra, **oracle_summary(oracle),
-    }
-    if args.verify:
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            ref = reference_forward(model, tokens_t, patterns)
-        summary["reference_s"] = round(time.perf_counter() - t1, 4)
-        got = collected.result()
-        summary["max_abs_err"], summary["max_rel_err"] = row_errors(got["hidden"], ref["hidden"])
-        if "logprob_next" in got:
-            summary["max_logprob_err"] = float((got["logprob_next"].double() - ref["logprob_next"].double()).abs().max()) \
-                if got["logprob_next"].numel() else 0.0
-    if args.output:
-        summary["output"] = args.output
-    summary["wall_s"] = round(time.perf_counter() - t_start, 4)
-    summary["tokens_per_s"] = round(len(tokens) / forward_s, 1) if forward_s > 0 else None
-    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if progress is not None:
+            progress.close()
+    s = result.stats
     if args.json:
         # NaN is not JSON: a non-finite error (a broken run) is printed as null, never as a bare NaN
-        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}, allow_nan=False))
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in s.items()},
+                         allow_nan=False))
     else:
-        print(human_summary(summary))
+        print(human_summary(s))
+    if s.get("verified") is False:
+        print(f"emulate: verify failed: max_rel_err {s['max_rel_err']:.3e} is above the tolerance {s['tolerance']:.1e}"
+              + ("" if math.isfinite(s["max_rel_err"]) else " (not a finite number)"), file=sys.stderr)
+        return 1
     return 0
 
 
-def _describe(patterns) -> str:
-    kinds = {p.kind for p in patterns}
-    if len(kinds) == 1:
-        return patterns[0].kind
-    return "mixed(" + ",".join(p.kind for p in patterns) + ")"
+def _progress_bar() -> ProgressBar | None:
+    """A bar on stderr when it is a terminal; none in logs and pipes."""
+    return ProgressBar() if sys.stderr.isatty() else None
 
 
-def _window(patterns):
-    windows = {p.window for p in patterns if p.window is not None}
-    return windows.pop() if len(windows) == 1 else (sorted(windows) or None)
+class ProgressBar:
+    """A tqdm bar fed by the API's progress(done, total) callback."""
 
+    def __init__(self):
+        self.bar = None
 
-def _progress(total: int, tokens: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return tqdm(total=total, unit="node", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, unit="call", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def human_summary(s: dict) -> str:
@@ -284,11 +224,146 @@ def human_summary(s: dict) -> str:
         f"forward    {s['forward_s']:.3f} s with the {s['executor']} executor, {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
     ]
     if "reference_s" in s:
+        verdict = "verified" if s["verified"] else "NOT verified"
         lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
-                     f"max_abs_err {s['max_abs_err']:.3e}")
+                     f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
     if "output" in s:
         lines.append(f"output     {s['output']}")
     return "\n".join(lines)
+
+
+# -- graph ------------------------------------------------------------------------------------
+
+def add_graph_command(sub) -> None:
+    graph = sub.add_parser("graph", formatter_class=Help, help="export the logical task graph",
+                           description="Compile the logical task graph of a forward (nothing runs) and write it.",
+                           epilog="examples:\n  emulate graph --random-tokens 2048 -M 256 -o graph.json\n"
+                                  "  emulate graph --model tiny-mistral --random-tokens 8192 -M 1024 --format dot -o g.dot")
+    add_problem_options(graph)
+    graph.add_argument("--format", choices=("json", "dot"), default="json", help="JSON node-link or Graphviz DOT")
+    graph.add_argument("-o", "--output", required=True, help="file to write")
+    graph.set_defaults(handler=cmd_graph)
+
+
+def cmd_graph(args) -> int:
+    import emulate
+    from emulate.io import atomic_write_text
+    from graphs import counts, to_dot, to_json
+
+    g = emulate.compile(args.model, **problem_keywords(args))
+    atomic_write_text(args.output, to_json(g) if args.format == "json" else to_dot(g))
+    c = counts(g)
+    print(f"wrote {args.output}: {c['graph_nodes']} nodes, {c['graph_edges']} edges, "
+          f"{c['attention_calls']} attention calls, depth {c['graph_depth']}", file=sys.stderr)
+    return 0
+
+
+# -- theorems ---------------------------------------------------------------------------------
+
+def add_theorems_command(sub) -> None:
+    t = sub.add_parser("theorems", formatter_class=Help,
+                       help="measure each theorem's oracle calls and error against N/M (paper oracle)",
+                       description="Run each result of the paper with the paper oracle (float64) at N = M, 2M, 4M, "
+                                   "..., count the small transformer's invocations and set them beside the paper's count.",
+                       epilog="examples:\n  emulate theorems\n  emulate theorems --max-tokens 1024 --results causal,sliding "
+                              "--plot calls.png")
+    t.add_argument("--max-tokens", type=int, default=512, metavar="N", help="largest N")
+    t.add_argument("--block-size", "-M", type=int, default=32, help="M")
+    t.add_argument("--window", type=int, default=None, help="sliding window r (default M/2)")
+    t.add_argument("--sinks", type=int, default=4, help="sink tokens s")
+    t.add_argument("--oracle", choices=("paper", "paper-stable"), default="paper", help="which paper oracle")
+    t.add_argument("--pack-heads", type=pack_width, nargs="?", const="all", default=1, metavar="H'",
+                   help="Lemma 3.3: H' single-head instances per call (no value: all heads)")
+    t.add_argument("--results", default="full,causal,sampled,sliding,sink",
+                   help="comma-separated subset of full,causal,sampled,sliding,sink")
+    t.add_argument("--plot", metavar="FILE.png", default=None, help="log-log plot of invocations against N/M")
+    t.add_argument("--json", action="store_true", help="print the rows as one JSON object")
+    t.set_defaults(handler=cmd_theorems)
+
+
+def cmd_theorems(args) -> int:
+    from pathlib import Path
+
+    from emulate.paper.theorems import plot, slopes, sweep, table
+
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise EmulateError(f"output directory {Path(args.plot).parent} does not exist")
+
+    def report(row):
+        if not args.json:
+            print(f"  {row['label']:<16} N = {row['tokens']:>6}: {row['invocations']:>7} invocations, "
+                  f"max_rel_err {row['max_rel_err']:.1e} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    results = tuple(r.strip() for r in args.results.split(",") if r.strip())
+    rows = sweep(args.block_size, args.max_tokens, args.window, args.sinks, args.oracle == "paper-stable",
+                 args.pack_heads, results, on_row=report)
+    window = args.block_size // 2 if args.window is None else args.window
+    fitted = slopes(rows)
+    if args.plot:
+        plot(rows, args.plot, args.block_size)
+    if args.json:
+        print(json.dumps({"block_size": args.block_size, "window": window, "sinks": args.sinks, "oracle": args.oracle,
+                          "rows": rows, "slopes": fitted}))
+    else:
+        print(f"paper oracle ({args.oracle}), float64, M = {args.block_size}, window r = {window}, sinks s = "
+              f"{args.sinks}; capacity M+1 = {args.block_size + 1}")
+        print(table(rows, fitted))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+# -- Ray jobs and the local cluster -------------------------------------------------------------
+
+def add_submit_command(sub) -> None:
+    submit = sub.add_parser("submit", formatter_class=Help,
+                            help="submit `emulate run ...` to a Ray cluster as a job (Ray Jobs API)",
+                            epilog="example:\n  emulate submit -- run --random-tokens 16384 -M 1024 --json")
+    submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
+                        "or http://127.0.0.1:8265)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- run <run options>")
+    submit.set_defaults(handler=cmd_submit)
+
+
+def cmd_submit(args) -> int:
+    from cluster.jobs import submit  # lazy: Ray is imported only for Ray commands
+
+    return submit(args.entrypoint, args.address, wait=not args.no_wait)
+
+
+def add_cluster_command(sub) -> None:
+    cluster = sub.add_parser("cluster", formatter_class=Help,
+                             help="start or stop a local multi-node Ray cluster on this machine",
+                             epilog="example:\n  emulate cluster up --worker-nodes 2 && emulate submit -- run --json; "
+                                    "emulate cluster down")
+    cluster.add_argument("action", choices=("up", "down", "status"))
+    cluster.add_argument("--worker-nodes", type=int, default=2, help="nodes besides the head")
+    cluster.add_argument("--cpus-per-node", type=float, default=None, help="CPUs each node offers (default: this machine's)")
+    cluster.add_argument("--port", type=int, default=6380, help="the head's GCS port")
+    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port on 127.0.0.1")
+    cluster.set_defaults(handler=cmd_cluster)
+
+
+def cmd_cluster(args) -> int:
+    from cluster import local
+
+    if args.action == "down":
+        return local.down()
+    if args.action == "status":
+        state = local.status()
+        if state is None:
+            print("no local cluster is up", file=sys.stderr)
+            return 1
+        print(json.dumps(state))
+        return 0
+    state = local.up(args.worker_nodes, args.cpus_per_node, args.port, args.dashboard_port)
+    print(f"local Ray cluster up: head + {state['worker_nodes']} worker node(s), {state['cpus_per_node']:g} CPU each\n"
+          f"  run on it:    emulate run --executor ray --address {state['address']} ...\n"
+          f"  submit a job: emulate submit --address {state['dashboard']} -- run ...\n"
+          f"  stop it:      emulate cluster down", file=sys.stderr)
+    print(json.dumps(state))
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@ class EmulateError(Exception):
     """Bad input or an impossible request: the CLI prints it as one line and exits non-zero."""
 
 
+def error_line(err: BaseException, last: bool = False) -> str:
+    """One line of another library's error for our own message: its first non-empty line, or its
+    last (Ray puts the cause of a task's failure at the end of a long traceback)."""
+    lines = [s.strip() for s in str(err).strip().splitlines() if s.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[-1] if last else lines[0]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the position-wise pieces and the attention pattern need to know about a model.

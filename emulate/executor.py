@@ -1,15 +1,94 @@
-"""The local executor: run the logical graph in-process, freeing each value after its last consumer."""
+"""Executors: where the graph's nodes run. One small interface, handed to the one run loop.
+
+    Local  in-process, in a topological order that keeps the live set small (the "local mode" of
+           tests and debugging)
+    Ray    worker actors on a Ray cluster (cluster/executor.py), reached only when chosen
+
+`start(job, progress)` returns an `Execution`: the head values (final hidden states and
+log-probabilities) block by block in block order, as they complete, and the executor's figures
+once the iteration ends. Set-up (Ray's start, the workers' weight loading) happens inside
+`start`, so the caller times the forward as the iteration alone. `progress(done, total)` is
+called as units of work (nodes locally, physical tasks on Ray) finish.
+"""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import networkx as nx
+import torch
 
-from emulate.ops import NodeRunner
-from graphs import execution_order, last_uses
+from emulate.config import EmulateError
+from emulate.loaders import Model
+from emulate.oracles import KernelOracle, Oracle
+from graphs import NodeKind, execution_order, last_uses
+
+Progress = Callable[[int, int], None]
 
 
-def run_local(g: nx.DiGraph, runner: NodeRunner, on_node: Callable[[str], None] | None = None) -> Iterator[tuple[int, dict]]:
+@dataclass(frozen=True)
+class Job:
+    """One forward to execute: the compiled graph and everything its nodes read."""
+
+    graph: nx.DiGraph
+    model: Model
+    tokens: torch.Tensor
+    dtype: torch.dtype
+    device: str
+    oracle: Oracle
+
+
+class Execution:
+    """(block, head value) pairs in block order; `figures` is complete once the iteration ends."""
+
+    def __init__(self, blocks: Iterator[tuple[int, dict]], figures: dict | None = None):
+        self._blocks = blocks
+        self.figures: dict = {} if figures is None else figures
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        return self._blocks
+
+    def close(self) -> None:
+        """Stop early: the executor tears down what it started."""
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+
+
+class Executor(Protocol):
+    name: str
+
+    def start(self, job: Job, progress: Progress | None = None) -> Execution: ...
+
+
+@dataclass(frozen=True)
+class Local:
+    """The in-process executor: every value is freed once its last reader has run."""
+
+    name = "local"
+
+    def start(self, job: Job, progress: Progress | None = None) -> Execution:
+        from emulate.ops import NodeRunner
+
+        spec = job.graph.graph["spec"]
+        oracle = job.oracle.bind(spec["block_size"], spec["heads"])
+        model = job.model.transformer(job.dtype, job.device)
+        runner = NodeRunner(model, job.tokens, job.graph.graph, oracle)
+        figures: dict = {}
+
+        def blocks():
+            total = job.graph.number_of_nodes()
+            on_node = None if progress is None else (lambda done: progress(done, total))
+            with torch.no_grad():
+                yield from run_local(job.graph, runner, on_node)
+            figures.update(oracle.summary())
+
+        return Execution(blocks(), figures)
+
+
+def run_local(g: nx.DiGraph, runner, on_node: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (block, head value) in block order as the graph completes; memory follows the live set.
 
     Every value is dropped as soon as the last node that reads it has run, so a causal layer holds
@@ -20,15 +99,71 @@ def run_local(g: nx.DiGraph, runner: NodeRunner, on_node: Callable[[str], None] 
     values: dict[str, object] = {}
     ready_heads: dict[int, dict] = {}
     next_block = 0
-    for n in order:
+    for done, n in enumerate(order, 1):
         a = g.nodes[n]
         values[n] = runner.run(a, [values[src] for src in a["inputs"]])
         for src in freed[n]:
             del values[src]
         if on_node is not None:
-            on_node(n)
-        if a["kind"] == "head":
+            on_node(done)
+        if a["kind"] == NodeKind.HEAD:
             ready_heads[a["block"]] = values.pop(n)
             while next_block in ready_heads:
                 yield next_block, ready_heads.pop(next_block)
                 next_block += 1
+
+
+@dataclass(frozen=True)
+class Ray:
+    """The Ray executor (cluster/executor.py): worker actors that load the weights once.
+
+    address: join a running cluster ("auto" or HOST:PORT; default $RAY_ADDRESS, else a private
+    local instance, stopped at the end). workers: actors (default: as many as the cluster fits).
+    cpus_per_worker: CPUs per actor, also its torch threads. gpus_per_worker: with device "cuda".
+    trace: write the schedule as Chrome trace-event JSON. stall_timeout: stop with an error when no
+    task finishes for that many seconds. max_restarts: per actor, then the run stops.
+    start_timeout: seconds for the workers to be placed.
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    trace: str | None = None
+    stall_timeout: float = 600.0
+    max_restarts: int = 3
+    start_timeout: float = 120.0
+
+    name = "ray"
+
+    def __post_init__(self):
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise EmulateError(f"--workers must be an integer >= 1, got {self.workers!r}")
+        for name, strict in (("--cpus-per-worker", True), ("--gpus-per-worker", False), ("--stall-timeout", True),
+                             ("start_timeout", True)):
+            value = getattr(self, name.lstrip("-").replace("-", "_"))
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= 0 if strict else value < 0):
+                raise EmulateError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise EmulateError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+    def start(self, job: Job, progress: Progress | None = None) -> Execution:
+        if not isinstance(job.oracle, KernelOracle):
+            raise EmulateError(f"oracle {job.oracle.name} runs on the local executor only (its invocation counts "
+                               "live in-process); the Ray executor runs the kernel oracle")
+        if job.device == "cuda" and self.gpus_per_worker == 0:
+            raise EmulateError("device cuda with the Ray executor needs gpus_per_worker (--gpus-per-worker) > 0")
+        if self.gpus_per_worker > 0 and job.device != "cuda":
+            raise EmulateError("gpus_per_worker (--gpus-per-worker) needs device cuda")
+        from cluster.executor import start  # lazy: Ray is imported only when asked for
+
+        return start(job, self, progress)
+
+
+EXECUTORS = {"local": Local, "ray": Ray}

@@ -1,24 +1,27 @@
-"""One emulated forward, end to end: resolve the mask, compile the graph, run it, collect the outputs."""
+"""What one forward computes: the mask per layer, the graph's spec, checked token ids, and errors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import networkx as nx
+import numpy as np
 import torch
 
 from emulate.config import EmulateError, ModelConfig
-from emulate.model import Transformer
-from graphs import ForwardSpec, Pattern, PatternError, build_graph
+from graphs import ForwardSpec, Pattern, PatternError, PatternKind, build_graph
 
 
-def resolve_patterns(config: ModelConfig, attention: str = "auto", window: int | None = None,
+def resolve_patterns(config: ModelConfig, attention="auto", window: int | None = None,
                      sinks: int | None = None) -> list[Pattern]:
     """The mask of T, layer by layer.
 
     'auto' keeps the model's own mask: full for encoders, causal for decoders, and each layer's
     own sliding window where the checkpoint has one (a --window given with 'auto' replaces it).
-    Any other value redefines T with that mask on every layer.
+    Any other name redefines T with that mask on every layer. A Pattern, or a sequence of one
+    per layer, is taken as it is (window and sinks then belong inside the Pattern).
     """
+    if isinstance(attention, Pattern) or isinstance(attention, (list, tuple)):
+        return _given_patterns(config, attention, window, sinks)
+    if not isinstance(attention, str):
+        raise EmulateError(f"attention must be a pattern name, a Pattern or a list of them, not {attention!r}")
     try:
         if attention == "auto":
             if sinks is not None:
@@ -45,6 +48,17 @@ def resolve_patterns(config: ModelConfig, attention: str = "auto", window: int |
     return [pattern] * config.layers
 
 
+def _given_patterns(config: ModelConfig, attention, window, sinks) -> list[Pattern]:
+    if window is not None or sinks is not None:
+        raise EmulateError("window and sinks go inside the Pattern when attention is given as Pattern objects")
+    patterns = [attention] * config.layers if isinstance(attention, Pattern) else list(attention)
+    if len(patterns) != config.layers or not all(isinstance(p, Pattern) for p in patterns):
+        raise EmulateError(f"attention as a list needs one Pattern per layer ({config.layers} for {config.name})")
+    if any(p.kind == PatternKind.SAMPLED for p in patterns) and config.causal:
+        raise EmulateError(f"sampled attention (Thm 4.1) needs an encoder; {config.name} is causal")
+    return patterns
+
+
 def forward_spec(config: ModelConfig, tokens: int, block_size: int, patterns: list[Pattern],
                  dtype: torch.dtype, seed: int = 0) -> ForwardSpec:
     if block_size < 1:
@@ -67,8 +81,8 @@ def compile_forward(config: ModelConfig, tokens: int, block_size: int, patterns:
         raise EmulateError(str(err)) from None
 
 
-def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
-    if tokens.numel() == 0:
+def check_tokens(config: ModelConfig, tokens: np.ndarray) -> None:
+    if tokens.size == 0:
         raise EmulateError("the input holds no tokens")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= config.vocab:
@@ -76,33 +90,8 @@ def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
         raise EmulateError(f"token id {bad} is outside {config.name}'s vocabulary [0, {config.vocab})")
 
 
-@dataclass
-class Collected:
-    """Outputs gathered block by block: final-norm hidden states and next-token log-probabilities."""
-
-    hidden: list = field(default_factory=list)
-    logprob_next: list = field(default_factory=list)
-
-    def add(self, value: dict) -> None:
-        self.hidden.append(value["hidden"])
-        if "logprob_next" in value:
-            self.logprob_next.append(value["logprob_next"])
-
-    def result(self) -> dict:
-        out = {"hidden": torch.cat(self.hidden)}
-        if self.logprob_next:
-            out["logprob_next"] = torch.cat(self.logprob_next)
-        return out
-
-
 def row_errors(hidden: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(max |y - t|, max_i ||y_i - t_i|| / ||t_i||): the paper's per-row relative error."""
     diff = hidden.double() - reference.double()
     rel = diff.norm(dim=1) / reference.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     return float(diff.abs().max()), float(rel.max())
-
-
-def new_model(config: ModelConfig, weights: dict, dtype: torch.dtype, device: str) -> Transformer:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EmulateError("--device cuda asked for, but torch sees no CUDA device here")
-    return Transformer(config, weights, dtype=dtype, device=device)

@@ -14,6 +14,7 @@ import torch
 from emulate.config import EmulateError
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc", ".arrows")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
 def read_tokens(path: str) -> np.ndarray:
@@ -85,7 +86,8 @@ def tokenizer_tokens(tokenizer_file: Path, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text).ids, dtype=np.int64)
 
 
-def random_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
+def random_ids(n: int, vocab: int, seed: int) -> np.ndarray:
+    """n seeded random token ids in [0, vocab)."""
     if n < 1:
         raise EmulateError(f"--random-tokens must be >= 1, got {n}")
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).numpy()
@@ -120,13 +122,14 @@ class OutputWriter:
         self.start = 0
         self.carry = None  # log p of the next block's first token, computed from this block's last row
 
-    def write(self, value: dict) -> None:
-        h = value["hidden"]
+    def write(self, out) -> None:
+        """Append one block's outputs (an emulate.BlockOutput), in block order."""
+        h = out.hidden
         m = h.shape[0]
         s, e = self.start, self.start + m
         cols = [pa.array(np.arange(s, e, dtype=np.int64)), pa.array(self.tokens[s:e].astype(np.int32))]
         if self.logprob:
-            nxt = value["logprob_next"].detach().cpu().numpy().astype(self.np_float)
+            nxt = out.logprobs.detach().cpu().numpy().astype(self.np_float)
             lp = np.empty(m, dtype=self.np_float)
             lp[0] = np.nan if self.carry is None else self.carry
             lp[1:] = nxt[: m - 1]

@@ -1,7 +1,7 @@
 """Block attention that returns (output, lse): the kernel oracle's small call.
 
 One call attends the queries of one block to the keys of one block (or of a sample of keys) and
-returns the normalised block average B/A and log A per query row and head (PAPER.md: the
+returns the normalised block average B/A and log A per query row and head (docs/paper.md, Setting and notation: the
 (output, log-sum-exp) pair that the merge combines). A row with no visible key returns output 0
 and lse = -inf, so the merge counts it as empty.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from graphs import MaskKind
+
 NEG_INF = float("-inf")
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: str = "none",
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: MaskKind = MaskKind.NONE,
            visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [H, mq, dh], k and v [Hkv, mk, dh] -> (o [H, mq, dh], lse [H, mq]).
 
@@ -20,7 +22,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     a boolean [mq, mk] matrix. GQA: each KV head serves H / Hkv consecutive query heads.
     """
     H, Hkv = q.shape[0], k.shape[0]
-    if Hkv != H and mask == "none":
+    if Hkv != H and mask == MaskKind.NONE:
         # GQA without a mask: fold each KV head's query heads into its rows (a view for contiguous q); every
         # row is its own softmax, so the result is the same, bit for bit, as repeating the keys
         o, lse = attend(q.reshape(Hkv, -1, q.shape[2]), k, v, scale)
@@ -29,16 +31,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
         k = k.repeat_interleave(H // Hkv, dim=0)
         v = v.repeat_interleave(H // Hkv, dim=0)
     bias = None
-    if mask == "explicit":
+    if mask == MaskKind.EXPLICIT:
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
     if q.device.type == "cpu":
         # torch's CPU flash kernel returns the lse and runs at ~75% of this machine's matmul rate
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, mask == "causal", attn_mask=bias, scale=scale)[:2]
+            q[None], k[None], v[None], 0.0, mask == MaskKind.CAUSAL, attn_mask=bias, scale=scale)[:2]
         o, lse = o[0], lse[0]
     else:
         o, lse = _attend_math(q, k, v, scale, mask, bias)
-    if mask == "explicit":
+    if mask == MaskKind.EXPLICIT:
         # the flash kernel returns (0, 0) for a fully masked row; e^0 would weigh it as one key
         empty = ~visible.any(dim=1)
         if bool(empty.any()):
@@ -50,7 +52,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
 def _attend_math(q, k, v, scale, mask, bias):
     """The textbook form, for devices without a CPU flash kernel and for float64 on GPUs."""
     scores = (q @ k.transpose(-1, -2)) * scale
-    if mask == "causal":
+    if mask == MaskKind.CAUSAL:
         mq, mk = scores.shape[-2:]
         causal = torch.ones(mq, mk, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, NEG_INF)

@@ -1,20 +1,64 @@
-"""Where a model comes from: a preset name or a Hugging Face checkpoint directory."""
+"""Where a model comes from: a preset name or a Hugging Face checkpoint directory, loaded once."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from emulate.config import EmulateError
+import numpy as np
+import torch
+
+from emulate.config import EmulateError, ModelConfig
+from emulate.model import Transformer
 from emulate.presets import PRESETS, preset
 
 
-def load_model(name: str, seed: int = 0):
-    """(config, weights, tokenizer.json path or None) for a preset name or a checkpoint directory."""
+@dataclass(eq=False)
+class Model:
+    """A model loaded once and run many times: its config, weights and tokenizer.
+
+    `weights` use the canonical names of emulate/presets.py (`weight_names`); `tokenizer` is a
+    checkpoint's tokenizer.json, or None for the presets' byte-level tokens. The position-wise
+    pieces for a dtype and device are built on first use and kept (`transformer`).
+    """
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Path | None = None
+    _built: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def transformer(self, dtype: torch.dtype, device: str = "cpu") -> Transformer:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EmulateError("device cuda asked for, but torch sees no CUDA device here")
+        key = (dtype, device)
+        if key not in self._built:
+            self._built[key] = Transformer(self.config, self.weights, dtype=dtype, device=device)
+        return self._built[key]
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Token ids of `text`: the checkpoint's tokenizer, or one id per UTF-8 byte for the presets."""
+        from emulate.io import byte_tokens, tokenizer_tokens
+
+        return tokenizer_tokens(self.tokenizer, text) if self.tokenizer is not None else byte_tokens(text)
+
+
+def load(model: str | Path | Model) -> Model:
+    """A preset name, a checkpoint directory (config.json + safetensors) or an already loaded Model."""
+    if isinstance(model, Model):
+        return model
+    if not isinstance(model, (str, Path)):
+        raise EmulateError(f"model must be a preset name, a checkpoint directory or an emulate.Model, "
+                           f"not {type(model).__name__}")
+    name = str(model)
     if name in PRESETS:
-        config, weights = preset(name, seed=0)  # preset weights are fixed; --seed draws the input
-        return config, weights, None
+        config, weights = preset(name, seed=0)  # preset weights are fixed; a run's seed draws its input
+        return Model(config, weights)
     path = Path(name)
     if path.is_dir():
         from emulate.checkpoints import load_checkpoint
 
-        return load_checkpoint(path)
+        return Model(*load_checkpoint(path))
     raise EmulateError(f"unknown preset {name!r} and no such checkpoint directory (presets: {', '.join(PRESETS)})")

@@ -1,15 +1,21 @@
-"""The stable merge of partial softmax results (PAPER.md: Output_i = sum_t (B/A)_t A_t / sum_t A_t).
+"""The stable merge of partial softmax results (docs/numerics.md; Output_i = sum_t (B/A)_t A_t / sum_t A_t).
 
 With lse = log A, two partials combine as
     lse = logaddexp(lse_a, lse_b),  out = out_a - sigmoid(lse_b - lse_a) * (out_a - out_b),
 which never exponentiates a raw score. Empty rows (lse = -inf) carry no weight.
+
+Every merge in the project (the local merge node, the Ray row and combine tasks, the paper
+oracle's sums) goes through `TreeMerge`, one streaming accumulator over a fixed balanced tree, so
+the bits of a merged result never depend on when its partials arrived or where they ran.
 """
 from __future__ import annotations
 
 import torch
 
+Partial = tuple[torch.Tensor, torch.Tensor]  # (o [H, m, dh], lse [H, m])
 
-def merge_pair(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+
+def merge_pair(a: Partial, b: Partial) -> Partial:
     """(o_a, lse_a) + (o_b, lse_b) -> (o, lse); o is [H, m, dh], lse is [H, m]."""
     (oa, la), (ob, lb) = a, b
     # sigmoid(lb - la) is b's share; -inf - -inf would be NaN, and a row empty in both stays empty
@@ -19,13 +25,38 @@ def merge_pair(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
     return out, torch.logaddexp(la, lb)
 
 
-def merge(partials: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Merge partials in a fixed balanced tree over their order, so the bits do not depend on timing."""
-    level = list(partials)
-    while len(level) > 1:
-        nxt = [merge_pair(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
+class TreeMerge:
+    """Partials pushed in order, merged in the balanced tree over that order; O(log n) held at once.
 
+    The tree pairs neighbours level by level and carries an odd one out up a level. Folded as the
+    partials arrive, that is a binary counter: a partial merges with the left neighbour of equal
+    height; what is left at the end is the tree's right spine, folded right to left, which is
+    exactly where the level-by-level tree carries its odd elements. Aligned runs of 2^h partials
+    are whole subtrees, so merging their results gives the same bits as merging them all.
+    """
+
+    def __init__(self):
+        self.stack: list[tuple[int, Partial]] = []
+
+    def push(self, partial: Partial) -> None:
+        height = 0
+        while self.stack and self.stack[-1][0] == height:
+            partial = merge_pair(self.stack.pop()[1], partial)
+            height += 1
+        self.stack.append((height, partial))
+
+    def result(self) -> Partial:
+        if not self.stack:
+            raise ValueError("nothing to merge")
+        partial = self.stack.pop()[1]
+        while self.stack:
+            partial = merge_pair(self.stack.pop()[1], partial)
+        return partial
+
+
+def merge(partials: list[Partial]) -> Partial:
+    """Merge partials in the fixed balanced tree over their order (`TreeMerge`)."""
+    tree = TreeMerge()
+    for p in partials:
+        tree.push(p)
+    return tree.result()

@@ -1,6 +1,6 @@
 """The position-wise pieces of one generic transformer block, each applied to one block of tokens.
 
-Everything but the token mixing inside attention is position-wise (PAPER.md, Setting), so the
+Everything but the token mixing inside attention is position-wise (docs/paper.md, Setting and notation), so the
 emulation and the monolithic reference share these functions and differ only in how attention
 is computed. Tensors: activations x are [m, width]; q is [heads, m, head_dim]; k, v are
 [kv_heads, m, head_dim].

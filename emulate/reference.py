@@ -39,17 +39,17 @@ def reference_attention(q, k, v, scale: float, pattern: Pattern, chunk: int = 40
     The sampled pattern estimates bidirectional T, so its reference is full attention.
     """
     gqa = q.shape[0] != k.shape[0]
-    if pattern.kind in ("full", "sampled", "causal"):
+    if pattern.window is None:  # full, sampled and causal: one SDPA call over all N
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=pattern.causal, scale=scale,
                                               enable_gqa=gqa)[0]
     n = q.shape[1]
     out = torch.empty_like(q)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        lo = max(0, a - pattern.window + 1)
-        keys = np.arange(lo, b)
-        if pattern.kind == "sink":
-            keys = np.concatenate([np.arange(0, min(pattern.sinks, lo)), keys])
+        # the chunk's first query sees the lowest window key; sinks below the window come first
+        reach = pattern.key_range(np.array([a, b - 1]))
+        lo = int(reach.lo[0])
+        keys = np.concatenate([np.arange(0, min(int(reach.sink_hi[1]), lo)), np.arange(lo, b)])
         visible = torch.from_numpy(pattern.visible(np.arange(a, b), keys)).to(q.device)
         idx = torch.from_numpy(keys).to(q.device)
         out[:, a:b] = F.scaled_dot_product_attention(q[None, :, a:b], k[None][:, :, idx], v[None][:, :, idx],

@@ -1,5 +1,8 @@
 """Draw the logical task graph of a small forward as a PNG: one row per stage, one column per block.
 
+The graph is `emulate.compile`'s, for a small model of --layers layers (4 heads of 16, width 64):
+compiling reads only the model's shape, so the model carries no weights.
+
     .venv/bin/python examples/draw_graph.py --attention sliding --window 96 -o graph.png
 """
 import argparse
@@ -9,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from graphs import ForwardSpec, Pattern, build_graph  # noqa: E402
+import emulate  # noqa: E402
+from graphs import Pattern  # noqa: E402
 from graphs.export import COLOURS  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -23,8 +27,10 @@ ap.add_argument("-o", "--output", default="graph.png")
 args = ap.parse_args()
 
 pattern = Pattern(args.attention, window=args.window, sinks=args.sinks)
-g = build_graph(ForwardSpec(tokens=args.tokens, block_size=args.block_size, patterns=(pattern,) * args.layers,
-                            heads=4, kv_heads=4, head_dim=16, width=64, mlp_width=128, vocab=256))
+# a model of the drawing's shape, encoder or decoder as the mask asks (sampled attention needs an encoder)
+shape = emulate.ModelConfig(name="drawing", family="llama", vocab=256, width=64, layers=args.layers, heads=4,
+                            kv_heads=4, head_dim=16, mlp_width=128, causal=pattern.causal)
+g = emulate.compile(emulate.Model(shape, weights={}), tokens=args.tokens, block_size=args.block_size, attention=pattern)
 stage = {"embed": 4, "project": 1, "attend": 2, "merge": 3, "mix": 4, "head": 1}  # rows within a layer
 pos = {}
 for n, a in g.nodes(data=True):

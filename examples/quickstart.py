@@ -1,28 +1,15 @@
-"""Compile a causal forward into a task graph, run it in-process, and check it against the monolithic pass.
+"""Load a model, run a sink-attention (StreamingLLM) forward as a task graph of calls of at most M tokens,
+and check it against the monolithic forward.
 
     .venv/bin/python examples/quickstart.py
 """
-import torch
+import emulate
 
-from emulate.executor import run_local
-from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
-from emulate.ops import NodeRunner
-from emulate.presets import preset
-from emulate.reference import reference_forward
-from graphs import counts
+model = emulate.load("tiny-llama")
+run = emulate.run(model, random_tokens=3001, seed=0, block_size=256, attention="sink", window=700, sinks=4,
+                  dtype="float64", verify=True)
 
-config, weights = preset("tiny-llama")
-model = new_model(config, weights, torch.float64, "cpu")
-tokens = torch.randint(0, config.vocab, (3001,), generator=torch.Generator().manual_seed(0))
-patterns = resolve_patterns(config, "sink", window=700, sinks=4)  # StreamingLLM's mask, redefining T
-
-graph = compile_forward(config, tokens.shape[0], 256, patterns, torch.float64)
-c = counts(graph)
-print(f"{c['attention_calls']} pair calls ({c['attention_calls_per_layer'][0]} per layer, bound "
-      f"{c['attention_calls_bound'] // config.layers}), depth {c['graph_depth']}, longest call {c['max_call_tokens']} tokens")
-
-got = Collected()
-for block, value in run_local(graph, NodeRunner(model, tokens, graph.graph)):
-    got.add(value)
-ref = reference_forward(model, tokens, patterns)
-print("max_abs_err %.2e, max_rel_err %.2e" % row_errors(got.result()["hidden"], ref["hidden"]))
+s = run.stats
+print(f"{s['attention_calls']} pair calls ({s['attention_calls_per_layer'][0]} per layer, bound "
+      f"{s['attention_calls_bound'] // s['layers']}), depth {s['graph_depth']}, longest call {s['max_call_tokens']} tokens")
+print(f"max_abs_err {s['max_abs_err']:.2e}, max_rel_err {s['max_rel_err']:.2e} (verified: {s['verified']})")

@@ -5,6 +5,7 @@ from collections import Counter
 
 import networkx as nx
 
+from graphs.kinds import NodeKind, PatternKind
 from graphs.patterns import Pattern
 
 
@@ -20,7 +21,7 @@ def execution_order(g: nx.DiGraph) -> list[str]:
     """
     stage = {"embed": 0, "project": 0, "attend": 1, "merge": 1, "mix": 1, "head": 1}
     within = {"project": 0, "attend": 1, "merge": 2, "mix": 3, "head": 4}
-    windowed = all(p["kind"] in ("sliding", "sink") for p in g.graph["spec"]["patterns"])
+    windowed = all(p["kind"] in (PatternKind.SLIDING, PatternKind.SINK) for p in g.graph["spec"]["patterns"])
 
     def layer_major(n):
         a = g.nodes[n]
@@ -60,17 +61,17 @@ def span_flops(g: nx.DiGraph) -> int:
 def counts(g: nx.DiGraph) -> dict:
     """The quantities the theorems bound and the JSON summary reports, counted node by node."""
     kinds = Counter(a["kind"] for _, a in g.nodes(data=True))
-    per_layer = Counter(a["layer"] for _, a in g.nodes(data=True) if a["kind"] == "attend")
+    per_layer = Counter(a["layer"] for _, a in g.nodes(data=True) if a["kind"] == NodeKind.ATTEND)
     spec = g.graph["spec"]
     layers = len(spec["patterns"])
     work = sum(a["flops"] for _, a in g.nodes(data=True))
     bounds = [Pattern(**p).calls_bound(g.graph["blocks"], spec["block_size"]) for p in spec["patterns"]]
     return {
-        "attention_calls": kinds["attend"],
+        "attention_calls": kinds[NodeKind.ATTEND],
         "attention_calls_per_layer": [per_layer[layer] for layer in range(layers)],
         "attention_calls_bound": sum(bounds),
         "small_calls": g.number_of_nodes(),
-        "calls_by_kind": {k: kinds[k] for k in ("embed", "project", "attend", "merge", "mix", "head")},
+        "calls_by_kind": {str(k): kinds[k] for k in NodeKind},
         "max_call_tokens": max(a["tokens"] for _, a in g.nodes(data=True)),
         "graph_nodes": g.number_of_nodes(),
         "graph_edges": g.number_of_edges(),

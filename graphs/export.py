@@ -5,6 +5,8 @@ import json
 
 import networkx as nx
 
+from graphs.kinds import MaskKind, NodeKind
+
 COLOURS = {"embed": "#cfd8dc", "project": "#bbdefb", "attend": "#ffe0b2", "merge": "#f8bbd0",
            "mix": "#c8e6c9", "head": "#d1c4e9"}
 
@@ -17,6 +19,9 @@ def to_json(g: nx.DiGraph) -> str:
 def from_json(text: str) -> nx.DiGraph:
     g = nx.node_link_graph(json.loads(text), directed=True, edges="edges")
     for _, a in g.nodes(data=True):
+        a["kind"] = NodeKind(a["kind"])
+        if "mask" in a:
+            a["mask"] = MaskKind(a["mask"])
         for key in ("span", "key_span"):
             if isinstance(a.get(key), list):
                 a[key] = tuple(a[key])

@@ -1,8 +1,10 @@
 """Attention patterns: which (query block, key block) pairs exist, and with which mask.
 
-A pattern is the mask of the large transformer T (PAPER.md, Defs 2.3-2.5). Visibility is a
+A pattern is the mask of the large transformer T (docs/paper.md, Defs 2.3-2.5). Visibility is a
 function of global token positions, so a pair's mask is read off the positions it holds, and a
-pair with no visible (query, key) entry is never emitted.
+pair with no visible (query, key) entry is never emitted. The mask arithmetic lives in one method,
+`Pattern.key_range`; everything else (visibility matrices, row counts, key blocks, the reference's
+chunks, the paper oracle's layouts) reads it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from math import ceil
 
 import numpy as np
 
-PATTERNS = ("full", "causal", "sliding", "sink", "sampled")
+from graphs.kinds import MaskKind, PatternKind
+
+PATTERNS = tuple(PatternKind)
 
 
 class PatternError(ValueError):
@@ -27,13 +31,14 @@ class Pattern:
     sampled (Thm 4.1): bidirectional T, estimated from a random sample of M keys per block.
     """
 
-    kind: str
+    kind: PatternKind
     window: int | None = None
     sinks: int | None = None
 
     def __post_init__(self):
         if self.kind not in PATTERNS:
             raise PatternError(f"unknown attention pattern {self.kind!r} (choose from {', '.join(PATTERNS)})")
+        object.__setattr__(self, "kind", PatternKind(self.kind))
         if self.kind in ("sliding", "sink"):
             if self.window is None or self.window < 1:
                 raise PatternError(f"--window must be >= 1 for {self.kind} attention, got {self.window}")
@@ -49,22 +54,33 @@ class Pattern:
     def causal(self) -> bool:
         return self.kind in ("causal", "sliding", "sink")
 
+    def key_range(self, q, k_span: tuple[int, int | None] = (0, None)) -> KeyRange:
+        """The keys of k_span = [k0, k1) that each query position in q sees (k1 None: no end).
+
+        Def 2.4/2.5: query t sees the window [t - r + 1, t] (r infinite for causal, and every key
+        for a bidirectional mask) and the sink keys [0, s). Returned per query as the window
+        [lo, hi) and the sinks [k0, sink_hi), both cut to k_span; the two may overlap.
+        """
+        q = np.asarray(q, dtype=np.int64)
+        k0, k1 = k_span
+        end = np.iinfo(np.int64).max if k1 is None else k1
+        if not self.causal:
+            return KeyRange(np.full(q.shape, k0), np.full(q.shape, end), np.full(q.shape, k0))
+        hi = np.minimum(end, q + 1)
+        lo = np.full(q.shape, k0) if self.window is None else np.maximum(k0, q - self.window + 1)
+        sink_hi = np.full(q.shape, k0)
+        if self.kind == PatternKind.SINK:
+            sink_hi = np.clip(np.minimum(self.sinks, q + 1), k0, max(k0, end))
+        return KeyRange(lo, hi, sink_hi)
+
     def visible(self, q: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Boolean [len(q), len(k)]: may query position q see key position k?"""
-        q = np.asarray(q)[:, None]
+        r = self.key_range(q)
         k = np.asarray(k)[None, :]
-        if not self.causal:
-            return np.ones((q.shape[0], k.shape[1]), dtype=bool)
-        seen = k <= q
-        if self.kind in ("sliding", "sink"):
-            near = k > q - self.window
-            if self.kind == "sink":
-                near = near | (k < self.sinks)
-            seen = seen & near
-        return seen
+        return ((k >= r.lo[:, None]) & (k < r.hi[:, None])) | (k < r.sink_hi[:, None])
 
     def calls_bound(self, blocks: int, block_size: int) -> int:
-        """The per-layer pair-call bound the paper's construction meets (DESIGN.md's table)."""
+        """The per-layer pair-call bound the paper's construction meets (docs/design.md, Attention patterns)."""
         B, M = blocks, block_size
         if self.kind == "full":
             return B * B
@@ -85,6 +101,23 @@ class Pattern:
         return self.kind
 
 
+@dataclass(frozen=True)
+class KeyRange:
+    """Per query: the visible window [lo, hi) and the visible sink keys [k0, sink_hi) of a key span."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    sink_hi: np.ndarray
+
+    @property
+    def window_keys(self) -> np.ndarray:
+        return np.maximum(0, self.hi - self.lo)
+
+    def counts(self, k0: int) -> np.ndarray:
+        """Visible keys per query, each counted once: the window plus the sinks below it."""
+        return self.window_keys + np.maximum(0, np.minimum(self.sink_hi, self.lo) - k0)
+
+
 def block_spans(tokens: int, block_size: int) -> list[tuple[int, int]]:
     """Blocks S_t as half-open [start, end) spans; the last block is ragged when M does not divide N."""
     if block_size < 1:
@@ -101,7 +134,7 @@ class PairMask:
     `visible` counts the (query, key) entries the pair attends to; it prices the pair's FLOPs.
     """
 
-    kind: str
+    kind: MaskKind
     visible: int
 
 
@@ -111,48 +144,36 @@ def pair_mask(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]
     k0, k1 = k_span
     total = (q1 - q0) * (k1 - k0)
     if not pattern.causal:
-        return PairMask("none", total)
+        return PairMask(MaskKind.NONE, total)
     if k0 > q1 - 1:  # every key lies after every query
-        return PairMask("none", 0)
-    if pattern.kind == "causal" and k1 - 1 <= q0:
-        return PairMask("none", total)
+        return PairMask(MaskKind.NONE, 0)
+    if pattern.kind == PatternKind.CAUSAL and k1 - 1 <= q0:
+        return PairMask(MaskKind.NONE, total)
     seen = int(row_counts(pattern, q_span, k_span).sum())
     if seen == total:
-        return PairMask("none", total)
+        return PairMask(MaskKind.NONE, total)
     m = q1 - q0
     if (q0, q1) == (k0, k1) and seen == m * (m + 1) // 2:
         # a causal-type mask only shows keys k <= q, so on an aligned diagonal block a full count
         # means the whole lower triangle: a window or sink that never cuts into it (r >= M)
-        return PairMask("causal", seen)
-    return PairMask("explicit", seen)
+        return PairMask(MaskKind.CAUSAL, seen)
+    return PairMask(MaskKind.EXPLICIT, seen)
 
 
 def row_counts(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]) -> np.ndarray:
     """Visible keys in k_span for each query in q_span, in O(len(q_span)) without the mask matrix."""
-    q = np.arange(*q_span, dtype=np.int64)
-    k0, k1 = k_span
-    if not pattern.causal:
-        return np.full(q.shape, k1 - k0, dtype=np.int64)
-    upper = np.minimum(k1, q + 1)
-    if pattern.kind == "causal":
-        return np.maximum(0, upper - k0)
-    lower = np.maximum(k0, q - pattern.window + 1)
-    count = np.maximum(0, upper - lower)
-    if pattern.kind == "sink":
-        # sink keys below the window: [k0, min(k1, s, window start)), never counted twice
-        count += np.maximum(0, np.minimum(np.minimum(k1, pattern.sinks), lower) - k0)
-    return count
+    return pattern.key_range(np.arange(*q_span, dtype=np.int64), k_span).counts(k_span[0])
 
 
 def key_blocks(pattern: Pattern, spans: list[tuple[int, int]], i: int) -> list[int]:
     """Key blocks j that query block i attends to (non-empty pairs only), in ascending order."""
-    if pattern.kind in ("full", "sampled"):
+    if not pattern.causal:
         return list(range(len(spans)))
     q0, q1 = spans[i]
     M = spans[0][1] - spans[0][0]
-    # Keys a causal query block can see lie in [0, q1); the window narrows that to [q0 - r + 1, q1).
-    lo = 0 if pattern.kind == "causal" else max(0, q0 - pattern.window + 1)
-    wanted = set(range(lo // M, i + 1))
-    if pattern.kind == "sink":
-        wanted |= set(range(0, min(i, (pattern.sinks - 1) // M) + 1))
+    ends = pattern.key_range(np.array([q0, q1 - 1]))
+    # the block's first query sees the lowest window key, its last query the highest
+    wanted = set(range(int(ends.lo[0]) // M, i + 1))
+    if int(ends.sink_hi[1]) > 0:
+        wanted |= set(range(0, min(i, (int(ends.sink_hi[1]) - 1) // M) + 1))
     return [j for j in sorted(wanted) if pair_mask(pattern, spans[i], spans[j]).visible > 0]

@@ -1,7 +1,7 @@
 """What one forward computes, as plain data: the shape of T and how it is cut into blocks."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from graphs.patterns import Pattern
 
@@ -26,8 +26,6 @@ class ForwardSpec:
     vocab: int = 0  # 0: no language-model head (encoders)
     dtype_bytes: int = 4
     seed: int = 0  # draws the sampled pattern's permutation tau (Thm 4.1)
-    logits: bool = True
-    meta: dict = field(default_factory=dict, compare=False)
 
     @property
     def layers(self) -> int:

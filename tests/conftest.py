@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emulate.executor import run_local
-from emulate.forward import Collected, compile_forward, new_model, row_errors
-from emulate.ops import NodeRunner
+import emulate
+from emulate.forward import row_errors
 from emulate.presets import preset
 from emulate.reference import reference_forward
 
@@ -14,15 +13,15 @@ torch.set_num_threads(2)
 
 
 def emulate_and_reference(config, weights, tokens, block_size, patterns, dtype, seed=0):
-    """(emulated outputs, reference outputs, graph) for one forward on the local executor."""
-    model = new_model(config, weights, dtype, "cpu")
-    g = compile_forward(config, tokens.shape[0], block_size, patterns, dtype, seed)
-    got = Collected()
-    for _, value in run_local(g, NodeRunner(model, tokens, g.graph)):
-        got.add(value)
+    """(emulated outputs, reference outputs, graph) for one forward on the local executor, through the API."""
+    model = emulate.Model(config, weights)
+    run = emulate.run(model, tokens, block_size=block_size, attention=list(patterns), dtype=dtype, seed=seed)
     with torch.no_grad():
-        ref = reference_forward(model, tokens, patterns)
-    return got.result(), ref, g
+        ref = reference_forward(model.transformer(dtype), tokens, patterns)
+    got = {"hidden": run.hidden}
+    if run.logprobs is not None:
+        got["logprob_next"] = run.logprobs
+    return got, ref, run.graph
 
 
 # the worst max_rel_err per (model, pattern, compared with, dtype), printed after the run: the README's error table
@@ -53,4 +52,21 @@ def presets():
     return {name: preset(name) for name in ("tiny-llama", "tiny-mistral", "tiny-bert")}
 
 
-__all__ = ["emulate_and_reference", "record_error", "row_errors"]
+class Watched:
+    """An executor that keeps the Execution it started, so a test can act on it mid-run.
+
+    Wraps another executor (emulate.Ray(...)) for `emulate.stream`; `execution.figures` holds the
+    Ray workers' names and pids from the first block on (a fault test kills one of them).
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.execution = None
+
+    def start(self, job, progress=None):
+        self.execution = self.inner.start(job, progress)
+        return self.execution
+
+
+__all__ = ["Watched", "emulate_and_reference", "record_error", "row_errors"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from emulate.reference import reference_forward
 from graphs import build_graph, counts, from_json
 
 ROOT = Path(__file__).resolve().parents[1]
-EMULATE = ROOT / ".venv" / "bin" / "emulate"
+# the installed entry point, beside the interpreter running the tests (a venv, or CI's)
+EMULATE = Path(sys.executable).with_name("emulate")
 # one intra-op thread per child: the suite's processes share the cores, and oversubscribed torch
 # threads wait on each other (a 4096-token run goes from seconds to a minute on a busy machine)
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -34,7 +36,7 @@ SUMMARY_KEYS = {
     "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth", "forward_s", "wall_s", "tokens_per_s",
     "peak_rss_mb",
 }
-VERIFY_KEYS = {"reference_s", "max_abs_err", "max_rel_err"}
+VERIFY_KEYS = {"reference_s", "max_abs_err", "max_rel_err", "tolerance", "verified"}
 
 
 def run_json(capsys, *args) -> dict:
@@ -456,3 +458,27 @@ def test_a_ray_option_on_a_local_run_is_refused_not_ignored(capsys, tmp_path, op
     err = capsys.readouterr().err.splitlines()
     assert err == [f"emulate: error: {option[0]} is a Ray option: add --executor ray, or drop it for a local run"]
     assert os.listdir(tmp_path) == []
+
+
+# -- help a newcomer can follow -----------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], ["run"], ["graph"], ["theorems"], ["submit"], ["cluster"]])
+def test_help_names_defaults_and_an_example(capsys, command):
+    assert main([*command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "example" in text
+    if command in ([], ["run"], ["graph"]):
+        from emulate.presets import PRESETS
+
+        assert all(name in text for name in PRESETS)  # the presets are named where a model is chosen
+    if command == ["run"]:
+        for default in ("(default: 256)", "(default: float32)", "(default: local)", "(default: kernel)",
+                        "default 600", "default 1)"):
+            assert default in text, default
+
+
+def test_version_is_the_installed_one():
+    out = subprocess.run([str(EMULATE), "--version"], capture_output=True, text=True, timeout=60)
+    from emulate import __version__
+
+    assert out.returncode == 0 and out.stdout.strip() == f"emulate {__version__}"

@@ -114,7 +114,7 @@ def test_sink_pairs_add_at_most_the_sink_blocks(N, M, r, s):
 
 
 def test_sink_within_one_block_meets_the_design_bound():
-    # DESIGN.md's table: with s <= M the sink pattern needs at most (ceil(r/M) + 2) B pair calls
+    # docs/design.md's table: with s <= M the sink pattern needs at most (ceil(r/M) + 2) B pair calls
     N, M, r, s = 1000, 32, 70, 4
     B = ceil(N / M)
     calls = counts(build_graph(spec(N, M, Pattern("sink", window=r, sinks=s))))["attention_calls_per_layer"]

@@ -3,7 +3,7 @@
 Each test builds a small seeded transformers model, saves it with `save_pretrained`, loads the
 directory with our checkpoint loader, runs the task graph on the local executor with blocks that
 matter (prime N, ragged last block) and compares the final-norm hidden states row by row
-(DESIGN.md's contract: float32 <= 2e-5, float64 <= 1e-10) and the next-token log-probabilities.
+(docs/numerics.md's contract: float32 <= 2e-5, float64 <= 1e-10) and the next-token log-probabilities.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The local executor against the monolithic reference: DESIGN.md's numerics contract.
+"""The local executor against the monolithic reference: docs/numerics.md's contract.
 
 Exact patterns: float64 max_rel_err <= 1e-10, float32 <= 2e-5 (max over token rows of
 ||y_i - t_i|| / ||t_i|| on the final hidden states), with log-probabilities in agreement too.

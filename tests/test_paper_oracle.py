@@ -1,4 +1,8 @@
-"""The paper oracle: each construction call for call, the capacity guard, the counts, exactness."""
+"""The paper oracle: each construction call for call, the capacity guard, the counts, exactness.
+
+Units (layouts, the small transformer, one pair call) use PaperAttention, PairCall and plan_pair
+directly; every whole forward goes through the public API, emulate.run with emulate.PaperOracle.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,19 +12,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import record_error
+from conftest import record_error, row_errors
 
-from emulate.cli import main as emulate
-from emulate.executor import run_local
-from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
+import emulate
+from emulate.api import RAW_PAPER_TOLERANCE
+from emulate.cli import main as emulate_cli
+from emulate.forward import resolve_patterns
 from emulate.kernels import attend
-from emulate.ops import NodeRunner
-from emulate.paper import CapacityError, PaperOracle, SmallTransformer
+from emulate.oracles import PairCall
+from emulate.paper import CapacityError, PaperAttention, SmallTransformer
 from emulate.paper.layouts import plan_pair, window_pair
 from emulate.paper.sampling import bounded_inputs, exact_attention, row_rel_err, sampled_estimate
 from emulate.paper.small import Weights
-from emulate.reference import reference_forward
-from graphs import Pattern, block_spans, key_blocks, pair_mask
+from graphs import MaskKind, Pattern, block_spans, key_blocks, pair_mask
 
 F64 = torch.float64
 
@@ -32,6 +36,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pair_call(pattern: Pattern, q_span, k_span, layer: int = 0) -> PairCall:
+    """The attend node the graph emits for (q_span, k_span) under `pattern`."""
+    return PairCall(layer, tuple(q_span), tuple(k_span), MaskKind(pair_mask(pattern, q_span, k_span).kind), pattern)
 
 
 # -- layouts: every visible key exactly once, nothing else, no call over capacity ---------------
@@ -48,8 +57,7 @@ def test_layouts_cover_each_visible_key_once(pattern, tokens, block):
     for i, q_span in enumerate(spans):
         for j in key_blocks(pattern, spans, i):
             k_span = spans[j]
-            kind = pattern.kind
-            layouts, visible_rows = plan_pair(kind, pattern.window, pattern.sinks, q_span, k_span, k_span[1] - k_span[0])
+            layouts, visible_rows = plan_pair(pair_call(pattern, q_span, k_span), k_span[1] - k_span[0])
             cover = np.zeros((q_span[1] - q_span[0], k_span[1] - k_span[0]), dtype=int)
             for lay in layouts:
                 for u, row in enumerate(lay.queries):
@@ -66,9 +74,9 @@ def test_layouts_cover_each_visible_key_once(pattern, tokens, block):
 
 
 def test_a2_layout_is_the_papers_reversed_rows():
-    """PAPER.md's A^(2): row 0 = (z | q_{M-1}), row m = (k_{M-m} | q_{M-1-m}), row M = (k_0 | none)."""
+    """docs/paper.md's A^(2): row 0 = (z | q_{M-1}), row m = (k_{M-m} | q_{M-1-m}), row M = (k_0 | none)."""
     M = 6
-    layouts, _ = window_pair((M, 2 * M), (0, M))
+    layouts, _ = window_pair(Pattern("causal"), (M, 2 * M), (0, M))
     upper = next(lay for lay in layouts if lay.construction == "thm3.5-upper")
     rows = upper.a_rows()
     assert rows.key_src[0] == -2  # z
@@ -92,13 +100,26 @@ def test_lemma31_a_call_returns_the_block_weight():
     """One A call with the synthetic token returns A = sum_j exp(<q_i, k_j>) for every query row."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 7, 4, generator=gen, dtype=F64) for _ in range(3))
-    oracle = PaperOracle(block_size=7)
-    node = {"mask": "none", "span": (0, 7), "key_span": (7, 14)}
-    o, lse = oracle.pair(q, k, v, 0.5, node, Pattern("full"))
+    oracle = PaperAttention(block_size=7)
+    pair = PairCall(0, (0, 7), (7, 14), MaskKind.NONE, Pattern("full"))
+    o, lse = oracle.attend(pair, q, k, v, 0.5)
     s = 0.5 * q[0] @ k[0].T
     torch.testing.assert_close(lse[0], torch.logsumexp(s, -1), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(o[0], torch.softmax(s, -1) @ v[0], rtol=1e-13, atol=1e-13)
     assert oracle.module.invocations == 2  # the A call and the B call
+    assert oracle.summary()["oracle_invocations_by_construction"] == {"lemma3.1": 2}
+
+
+def test_user_description_binds_a_fresh_paper_attention():
+    """emulate.PaperOracle is a frozen description; each bind is a new PaperAttention with its own counts."""
+    desc = emulate.PaperOracle(stable=True, pack_heads="all")
+    one, two = desc.bind(16, 8), desc.bind(16, 8)
+    assert isinstance(one, PaperAttention) and one is not two and one.module is not two.module
+    assert one.name == desc.name == "paper-stable" and one.calls.pack_heads == 8 and one.module.capacity == 17
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        desc.stable = False  # type: ignore[misc]
+    with pytest.raises(emulate.EmulateError, match="pack_heads"):
+        emulate.PaperOracle(pack_heads=9).bind(16, 8)
 
 
 # -- each construction against the kernel oracle, pair by pair ---------------------------------
@@ -114,35 +135,40 @@ def test_pairs_match_the_kernel_oracle(pattern, stable):
     q = torch.randn(H, tokens, d, generator=gen, dtype=F64)
     k = torch.randn(Hkv, tokens, d, generator=gen, dtype=F64)
     v = torch.randn(Hkv, tokens, d, generator=gen, dtype=F64)
-    oracle = PaperOracle(block, stable=stable)
+    oracle = PaperAttention(block, stable=stable)
+    kernel = emulate.KernelOracle()
     spans = block_spans(tokens, block)
     for i, (q0, q1) in enumerate(spans):
         for j in key_blocks(pattern, spans, i):
             (k0, k1) = spans[j]
-            pm = pair_mask(pattern, (q0, q1), (k0, k1))
+            pair = pair_call(pattern, (q0, q1), (k0, k1))
             visible = torch.from_numpy(pattern.visible(np.arange(q0, q1), np.arange(k0, k1)))
             qb, kb, vb = (t.contiguous() for t in (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]))  # as project nodes give them
-            want_o, want_lse = attend(qb, kb, vb, 0.3, pm.kind, visible)
-            node = {"mask": pm.kind, "span": (q0, q1), "key_span": (k0, k1)}
-            got_o, got_lse = oracle.pair(qb, kb, vb, 0.3, node, pattern)
+            want_o, want_lse = attend(qb, kb, vb, 0.3, pair.mask, visible)
+            got_o, got_lse = oracle.attend(pair, qb, kb, vb, 0.3)
             torch.testing.assert_close(got_lse, want_lse, rtol=1e-11, atol=1e-11)
             torch.testing.assert_close(got_o, want_o, rtol=1e-10, atol=1e-11)
+            # the kernel oracle, handed the same PairCall, is the same block attention
+            kern_o, kern_lse = kernel.attend(pair, qb, kb, vb, 0.3)
+            torch.testing.assert_close(kern_lse, want_lse, rtol=0, atol=0)
+            torch.testing.assert_close(kern_o, want_o, rtol=0, atol=0)
     assert oracle.module.max_rows <= block + 1
 
 
-# -- whole forwards: exact against the reference and the kernel oracle ---------------------------
-def forward(config, weights, tokens, block, patterns, oracle=None, dtype=F64, seed=0):
-    model = new_model(config, weights, dtype, "cpu")
-    g = compile_forward(config, tokens.shape[0], block, patterns, dtype, seed)
-    got = Collected()
-    for _, value in run_local(g, NodeRunner(model, tokens, g.graph, oracle=oracle)):
-        got.add(value)
-    return got.result()["hidden"], model, g
+# -- whole forwards through emulate.run: exact against the reference and the kernel oracle --------
+def forward(config, weights, tokens, block, attention, window=None, sinks=None, oracle="kernel", **options):
+    """One float64 forward of (config, weights) through the public API."""
+    return emulate.run(emulate.Model(config, weights), tokens, block_size=block, attention=attention, window=window,
+                       sinks=sinks, dtype="float64", oracle=oracle, **options)
 
 
 def one_layer(config, weights):
     """The preset cut to its first layer: the same pairs per layer, a quarter of the calls."""
     return dataclasses.replace(config, layers=1, windows=config.windows[:1]), weights
+
+
+def ids_for(config, tokens: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, config.vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
 
 
 PRESET_CASES = [  # (preset, attention, window, sinks)
@@ -157,32 +183,34 @@ PRESET_CASES = [  # (preset, attention, window, sinks)
 @pytest.mark.parametrize("tokens,block", [(150, 64), (40, 64)], ids=["ragged", "N<M"])
 def test_forward_exact_against_reference_and_kernel(presets, name, attention, window, sinks, tokens, block):
     config, weights = presets[name]
-    ids = torch.randint(0, config.vocab, (tokens,), generator=torch.Generator().manual_seed(3))
+    ids = ids_for(config, tokens, 3)
+    paper = forward(config, weights, ids, block, attention, window, sinks, emulate.PaperOracle(), verify=True,
+                    tolerance=1e-9)
+    kernel = forward(config, weights, ids, block, attention, window, sinks)
+    s = paper.stats
+    rel_ref, rel_kernel = s["max_rel_err"], row_errors(paper.hidden, kernel.hidden)[1]
     patterns = resolve_patterns(config, attention, window, sinks)
-    oracle = PaperOracle(block)
-    got, model, _ = forward(config, weights, ids, block, patterns, oracle)
-    kernel, _, _ = forward(config, weights, ids, block, patterns)
-    with torch.no_grad():
-        ref = reference_forward(model, ids, patterns)
-    rel_ref, rel_kernel = row_errors(got, ref["hidden"])[1], row_errors(got, kernel)[1]
     record_error(f"{name}, paper oracle", patterns, "reference", F64, rel_ref)
     record_error(f"{name}, paper oracle", patterns, "kernel oracle", F64, rel_kernel)
-    assert rel_ref <= 1e-9
+    assert rel_ref <= 1e-9 and s["verified"] is True and s["tolerance"] == 1e-9
     assert rel_kernel <= 1e-9
-    assert oracle.module.max_rows <= block + 1
+    if config.lm_head:  # the decoders' next-token log-probabilities agree too
+        assert s["max_logprob_err"] <= 1e-9
+        assert float((paper.logprobs - kernel.logprobs).abs().max()) <= 1e-9
+    assert s["oracle"] == "paper" and s["oracle_capacity"] == block + 1
+    assert 0 < s["oracle_max_rows"] <= block + 1
+    assert s["oracle_invocations"] == sum(s["oracle_invocations_by_construction"].values())
 
 
 def test_sliding_with_window_longer_than_block(presets):
     """r > M: whole earlier blocks inside the window take Thm 3.5's A^(1) + A^(2)."""
     config, weights = one_layer(*presets["tiny-llama"])
-    ids = torch.randint(0, config.vocab, (130,), generator=torch.Generator().manual_seed(4))
-    patterns = resolve_patterns(config, "sink", 50, 3)
-    oracle = PaperOracle(16, stable=True)
-    got, model, _ = forward(config, weights, ids, 16, patterns, oracle)
-    with torch.no_grad():
-        ref = reference_forward(model, ids, patterns)
-    assert row_errors(got, ref["hidden"])[1] <= 1e-9
-    assert {"thm3.5-lower", "thm3.5-upper", "thm5.1-suffix", "sec5-sinks"} <= set(oracle.module.by_construction)
+    ids = ids_for(config, 130, 4)
+    run = forward(config, weights, ids, 16, "sink", 50, 3, emulate.PaperOracle(stable=True), verify=True,
+                  tolerance=1e-9)
+    assert run.stats["max_rel_err"] <= 1e-9 and run.stats["verified"] is True
+    assert {"thm3.5-lower", "thm3.5-upper", "thm5.1-suffix", "sec5-sinks"} <= set(
+        run.stats["oracle_invocations_by_construction"])
 
 
 def test_stable_variant_holds_where_the_readout_breaks(presets):
@@ -191,26 +219,36 @@ def test_stable_variant_holds_where_the_readout_breaks(presets):
     weights = dict(weights)
     weights["layers.0.q.weight"] = weights["layers.0.q.weight"] * 6
     weights["layers.0.q.bias"] = weights["layers.0.q.bias"] * 6
-    ids = torch.randint(0, config.vocab, (128,), generator=torch.Generator().manual_seed(5))
-    patterns = resolve_patterns(config, "full")
-    paper = PaperOracle(32)
-    stable = PaperOracle(32, stable=True)
-    got_paper, model, _ = forward(config, weights, ids, 32, patterns, paper)
-    got_stable, _, _ = forward(config, weights, ids, 32, patterns, stable)
-    with torch.no_grad():
-        ref = reference_forward(model, ids, patterns)["hidden"]
-    err_paper, err_stable = row_errors(got_paper, ref)[1], row_errors(got_stable, ref)[1]
+    ids = ids_for(config, 128, 5)
+    paper = forward(config, weights, ids, 32, "full", oracle="paper", verify=True).stats
+    stable = forward(config, weights, ids, 32, "full", oracle="paper-stable", verify=True, tolerance=1e-9).stats
+    err_paper, err_stable = paper["max_rel_err"], stable["max_rel_err"]
     assert not err_paper <= 1e-6  # NaN counts as broken too
     assert err_stable <= 1e-9
-    assert paper.module.invocations == stable.module.invocations
+    # verify says so: the raw run fails its own stated tolerance (NaN never passes), the stable one passes
+    assert paper["tolerance"] == RAW_PAPER_TOLERANCE[F64] and paper["verified"] is False
+    assert stable["verified"] is True
+    assert paper["oracle_invocations"] == stable["oracle_invocations"]
+
+
+def test_raw_paper_run_above_its_tolerance_is_not_verified(presets):
+    """verify's verdict is the error against the tolerance: the same exact run passes 1e-8 and fails 1e-30."""
+    config, weights = one_layer(*presets["tiny-llama"])
+    ids = ids_for(config, 40, 11)
+    strict = forward(config, weights, ids, 16, "causal", oracle="paper", verify=True, tolerance=1e-30).stats
+    assert strict["tolerance"] == 1e-30 and strict["verified"] is False
+    assert not strict["max_rel_err"] <= 1e-30  # above the tolerance (or NaN): either way not verified
+    stated = forward(config, weights, ids, 16, "causal", oracle="paper", verify=True).stats
+    assert stated["tolerance"] == RAW_PAPER_TOLERANCE[F64] and stated["verified"] is True
+    assert stated["max_rel_err"] == strict["max_rel_err"]  # the same run, judged twice
 
 
 # -- counts ------------------------------------------------------------------------------------
 def invocations(config, weights, tokens, block, attention, window=None, sinks=None, pack=1):
-    ids = torch.randint(0, config.vocab, (tokens,), generator=torch.Generator().manual_seed(6))
-    oracle = PaperOracle(block, pack_heads=pack)
-    forward(config, weights, ids, block, resolve_patterns(config, attention, window, sinks), oracle)
-    return oracle.module.invocations
+    ids = ids_for(config, tokens, 6)
+    run = forward(config, weights, ids, block, attention, window, sinks, emulate.PaperOracle(pack_heads=pack),
+                  collect=False)
+    return run.stats["oracle_invocations"]
 
 
 @pytest.mark.parametrize("name,attention,window,sinks,factor", [
@@ -236,13 +274,13 @@ def test_counts_are_the_papers_for_full_and_causal(presets):
 def test_pack_heads_same_bits_fewer_calls(presets):
     """Lemma 3.3: 8 heads side by side in one call; the outputs are identical bit for bit."""
     config, weights = one_layer(*presets["tiny-llama"])
-    ids = torch.randint(0, config.vocab, (70,), generator=torch.Generator().manual_seed(7))
-    patterns = resolve_patterns(config, "sink", 12, 2)
+    ids = ids_for(config, 70, 7)
     outs, counts = [], []
     for pack in (1, 3, 8):
-        oracle = PaperOracle(16, pack_heads=pack)
-        outs.append(forward(config, weights, ids, 16, patterns, oracle)[0])
-        counts.append((oracle.module.invocations, oracle.module.instances))
+        run = forward(config, weights, ids, 16, "sink", 12, 2, emulate.PaperOracle(pack_heads=pack))
+        outs.append(run.hidden)
+        counts.append((run.stats["oracle_invocations"], run.stats["oracle_instances"]))
+        assert run.stats["oracle_pack_heads"] == pack
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     one, three, eight = counts
     assert one[1] == three[1] == eight[1] == one[0]  # the same single-head instances run
@@ -264,18 +302,21 @@ def test_sampled_error_falls_as_m_grows():
 
 def test_sampled_forward_is_one_call_per_block_and_head(presets):
     config, weights = one_layer(*presets["tiny-bert"])
-    ids = torch.randint(0, config.vocab, (100,), generator=torch.Generator().manual_seed(8))
-    patterns = resolve_patterns(config, "sampled")
-    oracle = PaperOracle(32)
-    got, _, _ = forward(config, weights, ids, 32, patterns, oracle)
-    kernel, _, _ = forward(config, weights, ids, 32, patterns)
-    assert oracle.module.invocations == 4 * config.heads  # B = 4 blocks, B/A only
-    assert row_errors(got, kernel)[1] <= 1e-9  # the same estimator as the kernel oracle's
+    ids = ids_for(config, 100, 8)
+    description = emulate.PaperOracle()
+    paper = forward(config, weights, ids, 32, "sampled", oracle=description)
+    kernel = forward(config, weights, ids, 32, "sampled")
+    assert paper.stats["oracle_invocations"] == 4 * config.heads  # B = 4 blocks, B/A only
+    assert paper.stats["oracle_invocations_by_construction"] == {"thm4.1": 4 * config.heads}
+    assert row_errors(paper.hidden, kernel.hidden)[1] <= 1e-9  # the same estimator as the kernel oracle's
+    # the description holds no counts: a second run with it counts its own calls, not the sum
+    again = forward(config, weights, ids, 32, "sampled", oracle=description, collect=False)
+    assert again.stats["oracle_invocations"] == 4 * config.heads
 
 
 # -- CLI ---------------------------------------------------------------------------------------
 def run_json(capsys, *argv) -> dict:
-    assert emulate(["run", *argv, "--json"]) == 0
+    assert emulate_cli(["run", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -291,17 +332,31 @@ def test_cli_paper_oracle_summary(capsys):
     assert kernel["oracle"] == "kernel" and "oracle_invocations" not in kernel
 
 
+def test_cli_paper_oracle_verify_failure_exits_1(capsys):
+    """A raw paper-oracle run above its --tolerance: exit 1, the summary still printed, one line on stderr."""
+    code = emulate_cli(["run", "--oracle", "paper", "--model", "tiny-llama", "--random-tokens", "40", "-M", "16",
+                        "--dtype", "float64", "--verify", "--tolerance", "1e-30", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and err.startswith("emulate: verify failed"), err
+    s = json.loads(out)
+    assert s["oracle"] == "paper" and s["verified"] is False and s["tolerance"] == 1e-30
+    assert s["max_rel_err"] is None or s["max_rel_err"] > 1e-30  # null is a NaN error, which fails too
+
+
 def test_cli_oracle_errors(capsys):
-    assert emulate(["run", "--random-tokens", "40", "--pack-heads", "2"]) == 2
-    assert "--oracle paper" in capsys.readouterr().err
-    assert emulate(["run", "--random-tokens", "40", "--oracle", "paper", "--executor", "ray"]) == 2
-    assert "local executor" in capsys.readouterr().err
+    assert emulate_cli(["run", "--random-tokens", "40", "--pack-heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--pack-heads" in err and "oracle paper" in err, err
+    assert emulate_cli(["run", "--random-tokens", "40", "--oracle", "paper", "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "local executor" in err, err
 
 
 def test_cli_theorems_table_and_plot(tmp_path, capsys):
     plot = tmp_path / "theorems.png"
-    assert emulate(["theorems", "--max-tokens", "64", "--block-size", "16", "--results", "full,sliding",
-                    "--plot", str(plot), "--json"]) == 0
+    assert emulate_cli(["theorems", "--max-tokens", "64", "--block-size", "16", "--results", "full,sliding",
+                        "--plot", str(plot), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     full = [r for r in out["rows"] if r["result"] == "full"]
     assert [r["invocations"] for r in full] == [r["paper_count"] for r in full]
@@ -310,10 +365,21 @@ def test_cli_theorems_table_and_plot(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_theorems_measure_is_one_verified_api_run():
+    """emulate.paper.theorems.measure: the counted calls of a packed, stabilised causal run are the paper's."""
+    from emulate.paper.theorems import measure
+
+    row = measure("causal", 64, 16, None, None, stable=True, pack_heads="all", seed=2)
+    heads = emulate.load("tiny-llama").config.heads
+    assert row["pack_heads"] == heads and row["capacity"] == 17 and row["max_rows"] <= 17
+    assert row["invocations"] == row["paper_count"] == sum(row["by_construction"].values()) > 0
+    assert row["max_rel_err"] <= 1e-9
+
+
 @pytest.mark.slow
 def test_theorems_default_scaling(capsys):
     """The default `emulate theorems`: full and causal slope 2, the rest slope 1, all exact but sampled."""
-    assert emulate(["theorems", "--json"]) == 0
+    assert emulate_cli(["theorems", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for result, slope in (("full", 2), ("causal", 2), ("sampled", 1), ("sliding", 1), ("sink", 1)):
         assert out["slopes"][result] == pytest.approx(slope, abs=0.1)

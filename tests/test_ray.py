@@ -1,7 +1,8 @@
 """The Ray executor against a real local Ray instance (one per test run) and the physical plan.
 
 Plan tests run the plan in-process (no Ray) and must reproduce the local executor's bits;
-executor tests share one Ray instance with a fixed CPU count (session fixture).
+executor tests run forwards through the public API (`emulate.run` / `emulate.stream` with
+`executor=emulate.Ray(...)`) on one shared Ray instance with a fixed CPU count (session fixture).
 """
 from __future__ import annotations
 
@@ -12,39 +13,42 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import record_error
+from conftest import Watched, record_error
 
-from cluster.plan import make_plan, slice_size
-from cluster.worker import TreeMerge, run_task
-from emulate.config import EmulateError
-from emulate.executor import run_local
-from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
-from emulate.io import random_tokens
-from emulate.merge import merge
+import emulate
+from cluster.plan import TaskKind, make_plan, slice_size
+from cluster.worker import run_task
+from emulate import EmulateError
+from emulate.forward import row_errors
+from emulate.merge import TreeMerge, merge
 from emulate.ops import NodeRunner
-from emulate.presets import preset
-from emulate.reference import reference_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATE = [sys.executable, "-m", "emulate.cli"]
 
 
 def problem(name="tiny-llama", attention="auto", window=None, sinks=None, tokens=1024, block=128,
-            dtype=torch.float32):
-    config, weights = preset(name)
-    patterns = resolve_patterns(config, attention, window, sinks)
-    ids = torch.from_numpy(random_tokens(tokens, config.vocab, 0))
-    g = compile_forward(config, tokens, block, patterns, dtype)
-    return config, weights, ids, patterns, g
+            dtype="float32") -> emulate.Problem:
+    """One forward resolved by the API: the preset, `tokens` seeded random ids (seed 0) and the masks."""
+    return emulate.prepare(name, random_tokens=tokens, block_size=block, attention=attention, window=window,
+                           sinks=sinks, dtype=dtype)
 
 
-def local_hidden(config, weights, ids, g, dtype=torch.float32):
-    runner = NodeRunner(new_model(config, weights, dtype, "cpu"), ids, g.graph)
-    return torch.cat([v["hidden"] for _, v in run_local(g, runner)])
+def options(p: emulate.Problem, executor) -> dict:
+    """The API keywords that run problem `p` on `executor`."""
+    return dict(block_size=p.block_size, attention=list(p.patterns), dtype=p.dtype, seed=p.seed, executor=executor)
+
+
+def run(p: emulate.Problem, executor="local", **kw) -> emulate.Run:
+    return emulate.run(p.model, p.tokens, **options(p, executor), **kw)
+
+
+def on_ray(workers: int, **kw) -> emulate.Ray:
+    """The Ray executor with `workers` actors, stopping within two minutes if nothing progresses."""
+    return emulate.Ray(workers=workers, stall_timeout=kw.pop("stall_timeout", 120.0), **kw)
 
 
 def inline_plan(plan, runner):
@@ -56,6 +60,10 @@ def inline_plan(plan, runner):
         if t.head:
             hidden[t.block] = out[0]["hidden"]
     return torch.cat([hidden[b] for b in sorted(hidden)])
+
+
+def node_runner(p: emulate.Problem, g) -> NodeRunner:
+    return NodeRunner(p.model.transformer(p.dtype), torch.from_numpy(p.tokens), g.graph, emulate.KernelOracle())
 
 
 # -- the plan, without Ray ----------------------------------------------------------------------
@@ -85,29 +93,31 @@ def test_tree_merge_streams_the_same_bits_as_merge(n):
     dict(name="tiny-bert", attention="sampled"),
 ])
 def test_plan_reproduces_local_bits_for_any_worker_count(case):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config, weights, ids, _, g = problem(tokens=700, block=96, **case)
-        want = local_hidden(config, weights, ids, g)
-        runner = NodeRunner(new_model(config, weights, torch.float32, "cpu"), ids, g.graph)
+        p = problem(tokens=700, block=96, **case)
+        local = run(p)
+        g, want = local.graph, local.hidden
+        runner = node_runner(p, g)
         for workers, split in ((1, False), (2, False), (3, False), (16, None), (3, True)):
             plan = make_plan(g, workers, split)
             assert torch.equal(inline_plan(plan, runner), want), (workers, split)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("tokens, block", [(1, 128), (97, 128), (131, 7), (5, 1)])
 def test_plan_edge_sizes(tokens, block):
-    config, weights, ids, _, g = problem(tokens=tokens, block=block)
-    want = local_hidden(config, weights, ids, g)
-    runner = NodeRunner(new_model(config, weights, torch.float32, "cpu"), ids, g.graph)
+    p = problem(tokens=tokens, block=block)
+    local = run(p)
+    runner = node_runner(p, local.graph)
     for workers in (1, 2, 5):
-        assert torch.equal(inline_plan(make_plan(g, workers), runner), want), workers
+        assert torch.equal(inline_plan(make_plan(local.graph, workers), runner), local.hidden), workers
 
 
 def test_plan_covers_the_graph_once_in_topological_order():
-    _, _, _, _, g = problem(tokens=1000, block=128)
+    g = emulate.compile("tiny-llama", 1000, block_size=128)
     for workers in (1, 3, 20):
         plan = make_plan(g, workers)
         seen, written = [], set()
@@ -118,98 +128,104 @@ def test_plan_covers_the_graph_once_in_topological_order():
             assert 0 <= t.worker < workers
         assert sorted(seen) == sorted(g.nodes)
         if workers > g.graph["blocks"]:
-            assert plan.split_blocks > 0 and any(t.kind == "slice" for t in plan.tasks)
+            assert plan.split_blocks > 0 and any(t.kind == TaskKind.SLICE for t in plan.tasks)
     plan = make_plan(g, 2)
     share = plan.describe()["flops_share_per_worker"]
     assert max(share) < 0.6  # a causal layer's heavy late rows are balanced by cost, not by count
+
+
+# -- choosing the executor ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("keywords, message", [
+    (dict(workers=2), "--workers is a Ray option"),
+    (dict(executor="local", workers=2, trace="t.json"), "are Ray options"),
+    (dict(executor=emulate.Local(), workers=2), r"go inside emulate\.Ray"),
+])
+def test_a_ray_keyword_on_a_local_run_is_refused(keywords, message):
+    with pytest.raises(EmulateError, match=message):
+        emulate.run("tiny-llama", random_tokens=64, block_size=32, **keywords)
 
 
 # -- the executor on a real Ray instance ------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole run, 4 CPUs, no dashboard; stopped at the end."""
+    """One local Ray instance for the whole run, 4 CPUs and no GPU, no dashboard; stopped at the end."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="emulate")
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             namespace="emulate")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def ray_args(**kw):
-    base = dict(address=None, workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0, device="cpu", trace=None,
-                json=True, stall_timeout=120.0)
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
-def ray_hidden(ray_cluster, config, weights, ids, g, dtype=torch.float32, extra=None, **kw):
-    from cluster.executor import run_ray
-
-    extra = {} if extra is None else extra
-    got = Collected()
-    for _, value in run_ray(g, config, weights, ids, dtype, ray_args(**kw), extra):
-        got.add(value)
-    return got.result()["hidden"], extra
 
 
 @pytest.fixture(scope="module")
 def causal_runs(ray_cluster):
     """One causal problem run on Ray with 1, 2 and 3 workers, and twice with 2."""
-    config, weights, ids, _, g = problem(tokens=1024, block=128)
-    runs = {k: ray_hidden(ray_cluster, config, weights, ids, g, workers=k) for k in (1, 2, 3)}
-    runs["again"] = ray_hidden(ray_cluster, config, weights, ids, g, workers=2)
-    return config, weights, ids, g, runs
+    p = problem(tokens=1024, block=128)
+    runs = {k: run(p, on_ray(k)) for k in (1, 2, 3)}
+    runs["again"] = run(p, on_ray(2))
+    return p, runs
+
+
+def test_ray_bits_equal_local_through_the_api(ray_cluster):
+    """The same call, two executors: Ray's outputs are the local executor's, bit for bit."""
+    local = emulate.run("tiny-llama", random_tokens=1024, block_size=128, executor=emulate.Local())
+    on_ray = emulate.run("tiny-llama", random_tokens=1024, block_size=128, executor=emulate.Ray(workers=2))
+    assert on_ray.stats["executor"] == "ray" and on_ray.stats["workers"] == 2
+    assert local.stats["executor"] == "local"
+    assert torch.equal(on_ray.hidden, local.hidden)
+    assert torch.equal(on_ray.logprobs, local.logprobs)
+    assert (on_ray.tokens == local.tokens).all()
 
 
 def test_ray_matches_local_executor(causal_runs):
-    config, weights, ids, g, runs = causal_runs
-    want = local_hidden(config, weights, ids, g)
-    patterns = resolve_patterns(config, "auto")
+    p, runs = causal_runs
+    want = run(p).hidden
     for workers in (1, 2, 3):
-        _, rel = row_errors(runs[workers][0], want)
-        record_error("tiny-llama, Ray executor, 1-3 workers", patterns, "local executor", torch.float32, rel)
+        _, rel = row_errors(runs[workers].hidden, want)
+        record_error("tiny-llama, Ray executor, 1-3 workers", list(p.patterns), "local executor", torch.float32, rel)
         assert rel <= 1e-6
 
 
 def test_ray_is_bit_identical_run_to_run_and_across_worker_counts(causal_runs):
-    *_, runs = causal_runs
-    assert torch.equal(runs[2][0], runs["again"][0])
-    assert torch.equal(runs[1][0], runs[2][0]) and torch.equal(runs[2][0], runs[3][0])
+    _, runs = causal_runs
+    assert torch.equal(runs[2].hidden, runs["again"].hidden)
+    assert torch.equal(runs[1].hidden, runs[2].hidden) and torch.equal(runs[2].hidden, runs[3].hidden)
+    assert torch.equal(runs[1].logprobs, runs[3].logprobs)
 
 
 def test_ray_reports_plan_and_measured_transfers(causal_runs):
-    *_, g, runs = causal_runs
+    _, runs = causal_runs
     for workers in (1, 2, 3):
-        extra = runs[workers][1]
-        assert extra["workers"] == workers and extra["physical_tasks"] == len(make_plan(g, workers).tasks)
-        assert 0 < extra["bytes_transferred"] and 0 <= extra["bytes_between_workers"] <= extra["bytes_transferred"]
+        s = runs[workers].stats
+        assert s["executor"] == "ray"
+        assert s["workers"] == workers and s["physical_tasks"] == len(make_plan(runs[workers].graph, workers).tasks)
+        assert 0 < s["bytes_transferred"] and 0 <= s["bytes_between_workers"] <= s["bytes_transferred"]
         # every task reads at least one block-sized tensor, and nothing reads more than the whole layer's keys
-        assert extra["bytes_transferred"] >= extra["physical_tasks"] * 128 * 256 * 4
-    assert runs[1][1]["bytes_between_workers"] == 0  # one worker: nothing crosses
-    assert runs[2][1]["bytes_between_workers"] > 0
+        assert s["bytes_transferred"] >= s["physical_tasks"] * 128 * 256 * 4
+    assert runs[1].stats["bytes_between_workers"] == 0  # one worker: nothing crosses
+    assert runs[2].stats["bytes_between_workers"] > 0
 
 
 def test_ray_splits_rows_when_blocks_are_fewer_than_workers(ray_cluster):
-    config, weights, ids, _, g = problem(tokens=300, block=128)  # 3 blocks, 4 workers
-    one, _ = ray_hidden(ray_cluster, config, weights, ids, g, workers=1)
-    four, extra = ray_hidden(ray_cluster, config, weights, ids, g, workers=4)
-    assert extra["plan"]["split_rows"] > 0
-    assert torch.equal(one, four)
+    p = problem(tokens=300, block=128)  # 3 blocks, 4 workers
+    one = run(p, on_ray(1))
+    four = run(p, on_ray(4))
+    assert four.stats["plan"]["split_rows"] > 0
+    assert torch.equal(one.hidden, four.hidden)
 
 
 def test_ray_float64_meets_the_contract(ray_cluster):
-    config, weights, ids, patterns, g = problem("tiny-mistral", "sliding", 200, tokens=1000, block=128,
-                                                dtype=torch.float64)
-    got, _ = ray_hidden(ray_cluster, config, weights, ids, g, dtype=torch.float64, workers=2)
-    with torch.no_grad():
-        ref = reference_forward(new_model(config, weights, torch.float64, "cpu"), ids, patterns)
-    assert got.dtype == torch.float64
-    _, rel = row_errors(got, ref["hidden"])
-    record_error("tiny-mistral, Ray executor, 2 workers", patterns, "reference", torch.float64, rel)
-    assert rel <= 1e-10
+    p = problem("tiny-mistral", "sliding", 200, tokens=1000, block=128, dtype="float64")
+    got = run(p, on_ray(2), verify=True)
+    assert got.hidden.dtype == torch.float64
+    s = got.stats
+    record_error("tiny-mistral, Ray executor, 2 workers", list(p.patterns), "reference", torch.float64,
+                 s["max_rel_err"])
+    assert s["tolerance"] == 1e-10 and s["verified"] and s["max_rel_err"] <= 1e-10
 
 
 def test_cli_joins_a_cluster_and_writes_a_trace(ray_cluster, tmp_path):
@@ -247,31 +263,27 @@ def test_cli_private_instance_starts_and_stops(tmp_path):
 
 def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
     """SIGKILL one worker's process after the first output block: Ray restarts it, re-runs its tasks."""
-    from cluster.executor import run_ray
-
-    config, weights, ids, g, runs = causal_runs
-    extra: dict = {}
-    blocks = run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra)
-    got = Collected()
-    for b, value in blocks:
-        got.add(value)
+    p, runs = causal_runs
+    watched = Watched(on_ray(2))
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched))
+    hidden = []
+    for b, out in stream:
+        hidden.append(out.hidden)
         if b == 0:
-            victim = extra["ray_workers"][-1]["pid"]  # the last worker holds the heavy late rows
+            victim = watched.execution.figures["ray_workers"][-1]["pid"]  # the last worker holds the heavy late rows
             os.kill(victim, signal.SIGKILL)
-    assert torch.equal(got.result()["hidden"], runs[2][0])
-    assert extra["worker_processes"] > 2  # the restarted process really ran tasks
+    assert torch.equal(torch.cat(hidden), runs[2].hidden)
+    assert stream.stats["worker_processes"] > 2  # the restarted process really ran tasks
 
 
 def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
     import ray
 
-    from cluster.executor import run_ray
-
-    config, weights, ids, _, g = problem(tokens=1024, block=128)
-    extra: dict = {}
-    blocks = run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra)
+    p = problem(tokens=1024, block=128)
+    watched = Watched(on_ray(2))
+    blocks = iter(emulate.stream(p.model, p.tokens, **options(p, watched)))
     next(blocks)
-    for w in extra["ray_workers"]:
+    for w in watched.execution.figures["ray_workers"]:
         ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
     start = time.monotonic()
     with pytest.raises(EmulateError, match="died|dead"):
@@ -283,17 +295,17 @@ def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
 # -- bad input --------------------------------------------------------------------------------
 
 def test_more_workers_or_gpus_than_the_cluster_has(ray_cluster):
-    config, weights, ids, _, g = problem(tokens=256, block=128)
+    p = problem(tokens=256, block=128)
     with pytest.raises(EmulateError, match=r"room for 4 .*4 CPU"):
-        ray_hidden(ray_cluster, config, weights, ids, g, workers=9)
+        run(p, on_ray(9))
     with pytest.raises(EmulateError, match=r"room for 0 .*GPU|room for 0"):
-        ray_hidden(ray_cluster, config, weights, ids, g, workers=1, gpus_per_worker=1.0, device="cuda")
+        emulate.run(p.model, p.tokens, **options(p, on_ray(1, gpus_per_worker=1.0)), device="cuda")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster reachable at 127.0.0.1:1"),
     (["run", "--executor", "ray", "--address", "http://127.0.0.1:8265"], "job server"),
-    (["run", "--executor", "ray", "--workers", "0"], "--workers must be >= 1"),
+    (["run", "--executor", "ray", "--workers", "0"], "workers must be"),
     (["submit", "--address", "http://127.0.0.1:1", "--", "run"], "cannot reach the Ray job server"),
     (["submit", "--", "graph"], "usage: emulate submit"),
 ])

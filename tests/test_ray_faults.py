@@ -1,7 +1,8 @@
 """Faults on a multi-node Ray cluster (ray.cluster_utils.Cluster: 3 nodes on this machine), and jobs.
 
 Each scenario runs in a child process: a process joins one Ray cluster at a time, and the
-session's shared instance (tests/test_ray.py) stays untouched.
+session's shared instance (tests/test_ray.py) stays untouched. Forwards run through the public
+API (`emulate.stream` with `executor=emulate.Ray(...)`).
 """
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ def test_four_jobs_at_once_on_one_cluster():
     state = tempfile.mkdtemp(prefix="emc-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     env = dict(os.environ, EMULATE_CLUSTER_DIR=state)
     env.pop("RAY_ADDRESS", None)
-    up = subprocess.run(EMULATE + ["cluster", "up", "--worker-nodes", "2", "--cpus-per-node", "2", "--port", "6392",
-                                   "--dashboard-port", "8292"], capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=300)
-    assert up.returncode == 0, up.stderr
-    try:
+    try:  # `down` runs even when `up` fails part way: no node is left running
+        up = subprocess.run(EMULATE + ["cluster", "up", "--worker-nodes", "2", "--cpus-per-node", "2", "--port", "6392",
+                                       "--dashboard-port", "8292"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+        assert up.returncode == 0, up.stderr
+
         def submit(seed):
             return subprocess.run(EMULATE + ["submit", "--address", "http://127.0.0.1:8292", "--", "run",
                                              "--random-tokens", "1024", "-M", "128", "--seed", str(seed), "--workers", "1",
@@ -74,59 +76,55 @@ def test_four_jobs_at_once_on_one_cluster():
 
 # -- the scenarios, run in a child process --------------------------------------------------------
 
-def _problem():
+def _forward(executor, on_block=None):
+    """One 2048-token causal forward through `emulate.stream` on `executor`: (hidden, stats)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_ray import problem
+    import emulate
 
-    return problem(tokens=2048, block=128), torch
-
-
-def _run(blocks_iter, on_block=None):
-    from emulate.forward import Collected
-
-    got = Collected()
-    for b, value in blocks_iter:
-        got.add(value)
+    stream = emulate.stream("tiny-llama", random_tokens=2048, block_size=128, executor=executor)
+    hidden = []
+    for b, out in stream:
+        hidden.append(out.hidden)
         if on_block is not None:
             on_block(b)
-    return got.result()["hidden"]
+    return torch.cat(hidden), stream.stats
 
 
 def _node_kill() -> dict:
     import ray
+    import torch
+    from conftest import Watched
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from cluster.executor import run_ray
-    from test_ray import ray_args
+    import emulate
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="emulate", log_to_driver=False)
-        (config, weights, ids, _, g), torch = _problem()
-        clean = _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), {}))
-        extra: dict = {}
+        clean, _ = _forward(emulate.Ray(workers=2, stall_timeout=120.0))
+        watched = Watched(emulate.Ray(workers=2, stall_timeout=120.0))
         removed = {"hosted": 0}
+
+        def node_of(name: str) -> str:
+            return state.actors(ray.get_actor(name, namespace="emulate")._actor_id.hex())["Address"]["NodeID"]
 
         def remove_a_node(block):
             if block != 0:
                 return
-            actor = ray.get_actor(extra["ray_workers"][-1]["name"], namespace="emulate")
-            node_id = state.actors(actor._actor_id.hex())["Address"]["NodeID"]
+            names = [w["name"] for w in watched.execution.figures["ray_workers"]]
+            node_id = node_of(names[-1])  # the last worker holds the heavy late rows
             for node in workers:
                 if node.node_id == node_id:
-                    hosted = sum(state.actors(ray.get_actor(w["name"], namespace="emulate")._actor_id.hex())
-                                 ["Address"]["NodeID"] == node_id for w in extra["ray_workers"])
-                    removed["hosted"] = hosted
+                    removed["hosted"] = sum(node_of(name) == node_id for name in names)
                     cluster.remove_node(node)
 
-        faulty = _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2), extra), remove_a_node)
+        faulty, stats = _forward(watched, remove_a_node)
         return {"same_bits": bool(torch.equal(clean, faulty)), "removed_node_hosted": removed["hosted"],
-                "workers": extra["workers"], "worker_processes": extra["worker_processes"]}
+                "workers": stats["workers"], "worker_processes": stats["worker_processes"]}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -136,16 +134,13 @@ def _all_nodes_gone() -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from cluster.executor import run_ray
-    from emulate.config import EmulateError
-    from test_ray import ray_args
+    import emulate
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="emulate", log_to_driver=False)
-        (config, weights, ids, _, g), torch = _problem()
         start = [0.0]
 
         def remove_all(block):
@@ -155,9 +150,8 @@ def _all_nodes_gone() -> dict:
                     cluster.remove_node(node)
 
         try:
-            _run(run_ray(g, config, weights, ids, torch.float32, ray_args(workers=2, stall_timeout=60.0), {}),
-                 remove_all)
-        except EmulateError as err:
+            _forward(emulate.Ray(workers=2, stall_timeout=60.0), remove_all)
+        except emulate.EmulateError as err:
             return {"failed": True, "message": str(err), "seconds": time.monotonic() - start[0]}
         return {"failed": False, "message": "", "seconds": time.monotonic() - start[0]}
     finally:
@@ -165,7 +159,6 @@ def _all_nodes_gone() -> dict:
         cluster.shutdown()
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "tests"))
+if __name__ == "__main__":  # python tests/test_ray_faults.py SCENARIO: tests/ is on sys.path, so conftest imports
     out = {"node-kill": _node_kill, "all-nodes-gone": _all_nodes_gone}[sys.argv[1]]()
     print(json.dumps(out))

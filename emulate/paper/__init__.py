@@ -4,8 +4,9 @@
     layouts    which key and query each row of a call holds (Lemma 3.1, Claim B.6, Thm 3.5, 5.1, Sec. 5, Thm 4.1)
     calls      inputs, padded weights and head packing (Lemma 3.1, Lemma 3.3) for one layout
     aggregate  adding and subtracting partials (weights A, averages B/A)
-    oracle     PaperOracle: an attend node in, (o, lse) out, like the kernel oracle
-    options    the CLI's --oracle / --pack-heads options and the `theorems` command
+    oracle     PaperAttention: a pair call in, (o, lse) out, like the kernel oracle
+               (the user-facing description is emulate.PaperOracle, emulate/oracles.py)
+    sampling   Thm 4.1's estimator on inputs meeting its assumption
     theorems   the call counts and errors of each theorem, measured from runs
 
 Importing the package costs nothing: torch loads with the first name used from it.
@@ -13,7 +14,7 @@ Importing the package costs nothing: torch loads with the first name used from i
 
 
 def __getattr__(name):
-    if name in ("PaperOracle", "KINDS"):
+    if name == "PaperAttention":
         from emulate.paper import oracle
 
         return getattr(oracle, name)
@@ -24,4 +25,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["KINDS", "CapacityError", "PaperOracle", "SmallTransformer"]
+__all__ = ["CapacityError", "PaperAttention", "SmallTransformer"]

@@ -1,6 +1,6 @@
 """Aggregation of a pair's partials: weights A and block averages B/A, in log form.
 
-PAPER.md: Output_i = sum_t (B/A)_t A_t / sum_t A_t. With lse = log A this is the stable merge the
+docs/paper.md: Output_i = sum_t (B/A)_t A_t / sum_t A_t. With lse = log A this is the stable merge the
 graph's merge nodes already use (emulate.merge). A construction that differences prefix sums
 (Thm 5.1: window = prefix to i minus prefix to i - r) also needs the inverse, removing a partial
 whose keys are a subset of another's:
@@ -8,7 +8,7 @@ whose keys are a subset of another's:
     rho = A_b / A_a = exp(lse_b - lse_a),   lse = lse_a + log1p(-rho),   o = (o_a - rho o_b) / (1 - rho)
 
 No raw exponential of a score appears; what cannot be avoided is the cancellation in 1 - rho when
-the removed prefix carries nearly all the weight (the precision loss PAPER.md warns about).
+the removed prefix carries nearly all the weight (the precision loss of docs/numerics.md, Approximate modes).
 Lemma A.2 shows these sums could themselves run as oracle calls (uniform attention sums its rows);
 here they run as position-wise arithmetic, like the graph's merge nodes.
 """

@@ -1,4 +1,4 @@
-"""Row layouts: which key and which query each row of an oracle call holds (PAPER.md, "Row layouts").
+"""Row layouts: which key and which query each row of an oracle call holds (docs/paper.md, "Row layouts").
 
 Every construction of the paper reduces a block pair to one of two layouts, each realised by two
 calls of the small transformer: an A call (with the synthetic token, returns the block weight A)
@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from emulate.oracles import PairCall
+from graphs import MaskKind, Pattern
 
 SYNTHETIC = -2  # the synthetic token z = (0, ..., 0, 1) of Lemma 3.1: score 1 (or 0), value 0
 NO_KEY = -1  # a padding row: it holds a query but no key, and is masked out as a key
@@ -100,12 +103,11 @@ def thm41_sample(mq: int, mk: int) -> list[Layout]:
     return [Layout("thm4.1", "pack", _all(mk), _all(mq), weighted=False)]
 
 
-def window_pair(q_span: tuple[int, int], k_span: tuple[int, int], window: int | None = None,
-                sinks: int = 0) -> tuple[list[Layout], np.ndarray]:
+def window_pair(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]) -> tuple[list[Layout], np.ndarray]:
     """Layouts for a pair of a causal-family mask, and which query rows see any key at all.
 
-    Query t sees, inside key block [k0, k1), the window [max(k0, t-r+1), min(k1-1, t)] and the sink
-    keys [k0, min(s, k1)) below it (Def 2.5, never a key twice). causal is r = infinity, s = 0.
+    Query t sees, inside key block [k0, k1), the window [lo, hi) and the sink keys [k0, sink_hi)
+    below it (`Pattern.key_range`; Def 2.5, never a key twice). causal is r = infinity, no sinks.
       diagonal pair, the window reaching the block start (or the sinks): Claim B.6, prefix to t.
       diagonal pair, a gap between sinks and window: Thm 5.1, prefix to t minus the shifted prefix
           [g0, t - r] with g0 the first non-sink key (one ordinary and one shifted call).
@@ -119,14 +121,14 @@ def window_pair(q_span: tuple[int, int], k_span: tuple[int, int], window: int | 
     mk = k1 - k0
     t = np.arange(q0, q1, dtype=np.int64)
     rho = t - q0
-    r = window if window is not None else q1 + 1  # causal: a window longer than anything
-    hi = np.minimum(k1 - 1, t)
-    lo = np.maximum(k0, t - r + 1)
-    sink_end = min(max(sinks, k0), k1)  # this block's sink keys are [k0, sink_end)
-    has_window = lo <= hi
-    prefix = has_window & (sink_end >= lo)  # sinks and window join up: the visible keys are [k0, hi]
+    keys = pattern.key_range(t, k_span)
+    lo, sink_hi = keys.lo, keys.sink_hi
+    has_window = keys.window_keys > 0
+    prefix = has_window & (sink_hi >= lo)  # sinks and window join up: the visible keys are [k0, hi)
     gap = has_window & ~prefix
-    sinks_only = ~has_window & (sink_end > k0)
+    sinks_only = ~has_window & (sink_hi > k0)
+    # where sinks and window part, every query sees the same sinks: the whole of [k0, min(s, k1))
+    sink_end = int(sink_hi[gap | sinks_only].max()) if (gap | sinks_only).any() else k0
     layouts = []
     if q_span == k_span:
         ordinary = prefix | gap
@@ -151,12 +153,11 @@ def window_pair(q_span: tuple[int, int], k_span: tuple[int, int], window: int | 
     return layouts, has_window | sinks_only
 
 
-def plan_pair(kind: str, window: int | None, sinks: int | None, q_span: tuple[int, int],
-              k_span: tuple[int, int] | None, key_count: int) -> tuple[list[Layout], np.ndarray]:
+def plan_pair(pair: PairCall, key_count: int) -> tuple[list[Layout], np.ndarray]:
     """All layouts of one attend node of the graph, and its query rows that see some key."""
-    mq = q_span[1] - q_span[0]
-    if kind == "sampled":
+    mq = pair.span[1] - pair.span[0]
+    if pair.mask == MaskKind.SAMPLE:
         return thm41_sample(mq, key_count), np.ones(mq, dtype=bool)
-    if kind == "full":
+    if not pair.pattern.causal:
         return lemma31_pair(mq, key_count), np.ones(mq, dtype=bool)
-    return window_pair(q_span, k_span, window if kind != "causal" else None, sinks or 0)
+    return window_pair(pair.pattern, pair.span, pair.key_span)

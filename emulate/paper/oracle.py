@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import torch
 
+from emulate.oracles import PairCall, Partial
 from emulate.paper import aggregate
 from emulate.paper.calls import Calls
 from emulate.paper.layouts import plan_pair
 from emulate.paper.small import SmallTransformer
+from graphs import MaskKind
 
-KINDS = ("paper", "paper-stable")
 
-
-class PaperOracle:
+class PaperAttention:
     """Realises attend nodes with a SmallTransformer of capacity block_size + 1 and counts its calls.
 
+    The running form of `emulate.PaperOracle` for one forward (emulate/oracles.py, AttentionOracle).
     stable: the stabilised variant (same calls, the A call's scores shifted by a norm bound).
     pack_heads: Lemma 3.3, that many single-head instances per call (1: one head per call).
     literal_exp: the module computes softmax as raw exp sums (to measure where they overflow).
@@ -34,12 +35,9 @@ class PaperOracle:
         self.stable = stable
         self.module = SmallTransformer(block_size + 1, literal_exp=literal_exp)
         self.calls = Calls(self.module, stable=stable, pack_heads=pack_heads)
+        self.name = "paper-stable" if stable else "paper"
 
-    @property
-    def name(self) -> str:
-        return "paper-stable" if self.stable else "paper"
-
-    def pair(self, q, k, v, scale: float, node: dict, pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, pair: PairCall, q, k, v, scale: float) -> Partial:
         """q [H, mq, d], k and v [Hkv, mk, d] of one attend node -> (o [H, mq, d], lse [H, mq]).
 
         The sampled pattern (Thm 4.1) makes only the B/A call: its one partial per block is the
@@ -48,20 +46,17 @@ class PaperOracle:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # calls of a few hundred rows: intra-op threads cost 10x more than they give
         try:
-            return self._pair(q, k, v, scale, node, pattern)
+            return self._attend(pair, q, k, v, scale)
         finally:
             torch.set_num_threads(threads)
 
-    def _pair(self, q, k, v, scale, node, pattern):
+    def _attend(self, pair: PairCall, q, k, v, scale):
         H, mq, _ = q.shape
         if k.shape[0] != H:  # GQA: each query head's instance carries its own copy of its KV head
             k = k.repeat_interleave(H // k.shape[0], dim=0)
             v = v.repeat_interleave(H // v.shape[0], dim=0)
-        kind = "sampled" if node["mask"] == "sample" else pattern.kind
-        window, sinks = getattr(pattern, "window", None), getattr(pattern, "sinks", None)
-        key_span = tuple(node["key_span"]) if node.get("key_span") else None
-        layouts, visible = plan_pair(kind, window, sinks, tuple(node["span"]), key_span, k.shape[1])
-        if kind == "sampled":
+        layouts, visible = plan_pair(pair, k.shape[1])
+        if pair.mask == MaskKind.SAMPLE:
             return self.calls.run(layouts[0], q, k, v, scale)
         acc = None
         for sign in (1, -1):  # add every partial first, then take the shifted prefixes away (Thm 5.1)
@@ -79,7 +74,7 @@ class PaperOracle:
         return o, lse
 
     def summary(self) -> dict:
-        """The JSON summary's oracle keys: literal forward passes, counted, and the capacity."""
+        """The run's oracle keys: literal forward passes, counted, and the capacity."""
         c = self.module.counts()
         return {"oracle_invocations": c["invocations"], "oracle_capacity": self.module.capacity,
                 "oracle_instances": c["instances"], "oracle_pack_heads": self.calls.pack_heads,

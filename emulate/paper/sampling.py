@@ -15,8 +15,9 @@ import math
 
 import torch
 
-from emulate.paper.oracle import PaperOracle
-from graphs import block_spans, sample_permutation, sampled_keys
+from emulate.oracles import PairCall
+from emulate.paper.oracle import PaperAttention
+from graphs import MaskKind, Pattern, block_spans, sample_permutation, sampled_keys
 
 
 def bounded_inputs(tokens: int, C: float, value_dim: int = 8, seed: int = 0, dtype=torch.float64):
@@ -38,16 +39,16 @@ def exact_attention(q, k, v, chunk: int = 1024) -> torch.Tensor:
                       for a in range(0, q.shape[1], chunk)], dim=1)
 
 
-def sampled_estimate(q, k, v, block_size: int, seed: int, oracle: PaperOracle | None = None) -> torch.Tensor:
+def sampled_estimate(q, k, v, block_size: int, seed: int, oracle: PaperAttention | None = None) -> torch.Tensor:
     """Thm 4.1's estimate: block t of queries against the keys tau(S_t), one oracle call per block."""
     tokens = q.shape[1]
-    oracle = oracle or PaperOracle(block_size)
+    oracle = oracle or PaperAttention(block_size)
     tau = sample_permutation(tokens, seed)
     out = torch.empty_like(v[:, :tokens])
     for span in block_spans(tokens, block_size):
         keys = torch.from_numpy(sampled_keys(tau, span))
-        node = {"mask": "sample", "span": span, "key_span": None}
-        o, _ = oracle.pair(q[:, span[0]:span[1]], k[:, keys], v[:, keys], 1.0, node, None)
+        pair = PairCall(0, span, None, MaskKind.SAMPLE, Pattern("sampled"))
+        o, _ = oracle.attend(pair, q[:, span[0]:span[1]], k[:, keys], v[:, keys], 1.0)
         out[:, span[0]:span[1]] = o
     return out
 

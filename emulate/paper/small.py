@@ -1,6 +1,6 @@
 """The oracle O: a real small transformer that refuses inputs longer than its capacity.
 
-The paper's oracle (PAPER.md, Setting) is a standard transformer on at most M tokens whose weights
+The paper's oracle (docs/paper.md, Setting and notation) is a standard transformer on at most M tokens whose weights
 the algorithm chooses, and which returns only its final output. This one has L' = 1 layer of H'
 softmax attention heads followed by a token-wise map psi (Def 2.1 and 2.2: attention
 softmax((X Wq)(X Wk)^T)(X Wv) per head, then an MLP applied to each token). It has no residual, no

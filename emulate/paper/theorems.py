@@ -15,12 +15,9 @@ The sampled result is an estimate: its error is against exact full attention.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,44 +48,27 @@ def paper_count(result: str, tokens: int, block: int, window: int | None, heads:
     return per_instance * math.ceil(heads / pack) * layers
 
 
-def measure(result: str, tokens: int, block: int, window: int | None, sinks: int | None, oracle_kind: str = "paper",
-            pack_heads: int | None = None, seed: int = 0) -> dict:
+def measure(result: str, tokens: int, block: int, window: int | None, sinks: int | None, stable: bool = False,
+            pack_heads: int | str = 1, seed: int = 0) -> dict:
     """One verified run of the paper oracle: counted invocations, the paper's count, the error."""
-    from emulate.executor import run_local
-    from emulate.forward import Collected, compile_forward, new_model, resolve_patterns, row_errors
-    from emulate.io import random_tokens
-    from emulate.ops import NodeRunner
-    from emulate.paper.oracle import PaperOracle
-    from emulate.presets import preset
-    from emulate.reference import reference_forward
-    from graphs import counts
+    import emulate
 
     label, model_name, attention = RESULTS[result]
-    config, weights = preset(model_name)
-    model = new_model(config, weights, torch.float64, "cpu")
-    ids = torch.from_numpy(np.ascontiguousarray(random_tokens(tokens, config.vocab, seed)))
-    patterns = resolve_patterns(config, attention, window if attention in ("sliding", "sink") else None,
-                                sinks if attention == "sink" else None)
-    g = compile_forward(config, tokens, block, patterns, torch.float64, seed)
-    pack = 1 if pack_heads is None else (config.heads if pack_heads == 0 else pack_heads)
-    oracle = PaperOracle(block, stable=oracle_kind == "paper-stable", pack_heads=pack)
-    got = Collected()
-    t0 = time.perf_counter()
-    for _, value in run_local(g, NodeRunner(model, ids, g.graph, oracle=oracle)):
-        got.add(value)
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        ref = reference_forward(model, ids, patterns)
-    s = oracle.summary()
-    bound = paper_count(result, tokens, block, window, config.heads, config.layers, pack)
+    windowed = attention in ("sliding", "sink")
+    r = emulate.run(model_name, random_tokens=tokens, seed=seed, block_size=block, attention=attention,
+                    window=window if windowed else None, sinks=sinks if attention == "sink" else None,
+                    dtype="float64", oracle=emulate.PaperOracle(stable=stable, pack_heads=pack_heads), verify=True,
+                    collect=False)
+    s = r.stats
+    pack = s["oracle_pack_heads"]
+    bound = paper_count(result, tokens, block, window, s["heads"], s["layers"], pack)
     return {"result": result, "label": label, "model": model_name, "tokens": tokens, "block_size": block,
-            "n_over_m": tokens / block, "window": window if attention in ("sliding", "sink") else None,
-            "sinks": sinks if attention == "sink" else None, "pair_calls": counts(g)["attention_calls"],
+            "n_over_m": tokens / block, "window": window if windowed else None,
+            "sinks": sinks if attention == "sink" else None, "pair_calls": s["attention_calls"],
             "invocations": s["oracle_invocations"], "paper_count": bound,
-            "ratio": s["oracle_invocations"] / bound if bound else None,
-            "max_rel_err": row_errors(got.result()["hidden"], ref["hidden"])[1],
+            "ratio": s["oracle_invocations"] / bound if bound else None, "max_rel_err": s["max_rel_err"],
             "by_construction": s["oracle_invocations_by_construction"], "capacity": s["oracle_capacity"],
-            "max_rows": s["oracle_max_rows"], "pack_heads": pack, "seconds": round(seconds, 3)}
+            "max_rows": s["oracle_max_rows"], "pack_heads": pack, "seconds": s["forward_s"]}
 
 
 def slopes(rows: list[dict]) -> dict:
@@ -158,41 +138,35 @@ def plot(rows: list[dict], path: str, block: int) -> None:
             os.remove(tmp)
 
 
-def cmd_theorems(args) -> int:
-    M = args.block_size
-    if M < 2:
-        raise EmulateError(f"--block-size must be >= 2, got {M}")
-    if args.max_tokens < M:
-        raise EmulateError(f"--max-tokens must be at least the block size {M}")
-    window = args.window if args.window is not None else M // 2
+def sweep(block_size: int = 32, max_tokens: int = 512, window: int | None = None, sinks: int = 4,
+          stable: bool = False, pack_heads: int | str = 1, results: tuple[str, ...] = tuple(RESULTS),
+          on_row=None) -> list[dict]:
+    """Every result at N = M, 2M, 4M, ... up to max_tokens: one `measure` row each.
+
+    window defaults to M/2 (Thm 5.1 needs r < M); on_row(row) is called as each row is measured.
+    """
+    M = block_size
+    if isinstance(M, bool) or not isinstance(M, int) or M < 2:
+        raise EmulateError(f"--block-size must be an integer >= 2, got {M!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < M:
+        raise EmulateError(f"--max-tokens must be at least the block size {M}, got {max_tokens!r}")
+    window = M // 2 if window is None else window
     if not 1 <= window < M:
         raise EmulateError(f"--window must lie in [1, M) for Thm 5.1's count, got {window}")
-    results = [r.strip() for r in args.results.split(",") if r.strip()]
     unknown = [r for r in results if r not in RESULTS]
-    if unknown:
-        raise EmulateError(f"unknown result(s) {', '.join(unknown)} (choose from {', '.join(RESULTS)})")
-    if args.plot and not Path(args.plot).parent.is_dir():
-        raise EmulateError(f"output directory {Path(args.plot).parent} does not exist")
-    sizes = [M * 2 ** e for e in range(int(math.log2(args.max_tokens // M)) + 1)]
+    if unknown or not results:
+        raise EmulateError(f"unknown result(s) {', '.join(unknown) or '(none given)'} (choose from {', '.join(RESULTS)})")
+    sizes = [M * 2 ** e for e in range(int(math.log2(max_tokens // M)) + 1)]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of calls of M + 1 rows: intra-op threads only add contention
     rows = []
-    for result in results:
-        for n in sizes:
-            row = measure(result, n, M, window, args.sinks, args.oracle, args.pack_heads)
-            rows.append(row)
-            if not args.json:
-                print(f"  {row['label']:<16} N = {n:>6}: {row['invocations']:>7} invocations, "
-                      f"max_rel_err {row['max_rel_err']:.1e} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    fitted = slopes(rows)
-    if args.plot:
-        plot(rows, args.plot, M)
-    if args.json:
-        print(json.dumps({"block_size": M, "window": window, "sinks": args.sinks, "oracle": args.oracle,
-                          "rows": rows, "slopes": fitted}))
-    else:
-        print(f"paper oracle ({args.oracle}), float64, M = {M}, window r = {window}, sinks s = {args.sinks}; "
-              f"capacity M+1 = {M + 1}")
-        print(table(rows, fitted))
-        if args.plot:
-            print(f"plot written to {args.plot}")
-    return 0
+    try:
+        for result in results:
+            for n in sizes:
+                row = measure(result, n, M, window, sinks, stable, pack_heads)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows

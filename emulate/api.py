@@ -1,0 +1,400 @@
+"""The library's entry points: `load`, `compile`, `stream` and `run`, and the one run loop behind them.
+
+    model, tokens, options --prepare--> Problem --compile--> logical graph
+    graph + executor + oracle --Stream--> (block, BlockOutput) in block order, memory bounded
+    Stream + output file + verify --run--> Run (hidden, logprobs, stats, graph)
+
+Every bad argument raises EmulateError with the one line the CLI prints (emulate/cli.py parses options,
+this module, and print). The numerics contract that `verify` checks is docs/numerics.md's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import torch
+
+from emulate.config import EmulateError
+from emulate.executor import EXECUTORS, Executor, Job, Local, Progress, Ray
+from emulate.forward import check_tokens, compile_forward, resolve_patterns, row_errors
+from emulate.loaders import Model, load
+from emulate.oracles import KernelOracle, Oracle, PaperOracle, oracle_named
+from graphs import Pattern, PatternKind, counts
+
+DEFAULT_MODEL = "tiny-llama"
+DEFAULT_TOKENS = 4096
+DEFAULT_BLOCK = 256  # 16 blocks of the default input: enough for the block structure to matter
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda")
+
+# The numerics contract of the exact modes (docs/numerics.md): max per-row relative error.
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
+# The approximate modes state their own (docs/numerics.md, measured on the presets):
+# sampled attention (Thm 4.1) estimates full attention from M keys per block; its error is the
+# estimate's, and the theorem bounds it only for bounded scores, so the stated figure is loose.
+SAMPLED_TOLERANCE = 0.5
+# the raw paper oracle reads A = p / (1 - p) from an output p = A / (A + 1): the cancellation in
+# 1 - p costs digits as A grows, far more in float32 than in float64.
+RAW_PAPER_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-8}
+
+RAY_KEYWORDS = {"address": "--address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
+                "gpus_per_worker": "--gpus-per-worker", "trace": "--trace", "stall_timeout": "--stall-timeout"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One forward, resolved: the model, its token ids, the mask per layer and how it is cut."""
+
+    model: Model
+    tokens: np.ndarray  # int64 ids, or an empty array when only the count is known (`compile`)
+    length: int
+    patterns: tuple[Pattern, ...]
+    block_size: int
+    dtype: torch.dtype
+    seed: int
+
+    def graph(self) -> nx.DiGraph:
+        return compile_forward(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
+                               self.seed)
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in TOLERANCE:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise EmulateError(f"dtype must be float32 or float64, got {dtype!r}")
+
+
+def _int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _token_ids(model: Model, tokens, text, input, random_tokens, seed: int) -> np.ndarray:
+    """The run's token ids from exactly one source; the embedded default when none is given."""
+    from emulate.io import random_ids, read_text, read_tokens, TEXT_SUFFIXES
+
+    given = [name for name, v in (("tokens", tokens), ("text", text), ("input", input),
+                                  ("random_tokens", random_tokens)) if v is not None]
+    if len(given) > 1:
+        raise EmulateError(f"give one input, not {' and '.join(given)}")
+    if random_tokens is not None or not given:
+        n = DEFAULT_TOKENS if random_tokens is None else _int("--random-tokens", random_tokens)
+        return random_ids(n, model.config.vocab, seed)
+    if text is not None:
+        if not isinstance(text, str):
+            raise EmulateError(f"text must be a str, not {type(text).__name__}")
+        return model.tokenize(text)
+    if input is not None:
+        if Path(input).suffix.lower() in TEXT_SUFFIXES:
+            return model.tokenize(read_text(input))
+        return read_tokens(input)
+    if isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
+        raise EmulateError(f"tokens={tokens} is a count: give token ids, or random_tokens={tokens} for random ones")
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    ids = np.asarray(tokens)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != np.bool_):
+        raise EmulateError(f"tokens must be a 1-d sequence of integer ids, got {ids.dtype} of shape {ids.shape}")
+    return ids.astype(np.int64)
+
+
+def prepare(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
+            random_tokens: int | None = None, seed: int = 0, block_size: int = DEFAULT_BLOCK,
+            attention: str = "auto", window: int | None = None, sinks: int | None = None,
+            dtype="float32", count_only: bool = False) -> Problem:
+    """Resolve a forward's inputs: load the model, read the token ids, check them, choose the masks."""
+    seed = _int("--seed", seed, 0)
+    block_size = _int("--block-size", block_size)
+    m = load(DEFAULT_MODEL if model is None else model)
+    dt = _dtype(dtype)
+    if count_only and isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
+        ids, length = np.empty(0, dtype=np.int64), _int("tokens", tokens)
+    else:
+        ids = _token_ids(m, tokens, text, input, random_tokens, seed)
+        length = len(ids)
+        check_tokens(m.config, ids)
+    patterns = resolve_patterns(m.config, attention, window, sinks)
+    return Problem(m, ids, length, tuple(patterns), block_size, dt, seed)
+
+
+def compile(model=None, tokens=None, **options) -> nx.DiGraph:
+    """The logical task graph of one forward; nothing runs. `tokens` may be a count (an int).
+
+    Options as `run`'s problem keywords: text, input, random_tokens, seed, block_size, attention,
+    window, sinks, dtype (which prices the graph's bytes).
+    """
+    return prepare(model, tokens, count_only=True, **options).graph()
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """One query block's outputs: final-norm hidden states and next-token log-probabilities.
+
+    logprobs[t] = log p(token[start + t + 1] | tokens <= start + t), for the rows that have a next
+    token (all of them but the input's last); None for encoders.
+    """
+
+    block: int
+    span: tuple[int, int]
+    hidden: torch.Tensor
+    logprobs: torch.Tensor | None
+
+
+def _executor(executor, ray_keywords: dict) -> Executor:
+    given = {k: v for k, v in ray_keywords.items() if v is not None}
+    if isinstance(executor, str):
+        if executor not in EXECUTORS:
+            raise EmulateError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+        if executor == "local":
+            if given:
+                flags = [RAY_KEYWORDS[k] for k in given]
+                raise EmulateError(f"{', '.join(flags)} {'is a Ray option' if len(flags) == 1 else 'are Ray options'}: "
+                                   "add --executor ray, or drop it for a local run")
+            return Local()
+        return Ray(**given)
+    if given:
+        raise EmulateError(f"Ray options ({', '.join(given)}) go inside emulate.Ray(...) when an executor object is given")
+    if not hasattr(executor, "start"):
+        raise EmulateError(f"executor must be 'local', 'ray', emulate.Local() or emulate.Ray(...), not {executor!r}")
+    return executor
+
+
+def _oracle(oracle, pack_heads, heads: int) -> Oracle:
+    if isinstance(oracle, str):
+        chosen = oracle_named(oracle, pack_heads)
+    else:
+        if pack_heads is not None:
+            raise EmulateError("pack_heads goes inside emulate.PaperOracle(...) when an oracle object is given")
+        if not isinstance(oracle, (KernelOracle, PaperOracle)):
+            raise EmulateError(f"oracle must be 'kernel', 'paper', 'paper-stable', emulate.KernelOracle() or "
+                               f"emulate.PaperOracle(...), not {oracle!r}")
+        chosen = oracle
+    if isinstance(chosen, PaperOracle):
+        chosen.packed(heads)  # refuse a bad pack width before any work
+    return chosen
+
+
+class Stream:
+    """The outputs of one forward, block by block in block order, as the executor completes them.
+
+    Iterate once: each item is (block, BlockOutput). Only the executor's live set and one block's
+    outputs are held, so memory does not grow with N. `graph` is the logical graph; `stats` holds
+    the run's figures (the keys of `emulate run --json` that a forward alone fills) once the
+    iteration has ended.
+    """
+
+    def __init__(self, problem: Problem, graph: nx.DiGraph, executor: Executor, oracle: Oracle, device: str,
+                 progress: Progress | None = None):
+        self.problem, self.graph, self.executor, self.oracle = problem, graph, executor, oracle
+        self.device, self.progress = device, progress
+        self.stats: dict = {}
+        self._execution = None
+
+    def __iter__(self) -> Iterator[tuple[int, BlockOutput]]:
+        if self._execution is not None:
+            raise EmulateError("a stream runs once; call emulate.stream again for another pass")
+        p = self.problem
+        job = Job(self.graph, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle)
+        self._execution = self.executor.start(job, self.progress)
+        spans = self.graph.graph["block_spans"]
+        t0 = time.perf_counter()
+        try:
+            for block, value in self._execution:
+                yield block, BlockOutput(block, tuple(spans[block]), value["hidden"], value.get("logprob_next"))
+        finally:
+            self._execution.close()
+        self.stats = self._summary(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self._execution is not None:
+            self._execution.close()
+
+    def _summary(self, forward_s: float) -> dict:
+        p, c, spec = self.problem, counts(self.graph), self.graph.graph["spec"]
+        config = p.model.config
+        figures = dict(self._execution.figures)
+        oracle_keys = {k: figures.pop(k) for k in list(figures) if k.startswith("oracle_")}
+        return {
+            "model": config.name, "family": config.family, "layers": config.layers, "heads": config.heads,
+            "kv_heads": config.kv_heads, "tokens": p.length, "block_size": spec["block_size"],
+            "blocks": self.graph.graph["blocks"], "attention": describe(p.patterns), "window": _window(p.patterns),
+            "sinks": p.patterns[0].sinks, "oracle": self.oracle.name, "dtype": str(p.dtype).removeprefix("torch."),
+            "device": self.device, "executor": self.executor.name,
+            **{k: c[k] for k in ("attention_calls", "attention_calls_per_layer", "attention_calls_bound", "small_calls",
+                                 "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth")},
+            "forward_s": round(forward_s, 4), **figures, **oracle_keys,
+        }
+
+
+def stream(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
+           random_tokens: int | None = None, seed: int = 0, block_size: int = DEFAULT_BLOCK, attention: str = "auto",
+           window: int | None = None, sinks: int | None = None, dtype="float32", device: str = "cpu",
+           executor="local", oracle="kernel", pack_heads: int | str | None = None, address: str | None = None,
+           workers: int | None = None, cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
+           trace: str | None = None, stall_timeout: float | None = None,
+           progress: Progress | None = None) -> Stream:
+    """Compile and start one forward; iterate the result for (block, BlockOutput) in block order.
+
+    The keywords are `run`'s, less those that need every block at once (output, hidden, verify).
+    """
+    if device not in DEVICES:
+        raise EmulateError(f"device must be cpu or cuda, got {device!r}")
+    ex = _executor(executor, dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                                  gpus_per_worker=gpus_per_worker, trace=trace, stall_timeout=stall_timeout))
+    problem = prepare(model, tokens, text=text, input=input, random_tokens=random_tokens, seed=seed,
+                      block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype)
+    chosen = _oracle(oracle, pack_heads, problem.model.config.heads)
+    return Stream(problem, problem.graph(), ex, chosen, device, progress)
+
+
+@dataclass
+class Run:
+    """The result of `run`: outputs over all N tokens, the run's figures and its logical graph.
+
+    hidden [N, width]: final-norm hidden states. logprobs [N - 1]: log p(token[t+1] | tokens <= t)
+    for decoders, None for encoders. Both are None with collect=False. stats: the keys of
+    `emulate run --json`. tokens: the ids that ran.
+    """
+
+    hidden: torch.Tensor | None
+    logprobs: torch.Tensor | None
+    stats: dict
+    graph: nx.DiGraph | None
+    tokens: np.ndarray
+
+
+def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = False, verify: bool = False,
+        tolerance: float | None = None, collect: bool = True, **options) -> Run:
+    """Run one emulated forward end to end, in-process (executor="local") or on Ray.
+
+    model: a preset name, a checkpoint directory or an emulate.Model (default tiny-llama).
+    tokens: 1-d integer ids (array, tensor or list); or text=, input= (a file), random_tokens=N;
+    with none of them, DEFAULT_TOKENS seeded random ids. block_size: M, the most tokens any call
+    sees. attention: auto (the model's own mask), full, causal, sliding, sink or sampled; window r
+    and sinks s for those that take them. dtype: float32 or float64. device: cpu or cuda.
+    executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
+    workers, cpus_per_worker, gpus_per_worker, trace, stall_timeout) are shorthand for the latter.
+    oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
+    pack_heads with a named paper oracle. progress: called with (done, total) as work finishes.
+    output: an Arrow IPC file written block by block (hidden states added with hidden=True, and
+    always for encoders). verify: also run the monolithic forward and check the error against the
+    tolerance of the dtype (docs/numerics.md) or `tolerance`. collect=False keeps no outputs in
+    memory (run.hidden and run.logprobs are None; verify collects what it needs).
+    """
+    from emulate.io import OutputWriter
+    from emulate.memory import peak_rss_mb
+
+    t_start = time.perf_counter()
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not math.isfinite(tolerance) or tolerance <= 0):
+        raise EmulateError(f"--tolerance must be a finite number > 0, got {tolerance!r}")
+    s = stream(model, tokens, **options)
+    p, config = s.problem, s.problem.model.config
+    writer = None
+    if output is not None:
+        writer = OutputWriter(output, p.tokens, config.width, p.dtype, logprob=config.lm_head,
+                              hidden=hidden or not config.lm_head,
+                              metadata={"model": config.name, "block_size": p.block_size,
+                                        "attention": p.patterns[0].describe(), "dtype": str(p.dtype).removeprefix("torch.")})
+    keep = collect or verify
+    hiddens, logprobs = [], []
+    try:
+        for _, out in s:
+            if writer is not None:
+                writer.write(out)
+            if keep:
+                hiddens.append(out.hidden)
+                if out.logprobs is not None:
+                    logprobs.append(out.logprobs)
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        s.close()
+    got_hidden = torch.cat(hiddens) if keep else None
+    got_logprobs = (torch.cat(logprobs) if logprobs else None) if keep and config.lm_head else None
+    stats = dict(s.stats)
+    if verify:
+        stats.update(_verify(s, got_hidden, got_logprobs, tolerance))
+    if output is not None:
+        stats["output"] = output
+    stats["wall_s"] = round(time.perf_counter() - t_start, 4)
+    stats["tokens_per_s"] = round(p.length / stats["forward_s"], 1) if stats["forward_s"] > 0 else None
+    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if not collect:
+        got_hidden = got_logprobs = None
+    return Run(got_hidden, got_logprobs, stats, s.graph, p.tokens)
+
+
+def monolithic(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
+              random_tokens: int | None = None, seed: int = 0, attention="auto", window: int | None = None,
+              sinks: int | None = None, dtype="float32", device: str = "cpu") -> Run:
+    """The monolithic forward (emulate/reference.py): one full-length pass, what every run is checked against.
+
+    Takes `run`'s problem keywords; returns a Run whose graph is None (no graph ran) and whose stats
+    hold reference_s. The sampled pattern's reference is exact full attention.
+    """
+    if device not in DEVICES:
+        raise EmulateError(f"device must be cpu or cuda, got {device!r}")
+    p = prepare(model, tokens, text=text, input=input, random_tokens=random_tokens, seed=seed, attention=attention,
+                window=window, sinks=sinks, dtype=dtype)
+    return _reference(p, device)
+
+
+def _reference(p: Problem, device: str) -> Run:
+    from emulate.reference import reference_forward
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = reference_forward(p.model.transformer(p.dtype, device), torch.from_numpy(p.tokens), list(p.patterns))
+    return Run(ref["hidden"], ref.get("logprob_next"), {"reference_s": round(time.perf_counter() - t0, 4)}, None,
+               p.tokens)
+
+
+def tolerance_for(patterns, oracle: Oracle, dtype: torch.dtype) -> float:
+    """The error a run's mode promises: the dtype's contract, or what an approximate mode states."""
+    if any(pat.kind == PatternKind.SAMPLED for pat in patterns):
+        return SAMPLED_TOLERANCE
+    if isinstance(oracle, PaperOracle) and not oracle.stable:
+        return RAW_PAPER_TOLERANCE[dtype]
+    return TOLERANCE[dtype]
+
+
+def _verify(s: Stream, hidden: torch.Tensor, logprobs: torch.Tensor | None, tolerance: float | None) -> dict:
+    """The monolithic forward on the same weights; the per-row error against the tolerance."""
+    p = s.problem
+    ref = _reference(p, s.device if isinstance(s.executor, Local) else "cpu")
+    out = dict(ref.stats)
+    out["max_abs_err"], out["max_rel_err"] = row_errors(hidden, ref.hidden.to(hidden.device))
+    finite = math.isfinite(out["max_rel_err"])
+    if logprobs is not None:
+        err = float((logprobs.double() - ref.logprobs.double().to(logprobs.device)).abs().max()) \
+            if logprobs.numel() else 0.0
+        out["max_logprob_err"] = err
+        finite = finite and math.isfinite(err)
+    tol = tolerance_for(p.patterns, s.oracle, p.dtype) if tolerance is None else float(tolerance)
+    out["tolerance"] = tol
+    out["verified"] = bool(finite and out["max_rel_err"] <= tol)  # NaN never passes
+    return out
+
+
+def describe(patterns) -> str:
+    kinds = {pat.kind for pat in patterns}
+    if len(kinds) == 1:
+        return str(patterns[0].kind)
+    return "mixed(" + ",".join(str(pat.kind) for pat in patterns) + ")"
+
+
+def _window(patterns):
+    windows = {pat.window for pat in patterns if pat.window is not None}
+    return windows.pop() if len(windows) == 1 else (sorted(windows) or None)
