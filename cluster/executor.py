@@ -12,12 +12,17 @@ of their inputs, so a re-run gives the same bits. A run that cannot go on stops 
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 from cluster.plan import Plan, make_plan
 from cluster.session import WorkerPool, capacity, connect, disconnect
-from emulate.config import EmulateError, error_line
+from emulate.config import EmulateError, Interrupted, error_line
 from emulate.executor import Execution, Job, Progress, Ray
 
 HEALTH_EVERY_S = 5.0
@@ -37,18 +42,23 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
             raise EmulateError(f"--trace {opts.trace}: not a file in an existing directory")
     g = job.graph
     t0 = time.perf_counter()
-    owned = connect(opts.address)
+    handlers = _SignalHandlers()
+    owned, pool = False, None
     try:
+        with _no_native_signal_handler():
+            owned = connect(opts.address)
+        handlers.restore()
         pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, dict(g.graph),
                           str(job.dtype).rsplit(".", 1)[-1])
-    except BaseException:
-        disconnect(owned)
-        raise
-    try:
+        handlers.restore()
         plan = make_plan(g, pool.size)
-    except BaseException:
-        pool.close()
-        disconnect(owned)
+    except BaseException as err:
+        with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
+            if pool is not None:
+                pool.close()
+            _disconnect(owned)
+        if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
+            raise Interrupted(signal.SIGTERM) from None  # ray.init's own handler: sys.exit(SIGTERM)
         raise
     _, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
     figures = {
@@ -58,15 +68,118 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)],
         "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
     }
-    return Execution(_execute(plan, pool, owned, opts, figures, progress), figures)
+    return Execution(_execute(plan, pool, owned, opts, figures, progress, handlers), figures)
 
 
-def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict, progress: Progress | None):
+def _disconnect(owned: bool) -> None:
+    """Leave Ray; a private instance is stopped with every process it started.
+
+    ray.shutdown stops the processes the driver started itself (GCS, raylet, monitors); those a
+    raylet was still starting when it was stopped (its agents, under load) can outlive it. Ray
+    names the instance's session directory session_<date>_<time>_<driver pid> and every process of
+    the instance carries that path on its command line, so what carries it afterwards is stopped
+    too; no other process is touched.
+    """
+    disconnect(owned)
+    if owned:
+        _stop_leftovers(f"_{os.getpid()}/")
+
+
+def _stop_leftovers(mark: str, settle_s: float = 3.0) -> None:
+    import psutil
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        left = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if proc.info["pid"] != os.getpid() and any("session_" in a and mark in a for a in proc.info["cmdline"] or []):
+                left.append(proc)
+        if not left or time.monotonic() > deadline:
+            return
+        for proc in left:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=2)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+@contextlib.contextmanager
+def _no_native_signal_handler():
+    """The driver's Ray core without its native failure-signal handler, which turns SIGTERM into a
+    stack dump and an abort (status 134); read once, when ray.init builds the core worker."""
+    name = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+class _SignalHandlers:
+    """The caller's signal handlers, put back after each step that starts Ray's machinery.
+
+    Ray's core worker replaces SIGTERM's handler with one that dumps a native stack and exits
+    (status 15 or 134), at initialisation and again as its workers come up; the caller's handlers
+    (the CLI's clean exit with 128 + signal) must win.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        main = threading.current_thread() is threading.main_thread()
+        self.before = {sig: signal.getsignal(sig) for sig in self.SIGNALS} if main else {}
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            if handler is not None:  # set again even when Python's view is unchanged: Ray's is in C
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def ignored(self):
+        """No signal interrupts the clean-up (stopping Ray signals its own processes); then the
+        caller's handlers again."""
+        for sig in self.before:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null while Ray stops: its C++ core writes there directly."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()  # what Ray's threads printed meanwhile goes where fd 2 pointed
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict, progress: Progress | None,
+             handlers: _SignalHandlers):
     import ray
 
     try:
         t0 = time.time()
         heads, metas = _submit(plan, pool)
+        handlers.restore()
         producer = {key: t for t in plan.tasks for key in t.writes}
         records: list[dict] = []
         pending = list(metas)
@@ -107,7 +220,8 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
             write_trace(opts.trace, records, pool.info, t0)
             figures["trace"] = opts.trace
     except BaseException:
-        _teardown(pool, owned)
+        with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs a line for each task cut short
+            _teardown(pool, owned)
         raise
     # A private instance stops when this process exits (atexit), not here: its shutdown takes a
     # second or more, which is no part of the forward.
@@ -115,12 +229,12 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
     if owned:
         import atexit
 
-        atexit.register(disconnect, True)
+        atexit.register(_disconnect, True)
 
 
 def _teardown(pool: WorkerPool, owned: bool) -> None:
     pool.close()
-    disconnect(owned)
+    _disconnect(owned)
 
 
 def _submit(plan: Plan, pool: WorkerPool):

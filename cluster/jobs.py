@@ -3,14 +3,18 @@
 Prints the job id, follows the job's logs, and exits with the job's status (0 when it
 succeeded). Ray's token authentication stays on: the token is read where Ray keeps it
 ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and sent with every request; with
-no token the command stops with one line rather than trying without.
+no token the command stops with one line rather than trying without. A job server that is up
+but has no job agent yet (a cluster just started or busy: Ray answers "No available agent to
+submit job") is asked again every 2 s for up to SUBMIT_RETRY_S (60 s), then it is one line.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +23,8 @@ from emulate.config import EmulateError, error_line
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PATH_OPTIONS = ("--input", "--output", "-o", "--trace", "--model")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SUBMIT_RETRY_S = 60.0  # how long a transient "No available agent" refusal is retried
+TRANSIENT = ("No available agent",)
 
 
 def job_server(address: str | None) -> str:
@@ -36,15 +42,13 @@ def auth_headers() -> dict:
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         raise EmulateError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emulate submit keeps Ray's token "
                            "authentication on; unset RAY_AUTH_MODE or set it to token")
-    from ray._raylet import AuthenticationTokenLoader
+    from cluster.session import find_token, token_path
 
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()  # the token file may have appeared since this process started
-    if not loader.has_token(ignore_auth_mode=True):
-        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-        raise EmulateError(f"no Ray authentication token (looked in $RAY_AUTH_TOKEN and {where}); copy the "
+    token = find_token()  # the token file may have appeared since this process started
+    if token is None:
+        raise EmulateError(f"no Ray authentication token (looked in $RAY_AUTH_TOKEN and {token_path()}); copy the "
                            "cluster's token there (`ray get-auth-token` on the head prints it)")
-    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    return {"Authorization": f"Bearer {token}"}
 
 
 def entrypoint(run_args: list[str], local: bool) -> str:
@@ -62,7 +66,11 @@ def entrypoint(run_args: list[str], local: bool) -> str:
 
 
 def submit(run_args: list[str], address: str | None = None, wait: bool = True) -> int:
-    """Submit `emulate run ...` as a job; follow its logs unless wait is False. The job's exit status."""
+    """Submit `emulate run ...` as a job; follow its logs unless wait is False. The job's exit status.
+
+    "No available agent to submit job" (the head's job agent not registered yet) is retried every
+    2 s for up to SUBMIT_RETRY_S = 60 s; any other refusal, or that one after 60 s, is one line.
+    """
     run_args = list(run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
@@ -75,14 +83,13 @@ def submit(run_args: list[str], address: str | None = None, wait: bool = True) -
     local = (urlparse(url).hostname or "") in LOCAL_HOSTS
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # no INFO line per request
+
     try:
         client = JobSubmissionClient(url, headers=headers)
     except Exception as err:  # noqa: BLE001 - connection, auth and version errors all end here
         raise EmulateError(f"cannot reach the Ray job server at {url}: {error_line(err)}") from None
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint(run_args, local))
-    except Exception as err:  # noqa: BLE001
-        raise EmulateError(f"the job server at {url} refused the job: {error_line(err)}") from None
+    job_id = _submit_with_retry(client, url, entrypoint(run_args, local))
     print(f"job {job_id} submitted to {url}", file=sys.stderr, flush=True)
     print(job_id, file=sys.stderr if "--json" in run_args else sys.stdout, flush=True)
     if not wait:
@@ -95,6 +102,30 @@ def submit(run_args: list[str], address: str | None = None, wait: bool = True) -
     status = client.get_job_status(job_id)
     print(f"job {job_id} {status.value.lower()}", file=sys.stderr)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit_with_retry(client, url: str, command: str, retry_s: float = SUBMIT_RETRY_S) -> str:
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command)
+        except Exception as err:  # noqa: BLE001
+            transient = any(t in str(err) for t in TRANSIENT)
+            if transient and time.monotonic() + 2.0 < deadline:
+                time.sleep(2.0)
+                continue
+            waited = f" (still so after retrying for {retry_s:g} s)" if transient else ""
+            raise EmulateError(f"the job server at {url} refused the job: {_reason(err)}{waited}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The line of Ray's error that says why: its HTTP error's text, not the request's repr."""
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    for t in TRANSIENT:
+        for line in lines:
+            if t in line:
+                return line
+    return error_line(err)
 
 
 async def _follow(client, job_id: str) -> None:

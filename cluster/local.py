@@ -1,29 +1,57 @@
 """`emulate cluster up|down|status`: a multi-node Ray cluster on this machine, for trying things.
 
 `up` starts a head and K worker nodes with `ray start`, each a raylet of its own with its own
-CPUs, all under one temporary directory; the dashboard and job server listen on 127.0.0.1 and
-token authentication is on. `down` stops exactly the processes of that cluster (found by its
+CPUs, all under one temporary directory and all on 127.0.0.1: every Ray server of the cluster
+listens on the loopback interface only, token authentication is on, and the dashboard and job
+server listen on 127.0.0.1 (cluster/README.md, Security, lists every port). It returns once the
+Jobs API runs a job (a no-op `true`, submitted, waited for and deleted), within
+READY_TIMEOUT_S; a failed `up`, at any step or interrupted, stops everything it started and
+leaves no state behind. `down` stops exactly the processes of that cluster (found by its
 directory and address, and their children), never another Ray instance on the machine.
 """
 from __future__ import annotations
 
 import json
+import math
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from emulate.config import EmulateError
+from emulate.config import EmulateError, error_line
 
+NODE_BYTES = 2**29  # the budget per node: a raylet, its two agents and its idle workers
 STATE = Path(os.environ.get("EMULATE_CLUSTER_DIR", "/tmp/emulate-cluster"))
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 180.0  # one `ray start`
+READY_TIMEOUT_S = 120.0  # from the last node started until the Jobs API has run a job
+# no Prometheus metrics export (an unauthenticated HTTP port per node); the worker nodes take the
+# head's system config from its GCS
+SYSTEM_CONFIG = {"enable_metrics_collection": False}
+# `ray start` for a worker node: Ray refuses worker nodes in its single-machine mode (the one
+# that keeps 127.0.0.1 as the node's address), so this passes that check and keeps 127.0.0.1
+# as given; the node's processes inherit the mode from the environment (RAY_ENABLE_..._CLUSTER=0).
+_RAY_START_ON_LOOPBACK = (
+    "import sys\n"
+    "from ray._private import ray_constants, services\n"
+    "ray_constants.ENABLE_RAY_CLUSTER = True\n"
+    "services.resolve_ip_for_localhost = lambda host: host\n"
+    "from ray.scripts.scripts import main\n"
+    "sys.argv[0] = 'ray'\n"
+    "sys.exit(main())\n"
+)
 
 
-def _ray() -> str:
+def _ray() -> list[str]:
     exe = Path(sys.executable).with_name("ray")
-    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+    return [str(exe) if exe.exists() else (shutil.which("ray") or "ray")]
 
 
 def _state_file() -> Path:
@@ -37,6 +65,13 @@ def _load() -> dict | None:
         return None
 
 
+def _save(state: dict) -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    tmp = _state_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(_state_file())
+
+
 def _reachable(address: str) -> bool:
     from cluster.session import unreachable
 
@@ -44,67 +79,213 @@ def _reachable(address: str) -> bool:
 
 
 def _env() -> dict:
-    """Token authentication on for every process of the cluster, with a token made if none exists."""
-    from ray._private.authentication.authentication_token_setup import generate_and_save_token
-    from ray._raylet import AuthenticationTokenLoader
+    """The cluster's environment: token authentication on (a token made, mode 0600, if none exists)
+    and Ray's single-machine mode, so every node's address is 127.0.0.1."""
+    from cluster.session import LOCAL_ONLY_ENV, ensure_token, token_readable_by_others
 
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        generate_and_save_token()
-    return env
+    made = ensure_token(force=True)
+    if made is not None:
+        print(f"emulate: made a Ray authentication token in {made} (mode 0600)", file=sys.stderr)
+    elif (loose := token_readable_by_others()) is not None:
+        print(f"emulate: warning: the Ray token file {loose} is readable by other users; chmod 600 it",
+              file=sys.stderr)
+    return dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", **{LOCAL_ONLY_ENV: "0"})
 
 
-def _start(cmd: list[str], env: dict) -> None:
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise EmulateError(f"`{' '.join(cmd[:3])} ...` failed: {' / '.join(tail)}")
+def _port_in_use(port: int) -> bool:
+    """True when something listens on `port` (any IPv4 address, or all of IPv6)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore connections in TIME_WAIT
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CAUSE = re.compile(r"Error|Exception|Check failed|[Ff]ailed to|refused|already|not found")
+
+
+def _start(cmd: list[str], env: dict, what: str) -> None:
+    """Run one `ray start`; a failure or a hang (START_TIMEOUT_S) is one line."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=START_TIMEOUT_S)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise EmulateError(f"`ray start` for the {what} did not finish within {START_TIMEOUT_S:g} s") from None
+    if proc.returncode != 0:
+        lines = [_ANSI.sub("", s).strip() for s in out.strip().splitlines() if s.strip()] or ["no output"]
+        why = next((s for s in reversed(lines) if _CAUSE.search(s)), lines[-1])
+        raise EmulateError(f"`ray start` for the {what} failed (exit {proc.returncode}): {why[:400]}")
 
 
 def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int) -> dict:
-    state = _load()
-    if state and _reachable(state["address"]):
-        raise EmulateError(f"a cluster is already up at {state['address']} (emulate cluster down first)")
+    """Start the cluster and return its state once it runs jobs; on any failure, nothing is left."""
     if worker_nodes < 0:
         raise EmulateError(f"--worker-nodes must be >= 0, got {worker_nodes}")
+    import psutil
+
+    room = int(psutil.virtual_memory().available // NODE_BYTES) - 1  # the head takes one node's share
+    if worker_nodes > room:
+        raise EmulateError(f"--worker-nodes {worker_nodes}: each node's Ray processes are budgeted at "
+                           f"{NODE_BYTES / 2**30:.1f} GiB, and this machine has room for {max(room, 0)} besides the head")
+    if cpus is not None and not (math.isfinite(cpus) and cpus > 0):
+        raise EmulateError(f"--cpus-per-node must be a finite number > 0, got {cpus}")
+    for flag, p in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if not 1024 <= p <= 65535:
+            raise EmulateError(f"{flag} must be a port in 1024..65535, got {p}")
+    if port == dashboard_port:
+        raise EmulateError(f"--port and --dashboard-port must differ, both are {port}")
+    state = _load()
+    if state is not None:
+        if _reachable(state["address"]) or _processes_of(state):
+            raise EmulateError(f"a cluster is already up at {state['address']} (emulate cluster down first)")
+        _forget(state)  # the record of a cluster that is gone
+    for flag, p in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if _port_in_use(p):
+            raise EmulateError(f"port {p} ({flag}) is already in use on this machine; choose another with {flag}")
     cpus = cpus if cpus is not None else float(os.cpu_count() or 1)
-    temp = STATE / f"ray-{port}"
-    temp.mkdir(parents=True, exist_ok=True)
     env = _env()
-    ray = _ray()
-    _start([ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus:g}", f"--temp-dir={temp}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            "--disable-usage-stats"], env)
-    # ray start records the GCS address it advertises (this host's interface address) in its temp dir
-    address = (temp / "ray_current_cluster").read_text().strip()
-    state = {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "temp_dir": str(temp),
+    temp = STATE / f"ray-{port}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    client_port = _free_port()
+    state = {"address": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard_port}",
+             "client_server": f"ray://{HOST}:{client_port}", "temp_dir": str(temp),
              "worker_nodes": worker_nodes, "cpus_per_node": cpus}
-    _state_file().write_text(json.dumps(state))
-    for _ in range(worker_nodes):
-        _start([ray, "start", f"--address={address}", f"--num-cpus={cpus:g}", "--disable-usage-stats"], env)
+    _save(state)  # first: a killed `up` leaves what `down` needs to find the processes
+    try:
+        node = [f"--num-cpus={cpus:g}", f"--node-ip-address={HOST}", "--dashboard-agent-listen-port=0",
+                "--disable-usage-stats"]
+        _start([*_ray(), "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
+                f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
+                f"--ray-client-server-port={client_port}", f"--system-config={json.dumps(SYSTEM_CONFIG)}", *node],
+               env, "head")
+        for k in range(worker_nodes):
+            _start([sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start", f"--address={state['address']}", *node],
+                   env, f"worker node {k + 1}")
+        _wait_for_jobs(state["dashboard"])
+    except BaseException as err:
+        _stop(state)
+        if isinstance(err, EmulateError):
+            raise EmulateError(f"{err} (stopped everything `cluster up` had started)") from None
+        raise
     return state
+
+
+def _wait_for_jobs(url: str) -> None:
+    """Return once the job server has run a job: a no-op `true` submitted, waited for and deleted.
+
+    Right after `ray start` the dashboard may not answer yet, and the head's job agent may not
+    be registered (the job server then answers "No available agent to submit job"); both are
+    retried until READY_TIMEOUT_S, then it is one line.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.session import find_token
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+    headers = {"Authorization": f"Bearer {find_token()}"}
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    client, job, last = None, None, None
+    while job is None:
+        if time.monotonic() > deadline:
+            raise EmulateError(f"the job server at {url} did not accept a job within {READY_TIMEOUT_S:g} s: "
+                               f"{error_line(last) if last else 'no answer'}")
+        try:
+            client = client or JobSubmissionClient(url, headers=headers)
+            job = client.submit_job(entrypoint="true", submission_id=f"emulate-ready-{uuid.uuid4().hex[:8]}",
+                                    metadata={"emulate": "cluster up readiness check"})
+        except Exception as err:  # noqa: BLE001 - not up yet, or no agent yet: both pass
+            last = err
+            time.sleep(1.0)
+    status = None
+    try:
+        while time.monotonic() < deadline:
+            status = client.get_job_status(job)
+            if status.is_terminal():
+                break
+            time.sleep(0.5)
+        else:
+            raise EmulateError(f"a no-op test job did not finish within {READY_TIMEOUT_S:g} s (still {status})")
+        if status != JobStatus.SUCCEEDED:
+            info = client.get_job_info(job)
+            raise EmulateError(f"a no-op test job {status.value.lower()}: {error_line(info.message or 'no message')}")
+    except EmulateError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the job server went away meanwhile
+        raise EmulateError(f"the job server at {url} stopped answering: {error_line(err)}") from None
+    try:
+        client.delete_job(job)
+    except Exception:  # noqa: BLE001 - a leftover finished record is harmless
+        pass
 
 
 def _processes_of(state: dict) -> list[int]:
     """Pids of this cluster's processes and their descendants (workers, job drivers)."""
     import psutil
 
-    def ours(cmd: str) -> bool:
+    temp, address = state["temp_dir"], state["address"]
+
+    def ours(args: list[str]) -> bool:
         # Ray's processes name the cluster's directory, or its address as `--flag=ADDRESS`; a
         # driver that joined with `--address ADDRESS` is the user's, not the cluster's.
-        return state["temp_dir"] in cmd or (f"={state['address']}" in cmd and "ray" in cmd)
+        if any(a == temp or a.endswith("=" + temp) or temp + "/" in a for a in args):
+            return True
+        joined = " ".join(args)
+        ray_program = ("site-packages/ray/" in joined or "ray.util.client" in joined or "ray.scripts" in joined
+                       or any(Path(a).name == "ray" for a in args[:2]))
+        return ray_program and any(a.endswith("=" + address) for a in args)
 
     own: set[int] = set()
+    skip = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["pid"] != os.getpid() and ours(cmd):
+        args = proc.info["cmdline"] or []
+        if args and proc.info["pid"] not in skip and ours(args):
             own.add(proc.info["pid"])
     for pid in list(own):
         try:
             own.update(child.pid for child in psutil.Process(pid).children(recursive=True))
         except psutil.Error:  # gone meanwhile
             pass
-    return sorted(own)
+    return sorted(own - skip)
+
+
+def _stop(state: dict) -> None:
+    """Stop every process of the cluster (SIGTERM, then SIGKILL after 5 s), then forget it."""
+    for _ in range(3):  # a raylet may start a worker while the others stop: look again
+        pids = _processes_of(state)
+        if not pids:
+            break
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            end = time.monotonic() + wait_s
+            while time.monotonic() < end and any(_alive(p) for p in pids):
+                time.sleep(0.2)
+            pids = [p for p in pids if _alive(p)]
+            if not pids:
+                break
+    _forget(state)
+
+
+def _forget(state: dict) -> None:
+    _state_file().unlink(missing_ok=True)
+    _state_file().with_suffix(".tmp").unlink(missing_ok=True)
+    shutil.rmtree(state["temp_dir"], ignore_errors=True)
 
 
 def down() -> int:
@@ -112,21 +293,7 @@ def down() -> int:
     if state is None:
         print("no local cluster is up (nothing recorded in " + str(_state_file()) + ")", file=sys.stderr)
         return 0
-    pids = _processes_of(state)
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        end = time.monotonic() + wait_s
-        while time.monotonic() < end and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        pids = [p for p in pids if _alive(p)]
-        if not pids:
-            break
-    _state_file().unlink(missing_ok=True)
-    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    _stop(state)
     print(f"stopped the local cluster at {state['address']}", file=sys.stderr)
     return 0
 

@@ -1,24 +1,38 @@
 """Joining or starting Ray, and the pool of worker actors: every bad request ends in one clear line.
 
-Without an address the executor starts a private local Ray instance (no dashboard, no job
-server) and stops it at the end (on success when the process exits: its shutdown takes seconds
-that are no part of the forward); with `--address auto|HOST:PORT` or RAY_ADDRESS it joins a
-running cluster and leaves it running. Token authentication stays as Ray sets it: on for a new
-local instance, and a joined cluster that wants a token refuses a driver without one.
+Without an address the executor starts a private local Ray instance and stops it at the end (on
+success when the process exits: its shutdown takes seconds that are no part of the forward). The
+private instance is one node on 127.0.0.1: every server it starts listens on the loopback
+interface only (cluster/README.md, Security, lists them), with no dashboard, no metrics export,
+and Ray's token authentication on (a token is made in ~/.ray/auth_token, mode 0600, if none
+exists). With `--address auto|HOST:PORT` or RAY_ADDRESS it joins a running cluster and leaves it
+running: the cluster's GCS is asked first (one RPC, a few milliseconds) whether it takes this
+process's token, so a cluster that wants a token refuses a driver without one in one line and at
+once, rather than after Ray's twenty seconds of retries.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+import stat
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 from emulate.config import EmulateError, error_line
 from emulate.executor import Ray
 
 NAMESPACE = "emulate"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Ray's single-machine mode (its default on macOS and Windows): with it, Ray keeps 127.0.0.1 as
+# the node's address instead of resolving it to the host's interface address, and every Ray
+# server then binds the loopback interface only.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+PROBE_TIMEOUT_S = 5.0
 
 
 def connect(address: str | None) -> bool:
@@ -32,34 +46,209 @@ def connect(address: str | None) -> bool:
     if address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+            ensure_token()
+            with loopback_only():
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                         _system_config={"enable_metrics_collection": False}, **quiet)
+        except EmulateError as err:
+            raise EmulateError(f"could not start a local Ray instance: {err}") from None
         except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; the user needs one line
             raise EmulateError(f"could not start a local Ray instance: {error_line(err)}") from None
         return True
     if address.startswith(("http://", "https://")):
         raise EmulateError(f"--address {address} is a dashboard/job server address; `emulate run` joins a cluster "
                            "with --address auto or HOST:PORT (the GCS port, 6379 by default); `emulate submit` takes the http one")
-    if address != "auto" and not address.startswith("ray://"):
-        _check_reachable(address)
-    has_token = _use_token_if_present()
+    target = _resolve_auto(address)
+    if target is not None and address != "auto":
+        _check_reachable(target)
+    token, why_none = _token_for_join()
+    nodes = _probe(target, token, why_none) if target is not None else None
+    # a cluster whose nodes all live on 127.0.0.1 (`emulate cluster up`) is joined the same way
+    loopback = bool(nodes) and all(n in LOOPBACK for n in nodes)
     try:
-        ray.init(address=address, **quiet)
+        with loopback_only(loopback), _stderr_captured() as captured:
+            ray.init(address=address, **quiet)
     except Exception as err:  # noqa: BLE001
-        hint = "" if has_token else (" (no Ray authentication token found in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
-                                     "~/.ray/auth_token; a cluster with token authentication refuses drivers without one)")
+        hint = "" if token else f" ({why_none}; a cluster with token authentication refuses drivers without one)"
         raise EmulateError(f"could not join the Ray cluster at {address}: {error_line(err)}{hint}") from None
+    sys.stderr.write(captured())  # what Ray wrote on the way in, shown once it joined
     return False
 
 
-def _use_token_if_present() -> bool:
-    """Send Ray's token when one exists (as `ray start` does); an explicit RAY_AUTH_MODE wins."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+def token_path() -> Path:
+    """Where Ray reads its token file: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
-    has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
+
+def find_token() -> str | None:
+    """The token Ray would send ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), or None.
+    A $RAY_AUTH_TOKEN_PATH naming no readable, non-empty file is an error (Ray's own rule)."""
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # the token file may have appeared since this process started
+    try:
+        if not loader.has_token(ignore_auth_mode=True):
+            return None
+        return loader.get_raw_token(ignore_auth_mode=True)
+    except AuthenticationError:
+        raise EmulateError(f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')} names no readable, "
+                           "non-empty token file") from None
+
+
+def ensure_token(force: bool = False) -> Path | None:
+    """Make sure a token exists for a new local instance or cluster with token authentication.
+
+    Ray would make one itself, readable by everyone (mode 0644); this makes it first in
+    ~/.ray/auth_token with mode 0600 (and ~/.ray with mode 0700 when it creates it). Returns the
+    path it wrote, or None when a token existed already or authentication is off by choice
+    (RAY_AUTH_MODE=disabled, unless `force`: `emulate cluster up` always uses a token).
+    """
+    if not force and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if find_token() is not None:
+        return None
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing empty file keeps its old mode otherwise
+        f.write(generate_new_authentication_token())
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+    return path
+
+
+def token_readable_by_others() -> str | None:
+    """The token file and its mode when users other than its owner may read it, else None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    try:
+        mode = token_path().stat().st_mode
+    except OSError:
+        return None
+    return f"{token_path()} (mode {stat.S_IMODE(mode):04o})" if mode & 0o077 else None
+
+
+@contextlib.contextmanager
+def loopback_only(on: bool = True):
+    """Ray's single-machine mode while Ray starts or joins inside: node address 127.0.0.1.
+
+    Ray resolves 127.0.0.1 to the host's interface address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    is 0; the variable reaches the processes Ray starts meanwhile (they inherit it), and Ray's
+    constant in this process follows it for the duration. Both are restored after.
+    """
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 into a temporary file while inside: Ray's C++ core writes its retry
+    warnings there directly, not through Python. Yields a function that returns what was written."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    tmp = tempfile.TemporaryFile()
+    text: list[str] = []
+    try:
+        os.dup2(tmp.fileno(), 2)
+        yield lambda: "".join(text)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        tmp.seek(0)
+        text.append(tmp.read().decode(errors="replace"))
+        tmp.close()
+
+
+def _resolve_auto(address: str) -> str | None:
+    """HOST:PORT for --address auto (from $RAY_ADDRESS or the latest local cluster), or the address;
+    None for a Ray Client address or an auto that names nothing (Ray then says why)."""
+    if address.startswith("ray://"):
+        return None
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment("auto", None)
+    except Exception:  # noqa: BLE001 - Ray reports it itself in ray.init
+        return None
+    return found if found and found not in ("auto", "local") and not found.startswith("ray://") else None
+
+
+def _token_for_join() -> tuple[str | None, str]:
+    """(the token to send, or None; why there is none, for the error line)."""
+    explicit = os.environ.get("RAY_AUTH_MODE")
+    try:
+        token = find_token()
+    except EmulateError as err:
+        return None, str(err)
+    if token is None:
+        return None, "no Ray authentication token found in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+    if explicit is not None and explicit.lower() != "token":
+        return None, f"RAY_AUTH_MODE={explicit}, so no token is sent"
+    if explicit is None:  # send Ray's token when one exists (as `ray start` does)
+        from ray._raylet import Config
+
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray caches its config: refresh it so this process sees token mode
-    return has_token
+    return token, ""
+
+
+def _probe(address: str, token: str | None, why_none: str) -> list[str] | None:
+    """Ask the GCS at HOST:PORT for its live nodes with this process's token, in one RPC.
+
+    Returns their addresses; a refused token, or none for a cluster that wants one, is one line
+    (EmulateError) at once, and so is a port where no gRPC server answers. None when the probe
+    cannot tell (TLS, a slow or older GCS): ray.init decides.
+    """
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return None
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    try:
+        with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+            reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata)
+    except grpc.RpcError as err:
+        code = err.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if token:
+                raise EmulateError(f"the Ray cluster at {address} refused this process's authentication token "
+                                   f"(from {'$RAY_AUTH_TOKEN' if os.environ.get('RAY_AUTH_TOKEN') else token_path()}); "
+                                   "use the cluster's token (`ray get-auth-token` on its head prints it)") from None
+            raise EmulateError(f"the Ray cluster at {address} requires token authentication: {why_none}; copy the "
+                               "cluster's token to ~/.ray/auth_token or set RAY_AUTH_TOKEN") from None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise EmulateError(f"no Ray cluster answers at {address}: {error_line(err.details() or code.name)}") from None
+        return None
+    return [n.node_manager_address for n in reply.node_info_list if n.state == 0]  # 0: ALIVE
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:

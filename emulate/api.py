@@ -23,6 +23,7 @@ from emulate.config import EmulateError
 from emulate.executor import EXECUTORS, Executor, Job, Local, Progress, Ray
 from emulate.forward import check_tokens, compile_forward, resolve_patterns, row_errors
 from emulate.loaders import Model, load
+from emulate.memory import check_fits, estimate
 from emulate.oracles import KernelOracle, Oracle, PaperOracle, oracle_named
 from graphs import Pattern, PatternKind, counts
 
@@ -79,7 +80,7 @@ def _int(name: str, value, low: int = 1) -> int:
 
 def _token_ids(model: Model, tokens, text, input, random_tokens, seed: int) -> np.ndarray:
     """The run's token ids from exactly one source; the embedded default when none is given."""
-    from emulate.io import random_ids, read_text, read_tokens, TEXT_SUFFIXES
+    from emulate.io import TEXT_SUFFIXES, check_text, random_ids, read_text, read_tokens
 
     given = [name for name, v in (("tokens", tokens), ("text", text), ("input", input),
                                   ("random_tokens", random_tokens)) if v is not None]
@@ -91,7 +92,7 @@ def _token_ids(model: Model, tokens, text, input, random_tokens, seed: int) -> n
     if text is not None:
         if not isinstance(text, str):
             raise EmulateError(f"text must be a str, not {type(text).__name__}")
-        return model.tokenize(text)
+        return model.tokenize(check_text(text))
     if input is not None:
         if Path(input).suffix.lower() in TEXT_SUFFIXES:
             return model.tokenize(read_text(input))
@@ -112,16 +113,32 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
             dtype="float32", count_only: bool = False) -> Problem:
     """Resolve a forward's inputs: load the model, read the token ids, check them, choose the masks."""
     seed = _int("--seed", seed, 0)
+    if seed >= 2**64:
+        raise EmulateError(f"--seed must be below 2**64, got {seed}")
     block_size = _int("--block-size", block_size)
     m = load(DEFAULT_MODEL if model is None else model)
     dt = _dtype(dtype)
+    patterns = resolve_patterns(m.config, attention, window, sinks)
+    bytes_per = torch.finfo(dt).bits // 8
+
+    def fits(n: int) -> None:
+        check_fits(estimate(m.config, n, block_size, patterns, bytes_per), f"{n} tokens at M = {block_size}")
+
     if count_only and isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
-        ids, length = np.empty(0, dtype=np.int64), _int("tokens", tokens)
+        length = _int("tokens", tokens)
+        fits(length)
+        ids = np.empty(0, dtype=np.int64)
     else:
+        if random_tokens is not None and isinstance(random_tokens, (int, np.integer)) and random_tokens > 0:
+            fits(int(random_tokens))  # before a single id is drawn
         ids = _token_ids(m, tokens, text, input, random_tokens, seed)
         length = len(ids)
         check_tokens(m.config, ids)
-    patterns = resolve_patterns(m.config, attention, window, sinks)
+        fits(length)
+    for name, value in (("--window", window), ("--sinks", sinks)):
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > length:
+            raise EmulateError(f"{name} {value} is longer than the input's {length} tokens; it would change nothing "
+                               f"but the name of the mask (use --attention causal)")
     return Problem(m, ids, length, tuple(patterns), block_size, dt, seed)
 
 
@@ -289,15 +306,19 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     tolerance of the dtype (docs/numerics.md) or `tolerance`. collect=False keeps no outputs in
     memory (run.hidden and run.logprobs are None; verify collects what it needs).
     """
-    from emulate.io import OutputWriter
+    from emulate.io import OutputWriter, output_target
     from emulate.memory import peak_rss_mb
 
     t_start = time.perf_counter()
+    if output is not None:
+        output_target(output)  # a path that cannot be written is refused before any work
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
                                   or not math.isfinite(tolerance) or tolerance <= 0):
         raise EmulateError(f"--tolerance must be a finite number > 0, got {tolerance!r}")
     s = stream(model, tokens, **options)
     p, config = s.problem, s.problem.model.config
+    check_fits(estimate(config, p.length, p.block_size, p.patterns, torch.finfo(p.dtype).bits // 8, collect, verify),
+               f"{p.length} tokens at M = {p.block_size}" + (" with verify" if verify else ""))
     writer = None
     if output is not None:
         writer = OutputWriter(output, p.tokens, config.width, p.dtype, logprob=config.lm_head,

@@ -1,16 +1,20 @@
 """The `emulate` command: argparse, a call into the Python API (emulate/api.py), and print.
 
 Every bad input is one line on stderr and exit 2 (the API's EmulateError); a verified run whose
-error exceeds its tolerance exits 1; an interrupt exits 130.
+error exceeds its tolerance exits 1; SIGINT, SIGTERM and SIGHUP clean up (temporary files, Ray
+workers, a private Ray instance) and exit 128 + the signal's number with one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 
-from emulate.config import EmulateError
+from emulate.config import EmulateError, Interrupted
 
 DESCRIPTION = """\
 Run a long-context transformer forward as a task graph of small calls that each see at most
@@ -42,7 +46,33 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {action.default})"
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+_received: list[int] = []  # the signal behind an interrupt; Ray re-raises ours as a bare KeyboardInterrupt
+
+
+def _interrupt(signum, frame):
+    for sig in INTERRUPTS:  # one interrupt is enough: let the clean-up it starts finish
+        signal.signal(sig, signal.SIG_IGN)
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status. Signal handlers are set for the call and restored."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return _main(argv)
+    _received.clear()
+    before = {sig: signal.signal(sig, _interrupt) for sig in INTERRUPTS}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -56,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except EmulateError as err:
         print(f"emulate: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("emulate: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", None) or (_received[0] if _received else signal.SIGINT)
+        print(f"emulate: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +196,7 @@ def cmd_run(args) -> int:
 
     default_run = args.model is None and args.input is None and args.text is None and args.random_tokens is None
     progress = None if args.json else _progress_bar()
+    stdout = JsonStdout() if args.json else None  # stdout carries the one JSON object, whatever Ray prints
     try:
         result = emulate.run(
             args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
@@ -173,14 +205,18 @@ def cmd_run(args) -> int:
             stall_timeout=args.stall_timeout, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False,
             progress=progress.update if progress else None)
+    except BaseException:
+        if stdout is not None:
+            stdout.restore()
+        raise
     finally:
         if progress is not None:
             progress.close()
     s = result.stats
     if args.json:
         # NaN is not JSON: a non-finite error (a broken run) is printed as null, never as a bare NaN
-        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in s.items()},
-                         allow_nan=False))
+        stdout.emit(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in s.items()},
+                               allow_nan=False))
     else:
         print(human_summary(s))
     if s.get("verified") is False:
@@ -188,6 +224,38 @@ def cmd_run(args) -> int:
               + ("" if math.isfinite(s["max_rel_err"]) else " (not a finite number)"), file=sys.stderr)
         return 1
     return 0
+
+
+class JsonStdout:
+    """Keeps file descriptor 1 for the one JSON object while the run lasts.
+
+    Libraries write to fd 1 behind Python's back (Ray's log lines and C++ warnings), so during the
+    run fd 1 points at stderr; the JSON line is written to the original stdout, which is then put
+    back. Where stdout is not a file descriptor (a test's captured stream) nothing is redirected.
+    """
+
+    def __init__(self):
+        self.saved = None
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        if fd != 1:
+            return
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(2, 1)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            sys.stdout.flush()
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+            self.saved = None
+
+    def emit(self, line: str) -> None:
+        self.restore()
+        print(line, flush=True)
 
 
 def _progress_bar() -> ProgressBar | None:
@@ -247,9 +315,10 @@ def add_graph_command(sub) -> None:
 
 def cmd_graph(args) -> int:
     import emulate
-    from emulate.io import atomic_write_text
+    from emulate.io import atomic_write_text, output_target
     from graphs import counts, to_dot, to_json
 
+    output_target(args.output)  # refused before the graph is built
     g = emulate.compile(args.model, **problem_keywords(args))
     atomic_write_text(args.output, to_json(g) if args.format == "json" else to_dot(g))
     c = counts(g)
@@ -282,12 +351,11 @@ def add_theorems_command(sub) -> None:
 
 
 def cmd_theorems(args) -> int:
-    from pathlib import Path
-
+    from emulate.io import output_target
     from emulate.paper.theorems import plot, slopes, sweep, table
 
-    if args.plot and not Path(args.plot).parent.is_dir():
-        raise EmulateError(f"output directory {Path(args.plot).parent} does not exist")
+    if args.plot:
+        output_target(args.plot)  # refused before the runs
 
     def report(row):
         if not args.json:
@@ -318,6 +386,9 @@ def cmd_theorems(args) -> int:
 def add_submit_command(sub) -> None:
     submit = sub.add_parser("submit", formatter_class=Help,
                             help="submit `emulate run ...` to a Ray cluster as a job (Ray Jobs API)",
+                            description="Submit `emulate run ...` as a Ray job, follow its logs and exit with its "
+                                        "status. A job server that is still starting its agent (\"No available "
+                                        "agent\") is retried for up to 60 s.",
                             epilog="example:\n  emulate submit -- run --random-tokens 16384 -M 1024 --json")
     submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
                         "or http://127.0.0.1:8265)")
@@ -335,6 +406,10 @@ def cmd_submit(args) -> int:
 def add_cluster_command(sub) -> None:
     cluster = sub.add_parser("cluster", formatter_class=Help,
                              help="start or stop a local multi-node Ray cluster on this machine",
+                             description="up: a head and K worker nodes on 127.0.0.1 with token authentication; "
+                                         "returns once the Jobs API runs a job (at most 120 s), and stops "
+                                         "everything it started when it fails. down: stops exactly that cluster. "
+                                         "status: prints its state.",
                              epilog="example:\n  emulate cluster up --worker-nodes 2 && emulate submit -- run --json; "
                                     "emulate cluster down")
     cluster.add_argument("action", choices=("up", "down", "status"))
@@ -366,5 +441,17 @@ def cmd_cluster(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `emulate` executable. After an interrupt the clean-up has run inside main(); the
+    process then ends at once, skipping interpreter teardown, where Ray's native threads, cut
+    short, can still crash (a segfault after the one line would turn 143 into 139)."""
+    code = main()
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -8,6 +8,15 @@ class EmulateError(Exception):
     """Bad input or an impossible request: the CLI prints it as one line and exits non-zero."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the run (SIGINT, SIGTERM, SIGHUP): raised where the program is, so every
+    `finally` cleans up; the CLI exits 128 + signum with one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def error_line(err: BaseException, last: bool = False) -> str:
     """One line of another library's error for our own message: its first non-empty line, or its
     last (Ray puts the cause of a task's failure at the end of a long traceback)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from emulate.config import EmulateError
+from emulate.config import EmulateError, error_line
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc", ".arrows")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -25,6 +26,7 @@ def read_tokens(path: str) -> np.ndarray:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
+            _check_npy_size(p)
             ids = np.load(p, allow_pickle=False)
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
                 raise EmulateError(f"{path}: expected a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
@@ -41,10 +43,23 @@ def read_tokens(path: str) -> np.ndarray:
             return column.to_numpy().astype(np.int64)
     except EmulateError:
         raise
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise EmulateError(f"{path}: cannot read token ids ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, EOFError, MemoryError, pa.ArrowException) as err:
+        raise EmulateError(f"{path}: cannot read token ids ({type(err).__name__}: {error_line(err)})") from None
     raise EmulateError(f"{path}: unknown input format {suffix or '(no suffix)'}; use .npy, .arrow, .parquet, "
                        "or --text / a .txt file for text")
+
+
+def _check_npy_size(p: Path) -> None:
+    """Refuse an .npy whose header promises more data than the file holds, before numpy allocates it."""
+    with open(p, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f, max_header_size=10000)
+        promised = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        held = p.stat().st_size - f.tell()
+    if promised != held:
+        raise EmulateError(f"{p}: the header promises {promised} bytes of data ({dtype} {shape}) but the file "
+                           f"holds {held}; the file is truncated or not what it says")
 
 
 def _read_arrow(p: Path) -> pa.Table:
@@ -56,12 +71,27 @@ def _read_arrow(p: Path) -> pa.Table:
 
 
 def read_text(path: str) -> str:
+    """A UTF-8 text file; anything but a regular file (a FIFO would block forever) is refused."""
+    p = Path(path)
+    if not p.exists():
+        raise EmulateError(f"input file {path} does not exist")
+    if not p.is_file():
+        raise EmulateError(f"input {path} is not a regular file")
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EmulateError(f"input file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise EmulateError(f"{path}: cannot read text ({type(err).__name__})") from None
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EmulateError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise EmulateError(f"{path}: cannot read text ({err.strerror or type(err).__name__})") from None
+
+
+def check_text(text: str, what: str = "--text") -> str:
+    """Text that encodes as UTF-8: a command line may carry undecodable bytes as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise EmulateError(f"{what} is not valid UTF-8 (character {err.start}: {err.reason})") from None
+    return text
 
 
 def byte_tokens(text: str) -> np.ndarray:
@@ -102,8 +132,7 @@ class OutputWriter:
 
     def __init__(self, path: str, tokens: np.ndarray, width: int, dtype: torch.dtype, logprob: bool, hidden: bool,
                  metadata: dict | None = None):
-        self.path = Path(path)
-        _check_target(self.path)
+        self.file = AtomicOutput(path)
         self.tokens = tokens
         self.logprob, self.hidden = logprob, hidden
         self.float_type = pa.float64() if dtype == torch.float64 else pa.float32()
@@ -115,10 +144,12 @@ class OutputWriter:
             fields.append(pa.field("hidden", pa.list_(self.float_type, width)))
         meta = {"emulate": json.dumps(metadata or {})}
         self.schema = pa.schema(fields, metadata=meta)
-        fd, self.tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.sink = pa.OSFile(self.tmp, "wb")
-        self.writer = pa.ipc.new_file(self.sink, self.schema)
+        try:
+            self.sink = pa.OSFile(self.file.tmp, "wb")
+            self.writer = pa.ipc.new_file(self.sink, self.schema)
+        except BaseException:
+            self.file.abort()
+            raise
         self.start = 0
         self.carry = None  # log p of the next block's first token, computed from this block's last row
 
@@ -146,7 +177,7 @@ class OutputWriter:
     def close(self) -> None:
         self.writer.close()
         self.sink.close()
-        os.replace(self.tmp, self.path)
+        self.file.commit()
 
     def abort(self) -> None:
         try:
@@ -154,28 +185,104 @@ class OutputWriter:
             self.sink.close()
         except Exception:  # already broken: removing the partial file is what matters
             pass
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.file.abort()
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write text under a temporary name in the target directory, then rename it into place."""
-    target = Path(path)
-    _check_target(target)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Write text under a temporary name beside the target, then rename it into place."""
+    with AtomicOutput(path) as out:
+        with open(out.tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
-def _check_target(target: Path) -> None:
-    """Refuse an output path that cannot be renamed into before any work is done."""
+def output_target(path) -> Path:
+    """The file an output path writes, checked before any work; nothing that stands there is harmed.
+
+    A symlink writes its target (the link stays a link); an existing path must be a regular file:
+    a device, FIFO, socket or directory there is refused, since renaming over it would replace it.
+    """
+    if path is None or str(path) == "":
+        raise EmulateError("the output path is empty")
+    given = Path(path)
+    target = Path(os.path.realpath(given))
     if not target.parent.is_dir():
-        raise EmulateError(f"output directory {target.parent} does not exist or is not a directory")
-    if target.is_dir():
-        raise EmulateError(f"output {target} is a directory; give a file name")
+        raise EmulateError(f"output directory {given.parent} does not exist or is not a directory")
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise EmulateError(f"cannot write {given}: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EmulateError(f"output {given} is a directory; give a file name")
+    if not stat.S_ISREG(st.st_mode):
+        raise EmulateError(f"output {given} exists and is not a regular file ({_file_kind(st.st_mode)}); "
+                           "give a path to a new or regular file")
+    return target
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _new_file_mode() -> int:
+    """What a plain open() would give a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class AtomicOutput:
+    """A file written under a temporary name beside its target and renamed over it when complete.
+
+    Readers never see a half-written file, and a failed or interrupted run leaves nothing behind:
+    `commit` renames, `abort` removes (as a context manager: commit on success, abort on any
+    exception, interrupts included). The file gets the mode a plain open() would give it: the
+    existing file's, or 0666 less the umask.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.target = output_target(path)
+        try:
+            mode = stat.S_IMODE(self.target.stat().st_mode)
+        except FileNotFoundError:
+            mode = _new_file_mode()
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=self.target.name + ".", suffix=".tmp", dir=self.target.parent)
+        except OSError as err:
+            raise EmulateError(f"cannot write {self.path}: {err.strerror or err}") from None
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def commit(self) -> None:
+        try:
+            output_target(self.target)  # still nothing there that a rename would harm
+            os.replace(self.tmp, self.target)
+        except EmulateError:
+            self.abort()
+            raise
+        except OSError as err:
+            self.abort()
+            raise EmulateError(f"cannot write {self.path}: {err.strerror or err}") from None
+
+    def abort(self) -> None:
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()

@@ -19,3 +19,61 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+GRAPH_NODE_BYTES = 2048  # a networkx node with its attributes and ~3 edges: 1.5 KB measured at 2M nodes
+
+
+def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, collect: bool = False,
+             verify: bool = False) -> dict[str, int]:
+    """Bytes a run will hold at its peak, by part, worked out before anything is allocated.
+
+    Upper estimates from the shapes alone: the token ids (and their generation), the logical graph
+    (every node; pairs at the pattern's bound), the local executor's live set (a layer's residuals,
+    projections and one row's partials; a window's worth of blocks for windowed masks), the
+    collected outputs, and the monolithic reference of `verify`, which holds every position at
+    once (its MLP included).
+    """
+    from math import ceil
+
+    n = int(tokens)
+    blocks = ceil(n / block_size)
+    w, qkv = config.width, (config.heads + 2 * config.kv_heads) * config.head_dim
+    pairs = sum(p.calls_bound(blocks, block_size) for p in patterns)
+    parts = {
+        "token ids": 16 * n,
+        "graph": GRAPH_NODE_BYTES * (pairs + 5 * blocks * len(patterns) + 2 * blocks),
+    }
+    per_token = (2 * w + qkv + config.heads * config.head_dim) * dtype_bytes
+    if all(p.kind in ("sliding", "sink") for p in patterns):
+        reach = max(p.window + (p.sinks or 0) for p in patterns) + 2 * block_size
+        parts["live set"] = per_token * min(n, reach) * len(patterns)
+    else:
+        parts["live set"] = per_token * n
+    if collect or verify:
+        parts["outputs"] = (w + 1) * dtype_bytes * n
+    if verify:
+        parts["reference"] = (6 * w + 2 * qkv + 4 * config.mlp_width) * dtype_bytes * n
+    return parts
+
+
+def check_fits(parts: dict[str, int], what: str = "this run") -> None:
+    """Refuse, in one line, a run that cannot fit in the memory this machine has available now."""
+    import psutil
+
+    from emulate.config import EmulateError
+
+    need = sum(parts.values())
+    have = psutil.virtual_memory().available
+    if need > have:
+        top = ", ".join(f"{k} {size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 2**27)
+        raise EmulateError(f"{what} would hold about {size(need)} ({top}), more than the {size(have)} this machine "
+                           "has available")
+
+
+def size(nbytes: float) -> str:
+    for unit in ("GiB", "TiB", "PiB"):
+        nbytes /= 2**30 if unit == "GiB" else 2**10
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+    return f"{nbytes:.0f} PiB"

@@ -16,9 +16,6 @@ The sampled result is an estimate: its error is against exact full attention.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +29,7 @@ RESULTS = {  # result -> (label, preset, attention)
     "sliding": ("Thm 5.1 sliding", "tiny-llama", "sliding"),
     "sink": ("Sec. 5 sinks", "tiny-llama", "sink"),
 }
+MAX_INVOCATIONS = 5_000_000  # a sweep past this is a mistake, not a measurement
 SLOPE = {"full": 2, "causal": 2, "sampled": 1, "sliding": 1, "sink": 1}
 
 
@@ -121,21 +119,13 @@ def plot(rows: list[dict], path: str, block: int) -> None:
     ax.set_title("Oracle calls per forward, measured")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise EmulateError(f"output directory {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp.png", dir=target.parent)
-    os.close(fd)
+    from emulate.io import AtomicOutput
+
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, target)
+        with AtomicOutput(path) as out:
+            fig.savefig(out.tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def sweep(block_size: int = 32, max_tokens: int = 512, window: int | None = None, sinks: int = 4,
@@ -157,6 +147,11 @@ def sweep(block_size: int = 32, max_tokens: int = 512, window: int | None = None
     if unknown or not results:
         raise EmulateError(f"unknown result(s) {', '.join(unknown) or '(none given)'} (choose from {', '.join(RESULTS)})")
     sizes = [M * 2 ** e for e in range(int(math.log2(max_tokens // M)) + 1)]
+    # the paper's count for the presets' shape (8 heads, 4 layers, one head per call at worst)
+    planned = sum(paper_count(r, n, M, window, 8, 4, 1) for r in results for n in sizes)
+    if planned > MAX_INVOCATIONS:
+        raise EmulateError(f"--max-tokens {max_tokens} at M = {M} would make about {planned:.2e} small-transformer "
+                           f"invocations (at most {MAX_INVOCATIONS:.0e}); lower --max-tokens or raise --block-size")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of calls of M + 1 rows: intra-op threads only add contention
     rows = []
