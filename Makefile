@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow check-gpu bench clean
+.PHONY: install run test test-slow check-gpu bench figures clean
 
 install: $(STAMP)
 
@@ -37,6 +37,22 @@ bench: install
 	$(BIN)/python benchmarks/ray_vs_local.py
 	$(BIN)/python benchmarks/paper_numerics.py
 	$(BIN)/python benchmarks/thm41_sampling.py
+
+# The README's gallery, drawn by the tool itself (docs/gallery/, committed).
+GALLERY := docs/gallery
+figures: install
+	mkdir -p $(GALLERY)
+	$(BIN)/emulate graph --random-tokens 1024 -M 256 -o $(GALLERY)/graph-causal.png
+	$(BIN)/emulate graph --random-tokens 2048 -M 256 --attention sliding --window 300 --layers 0:2 -o $(GALLERY)/graph-sliding.png
+	$(BIN)/emulate graph --random-tokens 16384 -M 256 -o $(GALLERY)/graph-collapsed.png
+	$(BIN)/emulate graph --random-tokens 2048 -M 256 --attention sliding --window 300 -o $(GALLERY)/graph-sliding.html
+	$(BIN)/emulate graph --random-tokens 4096 -M 256 --coverage $(GALLERY)/coverage-compare.png --compare full,causal,sliding,sink,sampled
+	$(BIN)/emulate run --random-tokens 4096 -M 256 --trace $(GALLERY)/trace-local.json --quiet
+	$(BIN)/emulate trace $(GALLERY)/trace-local.json -o $(GALLERY)/gantt-local.png
+	$(BIN)/emulate run --executor ray --workers 2 --random-tokens 16384 -M 1024 --trace $(GALLERY)/trace-ray.json --quiet
+	$(BIN)/emulate trace $(GALLERY)/trace-ray.json -o $(GALLERY)/gantt-ray.png
+	$(BIN)/emulate theorems --max-tokens 256 --plot $(GALLERY)/theorems.png --quiet
+	rm -f $(GALLERY)/trace-local.json $(GALLERY)/trace-ray.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

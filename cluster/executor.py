@@ -42,8 +42,12 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
             raise EmulateError(f"--trace {opts.trace}: not a file in an existing directory")
     g = job.graph
     t0 = time.perf_counter()
+    import ray
+
     handlers = _SignalHandlers()
     owned, pool = False, None
+    # what connect() will start when it is given no cluster: to be stopped even if interrupted inside
+    private = not ray.is_initialized() and not (opts.address or os.environ.get("RAY_ADDRESS"))
     try:
         with _no_native_signal_handler():
             owned = connect(opts.address)
@@ -56,7 +60,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
             if pool is not None:
                 pool.close()
-            _disconnect(owned)
+            _disconnect(owned or private)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM) from None  # ray.init's own handler: sys.exit(SIGTERM)
         raise
@@ -253,10 +257,14 @@ def _submit(plan: Plan, pool: WorkerPool):
 
 
 def _record(task, m: dict, producer: dict) -> dict:
-    """One finished task, with its input bytes split by whether they crossed between workers."""
+    """One finished task, with its input bytes split by whether they crossed between workers.
+
+    deps: the indices of the tasks it read from, so the trace holds the schedule's dependency DAG.
+    """
     crossed = sum(b for key, b in zip(task.reads, m["bytes_each"]) if producer[key].worker != task.worker)
     return {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
-            "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(), "bytes_in": m["bytes_in"],
+            "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(),
+            "deps": sorted({producer[key].index for key in task.reads}), "bytes_in": m["bytes_in"],
             "bytes_out": m["bytes_out"], "bytes_crossed": crossed}
 
 

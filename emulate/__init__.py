@@ -9,6 +9,7 @@
     emulate.stream(model, tokens, block_size=M)      # (block, BlockOutput) in block order, memory bounded
     emulate.run(model, tokens, executor=emulate.Ray(workers=2))
     emulate.run(model, tokens, oracle=emulate.PaperOracle(stable=True, pack_heads=8))
+    emulate.draw(graph, "g.svg"); emulate.draw_coverage(graph, "pairs.png"); emulate.draw_trace("t.json", "gantt.png")
 
 docs/design.md explains the parts; emulate/api.py holds the run loop.
 """
@@ -20,6 +21,7 @@ from emulate.executor import Execution, Executor, Local, Ray
 from emulate.forward import row_errors
 from emulate.loaders import Model, load
 from emulate.oracles import AttentionOracle, KernelOracle, PairCall, PaperOracle
+from emulate.pictures import draw, draw_comparison, draw_coverage, draw_trace
 from emulate.presets import PRESETS
 
 try:
@@ -29,6 +31,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "PRESETS", "AttentionOracle", "BlockOutput", "EmulateError", "Execution", "Executor", "KernelOracle", "Local",
-    "Model", "ModelConfig", "PairCall", "PaperOracle", "Problem", "Ray", "Run", "Stream", "compile", "load",
+    "Model", "ModelConfig", "PairCall", "PaperOracle", "Problem", "Ray", "Run", "Stream", "compile", "draw",
+    "draw_comparison", "draw_coverage", "draw_trace", "load",
     "monolithic", "prepare", "row_errors", "run", "stream", "tolerance_for", "__version__",
 ]

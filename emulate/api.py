@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from emulate.config import EmulateError
-from emulate.executor import EXECUTORS, Executor, Job, Local, Progress, Ray
+from emulate.executor import EXECUTORS, Executor, Job, Local, Ray
 from emulate.forward import check_tokens, compile_forward, resolve_patterns, row_errors
 from emulate.loaders import Model, load
 from emulate.memory import check_fits, estimate
@@ -43,8 +43,10 @@ SAMPLED_TOLERANCE = 0.5
 # 1 - p costs digits as A grows, far more in float32 than in float64.
 RAW_PAPER_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-8}
 
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total): stages "graph", "forward", "reference"
+
 RAY_KEYWORDS = {"address": "--address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
-                "gpus_per_worker": "--gpus-per-worker", "trace": "--trace", "stall_timeout": "--stall-timeout"}
+                "gpus_per_worker": "--gpus-per-worker", "stall_timeout": "--stall-timeout"}
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,10 @@ class Problem:
     dtype: torch.dtype
     seed: int
 
-    def graph(self) -> nx.DiGraph:
+    def graph(self, progress: StageProgress | None = None) -> nx.DiGraph:
+        on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
         return compile_forward(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
-                               self.seed)
+                               self.seed, on_layer)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -142,13 +145,13 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
     return Problem(m, ids, length, tuple(patterns), block_size, dt, seed)
 
 
-def compile(model=None, tokens=None, **options) -> nx.DiGraph:
+def compile(model=None, tokens=None, progress: StageProgress | None = None, **options) -> nx.DiGraph:
     """The logical task graph of one forward; nothing runs. `tokens` may be a count (an int).
 
     Options as `run`'s problem keywords: text, input, random_tokens, seed, block_size, attention,
-    window, sinks, dtype (which prices the graph's bytes).
+    window, sinks, dtype (which prices the graph's bytes). progress("graph", done, total) per layer.
     """
-    return prepare(model, tokens, count_only=True, **options).graph()
+    return prepare(model, tokens, count_only=True, **options).graph(progress)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ class BlockOutput:
     logprobs: torch.Tensor | None
 
 
-def _executor(executor, ray_keywords: dict) -> Executor:
+def _executor(executor, ray_keywords: dict, trace: str | None = None) -> Executor:
     given = {k: v for k, v in ray_keywords.items() if v is not None}
     if isinstance(executor, str):
         if executor not in EXECUTORS:
@@ -175,10 +178,13 @@ def _executor(executor, ray_keywords: dict) -> Executor:
                 flags = [RAY_KEYWORDS[k] for k in given]
                 raise EmulateError(f"{', '.join(flags)} {'is a Ray option' if len(flags) == 1 else 'are Ray options'}: "
                                    "add --executor ray, or drop it for a local run")
-            return Local()
-        return Ray(**given)
+            return Local(trace=trace)
+        return Ray(**given, trace=trace)
     if given:
         raise EmulateError(f"Ray options ({', '.join(given)}) go inside emulate.Ray(...) when an executor object is given")
+    if trace is not None:
+        raise EmulateError("trace goes inside emulate.Local(trace=...) or emulate.Ray(trace=...) when an executor "
+                           "object is given")
     if not hasattr(executor, "start"):
         raise EmulateError(f"executor must be 'local', 'ray', emulate.Local() or emulate.Ray(...), not {executor!r}")
     return executor
@@ -209,7 +215,7 @@ class Stream:
     """
 
     def __init__(self, problem: Problem, graph: nx.DiGraph, executor: Executor, oracle: Oracle, device: str,
-                 progress: Progress | None = None):
+                 progress: StageProgress | None = None):
         self.problem, self.graph, self.executor, self.oracle = problem, graph, executor, oracle
         self.device, self.progress = device, progress
         self.stats: dict = {}
@@ -220,7 +226,8 @@ class Stream:
             raise EmulateError("a stream runs once; call emulate.stream again for another pass")
         p = self.problem
         job = Job(self.graph, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle)
-        self._execution = self.executor.start(job, self.progress)
+        forward = None if self.progress is None else (lambda done, total: self.progress("forward", done, total))
+        self._execution = self.executor.start(job, forward)
         spans = self.graph.graph["block_spans"]
         t0 = time.perf_counter()
         try:
@@ -257,7 +264,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
            executor="local", oracle="kernel", pack_heads: int | str | None = None, address: str | None = None,
            workers: int | None = None, cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
            trace: str | None = None, stall_timeout: float | None = None,
-           progress: Progress | None = None) -> Stream:
+           progress: StageProgress | None = None) -> Stream:
     """Compile and start one forward; iterate the result for (block, BlockOutput) in block order.
 
     The keywords are `run`'s, less those that need every block at once (output, hidden, verify).
@@ -265,11 +272,11 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
     if device not in DEVICES:
         raise EmulateError(f"device must be cpu or cuda, got {device!r}")
     ex = _executor(executor, dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                                  gpus_per_worker=gpus_per_worker, trace=trace, stall_timeout=stall_timeout))
+                                  gpus_per_worker=gpus_per_worker, stall_timeout=stall_timeout), trace)
     problem = prepare(model, tokens, text=text, input=input, random_tokens=random_tokens, seed=seed,
                       block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype)
     chosen = _oracle(oracle, pack_heads, problem.model.config.heads)
-    return Stream(problem, problem.graph(), ex, chosen, device, progress)
+    return Stream(problem, problem.graph(progress), ex, chosen, device, progress)
 
 
 @dataclass
@@ -298,9 +305,11 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     sees. attention: auto (the model's own mask), full, causal, sliding, sink or sampled; window r
     and sinks s for those that take them. dtype: float32 or float64. device: cpu or cuda.
     executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
-    workers, cpus_per_worker, gpus_per_worker, trace, stall_timeout) are shorthand for the latter.
+    workers, cpus_per_worker, gpus_per_worker, stall_timeout) are shorthand for the latter, and
+    trace (the executed schedule as Chrome trace-event JSON) for either.
     oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
-    pack_heads with a named paper oracle. progress: called with (done, total) as work finishes.
+    pack_heads with a named paper oracle. progress(stage, done, total) reports the stages "graph"
+    (layers built), "forward" (calls or Ray tasks done) and "reference" (layers of verify's pass).
     output: an Arrow IPC file written block by block (hidden states added with hidden=True, and
     always for encoders). verify: also run the monolithic forward and check the error against the
     tolerance of the dtype (docs/numerics.md) or `tolerance`. collect=False keeps no outputs in
@@ -346,7 +355,7 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     got_logprobs = (torch.cat(logprobs) if logprobs else None) if keep and config.lm_head else None
     stats = dict(s.stats)
     if verify:
-        stats.update(_verify(s, got_hidden, got_logprobs, tolerance))
+        stats.update(_verify(s, got_hidden, got_logprobs, tolerance, options.get("progress")))
     if output is not None:
         stats["output"] = output
     stats["wall_s"] = round(time.perf_counter() - t_start, 4)
@@ -372,12 +381,14 @@ def monolithic(model=None, tokens=None, *, text: str | None = None, input: str |
     return _reference(p, device)
 
 
-def _reference(p: Problem, device: str) -> Run:
+def _reference(p: Problem, device: str, progress: StageProgress | None = None) -> Run:
     from emulate.reference import reference_forward
 
+    on_layer = None if progress is None else (lambda done, total: progress("reference", done, total))
     t0 = time.perf_counter()
     with torch.no_grad():
-        ref = reference_forward(p.model.transformer(p.dtype, device), torch.from_numpy(p.tokens), list(p.patterns))
+        ref = reference_forward(p.model.transformer(p.dtype, device), torch.from_numpy(p.tokens), list(p.patterns),
+                                on_layer=on_layer)
     return Run(ref["hidden"], ref.get("logprob_next"), {"reference_s": round(time.perf_counter() - t0, 4)}, None,
                p.tokens)
 
@@ -391,10 +402,11 @@ def tolerance_for(patterns, oracle: Oracle, dtype: torch.dtype) -> float:
     return TOLERANCE[dtype]
 
 
-def _verify(s: Stream, hidden: torch.Tensor, logprobs: torch.Tensor | None, tolerance: float | None) -> dict:
+def _verify(s: Stream, hidden: torch.Tensor, logprobs: torch.Tensor | None, tolerance: float | None,
+            progress: StageProgress | None = None) -> dict:
     """The monolithic forward on the same weights; the per-row error against the tolerance."""
     p = s.problem
-    ref = _reference(p, s.device if isinstance(s.executor, Local) else "cpu")
+    ref = _reference(p, s.device if isinstance(s.executor, Local) else "cpu", progress)
     out = dict(ref.stats)
     out["max_abs_err"], out["max_rel_err"] = row_errors(hidden, ref.hidden.to(hidden.device))
     finite = math.isfinite(out["max_rel_err"])

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands")
     add_run_command(sub)
     add_graph_command(sub)
+    add_trace_command(sub)
     add_theorems_command(sub)
     add_submit_command(sub)
     add_cluster_command(sub)
@@ -136,12 +137,15 @@ def add_run_command(sub) -> None:
                      help="local: in-process; ray: worker actors on a Ray cluster")
     run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
+    run.add_argument("--trace", default=None, metavar="FILE",
+                     help="write the executed schedule as Chrome trace-event JSON (draw it with `emulate trace`)")
     run.add_argument("--verify", action="store_true",
                      help="also run the monolithic forward and check the error (on by default for the embedded default)")
     run.add_argument("--tolerance", type=float, default=None,
                      help="the largest per-row relative error --verify accepts (default: 2e-5 for float32, 1e-10 "
                           "for float64; sampled attention and the raw paper oracle state their own)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    add_quiet_option(run)
     oracle = run.add_argument_group("oracle: what runs each pair call")
     oracle.add_argument("--oracle", choices=("kernel", "paper", "paper-stable"), default="kernel",
                         help="kernel: block attention returning (output, lse); paper: the paper's literal constructions "
@@ -156,7 +160,6 @@ def add_run_command(sub) -> None:
     ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
     ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker; its torch threads (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
-    ray.add_argument("--trace", default=None, metavar="FILE", help="write the schedule as Chrome trace-event JSON")
     ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
                      help="stop with an error when no task finishes for S seconds (default 600)")
     run.set_defaults(handler=cmd_run)
@@ -180,6 +183,12 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
 
 
+def add_quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress on stderr (shown by default: a bar on a terminal, a line every 10%% or 10 s "
+                        "in logs for stages longer than 5 s)")
+
+
 def pack_width(text: str) -> int | str:
     """--pack-heads H' (an integer), or "all" (what the option means with no value)."""
     return text if text == "all" else int(text)
@@ -195,7 +204,7 @@ def cmd_run(args) -> int:
     import emulate
 
     default_run = args.model is None and args.input is None and args.text is None and args.random_tokens is None
-    progress = None if args.json else _progress_bar()
+    progress = None if args.quiet else ProgressReport()
     stdout = JsonStdout() if args.json else None  # stdout carries the one JSON object, whatever Ray prints
     try:
         result = emulate.run(
@@ -204,7 +213,7 @@ def cmd_run(args) -> int:
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
             stall_timeout=args.stall_timeout, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False,
-            progress=progress.update if progress else None)
+            progress=progress)
     except BaseException:
         if stdout is not None:
             stdout.restore()
@@ -258,27 +267,44 @@ class JsonStdout:
         print(line, flush=True)
 
 
-def _progress_bar() -> ProgressBar | None:
-    """A bar on stderr when it is a terminal; none in logs and pipes."""
-    return ProgressBar() if sys.stderr.isatty() else None
+class ProgressReport:
+    """Progress of the long stages on stderr: a bar per stage where stderr is a terminal; in logs a
+    plain line every 10% or 10 s once a stage has run for 5 s (quick runs stay quiet). --json
+    governs stdout only; --quiet turns this off."""
 
+    LABELS = {"graph": "building the graph (layers)", "forward": "forward (calls)", "reference": "monolithic reference (layers)"}
+    QUIET_FOR_S, EVERY_S, EVERY_PERCENT = 5.0, 10.0, 10
 
-class ProgressBar:
-    """A tqdm bar fed by the API's progress(done, total) callback."""
+    def __init__(self, terminal: bool | None = None):
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.stage, self.bar = None, None
 
-    def __init__(self):
-        self.bar = None
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        import time
 
-    def update(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
+        now = time.monotonic()
+        if stage != self.stage:
+            self.close()
+            self.stage, self.start, self.last_line, self.last_percent = stage, now, now, 0
+        label = self.LABELS.get(stage, stage)
+        if self.terminal:
+            if self.bar is None:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="call", file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
+                self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=False)
+            self.bar.update(done - self.bar.n)
+            return
+        percent = 100 * done // max(total, 1)
+        due = percent >= self.last_percent + self.EVERY_PERCENT or now - self.last_line >= self.EVERY_S or done == total
+        if due and now - self.start >= self.QUIET_FOR_S:
+            print(f"emulate: {label} {done}/{total} ({percent}%) after {now - self.start:.0f} s", file=sys.stderr,
+                  flush=True)
+            self.last_line, self.last_percent = now, percent
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def human_summary(s: dict) -> str:
@@ -303,27 +329,95 @@ def human_summary(s: dict) -> str:
 # -- graph ------------------------------------------------------------------------------------
 
 def add_graph_command(sub) -> None:
-    graph = sub.add_parser("graph", formatter_class=Help, help="export the logical task graph",
-                           description="Compile the logical task graph of a forward (nothing runs) and write it.",
-                           epilog="examples:\n  emulate graph --random-tokens 2048 -M 256 -o graph.json\n"
-                                  "  emulate graph --model tiny-mistral --random-tokens 8192 -M 1024 --format dot -o g.dot")
+    from graphs.draw import MAX_NODES
+
+    graph = sub.add_parser(
+        "graph", formatter_class=Help, help="export or draw the logical task graph, and the pairs it computes",
+        description="Compile the logical task graph of a forward (nothing runs) and write it: as data (json, dot) "
+                    "or as a picture (svg, png, html), rendered in-process with no system binary. Beyond "
+                    f"{MAX_NODES} nodes a picture collapses to one box per layer and kind; --layers and --blocks "
+                    "draw part of the graph call by call. --coverage draws the B x B grid of (query block, key block) "
+                    "pairs a layer computes, --compare several patterns side by side.",
+        epilog="examples:\n  emulate graph --random-tokens 2048 -M 256 -o graph.svg\n"
+               "  emulate graph --random-tokens 65536 -M 1024 --layers 0:1 --blocks 0:8 -o part.png\n"
+               "  emulate graph --random-tokens 2048 -M 256 --attention sliding --window 300 -o g.html\n"
+               "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled")
     add_problem_options(graph)
-    graph.add_argument("--format", choices=("json", "dot"), default="json", help="JSON node-link or Graphviz DOT")
-    graph.add_argument("-o", "--output", required=True, help="file to write")
+    graph.add_argument("-o", "--output", default=None, help="file to write; its suffix gives the format")
+    graph.add_argument("--format", choices=("svg", "png", "html", "dot", "json"), default=None,
+                       help="what --output holds (default: from its suffix)")
+    graph.add_argument("--layers", default=None, metavar="A:B", help="draw layers A to B-1 only (embed with layer 0, "
+                       "head with the last)")
+    graph.add_argument("--blocks", default=None, metavar="A:B", help="draw query blocks A to B-1 only")
+    graph.add_argument("--coverage", default=None, metavar="FILE.png",
+                       help="draw the (query block, key block) pairs layer 0 computes, shaded by mask, with the count "
+                            "and the theorem's bound (.png or .svg)")
+    graph.add_argument("--compare", default=None, metavar="P1,P2,...",
+                       help="with --coverage: these patterns side by side for the same N and M (of full, causal, "
+                            "sliding, sink, sampled; --window defaults to M and --sinks to 4 for them)")
+    add_quiet_option(graph)
     graph.set_defaults(handler=cmd_graph)
 
 
 def cmd_graph(args) -> int:
     import emulate
-    from emulate.io import atomic_write_text, output_target
-    from graphs import counts, to_dot, to_json
+    from emulate.io import output_target
 
-    output_target(args.output)  # refused before the graph is built
-    g = emulate.compile(args.model, **problem_keywords(args))
-    atomic_write_text(args.output, to_json(g) if args.format == "json" else to_dot(g))
-    c = counts(g)
-    print(f"wrote {args.output}: {c['graph_nodes']} nodes, {c['graph_edges']} edges, "
-          f"{c['attention_calls']} attention calls, depth {c['graph_depth']}", file=sys.stderr)
+    if args.output is None and args.coverage is None:
+        raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
+    if args.compare is not None and args.coverage is None:
+        raise EmulateError("--compare draws with --coverage FILE")
+    for path in (args.output, args.coverage):  # refused before the graph is built
+        if path is not None:
+            output_target(path)
+    progress = None if args.quiet else ProgressReport()
+    try:
+        if args.compare is not None:
+            summary = emulate.draw_comparison(args.model, [p.strip() for p in args.compare.split(",") if p.strip()],
+                                              args.coverage, **problem_keywords(args))
+            print(f"wrote {args.coverage}: " + "; ".join(f"{name} {s['calls']} pair calls (bound {s['bound']})"
+                                                         for name, s in summary.items()), file=sys.stderr)
+            if args.output is None:
+                return 0
+        g = emulate.compile(args.model, **problem_keywords(args), progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.coverage is not None and args.compare is None:
+        s = emulate.draw_coverage(g, args.coverage)
+        print(f"wrote {args.coverage}: {s['calls']} pair calls in layer 0 (bound {s['bound']})", file=sys.stderr)
+    if args.output is not None:
+        from graphs.draw import MAX_NODES
+
+        d = emulate.draw(g, args.output, format=args.format, layers=args.layers, blocks=args.blocks)
+        view = f", collapsed to one box per layer and kind past {MAX_NODES} nodes" if d.view == "collapsed" else ""
+        print(f"wrote {args.output}: {d.nodes} nodes, {d.edges} edges as {d.format}{view}", file=sys.stderr)
+    return 0
+
+
+# -- trace --------------------------------------------------------------------------------------
+
+def add_trace_command(sub) -> None:
+    t = sub.add_parser("trace", formatter_class=Help, help="draw an executed schedule (a --trace file) as a Gantt chart",
+                       description="Draw the schedule `emulate run --trace FILE` recorded (local or Ray executor): one "
+                                   "row per worker, bars coloured by task kind, each worker's utilisation and the "
+                                   "critical path marked.",
+                       epilog="example:\n  emulate run --executor ray --workers 2 --random-tokens 16384 -M 1024 "
+                              "--trace t.json\n  emulate trace t.json -o gantt.png")
+    t.add_argument("trace", help="a Chrome trace-event JSON file written by `emulate run --trace`")
+    t.add_argument("-o", "--output", required=True, help="the chart: .png, .svg or .html")
+    t.set_defaults(handler=cmd_trace)
+
+
+def cmd_trace(args) -> int:
+    import emulate
+    from emulate.io import output_target
+
+    output_target(args.output)
+    s = emulate.draw_trace(args.trace, args.output)
+    busy = ", ".join(f"{u:.0%}" for u in s["utilisation"])
+    print(f"wrote {args.output}: {s['bars']} tasks on {s['workers']} worker(s) (busy {busy}), makespan "
+          f"{s['makespan_s']:.3f} s, critical path {s['critical_path_s']:.3f} s", file=sys.stderr)
     return 0
 
 
@@ -347,6 +441,7 @@ def add_theorems_command(sub) -> None:
                    help="comma-separated subset of full,causal,sampled,sliding,sink")
     t.add_argument("--plot", metavar="FILE.png", default=None, help="log-log plot of invocations against N/M")
     t.add_argument("--json", action="store_true", help="print the rows as one JSON object")
+    add_quiet_option(t)
     t.set_defaults(handler=cmd_theorems)
 
 
@@ -357,8 +452,8 @@ def cmd_theorems(args) -> int:
     if args.plot:
         output_target(args.plot)  # refused before the runs
 
-    def report(row):
-        if not args.json:
+    def report(row):  # progress on stderr, whatever stdout carries
+        if not args.quiet:
             print(f"  {row['label']:<16} N = {row['tokens']:>6}: {row['invocations']:>7} invocations, "
                   f"max_rel_err {row['max_rel_err']:.1e} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
 

@@ -13,6 +13,8 @@ called as units of work (nodes locally, physical tasks on Ray) finish.
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,13 +67,23 @@ class Executor(Protocol):
 
 @dataclass(frozen=True)
 class Local:
-    """The in-process executor: every value is freed once its last reader has run."""
+    """The in-process executor: every value is freed once its last reader has run.
+
+    trace: write the schedule (one slice per logical node, one track) as Chrome trace-event JSON
+    when the run ends (emulate/trace.py); nothing is timed without it.
+    """
+
+    trace: str | None = None
 
     name = "local"
 
     def start(self, job: Job, progress: Progress | None = None) -> Execution:
         from emulate.ops import NodeRunner
 
+        if self.trace is not None:  # a bad trace path fails before any work
+            from emulate.trace import check_trace_path
+
+            check_trace_path(self.trace)
         spec = job.graph.graph["spec"]
         oracle = job.oracle.bind(spec["block_size"], spec["heads"])
         model = job.model.transformer(job.dtype, job.device)
@@ -81,27 +93,50 @@ class Local:
         def blocks():
             total = job.graph.number_of_nodes()
             on_node = None if progress is None else (lambda done: progress(done, total))
+            records = None if self.trace is None else []
+            t0 = time.perf_counter()
             with torch.no_grad():
-                yield from run_local(job.graph, runner, on_node)
+                sync = torch.cuda.synchronize if records is not None and job.device == "cuda" else None
+                yield from run_local(job.graph, runner, on_node, records, sync)
             figures.update(oracle.summary())
+            if records is not None:
+                from emulate.trace import write_trace
+
+                label = f"local executor (pid {os.getpid()}, {job.device})"
+                write_trace(self.trace, records, [{"worker": 0, "label": label}], t0, "emulate local executor")
+                figures["trace"] = self.trace
 
         return Execution(blocks(), figures)
 
 
-def run_local(g: nx.DiGraph, runner, on_node: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
+def run_local(g: nx.DiGraph, runner, on_node: Callable[[int], None] | None = None,
+              records: list[dict] | None = None, sync: Callable[[], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (block, head value) in block order as the graph completes; memory follows the live set.
 
     Every value is dropped as soon as the last node that reads it has run, so a causal layer holds
     its keys and values plus one query block's partials, never an N x N matrix.
+    records: when given, one trace record per node is appended as it finishes (emulate/trace.py):
+    its place in the order (task), start and end (time.perf_counter), and deps (its inputs' tasks);
+    sync (torch.cuda.synchronize on a GPU) is called after each node, so its end is its real end.
     """
     order = execution_order(g)
     freed = last_uses(g, order)
     values: dict[str, object] = {}
     ready_heads: dict[int, dict] = {}
+    index = {n: k for k, n in enumerate(order)} if records is not None else None
     next_block = 0
     for done, n in enumerate(order, 1):
         a = g.nodes[n]
-        values[n] = runner.run(a, [values[src] for src in a["inputs"]])
+        if records is None:
+            values[n] = runner.run(a, [values[src] for src in a["inputs"]])
+        else:
+            start = time.perf_counter()
+            values[n] = runner.run(a, [values[src] for src in a["inputs"]])
+            if sync is not None:
+                sync()
+            end = time.perf_counter()
+            records.append({"task": done - 1, "name": n, "kind": str(a["kind"]), "worker": 0, "start": start,
+                            "end": end, "nodes": [n], "deps": sorted({index[src] for src in a["inputs"]})})
         for src in freed[n]:
             del values[src]
         if on_node is not None:

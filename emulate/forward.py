@@ -74,9 +74,9 @@ def forward_spec(config: ModelConfig, tokens: int, block_size: int, patterns: li
 
 
 def compile_forward(config: ModelConfig, tokens: int, block_size: int, patterns: list[Pattern],
-                    dtype: torch.dtype, seed: int = 0) -> nx.DiGraph:
+                    dtype: torch.dtype, seed: int = 0, on_layer=None) -> nx.DiGraph:
     try:
-        return build_graph(forward_spec(config, tokens, block_size, patterns, dtype, seed))
+        return build_graph(forward_spec(config, tokens, block_size, patterns, dtype, seed), on_layer)
     except PatternError as err:
         raise EmulateError(str(err)) from None
 

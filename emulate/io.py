@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from emulate.config import EmulateError, error_line
+from graphs import files
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc", ".arrows")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -196,93 +194,24 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def output_target(path) -> Path:
-    """The file an output path writes, checked before any work; nothing that stands there is harmed.
-
-    A symlink writes its target (the link stays a link); an existing path must be a regular file:
-    a device, FIFO, socket or directory there is refused, since renaming over it would replace it.
-    """
-    if path is None or str(path) == "":
-        raise EmulateError("the output path is empty")
-    given = Path(path)
-    target = Path(os.path.realpath(given))
-    if not target.parent.is_dir():
-        raise EmulateError(f"output directory {given.parent} does not exist or is not a directory")
+    """The file an output path writes, checked before any work (graphs/files.py, output_target)."""
     try:
-        st = target.stat()
-    except FileNotFoundError:
-        return target
-    except OSError as err:
-        raise EmulateError(f"cannot write {given}: {err.strerror or err}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise EmulateError(f"output {given} is a directory; give a file name")
-    if not stat.S_ISREG(st.st_mode):
-        raise EmulateError(f"output {given} exists and is not a regular file ({_file_kind(st.st_mode)}); "
-                           "give a path to a new or regular file")
-    return target
+        return files.output_target(path)
+    except files.OutputError as err:
+        raise EmulateError(str(err)) from None
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
-
-
-def _new_file_mode() -> int:
-    """What a plain open() would give a new file: 0666 less the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-class AtomicOutput:
-    """A file written under a temporary name beside its target and renamed over it when complete.
-
-    Readers never see a half-written file, and a failed or interrupted run leaves nothing behind:
-    `commit` renames, `abort` removes (as a context manager: commit on success, abort on any
-    exception, interrupts included). The file gets the mode a plain open() would give it: the
-    existing file's, or 0666 less the umask.
-    """
+class AtomicOutput(files.AtomicFile):
+    """graphs/files.py's AtomicFile, with its refusals as EmulateError (one line, exit 2)."""
 
     def __init__(self, path):
-        self.path = str(path)
-        self.target = output_target(path)
         try:
-            mode = stat.S_IMODE(self.target.stat().st_mode)
-        except FileNotFoundError:
-            mode = _new_file_mode()
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=self.target.name + ".", suffix=".tmp", dir=self.target.parent)
-        except OSError as err:
-            raise EmulateError(f"cannot write {self.path}: {err.strerror or err}") from None
-        try:
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
+            super().__init__(path)
+        except files.OutputError as err:
+            raise EmulateError(str(err)) from None
 
     def commit(self) -> None:
         try:
-            output_target(self.target)  # still nothing there that a rename would harm
-            os.replace(self.tmp, self.target)
-        except EmulateError:
-            self.abort()
-            raise
-        except OSError as err:
-            self.abort()
-            raise EmulateError(f"cannot write {self.path}: {err.strerror or err}") from None
-
-    def abort(self) -> None:
-        try:
-            os.remove(self.tmp)
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self) -> AtomicOutput:
-        return self
-
-    def __exit__(self, kind, value, tb) -> None:
-        if kind is None:
-            self.commit()
-        else:
-            self.abort()
+            super().commit()
+        except files.OutputError as err:
+            raise EmulateError(str(err)) from None

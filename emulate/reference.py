@@ -15,8 +15,11 @@ from emulate.model import Transformer
 from graphs import Pattern
 
 
-def reference_forward(model: Transformer, tokens: torch.Tensor, patterns: list[Pattern], chunk: int = 4096) -> dict:
-    """Hidden states after the final norm for all N tokens, and the next-token log-probabilities."""
+def reference_forward(model: Transformer, tokens: torch.Tensor, patterns: list[Pattern], chunk: int = 4096,
+                      on_layer=None) -> dict:
+    """Hidden states after the final norm for all N tokens, and the next-token log-probabilities.
+
+    on_layer(done, total) is called as each layer is done (progress: a long reference is minutes)."""
     tokens = tokens.to(model.device)
     positions = torch.arange(tokens.shape[0], device=model.device)
     x = model.embed(tokens, positions)
@@ -25,6 +28,8 @@ def reference_forward(model: Transformer, tokens: torch.Tensor, patterns: list[P
         o = reference_attention(q, k, v, model.scale, pattern, chunk)
         x = model.mix(layer, x, o)
         del q, k, v, o
+        if on_layer is not None:
+            on_layer(layer + 1, len(patterns))
     hidden = model.final(x)
     out = {"hidden": hidden}
     if model.config.lm_head:

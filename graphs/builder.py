@@ -41,8 +41,11 @@ def sampled_keys(tau: np.ndarray, span: tuple[int, int]) -> np.ndarray:
     return np.sort(tau[span[0] : span[1]])
 
 
-def build_graph(spec: ForwardSpec) -> nx.DiGraph:
-    """The logical graph of one forward pass (Thm 1.1 / 3.5 / 4.1 / 5.1 depending on the patterns)."""
+def build_graph(spec: ForwardSpec, on_layer=None) -> nx.DiGraph:
+    """The logical graph of one forward pass (Thm 1.1 / 3.5 / 4.1 / 5.1 depending on the patterns).
+
+    on_layer(done, total) is called as each layer's nodes are in (progress for large graphs).
+    """
     spans = block_spans(spec.tokens, spec.block_size)
     if any(p.kind == PatternKind.SAMPLED for p in spec.patterns) and any(p.causal for p in spec.patterns):
         raise PatternError("sampled attention needs a bidirectional (encoder) model")
@@ -108,6 +111,8 @@ def build_graph(spec: ForwardSpec) -> nx.DiGraph:
                 flops=2 * m * (H * dh * d + mlp_mats * d * f), bytes=m * (2 * d + H * dh) * b)
             mixed.append(nid)
         residual = mixed
+        if on_layer is not None:
+            on_layer(layer + 1, spec.layers)
 
     for i, (s, e) in enumerate(spans):
         m = e - s

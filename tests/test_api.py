@@ -128,12 +128,34 @@ def test_output_file_and_collect_false(tmp_path, llama):
     assert np.array_equal(hidden, full.hidden.numpy())
 
 
-def test_progress_is_called_until_done(llama):
+def test_progress_reports_each_stage_until_done(llama):
     seen = []
-    run = emulate.run(llama, TOKENS[:100], block_size=25, progress=lambda done, total: seen.append((done, total)))
+    run = emulate.run(llama, TOKENS[:100], block_size=25, verify=True,
+                      progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = list(dict.fromkeys(stage for stage, _, _ in seen))
+    assert stages == ["graph", "forward", "reference"]
+    forward = [(d, t) for stage, d, t in seen if stage == "forward"]
     total = run.stats["graph_nodes"]
-    assert seen[-1] == (total, total) and len(seen) == total
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert forward[-1] == (total, total) and len(forward) == total
+    assert [d for d, _ in forward] == sorted(d for d, _ in forward)
+    layers = llama.config.layers
+    assert [(d, t) for stage, d, t in seen if stage == "graph"] == [(k, layers) for k in range(1, layers + 1)]
+    assert [(d, t) for stage, d, t in seen if stage == "reference"] == [(k, layers) for k in range(1, layers + 1)]
+
+
+def test_cli_progress_in_logs_is_a_line_per_step_of_a_long_stage(capsys):
+    from emulate.cli import ProgressReport
+
+    report = ProgressReport(terminal=False)
+    report.QUIET_FOR_S = 0.0  # as if the stage had already run for long
+    for done in range(1, 101):
+        report("forward", done, 100)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("emulate: forward (calls) 100/100 (100%)")
+    quick = ProgressReport(terminal=False)  # a stage shorter than 5 s says nothing
+    for done in range(1, 101):
+        quick("forward", done, 100)
+    assert capsys.readouterr().err == ""
 
 
 def test_verify_reports_a_failure_and_never_passes_nan(llama):

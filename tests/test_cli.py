@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import emulate
 from emulate.cli import main
 from emulate.forward import resolve_patterns
 from emulate.model import Transformer
@@ -282,17 +283,15 @@ def test_graph_json_reloads_to_the_compiled_graph(capsys, tmp_path):
     assert os.listdir(tmp_path) == ["g.json"]
 
 
-def test_graph_dot_declares_every_edge(capsys, tmp_path):
+def test_graph_dot_round_trips_through_networkx(capsys, tmp_path):
+    import networkx as nx
+
     out = tmp_path / "g.dot"
     assert main(["graph", "--random-tokens", "50", "--block-size", "16", "--format", "dot", "-o", str(out)]) == 0
-    text = out.read_text()
-    assert text.startswith("digraph") and text.count("{") == text.count("}")
-    declared = {line.split('"')[1] for line in text.splitlines() if "[label=" in line}
-    edges = [line.strip() for line in text.splitlines() if " -> " in line]
-    assert len(declared) == 4 + 4 * (4 + 10 + 3 + 4) + 4 and len(edges) > 0
-    for e in edges:
-        u, v = e.rstrip(";").split(" -> ")
-        assert u.strip('"') in declared and v.strip('"') in declared
+    g = emulate.compile("tiny-llama", tokens=50, block_size=16)
+    drawn = nx.nx_agraph.read_dot(out)  # Graphviz's own parser, bundled with pygraphviz
+    assert set(drawn.nodes) == set(g.nodes)
+    assert {(u, v) for u, v, _ in drawn.edges} == set(g.edges)
 
 
 # -- bad input: one line on stderr, exit 2, no traceback, nothing left behind ------------------
@@ -451,7 +450,7 @@ def build_graph_from(g):
 
 
 @pytest.mark.parametrize("option", [["--workers", "2"], ["--cpus-per-worker", "2"], ["--gpus-per-worker", "1"],
-                                    ["--address", "auto"], ["--trace", "t.json"], ["--stall-timeout", "5"]])
+                                    ["--address", "auto"], ["--stall-timeout", "5"]])
 def test_a_ray_option_on_a_local_run_is_refused_not_ignored(capsys, tmp_path, option):
     target = tmp_path / "out.arrow"
     assert main(["run", "--random-tokens", "20", "--block-size", "8", *option, "--output", str(target)]) == 2

@@ -115,7 +115,7 @@ def test_a_path_the_os_refuses_is_one_line(capsys, path):
 def start_long_run(tmp_path: Path, *extra) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "out.arrow"
     child = subprocess.Popen([str(EMULATE), "run", "--random-tokens", "400000", "-M", "1024", "--attention", "sliding",
-                              "--window", "512", "--output", str(out), "--json", *extra],
+                              "--window", "512", "--output", str(out), "--json", "--quiet", *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     deadline = time.monotonic() + 120
     while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # the forward has begun writing
@@ -213,7 +213,7 @@ def test_an_absurd_size_is_refused_before_allocating(tmp_path):
 
 def test_interrupting_a_large_graph_build_is_prompt(tmp_path):
     child = subprocess.Popen([str(EMULATE), "graph", "--random-tokens", "1000000", "-M", "32", "--attention", "sliding",
-                              "--window", "16", "-o", str(tmp_path / "g.json")], stdout=subprocess.PIPE,
+                              "--window", "16", "-o", str(tmp_path / "g.json"), "--quiet"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     time.sleep(6)  # past start-up, into the graph build (about 180,000 nodes)
     assert child.poll() is None, child.communicate()

@@ -138,7 +138,7 @@ def test_plan_covers_the_graph_once_in_topological_order():
 
 @pytest.mark.parametrize("keywords, message", [
     (dict(workers=2), "--workers is a Ray option"),
-    (dict(executor="local", workers=2, trace="t.json"), "are Ray options"),
+    (dict(executor="local", workers=2, stall_timeout=5.0), "are Ray options"),
     (dict(executor=emulate.Local(), workers=2), r"go inside emulate\.Ray"),
 ])
 def test_a_ray_keyword_on_a_local_run_is_refused(keywords, message):

@@ -1,0 +1,119 @@
+"""Output files that never harm what stands at their path: the one implementation every writer uses.
+
+A target is checked before any work (an existing path must be a regular file; a symlink writes the
+file it points to), the data is written under a temporary name beside it with the mode a plain
+open() would give, and renamed over it when complete; a failure or an interrupt leaves nothing.
+graphs/ writes its pictures with it and emulate/io.py its run outputs, graphs and plots.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+class OutputError(ValueError):
+    """An output path that cannot or must not be written: one line, said before any work."""
+
+
+def output_target(path) -> Path:
+    """The file an output path writes, checked before any work; nothing that stands there is harmed.
+
+    A symlink writes its target (the link stays a link); an existing path must be a regular file:
+    a device, FIFO, socket or directory there is refused, since renaming over it would replace it.
+    """
+    if path is None or str(path) == "":
+        raise OutputError("the output path is empty")
+    given = Path(path)
+    target = Path(os.path.realpath(given))
+    if not target.parent.is_dir():
+        raise OutputError(f"output directory {given.parent} does not exist or is not a directory")
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise OutputError(f"cannot write {given}: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"output {given} is a directory; give a file name")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"output {given} exists and is not a regular file ({_file_kind(st.st_mode)}); "
+                           "give a path to a new or regular file")
+    return target
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _new_file_mode() -> int:
+    """What a plain open() would give a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class AtomicFile:
+    """A file written under a temporary name beside its target and renamed over it when complete.
+
+    Readers never see a half-written file, and a failed or interrupted run leaves nothing behind:
+    `commit` renames, `abort` removes (as a context manager: commit on success, abort on any
+    exception, interrupts included). The file gets the mode a plain open() would give it: the
+    existing file's, or 0666 less the umask.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.target = output_target(path)
+        try:
+            mode = stat.S_IMODE(self.target.stat().st_mode)
+        except FileNotFoundError:
+            mode = _new_file_mode()
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=self.target.name + ".", suffix=".tmp", dir=self.target.parent)
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def commit(self) -> None:
+        try:
+            output_target(self.target)  # still nothing there that a rename would harm
+            os.replace(self.tmp, self.target)
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as err:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+
+    def abort(self) -> None:
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_file(path, data: bytes | str) -> None:
+    """Write `data` to `path` through an AtomicFile."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with AtomicFile(path) as out:
+        with open(out.tmp, "wb") as f:
+            f.write(data)
