@@ -60,7 +60,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
             if pool is not None:
                 pool.close()
-            _disconnect(owned or private)
+            _disconnect(owned or private, linger_s=3.0)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM) from None  # ray.init's own handler: sys.exit(SIGTERM)
         raise
@@ -75,7 +75,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
     return Execution(_execute(plan, pool, owned, opts, figures, progress, handlers), figures)
 
 
-def _disconnect(owned: bool) -> None:
+def _disconnect(owned: bool, linger_s: float = 0.0) -> None:
     """Leave Ray; a private instance is stopped with every process it started.
 
     ray.shutdown stops the processes the driver started itself (GCS, raylet, monitors); those a
@@ -84,33 +84,82 @@ def _disconnect(owned: bool) -> None:
     the instance carries that path on its command line, so what carries it afterwards is stopped
     too; no other process is touched.
     """
+    mark = f"_{os.getpid()}/"
+    ours = _instance_processes(mark) if owned else []
     disconnect(owned)
     if owned:
-        _stop_leftovers(f"_{os.getpid()}/")
+        _stop_leftovers(mark, ours, linger_s=linger_s)
 
 
-def _stop_leftovers(mark: str, settle_s: float = 3.0) -> None:
+def _instance_processes(mark: str) -> list:
+    """This process's descendants that belong to its Ray instance, found while the tree is whole:
+    Ray renames its agents' command lines (ray::DashboardAgent), dropping the session path."""
     import psutil
 
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any(mark in a or a.startswith("ray::") for a in cmd):
+            found.append(proc)
+    return found
+
+
+def _stop_leftovers(mark: str, known: list, linger_s: float = 0.0, settle_s: float = 15.0) -> None:
+    """Kill what is left of the instance (`known`, and whatever carries its session path), its
+    raylets and GCS first: a raylet that outlives its agents starts them again."""
+    import psutil
+
+    def left():
+        found = [p for p in known if _running(p)]
+        seen = {p.pid for p in found}
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            if proc.info["pid"] in seen or proc.info["pid"] == os.getpid():
+                continue
+            if any("session_" in a and mark in a for a in proc.info["cmdline"] or []):
+                found.append(proc)
+        # the processes that start others go first
+        return sorted(found, key=lambda p: 0 if any(k in _name(p) for k in ("raylet", "gcs_server")) else 1)
+
     deadline = time.monotonic() + settle_s
+    quiet_since = None
     while True:
-        left = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if proc.info["pid"] != os.getpid() and any("session_" in a and mark in a for a in proc.info["cmdline"] or []):
-                left.append(proc)
-        if not left or time.monotonic() > deadline:
+        procs = left()
+        if not procs:
+            # a raylet stopped while it started its agents leaves them to come up a moment later
+            now = time.monotonic()
+            quiet_since = now if quiet_since is None else quiet_since
+            if now - quiet_since >= linger_s or now > deadline:
+                return
+            time.sleep(0.2)
+            continue
+        quiet_since = None
+        for proc in procs:
+            try:
+                proc.kill()  # ray.shutdown had its graceful turn
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=2)
+        if time.monotonic() > deadline:
             return
-        for proc in left:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(left, timeout=2)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return ""
 
 
 @contextlib.contextmanager
@@ -225,7 +274,7 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
             figures["trace"] = opts.trace
     except BaseException:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs a line for each task cut short
-            _teardown(pool, owned)
+            _teardown(pool, owned, linger_s=3.0)
         raise
     # A private instance stops when this process exits (atexit), not here: its shutdown takes a
     # second or more, which is no part of the forward.
@@ -236,9 +285,9 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
         atexit.register(_disconnect, True)
 
 
-def _teardown(pool: WorkerPool, owned: bool) -> None:
+def _teardown(pool: WorkerPool, owned: bool, linger_s: float = 0.0) -> None:
     pool.close()
-    _disconnect(owned)
+    _disconnect(owned, linger_s)
 
 
 def _submit(plan: Plan, pool: WorkerPool):

@@ -152,7 +152,8 @@ def test_an_interrupted_ray_run_exits_143_and_leaves_nothing_running(tmp_path):
     assert one_error_line(stderr) == "emulate: interrupted by SIGTERM"
     assert stdout == "" and list(tmp_path.iterdir()) == []
     gone, alive = psutil.wait_procs(spawned, timeout=30)
-    assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]
+    assert not alive, [(p.pid, p.ppid(), p.create_time() - time.time(), [a for a in p.cmdline() if "session" in a][:1])
+                       for p in alive]
 
 
 def private_ray_processes(driver: int) -> list[psutil.Process]:
