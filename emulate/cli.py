@@ -23,9 +23,9 @@ M tokens, in-process or on a Ray cluster, and measure it against the monolithic 
 
 
 def preset_names() -> str:
-    from emulate.presets import PRESETS
+    from emulate.presets import FILE_PRESETS, PRESETS
 
-    return ", ".join(PRESETS)
+    return ", ".join([*PRESETS, *FILE_PRESETS])
 
 
 class Parser(argparse.ArgumentParser):
@@ -169,7 +169,8 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS
 
     p.add_argument("--model", default=None,
-                   help=f"a preset ({preset_names()}) or a Hugging Face checkpoint directory (default {DEFAULT_MODEL})")
+                   help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file "
+                        f"(default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", default=None, help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt, .md)")
     src.add_argument("--text", default=None, help="text to tokenize (the checkpoint's tokenizer, or bytes for presets)")

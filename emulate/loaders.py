@@ -9,7 +9,7 @@ import torch
 
 from emulate.config import EmulateError, ModelConfig
 from emulate.model import Transformer
-from emulate.presets import PRESETS, preset
+from emulate.presets import FILE_PRESETS, PRESETS, preset
 
 
 @dataclass(eq=False)
@@ -17,13 +17,14 @@ class Model:
     """A model loaded once and run many times: its config, weights and tokenizer.
 
     `weights` use the canonical names of emulate/presets.py (`weight_names`); `tokenizer` is a
-    checkpoint's tokenizer.json, or None for the presets' byte-level tokens. The position-wise
+    checkpoint's tokenizer.json, a `tokenizers.Tokenizer` (a GGUF file's, rebuilt from its metadata),
+    or None for the presets' byte-level tokens. The position-wise
     pieces for a dtype and device are built on first use and kept (`transformer`).
     """
 
     config: ModelConfig
     weights: dict[str, torch.Tensor]
-    tokenizer: Path | None = None
+    tokenizer: Path | object | None = None  # a tokenizer.json path or a tokenizers.Tokenizer
     _built: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -42,11 +43,15 @@ class Model:
         """Token ids of `text`: the checkpoint's tokenizer, or one id per UTF-8 byte for the presets."""
         from emulate.io import byte_tokens, tokenizer_tokens
 
-        return tokenizer_tokens(self.tokenizer, text) if self.tokenizer is not None else byte_tokens(text)
+        if self.tokenizer is None:
+            return byte_tokens(text)
+        if isinstance(self.tokenizer, (str, Path)):
+            return tokenizer_tokens(self.tokenizer, text)
+        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)  # a tokenizers.Tokenizer
 
 
 def load(model: str | Path | Model) -> Model:
-    """A preset name, a checkpoint directory (config.json + safetensors) or an already loaded Model."""
+    """A preset name, a checkpoint directory (config.json + safetensors), a .gguf file or an already loaded Model."""
     if isinstance(model, Model):
         return model
     if not isinstance(model, (str, Path)):
@@ -56,9 +61,16 @@ def load(model: str | Path | Model) -> Model:
     if name in PRESETS:
         config, weights = preset(name, seed=0)  # preset weights are fixed; a run's seed draws its input
         return Model(config, weights)
+    if name in FILE_PRESETS:
+        return load(FILE_PRESETS[name]())
     path = Path(name)
+    if path.suffix.lower() == ".gguf":
+        from emulate.gguf import load_gguf
+
+        return Model(*load_gguf(path))
     if path.is_dir():
         from emulate.checkpoints import load_checkpoint
 
         return Model(*load_checkpoint(path))
-    raise EmulateError(f"unknown preset {name!r} and no such checkpoint directory (presets: {', '.join(PRESETS)})")
+    raise EmulateError(f"unknown preset {name!r} and no such checkpoint directory "
+                      f"(presets: {', '.join([*PRESETS, *FILE_PRESETS])})")

