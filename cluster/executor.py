@@ -18,12 +18,12 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from cluster.plan import Plan, make_plan
 from cluster.session import WorkerPool, capacity, connect, disconnect
 from emulate.config import EmulateError, Interrupted, error_line
 from emulate.executor import Execution, Job, Progress, Ray
+from emulate.trace import check_trace_path
 
 HEALTH_EVERY_S = 5.0
 RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
@@ -37,9 +37,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
     plan's (physical_tasks, workers, bytes_transferred, ...) by the time its iteration ends.
     """
     if opts.trace:  # a bad trace path fails before any work
-        trace = Path(opts.trace)
-        if not trace.parent.is_dir() or trace.is_dir():
-            raise EmulateError(f"--trace {opts.trace}: not a file in an existing directory")
+        check_trace_path(opts.trace)
     g = job.graph
     t0 = time.perf_counter()
     import ray

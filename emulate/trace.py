@@ -61,10 +61,10 @@ def write_trace(path: str, records: list[dict], workers: list[dict], t0: float,
 
 
 def check_trace_path(path: str) -> None:
-    """Refuse, before any work, a trace path that cannot be written: one line."""
-    p = Path(path)
-    if str(path) == "" or not p.parent.is_dir() or p.is_dir():
-        raise EmulateError(f"--trace {path}: not a file in an existing directory")
+    """Refuse, before any work, a trace path that cannot be written: one line (emulate/io.py, output_target)."""
+    from emulate.io import output_target
+
+    output_target(path)
 
 
 def read_trace(path) -> list[dict]:

@@ -190,7 +190,7 @@ def test_local_run_writes_a_trace_and_its_gantt_chart(tmp_path):
 
 
 def test_local_executor_refuses_a_bad_trace_path_before_any_work(tmp_path):
-    with pytest.raises(emulate.EmulateError, match="not a file in an existing directory"):
+    with pytest.raises(emulate.EmulateError, match="output directory .* does not exist"):
         emulate.run("tiny-llama", random_tokens=64, block_size=32,
                     executor=emulate.Local(trace=str(tmp_path / "no" / "t.json")))
     assert emulate.Local().trace is None

@@ -53,7 +53,9 @@ def special_files(tmp: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("command", [["run", "--random-tokens", "64", "-M", "16", "--output"],
-                                     ["graph", "--random-tokens", "64", "-M", "16", "-o"]])
+                                     ["run", "--random-tokens", "64", "-M", "16", "--trace"],
+                                     ["graph", "--random-tokens", "64", "-M", "16", "-o"],
+                                     ["graph", "--random-tokens", "64", "-M", "16", "--coverage"]])
 def test_a_special_file_at_the_output_path_is_refused_and_left_alone(tmp_path, capsys, command):
     for kind, path in special_files(tmp_path).items():
         before = path.lstat()
