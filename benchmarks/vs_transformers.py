@@ -3,9 +3,11 @@
 Builds seeded Llama and Mistral checkpoints shaped like the presets (width 256, 4 layers, 8 heads
 with 2 KV heads, vocabulary 1024) with `save_pretrained`, loads them with `emulate.load`, and times,
 in this one process with the same threads, the transformers forward (sdpa) and the emulated forward
-(`emulate.run`: local executor, kernel oracle, the checkpoint's own mask) on the same N tokens. The
-emulated time is the run's forward_s, as `emulate run` reports it (the graph's execution; compiling
-and building the model are outside it). Each is run `--repeat` times and the best time is kept.
+(`emulate.run`: local executor, kernel oracle, the checkpoint's own mask) on the same N tokens, and
+the transformers backend (`emulate.run(..., backend="transformers")`: the same transformers model
+with every attention call cut into pair calls of M tokens). The emulated times are the runs'
+forward_s, as `emulate run` reports it (the forward alone; loading and compiling are outside it).
+Each is run `--repeat` times and the best time is kept.
 Prints a markdown table; every figure is measured in this run.
 
     .venv/bin/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024
@@ -59,6 +61,14 @@ def time_emulate(path: str, tokens: torch.Tensor, block_size: int, repeat: int):
     return best, run.hidden, attention, run.graph.number_of_nodes()
 
 
+def time_backend(path: str, tokens: torch.Tensor, block_size: int, repeat: int):
+    best, run = float("inf"), None
+    for _ in range(repeat):
+        run = emulate.run(path, tokens, block_size=block_size, dtype="float32", backend="transformers")
+        best = min(best, run.stats["forward_s"])
+    return best, run.hidden
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -68,15 +78,18 @@ def main() -> None:
     args = ap.parse_args()
     tokens = torch.randint(0, 1024, (args.tokens,), generator=torch.Generator().manual_seed(0))
     print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, torch threads = {torch.get_num_threads()}\n")
-    print("| model | attention | transformers forward_s | emulate forward_s | emulate / transformers | max_rel_err vs transformers |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | attention | transformers (sdpa) s | emulate graph s | graph / sdpa | transformers backend s "
+          "| backend / sdpa | max_rel_err graph, backend |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for family in ("llama", "mistral"):
         with tempfile.TemporaryDirectory() as path:
             build_checkpoint(family, path, args.window)
             hf_s, hf_hidden = time_transformers(path, tokens, args.repeat)
             em_s, em_hidden, attention, _ = time_emulate(path, tokens, args.block_size, args.repeat)
-        _, rel = row_errors(em_hidden, hf_hidden)
-        print(f"| {family} | {attention} | {hf_s:.2f} | {em_s:.2f} | {em_s / hf_s:.2f} | {rel:.1e} |", flush=True)
+            be_s, be_hidden = time_backend(path, tokens, args.block_size, args.repeat)
+        rel, be_rel = (row_errors(h, hf_hidden)[1] for h in (em_hidden, be_hidden))
+        print(f"| {family} | {attention} | {hf_s:.2f} | {em_s:.2f} | {em_s / hf_s:.2f} | {be_s:.2f} | {be_s / hf_s:.2f} "
+              f"| {rel:.1e}, {be_rel:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

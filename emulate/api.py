@@ -22,13 +22,17 @@ import torch
 from emulate.config import EmulateError
 from emulate.executor import EXECUTORS, Executor, Job, Local, Ray
 from emulate.forward import check_tokens, compile_forward, resolve_patterns, row_errors
-from emulate.loaders import Model, load
+from emulate.loaders import Model, load, tokenize
 from emulate.memory import check_fits, estimate
 from emulate.oracles import KernelOracle, Oracle, PaperOracle, oracle_named
 from graphs import Pattern, PatternKind, counts
 
-DEFAULT_MODEL = "tiny-llama"
-DEFAULT_TOKENS = 4096
+# The embedded default: a real decoder on real English text (emulate.io.default_text). Token ids
+# without a model (random or read from a file) run on a seeded preset: a synthetic model for a
+# synthetic input, and quick.
+DEFAULT_MODEL = "smollm2-135m"
+IDS_MODEL = "tiny-llama"
+DEFAULT_TOKENS = 4096  # random ids when the model has no tokenizer and no input is given
 DEFAULT_BLOCK = 256  # 16 blocks of the default input: enough for the block structure to matter
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")
@@ -60,6 +64,7 @@ class Problem:
     block_size: int
     dtype: torch.dtype
     seed: int
+    source: str = "token ids"  # where the ids came from, for the summary (input_source)
 
     def graph(self, progress: StageProgress | None = None) -> nx.DiGraph:
         on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
@@ -81,24 +86,30 @@ def _int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
-def _token_ids(model: Model, tokens, text, input, random_tokens, seed: int) -> np.ndarray:
-    """The run's token ids from exactly one source; the embedded default when none is given."""
-    from emulate.io import TEXT_SUFFIXES, check_text, random_ids, read_text, read_tokens
+def token_ids(tokenizer, vocab: int, tokens, text, input, random_tokens, seed: int) -> np.ndarray:
+    """The run's token ids from exactly one source; the embedded default when none is given.
+
+    tokenizer: a model's (emulate.loaders.tokenize), or None for byte-level ids; with no source the
+    default text where there is a tokenizer, DEFAULT_TOKENS random ids below `vocab` otherwise.
+    """
+    from emulate.io import TEXT_SUFFIXES, check_text, default_text, random_ids, read_text, read_tokens
 
     given = [name for name, v in (("tokens", tokens), ("text", text), ("input", input),
                                   ("random_tokens", random_tokens)) if v is not None]
     if len(given) > 1:
         raise EmulateError(f"give one input, not {' and '.join(given)}")
+    if not given and tokenizer is not None:
+        return tokenize(tokenizer, default_text())
     if random_tokens is not None or not given:
         n = DEFAULT_TOKENS if random_tokens is None else _int("--random-tokens", random_tokens)
-        return random_ids(n, model.config.vocab, seed)
+        return random_ids(n, vocab, seed)
     if text is not None:
         if not isinstance(text, str):
             raise EmulateError(f"text must be a str, not {type(text).__name__}")
-        return model.tokenize(check_text(text))
+        return tokenize(tokenizer, check_text(text))
     if input is not None:
         if Path(input).suffix.lower() in TEXT_SUFFIXES:
-            return model.tokenize(read_text(input))
+            return tokenize(tokenizer, read_text(input))
         return read_tokens(input)
     if isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
         raise EmulateError(f"tokens={tokens} is a count: give token ids, or random_tokens={tokens} for random ones")
@@ -110,6 +121,30 @@ def _token_ids(model: Model, tokens, text, input, random_tokens, seed: int) -> n
     return ids.astype(np.int64)
 
 
+def input_source(tokenizer, tokens, text, input, random_tokens, seed: int) -> str:
+    """The summary's `input`: which of token_ids's sources the ids came from."""
+    from emulate.io import DEFAULT_TEXT_NAME
+
+    if text is not None:
+        return "text"
+    if input is not None:
+        return str(input)
+    if tokens is not None:
+        return "token ids"
+    if random_tokens is None and tokenizer is not None:
+        return DEFAULT_TEXT_NAME
+    return f"random ids (seed {seed})"
+
+
+def default_model(tokens=None, text=None, input=None, random_tokens=None) -> str:
+    """The model a run without one uses: the real default for text (or no input), the preset for token ids."""
+    from emulate.io import TEXT_SUFFIXES
+
+    ids = tokens is not None or random_tokens is not None or (
+        input is not None and Path(input).suffix.lower() not in TEXT_SUFFIXES)
+    return IDS_MODEL if ids else DEFAULT_MODEL
+
+
 def prepare(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
             random_tokens: int | None = None, seed: int = 0, block_size: int = DEFAULT_BLOCK,
             attention: str = "auto", window: int | None = None, sinks: int | None = None,
@@ -119,7 +154,7 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
     if seed >= 2**64:
         raise EmulateError(f"--seed must be below 2**64, got {seed}")
     block_size = _int("--block-size", block_size)
-    m = load(DEFAULT_MODEL if model is None else model)
+    m = load(default_model(tokens, text, input, random_tokens) if model is None else model)
     dt = _dtype(dtype)
     patterns = resolve_patterns(m.config, attention, window, sinks)
     bytes_per = torch.finfo(dt).bits // 8
@@ -134,7 +169,7 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
     else:
         if random_tokens is not None and isinstance(random_tokens, (int, np.integer)) and random_tokens > 0:
             fits(int(random_tokens))  # before a single id is drawn
-        ids = _token_ids(m, tokens, text, input, random_tokens, seed)
+        ids = token_ids(m.tokenizer, m.config.vocab, tokens, text, input, random_tokens, seed)
         length = len(ids)
         check_tokens(m.config, ids)
         fits(length)
@@ -142,7 +177,8 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > length:
             raise EmulateError(f"{name} {value} is longer than the input's {length} tokens; it would change nothing "
                                f"but the name of the mask (use --attention causal)")
-    return Problem(m, ids, length, tuple(patterns), block_size, dt, seed)
+    return Problem(m, ids, length, tuple(patterns), block_size, dt, seed,
+                   input_source(m.tokenizer, tokens, text, input, random_tokens, seed))
 
 
 def compile(model=None, tokens=None, progress: StageProgress | None = None, **options) -> nx.DiGraph:
@@ -190,7 +226,7 @@ def _executor(executor, ray_keywords: dict, trace: str | None = None) -> Executo
     return executor
 
 
-def _oracle(oracle, pack_heads, heads: int) -> Oracle:
+def _oracle(oracle, pack_heads, heads: int | None) -> Oracle:
     if isinstance(oracle, str):
         chosen = oracle_named(oracle, pack_heads)
     else:
@@ -200,9 +236,25 @@ def _oracle(oracle, pack_heads, heads: int) -> Oracle:
             raise EmulateError(f"oracle must be 'kernel', 'paper', 'paper-stable', emulate.KernelOracle() or "
                                f"emulate.PaperOracle(...), not {oracle!r}")
         chosen = oracle
-    if isinstance(chosen, PaperOracle):
+    if isinstance(chosen, PaperOracle) and heads is not None:
         chosen.packed(heads)  # refuse a bad pack width before any work
     return chosen
+
+
+class Perplexity:
+    """exp of the mean negative log-likelihood of the next tokens, summed block by block in float64."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, logprobs: torch.Tensor | None) -> None:
+        if logprobs is not None and logprobs.numel():
+            self.total -= float(logprobs.double().sum())
+            self.count += logprobs.numel()
+
+    def value(self) -> float | None:
+        """None for a one-token input (nothing to predict); inf where a log-probability is -inf."""
+        return math.exp(self.total / self.count) if self.count else None
 
 
 class Stream:
@@ -229,13 +281,18 @@ class Stream:
         forward = None if self.progress is None else (lambda done, total: self.progress("forward", done, total))
         self._execution = self.executor.start(job, forward)
         spans = self.graph.graph["block_spans"]
+        nll = Perplexity()
         t0 = time.perf_counter()
         try:
             for block, value in self._execution:
-                yield block, BlockOutput(block, tuple(spans[block]), value["hidden"], value.get("logprob_next"))
+                out = BlockOutput(block, tuple(spans[block]), value["hidden"], value.get("logprob_next"))
+                nll.add(out.logprobs)
+                yield block, out
         finally:
             self._execution.close()
         self.stats = self._summary(time.perf_counter() - t0)
+        if p.model.config.lm_head:
+            self.stats["perplexity"] = nll.value()
 
     def close(self) -> None:
         if self._execution is not None:
@@ -248,10 +305,10 @@ class Stream:
         oracle_keys = {k: figures.pop(k) for k in list(figures) if k.startswith("oracle_")}
         return {
             "model": config.name, "family": config.family, "layers": config.layers, "heads": config.heads,
-            "kv_heads": config.kv_heads, "tokens": p.length, "block_size": spec["block_size"],
+            "kv_heads": config.kv_heads, "input": p.source, "tokens": p.length, "block_size": spec["block_size"],
             "blocks": self.graph.graph["blocks"], "attention": describe(p.patterns), "window": _window(p.patterns),
             "sinks": p.patterns[0].sinks, "oracle": self.oracle.name, "dtype": str(p.dtype).removeprefix("torch."),
-            "device": self.device, "executor": self.executor.name,
+            "device": self.device, "executor": self.executor.name, "backend": "graph",
             **{k: c[k] for k in ("attention_calls", "attention_calls_per_layer", "attention_calls_bound", "small_calls",
                                  "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth")},
             "forward_s": round(forward_s, 4), **figures, **oracle_keys,
@@ -295,11 +352,15 @@ class Run:
     tokens: np.ndarray
 
 
+BACKENDS = ("graph", "transformers")
+
+
 def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = False, verify: bool = False,
-        tolerance: float | None = None, collect: bool = True, **options) -> Run:
+        tolerance: float | None = None, collect: bool = True, backend: str = "graph", **options) -> Run:
     """Run one emulated forward end to end, in-process (executor="local") or on Ray.
 
-    model: a preset name, a checkpoint directory or an emulate.Model (default tiny-llama).
+    model: a preset name, a checkpoint directory, a .gguf file or an emulate.Model (default: smollm2-135m
+    for text or no input, tiny-llama for token ids; api.default_model).
     tokens: 1-d integer ids (array, tensor or list); or text=, input= (a file), random_tokens=N;
     with none of them, DEFAULT_TOKENS seeded random ids. block_size: M, the most tokens any call
     sees. attention: auto (the model's own mask), full, causal, sliding, sink or sampled; window r
@@ -314,16 +375,24 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     always for encoders). verify: also run the monolithic forward and check the error against the
     tolerance of the dtype (docs/numerics.md) or `tolerance`. collect=False keeps no outputs in
     memory (run.hidden and run.logprobs are None; verify collects what it needs).
+    backend: "graph" runs the task graph (emulate's own blocks); "transformers" runs a checkpoint's
+    own transformers model (a directory, a .gguf file or a loaded model) with every attention call
+    cut into pair calls (emulate/hf_model.py); verify then compares with the same model under sdpa.
     """
+    if backend == "transformers":
+        from emulate.hf_model import run as run_transformers
+
+        return run_transformers(DEFAULT_MODEL if model is None else model, tokens, output=output, hidden=hidden,
+                                verify=verify, tolerance=tolerance, collect=collect, **options)
+    if backend != "graph":
+        raise EmulateError(f"backend must be graph or transformers, got {backend!r}")
     from emulate.io import OutputWriter, output_target
     from emulate.memory import peak_rss_mb
 
     t_start = time.perf_counter()
     if output is not None:
         output_target(output)  # a path that cannot be written is refused before any work
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not math.isfinite(tolerance) or tolerance <= 0):
-        raise EmulateError(f"--tolerance must be a finite number > 0, got {tolerance!r}")
+    check_tolerance(tolerance)
     s = stream(model, tokens, **options)
     p, config = s.problem, s.problem.model.config
     check_fits(estimate(config, p.length, p.block_size, p.patterns, torch.finfo(p.dtype).bits // 8, collect, verify),
@@ -364,6 +433,12 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     if not collect:
         got_hidden = got_logprobs = None
     return Run(got_hidden, got_logprobs, stats, s.graph, p.tokens)
+
+
+def check_tolerance(tolerance) -> None:
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not math.isfinite(tolerance) or tolerance <= 0):
+        raise EmulateError(f"--tolerance must be a finite number > 0, got {tolerance!r}")
 
 
 def monolithic(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
@@ -407,17 +482,23 @@ def _verify(s: Stream, hidden: torch.Tensor, logprobs: torch.Tensor | None, tole
     """The monolithic forward on the same weights; the per-row error against the tolerance."""
     p = s.problem
     ref = _reference(p, s.device if isinstance(s.executor, Local) else "cpu", progress)
-    out = dict(ref.stats)
-    out["max_abs_err"], out["max_rel_err"] = row_errors(hidden, ref.hidden.to(hidden.device))
+    tol = tolerance_for(p.patterns, s.oracle, p.dtype) if tolerance is None else float(tolerance)
+    return {**ref.stats, **compare(hidden, logprobs, ref.hidden, ref.logprobs, tol)}
+
+
+def compare(hidden: torch.Tensor, logprobs: torch.Tensor | None, want_hidden: torch.Tensor,
+            want_logprobs: torch.Tensor | None, tolerance: float) -> dict:
+    """verify's figures: per-row errors of the hidden states (and log-probabilities) against a reference."""
+    out = {}
+    out["max_abs_err"], out["max_rel_err"] = row_errors(hidden, want_hidden.to(hidden.device))
     finite = math.isfinite(out["max_rel_err"])
     if logprobs is not None:
-        err = float((logprobs.double() - ref.logprobs.double().to(logprobs.device)).abs().max()) \
+        err = float((logprobs.double() - want_logprobs.double().to(logprobs.device)).abs().max()) \
             if logprobs.numel() else 0.0
         out["max_logprob_err"] = err
         finite = finite and math.isfinite(err)
-    tol = tolerance_for(p.patterns, s.oracle, p.dtype) if tolerance is None else float(tolerance)
-    out["tolerance"] = tol
-    out["verified"] = bool(finite and out["max_rel_err"] <= tol)  # NaN never passes
+    out["tolerance"] = tolerance
+    out["verified"] = bool(finite and out["max_rel_err"] <= tolerance)  # NaN never passes
     return out
 
 

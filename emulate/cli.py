@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="emulate", description=DESCRIPTION, formatter_class=Help, epilog=(
         "examples:\n"
-        "  emulate run                                   the embedded default: tiny-llama, 4096 tokens, M = 256, verified\n"
+        "  emulate run                                   the embedded default: SmolLM2-135M on real text, verified\n"
         "  emulate run --random-tokens 65536 -M 1024 --attention sliding --window 512 --json\n"
         "  emulate graph --random-tokens 2048 -M 256 -o graph.json\n"
         "  emulate theorems --max-tokens 256\n"
@@ -117,14 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- run --------------------------------------------------------------------------------------
 
 def add_run_command(sub) -> None:
-    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS
+    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL
+    from emulate.io import DEFAULT_TEXT_NAME
 
     run = sub.add_parser(
         "run", formatter_class=Help, help="run the emulated forward (the embedded default with no options)",
         description="Run one forward as a task graph of small calls and print a summary. With no options: "
-                    f"{DEFAULT_MODEL}, {DEFAULT_TOKENS} seeded random tokens, M = {DEFAULT_BLOCK}, verified.",
+                    f"{DEFAULT_MODEL} on {DEFAULT_TEXT_NAME}, M = {DEFAULT_BLOCK}, verified.",
         epilog="examples:\n"
                "  emulate run\n"
+               "  emulate run --model ./my-checkpoint --backend transformers --text 'Once upon a time' -M 64 --verify\n"
                "  emulate run --model tiny-mistral --random-tokens 16384 -M 1024 --dtype float64 --verify\n"
                "  emulate run --text 'Hello there' --output out.arrow --hidden\n"
                "  emulate run --executor ray --workers 2 --random-tokens 16384 -M 1024 --json\n"
@@ -133,6 +135,10 @@ def add_run_command(sub) -> None:
     add_problem_options(run)
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the small calls run")
+    run.add_argument("--backend", choices=("graph", "transformers"), default="graph",
+                     help="graph: the task graph over emulate's own blocks (presets, checkpoints of llama, mistral, "
+                          "qwen2, gpt2, bert, llama .gguf files); transformers: the checkpoint's own transformers model "
+                          "(any family), each attention call cut into pair calls; --verify compares with sdpa")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: in-process; ray: worker actors on a Ray cluster")
     run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
@@ -166,16 +172,17 @@ def add_run_command(sub) -> None:
 
 
 def add_problem_options(p: argparse.ArgumentParser) -> None:
-    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS
+    from emulate.api import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS, IDS_MODEL
 
     p.add_argument("--model", default=None,
                    help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file "
-                        f"(default {DEFAULT_MODEL})")
+                        f"(default {DEFAULT_MODEL} for text or no input, {IDS_MODEL} for token ids)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", default=None, help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt, .md)")
     src.add_argument("--text", default=None, help="text to tokenize (the checkpoint's tokenizer, or bytes for presets)")
     src.add_argument("--random-tokens", type=int, metavar="N", default=None,
-                     help=f"N seeded random tokens (default input: {DEFAULT_TOKENS} of them)")
+                     help=f"N seeded random tokens (the default input of a model without a tokenizer: "
+                          f"{DEFAULT_TOKENS}; with one, the default text)")
     p.add_argument("--seed", type=int, default=0, help="seeds random tokens and the sampled permutation")
     p.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most tokens a small call sees")
     p.add_argument("--attention", default="auto",
@@ -213,7 +220,7 @@ def cmd_run(args) -> int:
             oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
             stall_timeout=args.stall_timeout, output=args.output, hidden=args.hidden,
-            verify=args.verify or default_run, tolerance=args.tolerance, collect=False,
+            verify=args.verify or default_run, tolerance=args.tolerance, collect=False, backend=args.backend,
             progress=progress)
     except BaseException:
         if stdout is not None:
@@ -311,16 +318,24 @@ class ProgressReport:
 def human_summary(s: dict) -> str:
     lines = [
         f"model      {s['model']} ({s['family']}): {s['layers']} layers, {s['heads']} heads ({s['kv_heads']} KV), {s['dtype']} on {s['device']}",
-        f"input      N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}; attention {s['attention']}"
+        f"input      {s['input']}: N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}; attention {s['attention']}"
         + (f", window {s['window']}" if s["window"] else "") + (f", sinks {s['sinks']}" if s["sinks"] else ""),
-        f"graph      {s['graph_nodes']} nodes, {s['graph_edges']} edges, depth {s['graph_depth']}; "
-        f"{s['attention_calls']} attention calls ({s['attention_calls_bound']} the bound allows), "
-        f"{s['small_calls']} small calls, none longer than {s['max_call_tokens']} tokens",
-        f"forward    {s['forward_s']:.3f} s with the {s['executor']} executor, {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
+        (f"graph      {s['graph_nodes']} nodes, {s['graph_edges']} edges, depth {s['graph_depth']}; "
+         f"{s['attention_calls']} attention calls ({s['attention_calls_bound']} the bound allows), "
+         f"{s['small_calls']} small calls, none longer than {s['max_call_tokens']} tokens")
+        if s["graph_nodes"] is not None else
+        (f"calls      {s['attention_calls']} attention calls ({s['attention_calls_bound']} the bound allows), none longer "
+         f"than {s['max_call_tokens']} tokens; the rest of the model ran as transformers' own, over all N tokens"),
+        f"forward    {s['forward_s']:.3f} s " + (f"with the {s['executor']} executor" if s["backend"] == "graph" else
+                                                 "with the transformers backend")
+        + f", {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
     ]
+    if s.get("perplexity") is not None:
+        lines.append(f"next token perplexity {s['perplexity']:.3f} over the {s['tokens'] - 1} next-token predictions")
     if "reference_s" in s:
         verdict = "verified" if s["verified"] else "NOT verified"
-        lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
+        reference = "monolithic reference" if s["backend"] == "graph" else f"the same model under {s['reference']}"
+        lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
     if "output" in s:
         lines.append(f"output     {s['output']}")

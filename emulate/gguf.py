@@ -232,6 +232,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def read_tokenizer(path):
+    """The tokenizer of a GGUF file alone, without dequantizing its tensors."""
+    path = Path(path)
+    return gguf_tokenizer(read_metadata(_reader(path)), path)
+
+
 def load_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """(config, canonical float32 weights, tokenizers.Tokenizer) of a llama GGUF file."""
     path = Path(path)

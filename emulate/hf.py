@@ -28,6 +28,7 @@ dropout in training mode, and cached decoding (a query length other than the key
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,7 @@ class _State:
     patterns: dict = field(default_factory=dict)  # call site -> the Pattern it last ran
     blocks: dict = field(default_factory=dict)  # call site -> query blocks of its last call
     sites: dict = field(default_factory=dict)  # id(module) -> a call-site number, for modules without layer_idx
+    masks: list = field(default_factory=list)  # (weak reference to a mask, the Pattern it was checked against)
     max_call_tokens: int = 0
 
 
@@ -90,6 +92,7 @@ def reset() -> None:
     _state.patterns.clear()
     _state.blocks.clear()
     _state.sites.clear()
+    _state.masks = []
     _state.max_call_tokens = 0
 
 
@@ -111,6 +114,11 @@ def counts() -> dict:
         "max_call_tokens": _state.max_call_tokens,
         "block_size": _state.block_size,
     }
+
+
+def layer_patterns() -> dict:
+    """{call site: the Pattern it last ran} since the last reset."""
+    return dict(_state.patterns)
 
 
 def layer_pattern(module, kwargs: dict) -> Pattern:
@@ -156,28 +164,41 @@ def _refuse_unsupported(module, kwargs: dict, dropout: float) -> None:
 
 
 def _check_mask(attention_mask, pattern: Pattern, n: int, site) -> None:
-    """The mask transformers built must be exactly the layer's pattern over positions 0 .. n-1."""
+    """The mask transformers built must be exactly the layer's pattern over positions 0 .. n-1.
+
+    Checked a block of M rows at a time against the pattern's key ranges (one [M, n] temporary), and
+    once per mask: transformers builds one mask per layer type and forward and hands the same tensor
+    to each layer of that type, so a mask already checked for this pattern is not read again.
+    """
     if attention_mask is None:
         return
-    if attention_mask.dtype == torch.bool:
-        visible = attention_mask
-    elif attention_mask.is_floating_point():
-        # an additive mask: 0 where visible, the dtype's lowest (or -inf) where not; anything else is a bias
-        low = torch.finfo(attention_mask.dtype).min
-        masked = attention_mask <= low / 2
-        if not bool(((attention_mask == 0) | masked).all()):
-            raise EmulateError(f"emulate attention: layer {site} gets an additive attention bias (ALiBi or a "
-                               "custom float mask), which the pair calls do not model")
-        visible = ~masked
-    else:
+    if any(ref() is attention_mask and checked == pattern for ref, checked in _state.masks):
+        return
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
         raise EmulateError(f"emulate attention: layer {site} gets an attention mask of dtype {attention_mask.dtype}")
-    if visible.ndim != 4 or visible.shape[-2:] != (n, n):
-        raise EmulateError(f"emulate attention: layer {site} gets a mask of shape {tuple(visible.shape)}, "
+    if attention_mask.ndim != 4 or attention_mask.shape[-2:] != (n, n):
+        raise EmulateError(f"emulate attention: layer {site} gets a mask of shape {tuple(attention_mask.shape)}, "
                            f"not [batch, heads, {n}, {n}]")
-    want = torch.from_numpy(pattern.visible(np.arange(n), np.arange(n))).to(visible.device)
-    if not bool((visible == want).all()):
-        raise EmulateError(f"emulate attention: layer {site}'s attention mask is not its plain {pattern.describe()} "
-                           "mask (padding, packed sequences or a custom mask); run unpadded sequences one at a time")
+    keys = torch.arange(n, device=attention_mask.device)
+    for q0, q1 in block_spans(n, _state.block_size):
+        rows = attention_mask[..., q0:q1, :]
+        if rows.dtype == torch.bool:
+            visible = rows
+        else:
+            # an additive mask: 0 where visible, the dtype's lowest (or -inf) where not; anything else is a bias
+            masked = rows <= torch.finfo(rows.dtype).min / 2
+            if not bool(((rows == 0) | masked).all()):
+                raise EmulateError(f"emulate attention: layer {site} gets an additive attention bias (ALiBi or a "
+                                   "custom float mask), which the pair calls do not model")
+            visible = ~masked
+        r = pattern.key_range(np.arange(q0, q1))
+        lo, hi, sink_hi = (torch.from_numpy(x).to(keys.device)[:, None] for x in (r.lo, r.hi, r.sink_hi))
+        want = ((keys >= lo) & (keys < hi)) | (keys < sink_hi)
+        if not bool((visible == want).all()):
+            raise EmulateError(f"emulate attention: layer {site}'s attention mask is not its plain "
+                               f"{pattern.describe()} mask (padding, packed sequences or a custom mask); run "
+                               "unpadded sequences one at a time")
+    _state.masks = [*_state.masks[-3:], (weakref.ref(attention_mask), pattern)]
 
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,

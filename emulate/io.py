@@ -114,6 +114,22 @@ def tokenizer_tokens(tokenizer_file: Path, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text).ids, dtype=np.int64)
 
 
+# The embedded default text: two sections of the Python Language Reference as the interpreter ships
+# them (pydoc_data, PSF licence), real English prose of about 4,300 SmolLM2 tokens (17 blocks of 256).
+DEFAULT_TEXT_TOPICS = ("execmodel", "import")
+DEFAULT_TEXT_NAME = "the Python Language Reference, 4. Execution model and 7.11 The import statement (pydoc_data)"
+
+
+def default_text() -> str:
+    """The embedded default input: real English text that ships with Python itself."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise EmulateError("the default text comes from Python's pydoc_data, which this Python lacks; "
+                           "give --text or --input") from None
+    return "\n\n".join(topics[t] for t in DEFAULT_TEXT_TOPICS)
+
+
 def random_ids(n: int, vocab: int, seed: int) -> np.ndarray:
     """n seeded random token ids in [0, vocab)."""
     if n < 1:

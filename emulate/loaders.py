@@ -1,7 +1,7 @@
 """Where a model comes from: a preset name or a Hugging Face checkpoint directory, loaded once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +40,18 @@ class Model:
         return self._built[key]
 
     def tokenize(self, text: str) -> np.ndarray:
-        """Token ids of `text`: the checkpoint's tokenizer, or one id per UTF-8 byte for the presets."""
-        from emulate.io import byte_tokens, tokenizer_tokens
+        return tokenize(self.tokenizer, text)
 
-        if self.tokenizer is None:
-            return byte_tokens(text)
-        if isinstance(self.tokenizer, (str, Path)):
-            return tokenizer_tokens(self.tokenizer, text)
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)  # a tokenizers.Tokenizer
+
+def tokenize(tokenizer, text: str) -> np.ndarray:
+    """Token ids of `text`: a tokenizer.json path, a tokenizers.Tokenizer, or one id per UTF-8 byte (None)."""
+    from emulate.io import byte_tokens, tokenizer_tokens
+
+    if tokenizer is None:
+        return byte_tokens(text)
+    if isinstance(tokenizer, (str, Path)):
+        return tokenizer_tokens(tokenizer, text)
+    return np.asarray(tokenizer.encode(text).ids, dtype=np.int64)  # a tokenizers.Tokenizer
 
 
 def load(model: str | Path | Model) -> Model:
@@ -62,7 +66,8 @@ def load(model: str | Path | Model) -> Model:
         config, weights = preset(name, seed=0)  # preset weights are fixed; a run's seed draws its input
         return Model(config, weights)
     if name in FILE_PRESETS:
-        return load(FILE_PRESETS[name]())
+        loaded = load(FILE_PRESETS[name]())
+        return Model(replace(loaded.config, name=name), loaded.weights, loaded.tokenizer)
     path = Path(name)
     if path.suffix.lower() == ".gguf":
         from emulate.gguf import load_gguf

@@ -19,6 +19,7 @@ import torch
 import emulate
 from emulate.cli import main
 from emulate.forward import resolve_patterns
+from emulate.io import DEFAULT_TEXT_NAME
 from emulate.model import Transformer
 from emulate.presets import preset
 from emulate.reference import reference_forward
@@ -32,8 +33,8 @@ EMULATE = Path(sys.executable).with_name("emulate")
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 SUMMARY_KEYS = {
-    "model", "family", "layers", "heads", "kv_heads", "tokens", "block_size", "blocks", "attention", "window",
-    "sinks", "oracle", "dtype", "executor", "attention_calls", "attention_calls_per_layer", "small_calls",
+    "model", "family", "layers", "heads", "kv_heads", "input", "tokens", "block_size", "blocks", "attention", "window",
+    "sinks", "oracle", "dtype", "executor", "backend", "attention_calls", "attention_calls_per_layer", "small_calls",
     "max_call_tokens", "graph_nodes", "graph_edges", "graph_depth", "forward_s", "wall_s", "tokens_per_s",
     "peak_rss_mb",
 }
@@ -78,6 +79,9 @@ def test_default_run_in_a_real_process_is_verified_and_long_enough():
     assert out.stdout.count("\n") == 1
     s = json.loads(out.stdout)
     assert SUMMARY_KEYS | VERIFY_KEYS <= set(s)
+    # the real SmolLM2-135M on the shipped English text (tests/test_gguf.py checks it against transformers)
+    assert (s["model"], s["input"], s["backend"]) == ("smollm2-135m", DEFAULT_TEXT_NAME, "graph")
+    assert s["tokens"] >= 2048 and 5 < s["perplexity"] < 30 and s["max_logprob_err"] <= 1e-4
     assert s["blocks"] >= 16 and s["blocks"] == -(-s["tokens"] // s["block_size"])
     assert s["oracle"] == "kernel" and s["executor"] == "local" and s["dtype"] == "float32"
     assert s["attention"] == "causal" and s["window"] is None and s["sinks"] is None
@@ -262,7 +266,7 @@ def test_text_is_byte_level_for_presets(capsys, tmp_path):
     expected = list(text.encode("utf-8"))
     for source in (["--input", tmp_path / "t.txt"], ["--text", text]):
         out = tmp_path / "out.arrow"
-        run_json(capsys, *source, "--block-size", 8, "--output", out)
+        run_json(capsys, "--model", "tiny-llama", *source, "--block-size", 8, "--output", out)
         assert read_output(out).column("token").to_pylist() == expected
         out.unlink()
 

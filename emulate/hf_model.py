@@ -1,0 +1,278 @@
+"""The transformers backend: a checkpoint's own transformers model with its attention run as pair calls.
+
+    emulate.run("path/to/checkpoint", backend="transformers", block_size=256, verify=True)
+    emulate run --model path/to/checkpoint --backend transformers -M 256 --verify
+
+The checkpoint (a directory with config.json, a .gguf file, or a transformers model already in
+memory) loads with transformers itself, so every family whose attention goes through its
+AttentionInterface runs, whatever emulate's own loader (emulate/loaders.py) knows. emulate/hf.py's
+attention is registered with M and the oracle, the model's attention is switched to it, and one
+forward computes every attention call as the graph's pair calls; the position-wise parts (norms,
+RoPE, MLPs, the head) are transformers' own, run over all N tokens at once. No task graph runs, so
+the graph's figures (graph_nodes, graph_edges, graph_depth, small_calls) are None; the pair calls
+are counted as they happen and checked against the bound of each layer's pattern.
+
+verify runs the same model, same weights, under transformers' sdpa attention (eager where the
+family has no sdpa path) and compares hidden states and log-probabilities as the graph backend's
+verify does (docs/numerics.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emulate.config import EmulateError, error_line
+from emulate.presets import FILE_PRESETS, PRESETS
+from graphs import Pattern, block_spans
+
+# what the reference forward runs, in order of preference
+REFERENCE_ATTENTION = ("sdpa", "eager")
+
+
+def source(model) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) of a checkpoint given by path or file preset."""
+    name = str(model)
+    if name in PRESETS:
+        raise EmulateError(f"preset {name} has no transformers checkpoint (its weights are emulate's own); run it "
+                           "with the graph backend, or give a checkpoint directory or .gguf file")
+    path = Path(FILE_PRESETS[name]()) if name in FILE_PRESETS else Path(name)
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return path.parent, path.name
+        if (path / "config.json").is_file():
+            return path, None
+    except OSError:  # a name too long for the file system, say
+        pass
+    raise EmulateError(f"{name} is not a checkpoint directory with a config.json, nor a .gguf file")
+
+
+def load(model, dtype: torch.dtype, device: str):
+    """(transformers model in eval mode, name, tokenizer or None) for a path, a file preset or a loaded model."""
+    if isinstance(model, torch.nn.Module):
+        if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+            raise EmulateError(f"{type(model).__name__} is not a transformers model (it has no set_attn_implementation)")
+        return model.to(device=device, dtype=dtype).eval(), type(model).__name__, None
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    directory, gguf = source(model)
+    extra = {"gguf_file": gguf} if gguf else {}
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # emulate reports its own progress (and --quiet means quiet)
+    try:
+        config = AutoConfig.from_pretrained(directory, **extra)
+        causal = gguf is not None or any(a.endswith("ForCausalLM") for a in config.architectures or ())
+        cls = AutoModelForCausalLM if causal else AutoModel
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own bar, which no switch turns off
+            loaded = cls.from_pretrained(directory, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise EmulateError(f"{directory}: transformers cannot load this checkpoint ({error_line(err)})") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    return loaded.to(device).eval(), str(model), _tokenizer(directory, gguf)
+
+
+def _tokenizer(directory: Path, gguf: str | None):
+    if gguf is not None:
+        from emulate.gguf import read_tokenizer
+
+        return read_tokenizer(directory / gguf)
+    file = directory / "tokenizer.json"
+    return file if file.is_file() else None
+
+
+def switch(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as err:
+        raise EmulateError(f"{type(model).__name__} cannot run attention {name!r} ({error_line(err)})") from None
+
+
+def forward(model, ids: torch.Tensor, attention: str, block_size: int) -> dict:
+    """One forward under `attention`: last hidden states [N, d], log p(next) [N - 1] (None for encoders), seconds."""
+    switch(model, attention)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+        seconds = time.perf_counter() - t0
+        logits = getattr(out, "logits", None)
+        hidden = (out.hidden_states[-1] if logits is not None else out.last_hidden_state)[0]
+        logprobs = None if logits is None else next_logprobs(logits[0], ids, block_size)
+    return {"hidden": hidden, "logprobs": logprobs, "seconds": seconds}
+
+
+def next_logprobs(logits: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """log p(ids[t + 1] | ids <= t), normalised a block of rows at a time (one [M, vocab] temporary)."""
+    n = logits.shape[0]
+    out = torch.empty(n - 1, dtype=logits.dtype, device=logits.device)
+    for a, b in block_spans(n - 1, block_size) if n > 1 else ():
+        out[a:b] = torch.log_softmax(logits[a:b], dim=-1).gather(1, ids[a + 1:b + 1, None].to(logits.device))[:, 0]
+    return out
+
+
+def pick_reference(model) -> str:
+    """sdpa where the family supports it, eager otherwise (soft-capping families, for example)."""
+    for name in REFERENCE_ATTENTION:
+        try:
+            model.set_attn_implementation(name)
+            return name
+        except (ValueError, ImportError):
+            continue
+    raise EmulateError(f"{type(model).__name__} runs neither sdpa nor eager attention; nothing to verify against")
+
+
+def layer_figures(counted: dict, patterns: dict, layers: int, blocks: int, block_size: int) -> dict:
+    """The pair-call figures of the summary, from emulate.hf's counts and each layer's pattern."""
+    sites = [s for s in counted["attention_calls_per_layer"]]
+    if set(sites) != set(range(layers)):
+        ran = len(sites)
+        raise EmulateError(f"the model ran attention at {ran} call sites, not once in each of its {layers} layers; "
+                           "emulate counts a forward only when every layer's attention is its own")
+    ordered = [patterns[layer] for layer in range(layers)]
+    return {
+        "patterns": ordered,
+        "attention_calls": counted["attention_calls"],
+        "attention_calls_per_layer": [counted["attention_calls_per_layer"][layer] for layer in range(layers)],
+        "attention_calls_bound": sum(p.calls_bound(blocks, block_size) for p in ordered),
+        "max_call_tokens": counted["max_call_tokens"],
+    }
+
+
+def shape(config) -> dict:
+    """layers, heads and KV heads of a transformers config (text_config for multimodal wrappers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    return {"family": text.model_type, "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer"),
+            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "vocab": getattr(text, "vocab_size", None)}
+
+
+def check_ids(ids: np.ndarray, vocab: int | None, name: str) -> None:
+    if len(ids) == 0:
+        raise EmulateError("the input has no tokens")
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.max() if ids.max() >= vocab else ids.min())
+        raise EmulateError(f"token id {bad} is outside {name}'s vocabulary of {vocab}")
+
+
+def perplexity(logprobs: torch.Tensor | None) -> float | None:
+    if logprobs is None or not logprobs.numel():
+        return None
+    return math.exp(-float(logprobs.double().mean()))
+
+
+def block_outputs(hidden: torch.Tensor, logprobs: torch.Tensor | None, block_size: int):
+    """The outputs cut into the blocks the graph backend streams, for emulate.io.OutputWriter."""
+    from emulate.api import BlockOutput
+
+    n = hidden.shape[0]
+    for i, (a, b) in enumerate(block_spans(n, block_size)):
+        yield BlockOutput(i, (a, b), hidden[a:b], None if logprobs is None else logprobs[a:min(b, n - 1)])
+
+
+NOT_FOR_THIS_BACKEND = {"window": "--window", "sinks": "--sinks", "trace": "--trace", "address": "--address",
+                        "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
+                        "gpus_per_worker": "--gpus-per-worker", "stall_timeout": "--stall-timeout"}
+
+
+def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool = False, tolerance=None,
+        collect: bool = True, text=None, input=None, random_tokens=None, seed: int = 0, block_size: int = 256,
+        attention="auto", dtype="float32", device: str = "cpu", executor="local", oracle="kernel",
+        pack_heads=None, progress=None, **rest):
+    """emulate.run(..., backend="transformers"): see the module docstring. Returns an emulate.Run."""
+    import emulate.hf as hf
+    from emulate import api
+    from emulate.io import TEXT_SUFFIXES, OutputWriter, output_target
+    from emulate.memory import peak_rss_mb
+
+    t_start = time.perf_counter()
+    given = [flag for key, flag in NOT_FOR_THIS_BACKEND.items() if rest.get(key) is not None]
+    unknown = sorted(set(rest) - set(NOT_FOR_THIS_BACKEND))
+    if unknown:
+        raise TypeError(f"run() got an unexpected keyword argument {unknown[0]!r}")
+    if given:
+        raise EmulateError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to the transformers "
+                           "backend (it runs in-process, with each layer's own mask)")
+    if executor != "local":
+        raise EmulateError("the transformers backend runs in-process only: drop --executor ray, or use the graph backend")
+    if attention != "auto":
+        raise EmulateError("the transformers backend reads each layer's mask off the model: --attention must be auto")
+    if device not in api.DEVICES:
+        raise EmulateError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EmulateError("device cuda asked for, but torch sees no CUDA device here")
+    if output is not None:
+        output_target(output)
+    api.check_tolerance(tolerance)
+    block_size = api._int("--block-size", block_size)
+    seed = api._int("--seed", seed, 0)
+    dt = api._dtype(dtype)
+    chosen = api._oracle(oracle, pack_heads, None)  # the pack width is checked once the model's heads are known
+    net, name, tokenizer = load(model, dt, device)
+    dims = shape(net.config)
+    if tokenizer is None and (text is not None or (input is not None and Path(input).suffix.lower() in TEXT_SUFFIXES)):
+        raise EmulateError(f"{name} comes without a tokenizer: give token ids (tokens, --input ids.npy or --random-tokens)")
+    ids = api.token_ids(tokenizer, dims["vocab"], tokens, text, input, random_tokens, seed)
+    check_ids(ids, dims["vocab"], name)
+    n = len(ids)
+    if isinstance(chosen, api.PaperOracle):
+        chosen.packed(dims["heads"])
+    ids_t = torch.from_numpy(ids).to(device)
+
+    hf.register(block_size=block_size, oracle=chosen)
+    if progress is not None:
+        progress("forward", 0, 1)
+    got = forward(net, ids_t, hf.NAME, block_size)
+    if progress is not None:
+        progress("forward", 1, 1)
+    blocks = len(block_spans(n, block_size))
+    figures = layer_figures(hf.counts(), hf.layer_patterns(), dims["layers"], blocks, block_size)
+    hf.reset()
+    patterns = figures.pop("patterns")
+    stats = {
+        "model": name, "family": dims["family"], "layers": dims["layers"], "heads": dims["heads"],
+        "kv_heads": dims["kv_heads"], "input": api.input_source(tokenizer, tokens, text, input, random_tokens, seed),
+        "tokens": n, "block_size": block_size, "blocks": blocks,
+        "attention": api.describe(patterns), "window": api._window(patterns), "sinks": None, "oracle": chosen.name,
+        "dtype": str(dt).removeprefix("torch."), "device": device, "executor": "local", "backend": "transformers",
+        **figures, "small_calls": None, "graph_nodes": None, "graph_edges": None, "graph_depth": None,
+        "forward_s": round(got["seconds"], 4),
+    }
+    if got["logprobs"] is not None:
+        stats["perplexity"] = perplexity(got["logprobs"])
+    if output is not None:
+        has_head = got["logprobs"] is not None
+        writer = OutputWriter(output, ids, got["hidden"].shape[-1], dt, logprob=has_head, hidden=hidden or not has_head,
+                              metadata={"model": name, "block_size": block_size, "attention": stats["attention"],
+                                        "dtype": stats["dtype"], "backend": "transformers"})
+        try:
+            for out in block_outputs(got["hidden"], got["logprobs"], block_size):
+                writer.write(out)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        stats["output"] = output
+    if verify:
+        reference = pick_reference(net)
+        if progress is not None:
+            progress("reference", 0, 1)
+        want = forward(net, ids_t, reference, block_size)
+        if progress is not None:
+            progress("reference", 1, 1)
+        stats["reference"] = reference
+        stats["reference_s"] = round(want["seconds"], 4)
+        stats.update(api.compare(got["hidden"], got["logprobs"], want["hidden"], want["logprobs"],
+                                 api.TOLERANCE[dt] if tolerance is None else float(tolerance)))
+    stats["wall_s"] = round(time.perf_counter() - t_start, 4)
+    stats["tokens_per_s"] = round(n / stats["forward_s"], 1) if stats["forward_s"] > 0 else None
+    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    keep = collect
+    return api.Run(got["hidden"] if keep else None, got["logprobs"] if keep else None, stats, None, ids)
