@@ -204,8 +204,11 @@ class BlockOutput:
     logprobs: torch.Tensor | None
 
 
-def _executor(executor, ray_keywords: dict, trace: str | None = None) -> Executor:
+def _executor(executor, ray_keywords: dict, trace: str | None = None, threads=None) -> Executor:
     given = {k: v for k, v in ray_keywords.items() if v is not None}
+    if threads is not None and executor != "local":
+        raise EmulateError("--threads is the local executor's: Ray workers take --cpus-per-worker, and an executor "
+                           "object takes emulate.Local(threads=...)")
     if isinstance(executor, str):
         if executor not in EXECUTORS:
             raise EmulateError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
@@ -214,7 +217,7 @@ def _executor(executor, ray_keywords: dict, trace: str | None = None) -> Executo
                 flags = [RAY_KEYWORDS[k] for k in given]
                 raise EmulateError(f"{', '.join(flags)} {'is a Ray option' if len(flags) == 1 else 'are Ray options'}: "
                                    "add --executor ray, or drop it for a local run")
-            return Local(trace=trace)
+            return Local(trace=trace, threads="auto" if threads is None else threads)
         return Ray(**given, trace=trace)
     if given:
         raise EmulateError(f"Ray options ({', '.join(given)}) go inside emulate.Ray(...) when an executor object is given")
@@ -320,7 +323,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
            window: int | None = None, sinks: int | None = None, dtype="float32", device: str = "cpu",
            executor="local", oracle="kernel", pack_heads: int | str | None = None, address: str | None = None,
            workers: int | None = None, cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
-           trace: str | None = None, stall_timeout: float | None = None,
+           trace: str | None = None, stall_timeout: float | None = None, threads: int | str | None = None,
            progress: StageProgress | None = None) -> Stream:
     """Compile and start one forward; iterate the result for (block, BlockOutput) in block order.
 
@@ -329,7 +332,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
     if device not in DEVICES:
         raise EmulateError(f"device must be cpu or cuda, got {device!r}")
     ex = _executor(executor, dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                                  gpus_per_worker=gpus_per_worker, stall_timeout=stall_timeout), trace)
+                                  gpus_per_worker=gpus_per_worker, stall_timeout=stall_timeout), trace, threads)
     problem = prepare(model, tokens, text=text, input=input, random_tokens=random_tokens, seed=seed,
                       block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype)
     chosen = _oracle(oracle, pack_heads, problem.model.config.heads)
@@ -367,7 +370,8 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     and sinks s for those that take them. dtype: float32 or float64. device: cpu or cuda.
     executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
     workers, cpus_per_worker, gpus_per_worker, stall_timeout) are shorthand for the latter, and
-    trace (the executed schedule as Chrome trace-event JSON) for either.
+    trace (the executed schedule as Chrome trace-event JSON) for either; threads (an integer, or
+    "auto": the cores other processes leave free, rechecked as the run goes) for emulate.Local.
     oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
     pack_heads with a named paper oracle. progress(stage, done, total) reports the stages "graph"
     (layers built), "forward" (calls or Ray tasks done) and "reference" (layers of verify's pass).

@@ -87,6 +87,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"emulate: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
+        from graphs.files import remove_pending
+
+        remove_pending()  # a temporary output the interrupt reached before its owner could remove it
         signum = getattr(err, "signum", None) or (_received[0] if _received else signal.SIGINT)
         print(f"emulate: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
@@ -141,6 +144,9 @@ def add_run_command(sub) -> None:
                           "(any family), each attention call cut into pair calls; --verify compares with sdpa")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: in-process; ray: worker actors on a Ray cluster")
+    run.add_argument("--threads", type=threads_option, default=None, metavar="N|auto",
+                     help="torch threads of a local run (default auto: the cores no other process is running on, "
+                          "looked at again every half second)")
     run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
     run.add_argument("--trace", default=None, metavar="FILE",
@@ -197,6 +203,11 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
                         "in logs for stages longer than 5 s)")
 
 
+def threads_option(text: str) -> int | str:
+    """--threads N (an integer) or auto."""
+    return text if text == "auto" else int(text)
+
+
 def pack_width(text: str) -> int | str:
     """--pack-heads H' (an integer), or "all" (what the option means with no value)."""
     return text if text == "all" else int(text)
@@ -219,7 +230,7 @@ def cmd_run(args) -> int:
             args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
             oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
-            stall_timeout=args.stall_timeout, output=args.output, hidden=args.hidden,
+            stall_timeout=args.stall_timeout, threads=args.threads, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False, backend=args.backend,
             progress=progress)
     except BaseException:
@@ -328,6 +339,7 @@ def human_summary(s: dict) -> str:
          f"than {s['max_call_tokens']} tokens; the rest of the model ran as transformers' own, over all N tokens"),
         f"forward    {s['forward_s']:.3f} s " + (f"with the {s['executor']} executor" if s["backend"] == "graph" else
                                                  "with the transformers backend")
+        + (f" on {'/'.join(map(str, s['threads']))} thread{'s' if s['threads'] != [1] else ''}" if s.get("threads") else "")
         + f", {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
     ]
     if s.get("perplexity") is not None:

@@ -70,10 +70,18 @@ class Local:
     """The in-process executor: every value is freed once its last reader has run.
 
     trace: write the schedule (one slice per logical node, one track) as Chrome trace-event JSON
-    when the run ends (emulate/trace.py); nothing is timed without it.
+    when the run ends (emulate/trace.py); nothing is timed without it. threads: torch's intra-op
+    threads for the run, an integer, or "auto" for the cores no other process is running on,
+    looked at again as the run goes (emulate/threads.py).
     """
 
     trace: str | None = None
+    threads: int | str = "auto"
+
+    def __post_init__(self):
+        from emulate.threads import check_threads
+
+        object.__setattr__(self, "threads", check_threads(self.threads))
 
     name = "local"
 
@@ -91,13 +99,21 @@ class Local:
         figures: dict = {}
 
         def blocks():
+            from emulate.threads import ThreadPolicy
+
             total = job.graph.number_of_nodes()
-            on_node = None if progress is None else (lambda done: progress(done, total))
             records = None if self.trace is None else []
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), ThreadPolicy(self.threads) as policy:
+
+                def on_node(done: int) -> None:
+                    policy.tick()
+                    if progress is not None:
+                        progress(done, total)
+
                 sync = torch.cuda.synchronize if records is not None and job.device == "cuda" else None
                 yield from run_local(job.graph, runner, on_node, records, sync)
+            figures["threads"] = policy.used
             figures.update(oracle.summary())
             if records is not None:
                 from emulate.trace import write_trace

@@ -185,7 +185,7 @@ NOT_FOR_THIS_BACKEND = {"window": "--window", "sinks": "--sinks", "trace": "--tr
 def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool = False, tolerance=None,
         collect: bool = True, text=None, input=None, random_tokens=None, seed: int = 0, block_size: int = 256,
         attention="auto", dtype="float32", device: str = "cpu", executor="local", oracle="kernel",
-        pack_heads=None, progress=None, **rest):
+        pack_heads=None, threads=None, progress=None, **rest):
     """emulate.run(..., backend="transformers"): see the module docstring. Returns an emulate.Run."""
     import emulate.hf as hf
     from emulate import api
@@ -229,7 +229,10 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
     hf.register(block_size=block_size, oracle=chosen)
     if progress is not None:
         progress("forward", 0, 1)
-    got = forward(net, ids_t, hf.NAME, block_size)
+    from emulate.threads import ThreadPolicy
+
+    with ThreadPolicy("auto" if threads is None else threads) as policy:  # chosen once, for the whole forward
+        got = forward(net, ids_t, hf.NAME, block_size)
     if progress is not None:
         progress("forward", 1, 1)
     blocks = len(block_spans(n, block_size))
@@ -243,7 +246,7 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
         "attention": api.describe(patterns), "window": api._window(patterns), "sinks": None, "oracle": chosen.name,
         "dtype": str(dt).removeprefix("torch."), "device": device, "executor": "local", "backend": "transformers",
         **figures, "small_calls": None, "graph_nodes": None, "graph_edges": None, "graph_depth": None,
-        "forward_s": round(got["seconds"], 4),
+        "forward_s": round(got["seconds"], 4), "threads": policy.used,
     }
     if got["logprobs"] is not None:
         stats["perplexity"] = perplexity(got["logprobs"])

@@ -147,18 +147,18 @@ class OutputWriter:
     def __init__(self, path: str, tokens: np.ndarray, width: int, dtype: torch.dtype, logprob: bool, hidden: bool,
                  metadata: dict | None = None):
         self.file = AtomicOutput(path)
-        self.tokens = tokens
-        self.logprob, self.hidden = logprob, hidden
-        self.float_type = pa.float64() if dtype == torch.float64 else pa.float32()
-        self.np_float = np.float64 if dtype == torch.float64 else np.float32
-        fields = [pa.field("position", pa.int64()), pa.field("token", pa.int32())]
-        if logprob:
-            fields.append(pa.field("logprob", self.float_type))
-        if hidden:
-            fields.append(pa.field("hidden", pa.list_(self.float_type, width)))
-        meta = {"emulate": json.dumps(metadata or {})}
-        self.schema = pa.schema(fields, metadata=meta)
-        try:
+        try:  # from here on the temporary file exists: any exception, an interrupt included, removes it
+            self.tokens = tokens
+            self.logprob, self.hidden = logprob, hidden
+            self.float_type = pa.float64() if dtype == torch.float64 else pa.float32()
+            self.np_float = np.float64 if dtype == torch.float64 else np.float32
+            fields = [pa.field("position", pa.int64()), pa.field("token", pa.int32())]
+            if logprob:
+                fields.append(pa.field("logprob", self.float_type))
+            if hidden:
+                fields.append(pa.field("hidden", pa.list_(self.float_type, width)))
+            meta = {"emulate": json.dumps(metadata or {})}
+            self.schema = pa.schema(fields, metadata=meta)
             self.sink = pa.OSFile(self.file.tmp, "wb")
             self.writer = pa.ipc.new_file(self.sink, self.schema)
         except BaseException:

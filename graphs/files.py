@@ -8,8 +8,8 @@ graphs/ writes its pictures with it and emulate/io.py its run outputs, graphs an
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 
@@ -58,6 +58,39 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+# Temporary files not yet renamed or removed. A name is added before its file exists, so an
+# interrupt that lands anywhere between the two (even before the AtomicFile is assigned to
+# anything) still finds it: remove_pending is the interrupt's clean-up.
+PENDING: set[str] = set()
+
+
+def _create_temporary(target: Path, shown: str) -> tuple[int, str]:
+    """(fd, name) of a new empty file beside `target`, registered in PENDING before it is created."""
+    for _ in range(100):
+        name = str(target.parent / f"{target.name}.{secrets.token_hex(4)}.tmp")
+        PENDING.add(name)
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
+        except FileExistsError:
+            PENDING.discard(name)
+        except OSError as err:
+            PENDING.discard(name)
+            raise OutputError(f"cannot write {shown}: {err.strerror or err}") from None
+    raise OutputError(f"cannot write {shown}: no free temporary name beside it")
+
+
+def remove_pending() -> None:
+    """Remove every temporary file that was neither renamed nor removed (after an interrupt)."""
+    for name in list(PENDING):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        PENDING.discard(name)
+
+
 class AtomicFile:
     """A file written under a temporary name beside its target and renamed over it when complete.
 
@@ -74,10 +107,7 @@ class AtomicFile:
             mode = stat.S_IMODE(self.target.stat().st_mode)
         except FileNotFoundError:
             mode = _new_file_mode()
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=self.target.name + ".", suffix=".tmp", dir=self.target.parent)
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+        fd, self.tmp = _create_temporary(self.target, self.path)
         try:
             os.fchmod(fd, mode)
         finally:
@@ -87,6 +117,7 @@ class AtomicFile:
         try:
             output_target(self.target)  # still nothing there that a rename would harm
             os.replace(self.tmp, self.target)
+            PENDING.discard(self.tmp)
         except OutputError:
             self.abort()
             raise
@@ -99,6 +130,7 @@ class AtomicFile:
             os.remove(self.tmp)
         except FileNotFoundError:
             pass
+        PENDING.discard(self.tmp)
 
     def __enter__(self) -> AtomicFile:
         return self

@@ -273,3 +273,47 @@ def test_version_and_public_names():
     assert emulate.__version__ and emulate.__version__ != "0+unknown"
     for name in emulate.__all__:
         assert hasattr(emulate, name), name
+
+
+# -- threads: the local executor's torch threads, fixed or chosen from the machine ------------
+
+def test_threads_fixed_and_auto_and_put_back(llama):
+    import os
+
+    from emulate.threads import cores
+
+    before = torch.get_num_threads()
+    one = emulate.run(llama, TOKENS[:200], block_size=64, threads=1)
+    assert one.stats["threads"] == [1] and torch.get_num_threads() == before
+    auto = emulate.run(llama, TOKENS[:200], block_size=64)
+    assert auto.stats["threads"] and all(1 <= t <= cores() <= os.cpu_count() for t in auto.stats["threads"])
+    torch.testing.assert_close(one.hidden, auto.hidden, rtol=1e-5, atol=1e-5)
+    assert emulate.Local(threads=3).threads == 3 and emulate.Local().threads == "auto"
+
+
+@pytest.mark.parametrize("keywords, words", [
+    (dict(threads=0), "--threads must be an integer >= 1 or auto"),
+    (dict(threads="many"), "--threads must be an integer >= 1 or auto"),
+    (dict(threads=2, executor="ray"), "--threads is the local executor's"),
+    (dict(threads=2, executor=emulate.Local()), "--threads is the local executor's"),
+])
+def test_threads_refusals(llama, keywords, words):
+    with pytest.raises(emulate.EmulateError, match=words):
+        emulate.run(llama, TOKENS[:64], block_size=32, **keywords)
+
+
+def test_auto_sees_a_busy_process():
+    """A real busy process elsewhere shows up as a core taken (the count auto subtracts)."""
+    import subprocess
+    import sys
+    import time
+
+    from emulate.threads import running_elsewhere
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert max(running_elsewhere() for _ in range(5)) >= 1
+    finally:
+        busy.kill()
+        busy.wait()

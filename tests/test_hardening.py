@@ -300,3 +300,14 @@ def test_absurd_cluster_options_are_refused_before_starting_anything(capsys, tmp
     assert main(["cluster", "up", *args]) == 2
     one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_file_no_owner_removed_is_removed_by_the_interrupt_clean_up(tmp_path):
+    """An interrupt can land after a temporary output exists and before anything could remove it;
+    its name was registered before the file was created, and the CLI's clean-up removes it."""
+    from graphs.files import PENDING, AtomicFile, remove_pending
+
+    orphan = AtomicFile(tmp_path / "out.arrow")  # as if the interrupt came right after this line
+    assert Path(orphan.tmp).exists() and orphan.tmp in PENDING
+    remove_pending()
+    assert list(tmp_path.iterdir()) == [] and orphan.tmp not in PENDING
