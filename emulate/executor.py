@@ -96,30 +96,45 @@ class Local:
         oracle = job.oracle.bind(spec["block_size"], spec["heads"])
         model = job.model.transformer(job.dtype, job.device)
         runner = NodeRunner(model, job.tokens, job.graph.graph, oracle)
+        # calls run side by side on CPU with the kernel oracle; the paper oracle counts its invocations in
+        # plain Python state and sets torch's threads around each call, and a GPU runs one stream: both in turn
+        parallel = job.device == "cpu" and isinstance(job.oracle, KernelOracle)
         figures: dict = {}
 
         def blocks():
-            from emulate.threads import ThreadPolicy
+            from emulate.threads import ThreadPolicy, worker_count
 
             total = job.graph.number_of_nodes()
             records = None if self.trace is None else []
             t0 = time.perf_counter()
-            with torch.no_grad(), ThreadPolicy(self.threads) as policy:
-
+            workers = worker_count(self.threads) if parallel else 1
+            if workers > 1:
                 def on_node(done: int) -> None:
-                    policy.tick()
                     if progress is not None:
                         progress(done, total)
 
-                sync = torch.cuda.synchronize if records is not None and job.device == "cuda" else None
-                yield from run_local(job.graph, runner, on_node, records, sync)
-            figures["threads"] = policy.used
+                yield from run_parallel(job.graph, runner, workers, on_node, records)
+                figures["threads"] = [workers]
+            else:
+                with torch.no_grad(), ThreadPolicy(self.threads) as policy:
+
+                    def on_node(done: int) -> None:
+                        policy.tick()
+                        if progress is not None:
+                            progress(done, total)
+
+                    sync = torch.cuda.synchronize if records is not None and job.device == "cuda" else None
+                    yield from run_local(job.graph, runner, on_node, records, sync)
+                    figures["threads"] = policy.used
             figures.update(oracle.summary())
             if records is not None:
                 from emulate.trace import write_trace
 
                 label = f"local executor (pid {os.getpid()}, {job.device})"
-                write_trace(self.trace, records, [{"worker": 0, "label": label}], t0, "emulate local executor")
+                tracks = ([{"worker": 0, "label": label}] if workers == 1 else
+                          [{"worker": w, "label": f"local executor worker {w} (pid {os.getpid()}, {job.device})"}
+                           for w in range(workers)])
+                write_trace(self.trace, records, tracks, t0, "emulate local executor")
                 figures["trace"] = self.trace
 
         return Execution(blocks(), figures)
@@ -162,6 +177,115 @@ def run_local(g: nx.DiGraph, runner, on_node: Callable[[int], None] | None = Non
             while next_block in ready_heads:
                 yield next_block, ready_heads.pop(next_block)
                 next_block += 1
+
+
+LOOK_AHEAD = 64  # nodes past the earliest unfinished one (in execution_order) that may run early
+
+
+def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], None] | None = None,
+                 records: list[dict] | None = None, look_ahead: int = LOOK_AHEAD) -> Iterator[tuple[int, dict]]:
+    """`run_local`'s contract on `workers` threads: independent nodes run at the same time.
+
+    Each worker runs one node at a time with one torch thread (torch releases the GIL inside its
+    kernels), so a worker whose core another process takes delays its own call only, never a barrier
+    of all of them. A node's value depends on its inputs alone and every merge's order is fixed by
+    the graph, so the bits are those of the one-thread run in `execution_order`.
+    Memory: a node is handed out only when its inputs are done and it lies within `look_ahead`
+    places of the earliest unfinished node in `execution_order`, and a value is dropped once all its
+    readers have finished, so the live set is the sequential one plus at most `look_ahead` values.
+    The scheduling (and the progress callback, the trace records and the yield) stays in the calling
+    thread; on an exception, an interrupt or `close()` the workers finish the node they hold and end
+    before this returns or raises.
+    """
+    import heapq
+    import queue
+    import threading
+
+    order = execution_order(g)
+    position = {n: k for k, n in enumerate(order)}
+    waiting = {n: g.in_degree(n) for n in order}  # inputs not yet computed
+    readers = {n: g.out_degree(n) for n in order}  # consumers not yet finished
+    values: dict[str, object] = {}
+    ready_heads: dict[int, dict] = {}
+    ready = [k for k, n in enumerate(order) if waiting[n] == 0]  # positions, a heap
+    heapq.heapify(ready)
+    finished = [False] * len(order)
+    earliest = 0  # the first position not finished
+    next_block = 0
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work(index: int) -> None:
+        torch.set_num_threads(1)  # this thread's intra-op threads (OpenMP's count is per thread)
+        with torch.no_grad():  # grad mode is per thread too
+            while True:
+                item = tasks.get()
+                if item is None or stop.is_set():
+                    return
+                n, inputs = item
+                try:
+                    start = time.perf_counter()
+                    value = runner.run(g.nodes[n], inputs)
+                    results.put((n, value, index, start, time.perf_counter(), None))
+                except BaseException as err:  # handed to the scheduling thread, which raises it
+                    results.put((n, None, index, 0.0, 0.0, err))
+                    return
+                del inputs, value
+
+    threads = [threading.Thread(target=work, args=(k,), name=f"emulate-local-{k}", daemon=True)
+               for k in range(workers)]
+    for t in threads:
+        t.start()
+    in_flight = 0
+    try:
+        for done in range(1, len(order) + 1):
+            while ready and in_flight < workers and ready[0] < earliest + look_ahead:
+                n = order[heapq.heappop(ready)]
+                tasks.put((n, [values[src] for src in g.nodes[n]["inputs"]]))
+                in_flight += 1
+            while True:  # a timeout, so that a signal's handler runs in this thread while it waits
+                try:
+                    n, value, worker, start, end, err = results.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    continue
+            in_flight -= 1
+            if err is not None:
+                raise err
+            a = g.nodes[n]
+            k = position[n]
+            finished[k] = True
+            while earliest < len(order) and finished[earliest]:
+                earliest += 1
+            if records is not None:
+                records.append({"task": k, "name": n, "kind": str(a["kind"]), "worker": worker, "start": start,
+                                "end": end, "nodes": [n],
+                                "deps": sorted({position[src] for src in a["inputs"]})})
+            for src in set(g.predecessors(n)):
+                readers[src] -= 1
+                if readers[src] == 0:
+                    del values[src]
+            for dst in g.successors(n):
+                waiting[dst] -= 1
+                if waiting[dst] == 0:
+                    heapq.heappush(ready, position[dst])
+            if a["kind"] == NodeKind.HEAD:
+                ready_heads[a["block"]] = value
+            elif readers[n]:
+                values[n] = value
+            del value
+            if on_node is not None:
+                on_node(done)
+            while next_block in ready_heads:
+                yield next_block, ready_heads.pop(next_block)
+                next_block += 1
+    finally:
+        stop.set()
+        for _ in threads:
+            tasks.put(None)
+        for t in threads:
+            t.join()
 
 
 @dataclass(frozen=True)

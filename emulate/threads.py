@@ -80,6 +80,12 @@ def check_threads(threads) -> int | str:
     return threads
 
 
+def worker_count(threads) -> int:
+    """The local executor's call workers on CPU: a number as given, "auto" every core this process may use."""
+    threads = check_threads(threads)
+    return cores() if threads == "auto" else threads
+
+
 class ThreadPolicy:
     """Sets torch's intra-op threads for the length of a run and puts the caller's count back after.
 
