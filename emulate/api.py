@@ -371,7 +371,7 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
     workers, cpus_per_worker, gpus_per_worker, stall_timeout) are shorthand for the latter, and
     trace (the executed schedule as Chrome trace-event JSON) for either; threads (an integer, or
-    "auto": the cores other processes leave free, rechecked as the run goes) for emulate.Local.
+    "auto": every core this process may use) for emulate.Local: its call workers on CPU.
     oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
     pack_heads with a named paper oracle. progress(stage, done, total) reports the stages "graph"
     (layers built), "forward" (calls or Ray tasks done) and "reference" (layers of verify's pass).

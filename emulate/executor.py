@@ -69,10 +69,14 @@ class Executor(Protocol):
 class Local:
     """The in-process executor: every value is freed once its last reader has run.
 
-    trace: write the schedule (one slice per logical node, one track) as Chrome trace-event JSON
-    when the run ends (emulate/trace.py); nothing is timed without it. threads: torch's intra-op
-    threads for the run, an integer, or "auto" for the cores no other process is running on,
-    looked at again as the run goes (emulate/threads.py).
+    threads: on CPU with the kernel oracle, the call workers (`run_parallel`): independent nodes
+    run side by side, each worker one node at a time on one torch thread, with the bits of the
+    one-thread run; an integer, or "auto" for every core this process may use (emulate/threads.py).
+    With 1, or where calls run in turn (the paper oracle, whose counters are plain Python state, and
+    cuda), `run_local` runs them in the calling thread with that many intra-op threads ("auto": the
+    cores no other process is running on, looked at again as the run goes).
+    trace: write the schedule (one slice per logical node, one track per worker) as Chrome
+    trace-event JSON when the run ends (emulate/trace.py); nothing is timed without it.
     """
 
     trace: str | None = None

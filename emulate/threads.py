@@ -1,11 +1,18 @@
-"""How many torch threads a local run uses: what the caller says, or what the machine gives now.
+"""How many threads a local run uses: what the caller says, or what the machine gives.
 
-A forward here is thousands of small calls. torch's intra-op threads meet at a barrier at the end
-of every call, and a thread whose core another process has taken keeps every other thread of the
-call waiting for it: on a 2-core machine with one other busy process, two threads made a 16K-token
-causal run slower than one thread did (docs/design.md, Executors). So "auto" counts the cores
-nobody else is running on, at the start and again every `RECHECK_S` while the run lasts, and uses
-that many threads (at least one); a number fixes the count for the whole run.
+A forward here is thousands of small calls. Run one after another with torch's intra-op threads,
+every call ends at a barrier of those threads, and a thread whose core another process has taken
+keeps every other thread of the call waiting for it: on a 2-core machine with one other busy
+process, two threads made a 16K-token causal run slower than one thread did. So the local executor
+on CPU runs independent calls side by side instead (emulate/executor.py, run_parallel): `threads`
+is its number of call workers, each running one call at a time on one torch thread, and a worker
+whose core is taken delays only its own call. "auto" is every core this process may use
+(`worker_count`): with no barrier between workers, a busy neighbour takes its share of a core and
+no more, and the run keeps the rest (README, On a shared machine).
+
+Where calls run in turn (the paper oracle, a GPU) and in the transformers backend, `ThreadPolicy`
+sets torch's intra-op threads instead: a number as given, or "auto", the cores nobody else is
+running on, counted at the start and again every `RECHECK_S` while the run lasts.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The executed schedule as Chrome trace-event JSON (opens in Perfetto or chrome://tracing).
 
 Both executors write it: the Ray executor one complete ('X') slice per physical task on one track
-per worker, the local executor one slice per logical node on a single track. Each slice's args
+per worker, the local executor one slice per logical node on one track per call worker (a single
+track when its calls run in turn). Each slice's args
 hold the task's index (`task`), the logical nodes it ran (`nodes`) and the tasks whose values it
 read (`deps`, task indices), so the schedule's dependency DAG, and with it the critical path, can
 be read back from the file alone (graphs.gantt).
