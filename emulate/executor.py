@@ -192,102 +192,118 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
 
     Each worker runs one node at a time with one torch thread (torch releases the GIL inside its
     kernels), so a worker whose core another process takes delays its own call only, never a barrier
-    of all of them. A node's value depends on its inputs alone and every merge's order is fixed by
-    the graph, so the bits are those of the one-thread run in `execution_order`.
-    Memory: a node is handed out only when its inputs are done and it lies within `look_ahead`
-    places of the earliest unfinished node in `execution_order`, and a value is dropped once all its
-    readers have finished, so the live set is the sequential one plus at most `look_ahead` values.
-    The scheduling (and the progress callback, the trace records and the yield) stays in the calling
-    thread; on an exception, an interrupt or `close()` the workers finish the node they hold and end
-    before this returns or raises.
+    of all of them. Workers take their next node themselves as they finish one, so no thread waits
+    for another to hand out work. A node's value depends on its inputs alone and every merge's order
+    is fixed by the graph, so the bits are those of the one-thread run in `execution_order`.
+    Memory: a node is taken only when its inputs are done and it lies within `look_ahead` places of
+    the earliest unfinished node in `execution_order`, and a value is dropped once all its readers
+    have finished, so the live set is the sequential one plus at most `look_ahead` values.
+    The progress callback and the yield run in the calling thread (records are appended as nodes
+    finish, each with its worker); on an exception, an interrupt or `close()` the workers finish the
+    node they hold and end before this returns or raises.
     """
     import heapq
-    import queue
     import threading
 
     order = execution_order(g)
+    total = len(order)
     position = {n: k for k, n in enumerate(order)}
     waiting = {n: g.in_degree(n) for n in order}  # inputs not yet computed
     readers = {n: g.out_degree(n) for n in order}  # consumers not yet finished
     values: dict[str, object] = {}
-    ready_heads: dict[int, dict] = {}
+    heads: dict[int, dict] = {}
     ready = [k for k, n in enumerate(order) if waiting[n] == 0]  # positions, a heap
     heapq.heapify(ready)
-    finished = [False] * len(order)
-    earliest = 0  # the first position not finished
-    next_block = 0
-    tasks: queue.SimpleQueue = queue.SimpleQueue()
-    results: queue.SimpleQueue = queue.SimpleQueue()
-    stop = threading.Event()
+    finished = [False] * total
+    state = {"earliest": 0, "done": 0, "stop": False, "error": None}
+    cond = threading.Condition()
 
-    def work(index: int) -> None:
+    def take():
+        """The next node to run (under the lock), or None when the run is over or stopped."""
+        while True:
+            if state["stop"] or state["error"] is not None or state["done"] == total:
+                return None
+            if ready and ready[0] < state["earliest"] + look_ahead:
+                n = order[heapq.heappop(ready)]
+                return n, [values[src] for src in g.nodes[n]["inputs"]]
+            cond.wait()
+
+    def finish(n: str, value, worker: int, start: float, end: float) -> None:
+        """Book a finished node (under the lock): free what it was the last reader of, wake what it readies."""
+        a = g.nodes[n]
+        k = position[n]
+        finished[k] = True
+        while state["earliest"] < total and finished[state["earliest"]]:
+            state["earliest"] += 1
+        if records is not None:
+            records.append({"task": k, "name": n, "kind": str(a["kind"]), "worker": worker, "start": start,
+                            "end": end, "nodes": [n], "deps": sorted({position[src] for src in a["inputs"]})})
+        for src in g.predecessors(n):
+            readers[src] -= 1
+            if readers[src] == 0:
+                del values[src]
+        for dst in g.successors(n):
+            waiting[dst] -= 1
+            if waiting[dst] == 0:
+                heapq.heappush(ready, position[dst])
+        if a["kind"] == NodeKind.HEAD:
+            heads[a["block"]] = value
+        elif readers[n]:
+            values[n] = value
+        state["done"] += 1
+        cond.notify_all()
+
+    def work(worker: int) -> None:
         torch.set_num_threads(1)  # this thread's intra-op threads (OpenMP's count is per thread)
-        with torch.no_grad():  # grad mode is per thread too
-            while True:
-                item = tasks.get()
-                if item is None or stop.is_set():
-                    return
-                n, inputs = item
-                try:
+        try:
+            with torch.no_grad():  # grad mode is per thread too
+                while True:
+                    with cond:
+                        item = take()
+                    if item is None:
+                        return
+                    n, inputs = item
                     start = time.perf_counter()
                     value = runner.run(g.nodes[n], inputs)
-                    results.put((n, value, index, start, time.perf_counter(), None))
-                except BaseException as err:  # handed to the scheduling thread, which raises it
-                    results.put((n, None, index, 0.0, 0.0, err))
-                    return
-                del inputs, value
+                    end = time.perf_counter()
+                    del inputs
+                    with cond:
+                        finish(n, value, worker, start, end)
+                    del value
+        except BaseException as err:  # handed to the calling thread, which raises it
+            with cond:
+                if state["error"] is None:
+                    state["error"] = err
+                cond.notify_all()
 
     threads = [threading.Thread(target=work, args=(k,), name=f"emulate-local-{k}", daemon=True)
                for k in range(workers)]
     for t in threads:
         t.start()
-    in_flight = 0
+    reported = 0
+    next_block = 0
     try:
-        for done in range(1, len(order) + 1):
-            while ready and in_flight < workers and ready[0] < earliest + look_ahead:
-                n = order[heapq.heappop(ready)]
-                tasks.put((n, [values[src] for src in g.nodes[n]["inputs"]]))
-                in_flight += 1
-            while True:  # a timeout, so that a signal's handler runs in this thread while it waits
-                try:
-                    n, value, worker, start, end, err = results.get(timeout=0.2)
-                    break
-                except queue.Empty:
-                    continue
-            in_flight -= 1
-            if err is not None:
-                raise err
-            a = g.nodes[n]
-            k = position[n]
-            finished[k] = True
-            while earliest < len(order) and finished[earliest]:
-                earliest += 1
-            if records is not None:
-                records.append({"task": k, "name": n, "kind": str(a["kind"]), "worker": worker, "start": start,
-                                "end": end, "nodes": [n],
-                                "deps": sorted({position[src] for src in a["inputs"]})})
-            for src in set(g.predecessors(n)):
-                readers[src] -= 1
-                if readers[src] == 0:
-                    del values[src]
-            for dst in g.successors(n):
-                waiting[dst] -= 1
-                if waiting[dst] == 0:
-                    heapq.heappush(ready, position[dst])
-            if a["kind"] == NodeKind.HEAD:
-                ready_heads[a["block"]] = value
-            elif readers[n]:
-                values[n] = value
-            del value
+        while reported < total:
+            with cond:
+                while state["done"] == reported and state["error"] is None:
+                    cond.wait(0.2)  # a timeout, so that a signal's handler runs in this thread while it waits
+                if state["error"] is not None:
+                    raise state["error"]
+                done = state["done"]
+                out = []
+                while next_block in heads:
+                    out.append((next_block, heads.pop(next_block)))
+                    next_block += 1
             if on_node is not None:
-                on_node(done)
-            while next_block in ready_heads:
-                yield next_block, ready_heads.pop(next_block)
-                next_block += 1
+                for d in range(reported + 1, done + 1):
+                    on_node(d)
+            reported = done
+            yield from out
+            del out
     finally:
-        stop.set()
-        for _ in threads:
-            tasks.put(None)
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
         for t in threads:
             t.join()
 
