@@ -4,14 +4,17 @@ The same seeded Llama checkpoint as benchmarks/vs_transformers.py (width 256, 4 
 2 KV heads), N tokens of exact causal attention in blocks of M. Each row is timed in this one
 process, first on the machine as it is, then with one other CPU-bound process running (a Python
 busy loop, started here and killed at the end): transformers' forward (sdpa) on torch's default
-threads, and emulate's local run with --threads auto, 1 and the machine's core count. Each figure
-is the median of --repeat runs; the ratios are to transformers in the same condition.
+threads; emulate's local run with --threads auto, 1 and the machine's core count (call workers of
+one torch thread each); and, for comparison, the calls run in turn with the machine's core count
+as torch intra-op threads (what the local executor did before it had call workers). Each figure is
+the median of --repeat runs; the ratios are to transformers in the same condition.
 
     .venv/bin/python benchmarks/contention.py --tokens 16384 --block-size 1024
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -25,7 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_transformers import build_checkpoint  # noqa: E402
 
 import emulate  # noqa: E402
+import emulate.threads  # noqa: E402
 from emulate.threads import cores  # noqa: E402
+
+
+@contextlib.contextmanager
+def calls_in_turn():
+    """The local executor without call workers: its nodes in turn, `threads` as torch intra-op threads."""
+    saved = emulate.threads.worker_count
+    emulate.threads.worker_count = lambda threads: 1
+    try:
+        yield
+    finally:
+        emulate.threads.worker_count = saved
 
 
 def transformers_forward(model, tokens: torch.Tensor) -> float:
@@ -38,13 +53,15 @@ def transformers_forward(model, tokens: torch.Tensor) -> float:
 def measure(hf_model, em_model, tokens, block_size: int, repeat: int) -> dict:
     rows: dict[str, list[float]] = {}
     threads_seen: dict[str, list] = {}
-    policies = {"auto": "auto", "1 thread": 1, f"{cores()} threads": cores()}
+    policies = {"--threads auto": ("auto", False), "--threads 1": (1, False), f"--threads {cores()}": (cores(), False),
+                f"calls in turn, {cores()} intra-op threads": (cores(), True)}
     for _ in range(repeat):  # interleaved, so a change in the machine's load hits every row alike
         rows.setdefault("transformers (sdpa)", []).append(transformers_forward(hf_model, tokens))
-        for name, threads in policies.items():
-            run = emulate.run(em_model, tokens, block_size=block_size, threads=threads)
-            rows.setdefault(f"emulate, --threads {name}", []).append(run.stats["forward_s"])
-            threads_seen.setdefault(f"emulate, --threads {name}", []).extend(run.stats["threads"])
+        for name, (threads, in_turn) in policies.items():
+            with calls_in_turn() if in_turn else contextlib.nullcontext():
+                run = emulate.run(em_model, tokens, block_size=block_size, threads=threads)
+            rows.setdefault(f"emulate, {name}", []).append(run.stats["forward_s"])
+            threads_seen.setdefault(f"emulate, {name}", []).extend(run.stats["threads"])
     return {name: (statistics.median(times), sorted(set(threads_seen.get(name, [torch.get_num_threads()]))))
             for name, times in rows.items()}
 
@@ -58,6 +75,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     tokens = torch.randint(0, 1024, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "unknown"
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint("llama", path, 0)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
@@ -73,7 +91,7 @@ def main() -> None:
             busy.kill()
             busy.wait()
     print(f"N = {args.tokens}, M = {args.block_size}, causal, float32, {cores()} cores, torch default threads "
-          f"{torch.get_num_threads()}, median of {args.repeat}\n")
+          f"{torch.get_num_threads()}, median of {args.repeat}; load average before: {load}\n")
     print("| machine | run | threads used | forward_s | / transformers |")
     print("| --- | --- | --- | --- | --- |")
     for condition, rows in results.items():

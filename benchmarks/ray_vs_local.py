@@ -23,19 +23,21 @@ CASES = [
 ]
 QUICK = [("tiny-mistral", 4096, 256, {"attention": "sliding", "window": 128}),
          ("tiny-llama", 2048, 256, {"attention": "causal"})]
-# (name, emulate.Ray keywords or None for the local executor, torch threads of the local process:
-# None keeps torch's default, one per core)
+# (name, emulate.Ray keywords or None for the local executor, threads of the local run, also the process's
+# OMP_NUM_THREADS: None keeps the defaults, a call worker (of one torch thread) per core)
 EXECUTORS = [("local", None, None), ("local, 1 thread", None, 1),
              ("ray, 1 worker", {"workers": 1}, None),
              ("ray, 2 workers", {"workers": 2}, None)]
 
 
-def forward(model: str, tokens: int, block: int, pattern: dict, ray: dict | None) -> dict:
+def forward(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None = None) -> dict:
     """One forward through the API, as `emulate run --json` makes it; its stats."""
     import emulate
 
     executor = "local" if ray is None else emulate.Ray(**ray)
-    run = emulate.run(model, random_tokens=tokens, block_size=block, **pattern, executor=executor, collect=False)
+    local = {"threads": threads} if ray is None and threads is not None else {}
+    run = emulate.run(model, random_tokens=tokens, block_size=block, **pattern, executor=executor, collect=False,
+                      **local)
     return run.stats
 
 
@@ -69,7 +71,7 @@ def run(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, th
     """forward(...) in a fresh (spawned) Python process that starts with `threads` torch threads."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, model, tokens, block, pattern, ray))
+    child = ctx.Process(target=_child, args=(send, model, tokens, block, pattern, ray, threads))
     with _environment(threads):
         child.start()
     send.close()
@@ -90,6 +92,8 @@ def command(model: str, tokens: int, block: int, pattern: dict, ray: dict | None
     options = {"model": model, "random-tokens": tokens, "block-size": block, **pattern}
     if ray is not None:
         options.update({"executor": "ray", **{k.replace("_", "-"): v for k, v in ray.items()}})
+    elif threads:
+        options["threads"] = threads
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
     return prefix + "emulate run " + " ".join(f"--{k} {v}" for k, v in options.items()) + " --json"
 
