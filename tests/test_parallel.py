@@ -37,13 +37,14 @@ CASES = [
     ("tiny-mistral", Pattern("sliding", window=100), 64, 1000),
     ("tiny-llama", Pattern("sink", window=90, sinks=5), 32, 700),
     ("tiny-bert", "full", 64, 500),
+    ("tiny-bert", "sampled", 64, 500),
     ("tiny-llama", [Pattern("causal"), Pattern("sliding", window=64), Pattern("sink", window=40, sinks=3),
                     Pattern("causal")], 32, 611),
 ]
 
 
 @pytest.mark.parametrize("name, attention, block_size, n", CASES,
-                         ids=["causal", "ragged", "sliding", "sink", "full", "mixed"])
+                         ids=["causal", "ragged", "sliding", "sink", "full", "sampled", "mixed"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_workers_give_the_one_thread_bits(models, name, attention, block_size, n, dtype):
     model = models[name]
