@@ -109,11 +109,16 @@ def test_plan_reproduces_local_bits_for_any_worker_count(case):
 
 @pytest.mark.parametrize("tokens, block", [(1, 128), (97, 128), (131, 7), (5, 1)])
 def test_plan_edge_sizes(tokens, block):
-    p = problem(tokens=tokens, block=block)
-    local = run(p)
-    runner = node_runner(p, local.graph)
-    for workers in (1, 2, 5):
-        assert torch.equal(inline_plan(make_plan(local.graph, workers), runner), local.hidden), workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the local executor's call workers run one torch thread each
+    try:
+        p = problem(tokens=tokens, block=block)
+        local = run(p)
+        runner = node_runner(p, local.graph)
+        for workers in (1, 2, 5):
+            assert torch.equal(inline_plan(make_plan(local.graph, workers), runner), local.hidden), workers
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_plan_covers_the_graph_once_in_topological_order():
