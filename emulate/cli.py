@@ -369,8 +369,13 @@ def add_graph_command(sub) -> None:
         epilog="examples:\n  emulate graph --random-tokens 2048 -M 256 -o graph.svg\n"
                "  emulate graph --random-tokens 65536 -M 1024 --layers 0:1 --blocks 0:8 -o part.png\n"
                "  emulate graph --random-tokens 2048 -M 256 --attention sliding --window 300 -o g.html\n"
-               "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled")
+               "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled\n"
+               "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal   (counts only)\n"
+               "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal -o g.json\n"
+               "With neither -o nor --coverage it prints the graph's counts (--json: as one object); JSON output is "
+               "streamed node by node, so graphs of any size can be written.")
     add_problem_options(graph)
+    add_graph_scale_options(graph)
     graph.add_argument("-o", "--output", default=None, help="file to write; its suffix gives the format")
     graph.add_argument("--format", choices=("svg", "png", "html", "dot", "json"), default=None,
                        help="what --output holds (default: from its suffix)")
@@ -391,13 +396,22 @@ def cmd_graph(args) -> int:
     import emulate
     from emulate.io import output_target
 
+    if args.shape is not None:
+        if args.model is not None:
+            raise EmulateError("give --model or --shape, not both")
+        args.model = args.shape
     if args.output is None and args.coverage is None:
-        raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
+        if args.format is not None:
+            raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
+        return print_graph_counts(args)
     if args.compare is not None and args.coverage is None:
         raise EmulateError("--compare draws with --coverage FILE")
     for path in (args.output, args.coverage):  # refused before the graph is built
         if path is not None:
             output_target(path)
+    if args.output is not None and args.coverage is None and args.layers is None and args.blocks is None \
+            and graph_format(args) == "json":
+        return write_graph_json(args)
     progress = None if args.quiet else ProgressReport()
     try:
         if args.compare is not None:
@@ -420,6 +434,72 @@ def cmd_graph(args) -> int:
         d = emulate.draw(g, args.output, format=args.format, layers=args.layers, blocks=args.blocks)
         view = f", collapsed to one box per layer and kind past {MAX_NODES} nodes" if d.view == "collapsed" else ""
         print(f"wrote {args.output}: {d.nodes} nodes, {d.edges} edges as {d.format}{view}", file=sys.stderr)
+    return 0
+
+
+def add_graph_scale_options(graph: argparse.ArgumentParser) -> None:
+    from emulate.shapes import SHAPES
+
+    graph.add_argument("--shape", default=None, choices=tuple(SHAPES),
+                       help="a published model shape instead of --model: its widths and layers, no weights")
+    graph.add_argument("--json", action="store_true", help="without -o: print the counts as one JSON object")
+
+
+def graph_format(args) -> str | None:
+    from graphs.draw import DrawError, drawing_format
+
+    try:
+        return drawing_format(args.output, args.format)
+    except DrawError as err:
+        raise EmulateError(str(err)) from None
+
+
+def print_graph_counts(args) -> int:
+    """`emulate graph` with no output: the compact graph's counts, any N, in seconds."""
+    import time
+
+    import emulate
+
+    t0 = time.perf_counter()
+    g = emulate.compile(args.model, **problem_keywords(args), compact=True)
+    c = {**g.counts(), "work_bytes": g.work_bytes()}
+    spec = g.spec
+    s = {"model": args.model or "tiny-llama", "tokens": spec.tokens, "block_size": spec.block_size,
+         "blocks": g.blocks, "layers": spec.layers, "attention": sorted({p.describe() for p in spec.patterns}), **c,
+         "compile_s": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"graph      N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}, "
+          f"{s['layers']} layers, attention {', '.join(s['attention'])}\n"
+          f"nodes      {s['graph_nodes']} ({', '.join(f'{v} {k}' for k, v in s['calls_by_kind'].items())}), "
+          f"{s['graph_edges']} edges, depth {s['graph_depth']}\n"
+          f"attention  {s['attention_calls']} pair calls ({s['attention_calls_bound']} the bound allows), none "
+          f"longer than {s['max_call_tokens']} tokens\n"
+          f"work       {s['work_flops']:.3e} FLOPs, span {s['span_flops']:.3e} FLOPs, {s['work_bytes']:.3e} bytes "
+          f"touched; compiled and counted in {s['compile_s']} s")
+    return 0
+
+
+def write_graph_json(args) -> int:
+    """-o FILE.json: the compact graph's nodes streamed to the file (graphs.export.write_json)."""
+    import emulate
+    from emulate.io import output_target
+    from graphs.export import write_json
+    from graphs.files import OutputError
+
+    output_target(args.output)
+    progress = None if args.quiet else ProgressReport()
+    try:
+        g = emulate.compile(args.model, **problem_keywords(args), compact=True)
+        on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
+        nodes, edges = write_json(g, args.output, on_layer)
+    except OutputError as err:
+        raise EmulateError(str(err)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"wrote {args.output}: {nodes} nodes, {edges} edges as json", file=sys.stderr)
     return 0
 
 
