@@ -28,11 +28,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from math import ceil, log2
+from types import SimpleNamespace
 
 import networkx as nx
 import numpy as np
 
 from graphs import CompactGraph, NodeKind, node_id
+from graphs.builder import attend_cost
+from graphs.compact import MASKS
 
 
 class Part(StrEnum):
@@ -89,6 +92,7 @@ class Task:
     calls: int = 0  # logical calls it runs
     pairs: int = 0  # of which attend calls
     attend_flops: int = 0  # the FLOPs of those attend calls
+    attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of their whole blocks, by mask
 
     @property
     def name(self) -> str:
@@ -215,6 +219,7 @@ class _GraphRows:
 
     def __init__(self, g: nx.DiGraph):
         self.g = g
+        self.spec = SimpleNamespace(**g.graph["spec"])
         self.layers = len(g.graph["spec"]["patterns"])
         self.blocks = g.graph["blocks"]
 
@@ -246,6 +251,9 @@ class _GraphRows:
             t.calls += 1
             if a["kind"] == NodeKind.ATTEND:
                 t.attend_flops += a["flops"]
+                m = a["span"][1] - a["span"][0]
+                mk = m if a["key_span"] is None else a["key_span"][1] - a["key_span"][0]
+                t.attend_blocks[MASKS.index(a["mask"])] += attend_cost(self.spec, m, mk, m * mk)[0]
         t.pairs = len(pairs)
 
 
@@ -261,9 +269,12 @@ class _CompactRows:
         for k, t in enumerate(c.templates):
             af, ab = c._prices(NodeKind.ATTEND, t)
             mf, mb = c._prices(NodeKind.MERGE, t)
+            m = c.block_tokens()[t.row]
+            whole = attend_cost(c.spec, m, t.key_tokens, m * t.key_tokens)[0]
             # prefix sums: a range of pairs is priced in O(1); Python ints, exact
-            self.per_template[k] = (np.concatenate([[0], np.cumsum(af)]).tolist(),
-                                    np.concatenate([[0], np.cumsum(ab)]).tolist(), mf.tolist(), mb.tolist())
+            prefix = lambda v: np.concatenate([[0], np.cumsum(v)]).tolist()  # noqa: E731
+            self.per_template[k] = (prefix(af), prefix(ab), mf.tolist(), mb.tolist(),
+                                    [prefix(np.where(t.mask == code, whole, 0)) for code in range(len(MASKS))])
         self.kv = {}  # (layer, block) -> its ValueKey, shared by every reader
 
     def row(self, layer: int, i: int):
@@ -289,7 +300,8 @@ class _CompactRows:
 
     def price(self, t: Task, layer: int, pairs) -> None:
         if len(pairs):
-            af, ab, _, _ = self.per_template[self.c.layer_template[layer]]
+            af, ab, _, _, blocks = self.per_template[self.c.layer_template[layer]]
+            t.attend_blocks = [v[pairs.stop] - v[pairs.start] for v in blocks]
             t.flops += af[pairs.stop] - af[pairs.start]
             t.attend_flops = af[pairs.stop] - af[pairs.start]
             t.bytes += ab[pairs.stop] - ab[pairs.start]
@@ -298,7 +310,7 @@ class _CompactRows:
         for n in t.logical_nodes():
             kind, node_layer, block = _parse(n)
             if kind == NodeKind.MERGE:
-                _, _, mf, mb = self.per_template[self.c.layer_template[node_layer]]
+                _, _, mf, mb, _ = self.per_template[self.c.layer_template[node_layer]]
                 f, b = mf[block], mb[block]
             else:
                 f, b = (int(v[block]) for v in self.kinds[kind])

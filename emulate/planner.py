@@ -52,6 +52,9 @@ class Device:
     source: str = ""
     attention_flops: dict | None = None  # measured rates (fp32) by FLOPs per call, calibrated CPUs only
     matmul_flops: dict | None = None
+    # calibrated CPUs: an attend call costs its whole block (m x mk) times this factor per mask
+    # (none, causal, explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
+    mask_factor: tuple | None = None
 
     def rate(self, dtype: str, kind: str = "matmul", per_call: float | None = None) -> float:
         table = self.attention_flops if kind == "attention" else self.matmul_flops
@@ -149,7 +152,11 @@ def task_seconds(t, hw: Hardware) -> float:
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
     compute = other / (g * dev.rate(hw.dtype, "matmul", other / other_calls))
-    if t.attend_flops:
+    if t.attend_flops and dev.mask_factor:
+        whole = sum(t.attend_blocks)
+        rate = dev.rate(hw.dtype, "attention", whole / max(1, t.pairs))
+        compute += sum(f * b for f, b in zip(dev.mask_factor, t.attend_blocks)) / (g * rate)
+    elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
     return max(compute, memory) + t.calls * dev.call_overhead_s + hw.task_overhead_s
@@ -421,7 +428,7 @@ def cpu_device(recalibrate: bool = False) -> Device:
                   entry["bandwidth"], entry["memory"], 1.0, entry["call_overhead_s"],
                   f"measured on this machine ({threads} thread(s), {entry['when']})",
                   attention_flops={f: r for f, r in entry["attention_flops"]},
-                  matmul_flops={f: r for f, r in entry["matmul_flops"]})
+                  matmul_flops={f: r for f, r in entry["matmul_flops"]}, mask_factor=tuple(entry["mask_factor"]))
 
 
 def calibrate_cpu(budget_s: float = 8.0) -> dict:
@@ -430,8 +437,10 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
     import psutil
     import torch
 
+    import numpy as np
+
     from emulate.kernels import attend
-    from graphs import MaskKind
+    from graphs import MaskKind, Pattern
 
     per = budget_s / 12
 
@@ -454,13 +463,41 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
     for h, m, dh in ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64)):
         q, k, v = (torch.randn(h, m, dh, generator=g) for _ in range(3))
         attention.append((4 * h * dh * m * m, 4 * h * dh * m * m / timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))))
-    tiny = torch.randn(1, 1, 8, generator=g)
-    call = timed(lambda: attend(tiny, tiny, tiny, 0.1, MaskKind.NONE))
+    q, k, v = torch.randn(8, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g)
+    window = Pattern("sliding", window=512)
+
+    def explicit():
+        visible = torch.from_numpy(window.visible(np.arange(512, 1024), np.arange(0, 512)))  # as the oracle builds it
+        attend(q, k, v, 0.1, MaskKind.EXPLICIT, visible)
+
+    plain = timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))
+    factors = [1.0, timed(lambda: attend(q, k, v, 0.1, MaskKind.CAUSAL)) / plain, timed(explicit) / plain, 1.0]
     big = torch.empty(2**25)  # 128 MiB
     copy = timed(lambda: big.clone())
-    return {"matmul_flops": matmul, "attention_flops": attention, "call_overhead_s": call,
+    return {"matmul_flops": matmul, "attention_flops": attention, "mask_factor": factors,
+            "call_overhead_s": _call_overhead(matmul, attention),
             "bandwidth": 2 * big.numel() * 4 / copy, "memory": float(psutil.virtual_memory().total),
             "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _call_overhead(matmul, attention) -> float:
+    """Seconds per logical call beyond its FLOPs: a forward of a model so narrow that the calls
+    are all overhead (node dispatch, mask building, merges), run by the local executor."""
+    import torch
+
+    import emulate
+
+    config = ModelConfig(name="probe", family="llama", vocab=64, width=16, layers=2, heads=2, kv_heads=1,
+                         head_dim=8, mlp_width=32)
+    gen = torch.Generator().manual_seed(0)
+    from emulate.presets import weight_names
+
+    weights = {name: torch.randn(shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
+               for name, shape in weight_names(config).items()}
+    model = emulate.Model(config, weights)
+    emulate.run(model, random_tokens=64, block_size=8, attention="causal", collect=False)  # warm-up
+    run = emulate.run(model, random_tokens=256, block_size=8, attention="causal", collect=False)
+    return run.stats["forward_s"] / run.stats["graph_nodes"]
 
 
 def _interpolate(table: dict, x: float) -> float:

@@ -42,7 +42,7 @@ def test_the_compact_plan_is_the_executors_plan(N, M, patterns):
     for workers, split in ((1, None), (2, None), (3, True), (16, None)):
         a, b = make_plan(build_graph(s), workers, split), make_plan(CompactGraph.build(s), workers, split)
         fields = lambda t: (t.kind, t.layer, t.block, t.worker, t.flops, t.bytes, t.calls, t.pairs,  # noqa: E731
-                            t.attend_flops, t.reads, t.writes, [n for n in t.logical_nodes() if "attend" not in n])
+                            t.attend_flops, t.attend_blocks, t.reads, t.writes, [n for n in t.logical_nodes() if "attend" not in n])
         assert [fields(t) for t in a.tasks] == [fields(t) for t in b.tasks], workers
         assert a.split_blocks == b.split_blocks
 
@@ -120,7 +120,8 @@ def test_datasheet_figures():
 # -- the CPU calibration ---------------------------------------------------------------------------
 
 FAKE = {"matmul_flops": [[1e6, 1e9], [1e9, 2e10]], "attention_flops": [[1e6, 5e8], [1e9, 1e10]],
-        "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "threads": 1, "when": "test"}
+        "mask_factor": [1.0, 1.0, 1.5, 1.0], "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "threads": 1,
+        "when": "test"}
 
 
 def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
