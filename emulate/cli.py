@@ -460,18 +460,20 @@ def print_graph_counts(args) -> int:
     import time
 
     import emulate
+    from emulate.api import default_model
 
     t0 = time.perf_counter()
     g = emulate.compile(args.model, **problem_keywords(args), compact=True)
     c = {**g.counts(), "work_bytes": g.work_bytes()}
     spec = g.spec
-    s = {"model": args.model or "tiny-llama", "tokens": spec.tokens, "block_size": spec.block_size,
+    model = args.model or default_model(text=args.text, input=args.input, random_tokens=args.random_tokens)
+    s = {"model": model, "tokens": spec.tokens, "block_size": spec.block_size,
          "blocks": g.blocks, "layers": spec.layers, "attention": sorted({p.describe() for p in spec.patterns}), **c,
          "compile_s": round(time.perf_counter() - t0, 3)}
     if args.json:
         print(json.dumps(s))
         return 0
-    print(f"graph      N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}, "
+    print(f"graph      {s['model']}: N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}, "
           f"{s['layers']} layers, attention {', '.join(s['attention'])}\n"
           f"nodes      {s['graph_nodes']} ({', '.join(f'{v} {k}' for k, v in s['calls_by_kind'].items())}), "
           f"{s['graph_edges']} edges, depth {s['graph_depth']}\n"

@@ -388,10 +388,11 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
 
 
 def _config(model) -> ModelConfig:
-    from emulate.api import DEFAULT_MODEL, _shape_or_model
+    from emulate.api import IDS_MODEL, _shape_or_model
     from emulate.loaders import load
 
-    return load(_shape_or_model(DEFAULT_MODEL if model is None else model)).config
+    # a plan is for a count of tokens, not a text: the default model of token ids
+    return load(_shape_or_model(IDS_MODEL if model is None else model)).config
 
 
 # -- calibrating this machine's CPU -----------------------------------------------------------------
