@@ -243,7 +243,7 @@ def _executor(executor, ray_keywords: dict, trace: str | None = None, threads=No
                 flags = [RAY_KEYWORDS[k] for k in given]
                 raise EmulateError(f"{', '.join(flags)} {'is a Ray option' if len(flags) == 1 else 'are Ray options'}: "
                                    "add --executor ray, or drop it for a local run")
-            return Local(trace=trace, threads="auto" if threads is None else threads)
+            return Local(trace=trace, threads=threads)
         return Ray(**given, trace=trace)
     if given:
         raise EmulateError(f"Ray options ({', '.join(given)}) go inside emulate.Ray(...) when an executor object is given")
@@ -397,7 +397,8 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
     workers, cpus_per_worker, gpus_per_worker, stall_timeout) are shorthand for the latter, and
     trace (the executed schedule as Chrome trace-event JSON) for either; threads (an integer, or
-    "auto": the cores other processes leave free, rechecked as the run goes) for emulate.Local.
+    "auto": the cores other processes leave free, rechecked as the run goes; default torch's own
+    setting) for emulate.Local.
     oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
     pack_heads with a named paper oracle. progress(stage, done, total) reports the stages "graph"
     (layers built), "forward" (calls or Ray tasks done) and "reference" (layers of verify's pass).

@@ -146,8 +146,8 @@ def add_run_command(sub) -> None:
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: in-process; ray: worker actors on a Ray cluster")
     run.add_argument("--threads", type=threads_option, default=None, metavar="N|auto",
-                     help="torch threads of a local run (default auto: the cores no other process is running on, "
-                          "looked at again every half second)")
+                     help="torch threads of a local run: N, or auto for the cores no other process is running on, "
+                          "looked at again every half second (default: torch's own, OMP_NUM_THREADS or the cores)")
     run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
     run.add_argument("--trace", default=None, metavar="FILE",

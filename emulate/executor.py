@@ -71,12 +71,12 @@ class Local:
 
     trace: write the schedule (one slice per logical node, one track) as Chrome trace-event JSON
     when the run ends (emulate/trace.py); nothing is timed without it. threads: torch's intra-op
-    threads for the run, an integer, or "auto" for the cores no other process is running on,
-    looked at again as the run goes (emulate/threads.py).
+    threads for the run: None (torch's setting), an integer, or "auto" for the cores no other
+    process is running on, looked at again as the run goes (emulate/threads.py).
     """
 
     trace: str | None = None
-    threads: int | str = "auto"
+    threads: int | str | None = None
 
     def __post_init__(self):
         from emulate.threads import check_threads

@@ -3,9 +3,12 @@
 A forward here is thousands of small calls. torch's intra-op threads meet at a barrier at the end
 of every call, and a thread whose core another process has taken keeps every other thread of the
 call waiting for it: on a 2-core machine with one other busy process, two threads made a 16K-token
-causal run slower than one thread did (docs/design.md, Executors). So "auto" counts the cores
-nobody else is running on, at the start and again every `RECHECK_S` while the run lasts, and uses
-that many threads (at least one); a number fixes the count for the whole run.
+causal run slower than one thread did (README, "On a shared machine: threads"). So "auto" counts
+the cores nobody else is running on, at the start and again every `RECHECK_S` while the run lasts,
+and uses that many threads (at least one, and never more than torch was set to use: an explicit
+OMP_NUM_THREADS is a ceiling); a number fixes the count for the whole run; None (the default)
+leaves torch's setting as it is. A run's bits depend on its thread count (torch's reductions split
+by thread), so "auto" trades run-to-run equality of bits on a changing machine for speed.
 """
 from __future__ import annotations
 
@@ -69,10 +72,10 @@ def free_cores() -> int:
     return n if others is None else max(1, min(n, n - int(others)))
 
 
-def check_threads(threads) -> int | str:
-    """threads: "auto" (or None) or an integer >= 1."""
+def check_threads(threads) -> int | str | None:
+    """threads: None (torch's own setting, untouched), "auto" or an integer >= 1."""
     if threads is None or threads == "auto":
-        return "auto"
+        return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EmulateError(f"--threads must be an integer >= 1 or auto, got {threads!r}")
     if threads > 4096:
@@ -90,15 +93,15 @@ class ThreadPolicy:
         policy.used                   # the counts the run went through, in order
     """
 
-    def __init__(self, threads="auto"):
+    def __init__(self, threads=None):
         self.threads = check_threads(threads)
         self.used: list[int] = []
         self._saved = None
         self._next = 0.0
 
     def __enter__(self) -> ThreadPolicy:
-        self._saved = torch.get_num_threads()
-        self._set(free_cores() if self.threads == "auto" else self.threads)
+        self._saved = torch.get_num_threads()  # OMP_NUM_THREADS or torch's default: auto never goes above it
+        self._set(self._auto() if self.threads == "auto" else self._saved if self.threads is None else self.threads)
         self._next = time.monotonic() + RECHECK_S
         return self
 
@@ -107,8 +110,11 @@ class ThreadPolicy:
             return
         now = time.monotonic()
         if now >= self._next:
-            self._set(free_cores())
+            self._set(self._auto())
             self._next = now + RECHECK_S
+
+    def _auto(self) -> int:
+        return min(free_cores(), self._saved)
 
     def _set(self, n: int) -> None:
         if not self.used or self.used[-1] != n:
