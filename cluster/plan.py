@@ -28,10 +28,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from math import ceil, log2
+from types import SimpleNamespace
 
 import networkx as nx
+import numpy as np
 
-from graphs import NodeKind, node_id
+from graphs import CompactGraph, NodeKind, node_id
+from graphs.builder import attend_cost
+from graphs.compact import MASKS
 
 
 class Part(StrEnum):
@@ -84,6 +88,11 @@ class Task:
     attrs: dict[str, dict] = field(default_factory=dict)  # attributes of the logical nodes run here
     flops: int = 0
     worker: int = 0
+    bytes: int = 0  # bytes its logical nodes touch (the graph's `bytes`, summed)
+    calls: int = 0  # logical calls it runs
+    pairs: int = 0  # of which attend calls
+    attend_flops: int = 0  # the FLOPs of those attend calls
+    attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of their whole blocks, by mask
 
     @property
     def name(self) -> str:
@@ -130,21 +139,21 @@ def slice_size(partials: int, pieces: int) -> int:
     return 1 << ceil(log2(ceil(partials / pieces)))
 
 
-def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
+def make_plan(g: nx.DiGraph | CompactGraph, workers: int, split: bool | None = None) -> Plan:
     """Group the logical graph `g` into tasks for `workers` workers and place them.
 
+    `g` is the networkx graph (what the Ray executor runs: every task lists its logical nodes and
+    their attributes) or the compact form (graphs/compact.py, what the planner reads: the same
+    tasks, reads, writes, FLOPs and placement, but a task names its pair calls by count, not one by
+    one, so a 1M-token plan holds thousands of tasks, not a million nodes).
     `split`: cut rows into slices (default: only when blocks are fewer than workers).
     """
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
-    spec = g.graph["spec"]
-    layers = len(spec["patterns"])
-    blocks = g.graph["blocks"]
+    view = _CompactRows(g) if isinstance(g, CompactGraph) else _GraphRows(g)
+    layers, blocks = view.layers, view.blocks
     split = blocks < workers if split is None else split
     tasks: list[Task] = []
-
-    def attrs(n):
-        return dict(g.nodes[n])
 
     def tail(layer: int, i: int, t: Task, x_key: str):
         """After the mix of `layer` (or the embed): project the next layer, or the head."""
@@ -156,12 +165,10 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
             h = node_id(NodeKind.HEAD, None, i)
             t.nodes.append(h)
             t.writes.append(ValueKey(h))
-        for n in t.logical_nodes():
-            t.attrs.setdefault(n, attrs(n))
 
-    def add(t: Task):
+    def add(t: Task, layer: int = -1, pairs=()):
         t.index = len(tasks)
-        t.flops = sum(g.nodes[n]["flops"] for n in t.logical_nodes())
+        view.price(t, layer, pairs)
         tasks.append(t)
 
     split_rows = 0
@@ -172,57 +179,152 @@ def make_plan(g: nx.DiGraph, workers: int, split: bool | None = None) -> Plan:
         add(t)
 
     for layer in range(layers):
-        rows = [_row(g, layer, i) for i in range(blocks)]
+        rows = [view.row(layer, i) for i in range(blocks)]
         pairs_total = sum(len(r[1]) for r in rows)
         target = ceil(pairs_total / workers)
-        for i, (merge_id, pairs, mix_id) in enumerate(rows):
-            x_key = g.nodes[mix_id]["inputs"][0]
+        for i, (merge_id, pairs, mix_id, x_key) in enumerate(rows):
             q_key = ValueKey(node_id(NodeKind.PROJECT, layer, i), Part.Q)
-            kv_keys = _kv_reads(g, pairs)
+            kv_keys = view.kv_reads(layer, pairs)
             size = slice_size(len(pairs), ceil(len(pairs) / target)) if split and merge_id else len(pairs)
             if size >= len(pairs):
-                t = Task(0, TaskKind.ROW, layer, i, list(pairs), [ValueKey(x_key), q_key] + kv_keys, [])
+                t = Task(0, TaskKind.ROW, layer, i, view.ids(layer, pairs), [ValueKey(x_key), q_key] + kv_keys, [])
                 if merge_id:
                     t.nodes.append(merge_id)
-                    t.merges[ValueKey(merge_id)] = [ValueKey(p) for p in pairs]
+                    t.merges[ValueKey(merge_id)] = [ValueKey(p) for p in view.ids(layer, pairs)]
                 t.nodes.append(mix_id)
                 tail(layer, i, t, mix_id)
-                add(t)
+                add(t, layer, pairs)
                 continue
             split_rows += 1
             partials = []
             for a in range(0, len(pairs), size):
                 chunk = pairs[a:a + size]
                 key = SliceKey(merge_id, a, a + len(chunk))
-                t = Task(0, TaskKind.SLICE, layer, i, chunk + [key], [q_key] + _kv_reads(g, chunk), [key],
-                         merges={key: [ValueKey(p) for p in chunk]}, attrs={n: attrs(n) for n in chunk})
-                add(t)
+                names = view.ids(layer, chunk)
+                t = Task(0, TaskKind.SLICE, layer, i, names + [key], [q_key] + view.kv_reads(layer, chunk), [key],
+                         merges={key: [ValueKey(p) for p in names]})
+                add(t, layer, chunk)
                 partials.append(key)
             t = Task(0, TaskKind.COMBINE, layer, i, [merge_id, mix_id], [ValueKey(x_key)] + partials, [],
                      merges={ValueKey(merge_id): partials})
             tail(layer, i, t, mix_id)
-            add(t)
+            add(t, layer)
 
     place(tasks, workers, layers)
     return Plan(tasks, workers, blocks, split_rows)
 
 
-def _row(g: nx.DiGraph, layer: int, i: int):
-    """(merge id or None, the pair nodes in merge order, mix id) of query block i in `layer`."""
-    mix_id = node_id(NodeKind.MIX, layer, i)
-    source = g.nodes[mix_id]["inputs"][1]
-    if g.nodes[source]["kind"] == NodeKind.MERGE:
-        return source, list(g.nodes[source]["inputs"]), mix_id
-    return None, [source], mix_id
+class _GraphRows:
+    """make_plan's view of a networkx graph: pairs are node ids, tasks carry every node's attributes."""
+
+    def __init__(self, g: nx.DiGraph):
+        self.g = g
+        self.spec = SimpleNamespace(**g.graph["spec"])
+        self.layers = len(g.graph["spec"]["patterns"])
+        self.blocks = g.graph["blocks"]
+
+    def row(self, layer: int, i: int):
+        """(merge id or None, the pair nodes in merge order, mix id, residual id) of query block i."""
+        mix_id = node_id(NodeKind.MIX, layer, i)
+        x_key, source = self.g.nodes[mix_id]["inputs"]
+        if self.g.nodes[source]["kind"] == NodeKind.MERGE:
+            return source, list(self.g.nodes[source]["inputs"]), mix_id, x_key
+        return None, [source], mix_id, x_key
+
+    def ids(self, layer: int, pairs) -> list[str]:
+        return list(pairs)
+
+    def kv_reads(self, layer: int, pairs) -> list[ValueKey]:
+        """Keys and values read by these pairs; a pair's own query block is read for q, not kv."""
+        keys: dict[ValueKey, None] = {}
+        for p in pairs:
+            for src in self.g.nodes[p]["inputs"][1:]:
+                keys[ValueKey(src, Part.KV)] = None
+        return list(keys)
+
+    def price(self, t: Task, layer: int, pairs) -> None:
+        for n in t.logical_nodes():
+            a = self.g.nodes[n]
+            t.attrs.setdefault(n, dict(a))
+            t.flops += a["flops"]
+            t.bytes += a["bytes"]
+            t.calls += 1
+            if a["kind"] == NodeKind.ATTEND:
+                t.attend_flops += a["flops"]
+                m = a["span"][1] - a["span"][0]
+                mk = m if a["key_span"] is None else a["key_span"][1] - a["key_span"][0]
+                t.attend_blocks[MASKS.index(a["mask"])] += attend_cost(self.spec, m, mk, m * mk)[0]
+        t.pairs = len(pairs)
 
 
-def _kv_reads(g: nx.DiGraph, pairs: list[str]) -> list[ValueKey]:
-    """Keys and values read by these pairs; a pair's own query block is read for q, not kv."""
-    keys: dict[ValueKey, None] = {}
-    for p in pairs:
-        for src in g.nodes[p]["inputs"][1:]:
-            keys[ValueKey(src, Part.KV)] = None
-    return list(keys)
+class _CompactRows:
+    """make_plan's view of a CompactGraph: pairs are index ranges into the layer's template, tasks
+    name only their non-pair nodes (and count their pairs), the prices come from the template."""
+
+    def __init__(self, c: CompactGraph):
+        self.c = c
+        self.layers, self.blocks = c.layers, c.blocks
+        self.kinds = {k: c._prices(k) for k in (NodeKind.EMBED, NodeKind.PROJECT, NodeKind.MIX, NodeKind.HEAD)}
+        self.per_template = {}
+        for k, t in enumerate(c.templates):
+            af, ab = c._prices(NodeKind.ATTEND, t)
+            mf, mb = c._prices(NodeKind.MERGE, t)
+            m = c.block_tokens()[t.row]
+            whole = attend_cost(c.spec, m, t.key_tokens, m * t.key_tokens)[0]
+            # prefix sums: a range of pairs is priced in O(1); Python ints, exact
+            prefix = lambda v: np.concatenate([[0], np.cumsum(v)]).tolist()  # noqa: E731
+            self.per_template[k] = (prefix(af), prefix(ab), mf.tolist(), mb.tolist(),
+                                    [prefix(np.where(t.mask == code, whole, 0)) for code in range(len(MASKS))])
+        self.kv = {}  # (layer, block) -> its ValueKey, shared by every reader
+
+    def row(self, layer: int, i: int):
+        t = self.c.template(layer)
+        pairs = range(int(t.starts[i]), int(t.starts[i + 1]))
+        merge_id = node_id(NodeKind.MERGE, layer, i) if len(pairs) > 1 else None
+        x_key = node_id(NodeKind.EMBED, None, i) if layer == 0 else node_id(NodeKind.MIX, layer - 1, i)
+        return merge_id, pairs, node_id(NodeKind.MIX, layer, i), x_key
+
+    def ids(self, layer: int, pairs) -> list[str]:
+        return []
+
+    def kv_reads(self, layer: int, pairs: range) -> list[ValueKey]:
+        t = self.c.template(layer)
+        blocks = t.reads[t.read_starts[pairs.start]:t.read_starts[pairs.stop]].tolist()
+        out = []
+        for j in dict.fromkeys(blocks):
+            key = self.kv.get((layer, j))
+            if key is None:
+                key = self.kv[(layer, j)] = ValueKey(node_id(NodeKind.PROJECT, layer, j), Part.KV)
+            out.append(key)
+        return out
+
+    def price(self, t: Task, layer: int, pairs) -> None:
+        if len(pairs):
+            af, ab, _, _, blocks = self.per_template[self.c.layer_template[layer]]
+            t.attend_blocks = [v[pairs.stop] - v[pairs.start] for v in blocks]
+            t.flops += af[pairs.stop] - af[pairs.start]
+            t.attend_flops = af[pairs.stop] - af[pairs.start]
+            t.bytes += ab[pairs.stop] - ab[pairs.start]
+            t.calls += len(pairs)
+            t.pairs = len(pairs)
+        for n in t.logical_nodes():
+            kind, node_layer, block = _parse(n)
+            if kind == NodeKind.MERGE:
+                _, _, mf, mb, _ = self.per_template[self.c.layer_template[node_layer]]
+                f, b = mf[block], mb[block]
+            else:
+                f, b = (int(v[block]) for v in self.kinds[kind])
+            t.flops += f
+            t.bytes += b
+            t.calls += 1
+
+
+def _parse(n: str) -> tuple[NodeKind, int, int]:
+    """(kind, layer, block) of a non-pair node id (graphs.builder.node_id); layer -1 for embed and head."""
+    parts = n.split("/")
+    if len(parts) == 2:
+        return NodeKind(parts[0]), -1, int(parts[1])
+    return NodeKind(parts[1]), int(parts[0][1:]), int(parts[2])
 
 
 def place(tasks: list[Task], workers: int, layers: int) -> None:

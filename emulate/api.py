@@ -21,11 +21,11 @@ import torch
 
 from emulate.config import EmulateError
 from emulate.executor import EXECUTORS, Executor, Job, Local, Ray
-from emulate.forward import check_tokens, compile_forward, resolve_patterns, row_errors
+from emulate.forward import check_tokens, compile_compact, compile_forward, resolve_patterns, row_errors
 from emulate.loaders import Model, load, tokenize
 from emulate.memory import check_fits, estimate
 from emulate.oracles import KernelOracle, Oracle, PaperOracle, oracle_named
-from graphs import Pattern, PatternKind, counts
+from graphs import CompactGraph, Pattern, PatternKind, counts
 
 # The embedded default: a real decoder on real English text (emulate.io.default_text). Token ids
 # without a model (random or read from a file) run on a seeded preset: a synthetic model for a
@@ -70,6 +70,11 @@ class Problem:
         on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
         return compile_forward(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
                                self.seed, on_layer)
+
+    def compact_graph(self) -> CompactGraph:
+        """The same graph in compact form: one template per layer pattern, any N."""
+        return compile_compact(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
+                               self.seed)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -148,7 +153,7 @@ def default_model(tokens=None, text=None, input=None, random_tokens=None) -> str
 def prepare(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
             random_tokens: int | None = None, seed: int = 0, block_size: int = DEFAULT_BLOCK,
             attention: str = "auto", window: int | None = None, sinks: int | None = None,
-            dtype="float32", count_only: bool = False) -> Problem:
+            dtype="float32", count_only: bool = False, graph_form: str = "networkx") -> Problem:
     """Resolve a forward's inputs: load the model, read the token ids, check them, choose the masks."""
     seed = _int("--seed", seed, 0)
     if seed >= 2**64:
@@ -160,7 +165,9 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
     bytes_per = torch.finfo(dt).bits // 8
 
     def fits(n: int) -> None:
-        check_fits(estimate(m.config, n, block_size, patterns, bytes_per), f"{n} tokens at M = {block_size}")
+        # a compile (count_only) holds the graph alone, in the form asked for
+        check_fits(estimate(m.config, n, block_size, patterns, bytes_per, run=not count_only, graph=graph_form),
+                   f"{n} tokens at M = {block_size}")
 
     if count_only and isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
         length = _int("tokens", tokens)
@@ -181,13 +188,32 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
                    input_source(m.tokenizer, tokens, text, input, random_tokens, seed))
 
 
-def compile(model=None, tokens=None, progress: StageProgress | None = None, **options) -> nx.DiGraph:
+def compile(model=None, tokens=None, progress: StageProgress | None = None, *, compact: bool = False,
+            **options) -> nx.DiGraph | CompactGraph:
     """The logical task graph of one forward; nothing runs. `tokens` may be a count (an int).
 
     Options as `run`'s problem keywords: text, input, random_tokens, seed, block_size, attention,
     window, sinks, dtype (which prices the graph's bytes). progress("graph", done, total) per layer.
+    compact=True gives a graphs.CompactGraph instead of networkx: one template per layer pattern,
+    analysed without materialising a node (`.counts()`), nodes generated on demand (`.iter_nodes()`,
+    `.to_networkx()`); it compiles a 1M-token forward in well under a second. `model` may also be a
+    published shape (emulate.shapes.SHAPES, e.g. "llama3-8b"): its widths, no weights.
     """
-    return prepare(model, tokens, count_only=True, **options).graph(progress)
+    problem = prepare(_shape_or_model(model), tokens, count_only=True, graph_form="compact" if compact else "networkx",
+                      **options)
+    return problem.compact_graph() if compact else problem.graph(progress)
+
+
+def _shape_or_model(model):
+    """A published shape's name as a weightless Model (compile and plan only); anything else as given."""
+    from emulate.presets import FILE_PRESETS, PRESETS
+    from emulate.shapes import SHAPES, shape_config
+
+    if isinstance(model, str) and model in SHAPES and model not in PRESETS and model not in FILE_PRESETS:
+        from emulate.loaders import Model
+
+        return Model(shape_config(model), {})
+    return model
 
 
 @dataclass(frozen=True)
@@ -217,7 +243,7 @@ def _executor(executor, ray_keywords: dict, trace: str | None = None, threads=No
                 flags = [RAY_KEYWORDS[k] for k in given]
                 raise EmulateError(f"{', '.join(flags)} {'is a Ray option' if len(flags) == 1 else 'are Ray options'}: "
                                    "add --executor ray, or drop it for a local run")
-            return Local(trace=trace, threads="auto" if threads is None else threads)
+            return Local(trace=trace, threads=threads)
         return Ray(**given, trace=trace)
     if given:
         raise EmulateError(f"Ray options ({', '.join(given)}) go inside emulate.Ray(...) when an executor object is given")
@@ -371,7 +397,8 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     executor: "local", "ray", emulate.Local() or emulate.Ray(...); the Ray keywords (address,
     workers, cpus_per_worker, gpus_per_worker, stall_timeout) are shorthand for the latter, and
     trace (the executed schedule as Chrome trace-event JSON) for either; threads (an integer, or
-    "auto": every core this process may use) for emulate.Local: its call workers on CPU.
+    "auto": every core this process may use; default torch's own setting) for emulate.Local: its
+    call workers on CPU.
     oracle: "kernel", "paper", "paper-stable", emulate.KernelOracle() or emulate.PaperOracle(...);
     pack_heads with a named paper oracle. progress(stage, done, total) reports the stages "graph"
     (layers built), "forward" (calls or Ray tasks done) and "reference" (layers of verify's pass).

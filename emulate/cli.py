@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(sub)
     add_graph_command(sub)
     add_trace_command(sub)
+    add_plan_command(sub)
     add_theorems_command(sub)
     add_submit_command(sub)
     add_cluster_command(sub)
@@ -146,7 +147,8 @@ def add_run_command(sub) -> None:
                      help="local: in-process; ray: worker actors on a Ray cluster")
     run.add_argument("--threads", type=threads_option, default=None, metavar="N|auto",
                      help="threads of a local run: on CPU, calls run side by side on N workers of one torch thread "
-                          "each (default auto: every core this process may use)")
+                          "each, or auto for every core this process may use (default: torch's own, OMP_NUM_THREADS "
+                          "or the cores)")
     run.add_argument("--output", "-o", default=None, help="write the outputs to this Arrow IPC file")
     run.add_argument("--hidden", action="store_true", help="add the final-norm hidden states to the output")
     run.add_argument("--trace", default=None, metavar="FILE",
@@ -369,8 +371,13 @@ def add_graph_command(sub) -> None:
         epilog="examples:\n  emulate graph --random-tokens 2048 -M 256 -o graph.svg\n"
                "  emulate graph --random-tokens 65536 -M 1024 --layers 0:1 --blocks 0:8 -o part.png\n"
                "  emulate graph --random-tokens 2048 -M 256 --attention sliding --window 300 -o g.html\n"
-               "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled")
+               "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled\n"
+               "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal   (counts only)\n"
+               "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal -o g.json\n"
+               "With neither -o nor --coverage it prints the graph's counts (--json: as one object); JSON output is "
+               "streamed node by node, so graphs of any size can be written.")
     add_problem_options(graph)
+    add_graph_scale_options(graph)
     graph.add_argument("-o", "--output", default=None, help="file to write; its suffix gives the format")
     graph.add_argument("--format", choices=("svg", "png", "html", "dot", "json"), default=None,
                        help="what --output holds (default: from its suffix)")
@@ -391,13 +398,22 @@ def cmd_graph(args) -> int:
     import emulate
     from emulate.io import output_target
 
+    if args.shape is not None:
+        if args.model is not None:
+            raise EmulateError("give --model or --shape, not both")
+        args.model = args.shape
     if args.output is None and args.coverage is None:
-        raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
+        if args.format is not None:
+            raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
+        return print_graph_counts(args)
     if args.compare is not None and args.coverage is None:
         raise EmulateError("--compare draws with --coverage FILE")
     for path in (args.output, args.coverage):  # refused before the graph is built
         if path is not None:
             output_target(path)
+    if args.output is not None and args.coverage is None and args.layers is None and args.blocks is None \
+            and graph_format(args) == "json":
+        return write_graph_json(args)
     progress = None if args.quiet else ProgressReport()
     try:
         if args.compare is not None:
@@ -420,6 +436,74 @@ def cmd_graph(args) -> int:
         d = emulate.draw(g, args.output, format=args.format, layers=args.layers, blocks=args.blocks)
         view = f", collapsed to one box per layer and kind past {MAX_NODES} nodes" if d.view == "collapsed" else ""
         print(f"wrote {args.output}: {d.nodes} nodes, {d.edges} edges as {d.format}{view}", file=sys.stderr)
+    return 0
+
+
+def add_graph_scale_options(graph: argparse.ArgumentParser) -> None:
+    from emulate.shapes import SHAPES
+
+    graph.add_argument("--shape", default=None, choices=tuple(SHAPES),
+                       help="a published model shape instead of --model: its widths and layers, no weights")
+    graph.add_argument("--json", action="store_true", help="without -o: print the counts as one JSON object")
+
+
+def graph_format(args) -> str | None:
+    from graphs.draw import DrawError, drawing_format
+
+    try:
+        return drawing_format(args.output, args.format)
+    except DrawError as err:
+        raise EmulateError(str(err)) from None
+
+
+def print_graph_counts(args) -> int:
+    """`emulate graph` with no output: the compact graph's counts, any N, in seconds."""
+    import time
+
+    import emulate
+    from emulate.api import default_model
+
+    t0 = time.perf_counter()
+    g = emulate.compile(args.model, **problem_keywords(args), compact=True)
+    c = {**g.counts(), "work_bytes": g.work_bytes()}
+    spec = g.spec
+    model = args.model or default_model(text=args.text, input=args.input, random_tokens=args.random_tokens)
+    s = {"model": model, "tokens": spec.tokens, "block_size": spec.block_size,
+         "blocks": g.blocks, "layers": spec.layers, "attention": sorted({p.describe() for p in spec.patterns}), **c,
+         "compile_s": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"graph      {s['model']}: N = {s['tokens']} tokens in B = {s['blocks']} blocks of M = {s['block_size']}, "
+          f"{s['layers']} layers, attention {', '.join(s['attention'])}\n"
+          f"nodes      {s['graph_nodes']} ({', '.join(f'{v} {k}' for k, v in s['calls_by_kind'].items())}), "
+          f"{s['graph_edges']} edges, depth {s['graph_depth']}\n"
+          f"attention  {s['attention_calls']} pair calls ({s['attention_calls_bound']} the bound allows), none "
+          f"longer than {s['max_call_tokens']} tokens\n"
+          f"work       {s['work_flops']:.3e} FLOPs, span {s['span_flops']:.3e} FLOPs, {s['work_bytes']:.3e} bytes "
+          f"touched; compiled and counted in {s['compile_s']} s")
+    return 0
+
+
+def write_graph_json(args) -> int:
+    """-o FILE.json: the compact graph's nodes streamed to the file (graphs.export.write_json)."""
+    import emulate
+    from emulate.io import output_target
+    from graphs.export import write_json
+    from graphs.files import OutputError
+
+    output_target(args.output)
+    progress = None if args.quiet else ProgressReport()
+    try:
+        g = emulate.compile(args.model, **problem_keywords(args), compact=True)
+        on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
+        nodes, edges = write_json(g, args.output, on_layer)
+    except OutputError as err:
+        raise EmulateError(str(err)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"wrote {args.output}: {nodes} nodes, {edges} edges as json", file=sys.stderr)
     return 0
 
 
@@ -446,6 +530,92 @@ def cmd_trace(args) -> int:
     busy = ", ".join(f"{u:.0%}" for u in s["utilisation"])
     print(f"wrote {args.output}: {s['bars']} tasks on {s['workers']} worker(s) (busy {busy}), makespan "
           f"{s['makespan_s']:.3f} s, critical path {s['critical_path_s']:.3f} s", file=sys.stderr)
+    return 0
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+def add_plan_command(sub) -> None:
+    from emulate.planner import DEVICES
+    from emulate.shapes import SHAPES
+
+    p = sub.add_parser(
+        "plan", formatter_class=Help, help="predict a forward's time on P workers (nothing runs)",
+        description="Compile the graph in compact form, group and place its tasks as the Ray executor would, and "
+                    "schedule them on P simulated workers with a cost model (device FLOP/s and memory bandwidth, "
+                    "link bandwidth and latency, per-task and per-call overheads, memory per worker). Prints the "
+                    "predicted time, each worker's peak memory, the bytes moved, utilisation and the critical path. "
+                    "The cpu device is measured on this machine once (a few seconds) and cached; docs/planner.md "
+                    "explains the model.",
+        epilog="examples:\n"
+               "  emulate plan --random-tokens 16384 -M 1024 --workers 2\n"
+               "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
+               "  emulate plan --shape llama3-405b --tokens 1048576 -M 4096 --attention causal --workers 16 "
+               "--gpus-per-worker 8 --device h100 --json\n"
+               "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
+    p.add_argument("--model", default=None, help=f"a preset ({preset_names()}) or a checkpoint directory "
+                   "(default tiny-llama)")
+    p.add_argument("--shape", default=None, choices=tuple(SHAPES), help="a published model shape instead of --model")
+    p.add_argument("--tokens", "--random-tokens", dest="tokens", type=int, default=4096, metavar="N",
+                   help="N, the tokens of the forward")
+    p.add_argument("--block-size", "-M", type=int, default=256, help="M: the most tokens a small call sees")
+    p.add_argument("--attention", default="auto", help="auto, full, causal, sliding, sink or sampled")
+    p.add_argument("--window", type=int, default=None, help="sliding window r")
+    p.add_argument("--sinks", type=int, default=None, help="attention sinks s")
+    p.add_argument("--workers", type=int, default=1, help="P, the workers the tasks are placed on")
+    p.add_argument("--device", choices=("cpu", *DEVICES), default="cpu",
+                   help="cpu (this machine, measured) or a GPU from the datasheet table")
+    p.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker, tensor parallel inside it")
+    p.add_argument("--link-gbps", type=float, default=None,
+                   help="each worker's network link in Gb/s (default 400 per GPU; 40 for cpu, Ray's object store)")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor (1 worker)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU again (about 10 s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw predicted time against workers and against N, exact causal beside an O(N/M) pattern")
+    p.set_defaults(handler=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from emulate.planner import predict
+
+    if args.shape is not None and args.model is not None:
+        raise EmulateError("give --model or --shape, not both")
+    model = args.shape or args.model
+    if args.plot:
+        from graphs.coverage import DrawError, figure_format
+
+        try:
+            figure_format(args.plot)  # refused before any work
+        except DrawError as err:
+            raise EmulateError(str(err)) from None
+    p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
+                sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
+                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor)
+    if args.plot:
+        from emulate.planner import plot_scaling
+
+        plot_scaling(args.plot, model, args.tokens, block_size=args.block_size, workers=args.workers,
+                     device=args.device, gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps,
+                     window=args.window)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    d = p.to_dict()
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    path = d["critical_path"]
+    shown = path if len(path) <= 6 else path[:3] + ["..."] + path[-2:]
+    print(f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
+          f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
+          f"{d['physical_tasks']} physical tasks\n"
+          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}), link "
+          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor\n"
+          f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
+          f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
+          f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
+          + ("" if d["fits"] else ", MORE than the worker's devices hold") + f"; {d['bytes_moved'] / 1e9:.3g} GB moved "
+          "between workers")
     return 0
 
 

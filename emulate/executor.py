@@ -71,16 +71,18 @@ class Local:
 
     threads: on CPU with the kernel oracle, the call workers (`run_parallel`): independent nodes
     run side by side, each worker one node at a time on one torch thread, with the bits of the
-    one-thread run; an integer, or "auto" for every core this process may use (emulate/threads.py).
+    one-thread run whatever their count; None (torch's setting, OMP_NUM_THREADS or the cores), an
+    integer, or "auto" for every core this process may use (emulate/threads.py, worker_count).
     With 1, or where calls run in turn (the paper oracle, whose counters are plain Python state, and
-    cuda), `run_local` runs them in the calling thread with that many intra-op threads ("auto": the
-    cores no other process is running on, looked at again as the run goes).
+    cuda), `run_local` runs them in the calling thread with torch's intra-op threads: None (torch's
+    setting), that many, or "auto", the cores no other process is running on, looked at again as
+    the run goes (ThreadPolicy).
     trace: write the schedule (one slice per logical node, one track per worker) as Chrome
     trace-event JSON when the run ends (emulate/trace.py); nothing is timed without it.
     """
 
     trace: str | None = None
-    threads: int | str = "auto"
+    threads: int | str | None = None
 
     def __post_init__(self):
         from emulate.threads import check_threads

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from emulate.config import EmulateError, ModelConfig
-from graphs import ForwardSpec, Pattern, PatternError, PatternKind, build_graph
+from graphs import CompactGraph, ForwardSpec, Pattern, PatternError, PatternKind, build_graph
 
 
 def resolve_patterns(config: ModelConfig, attention="auto", window: int | None = None,
@@ -77,6 +77,15 @@ def compile_forward(config: ModelConfig, tokens: int, block_size: int, patterns:
                     dtype: torch.dtype, seed: int = 0, on_layer=None) -> nx.DiGraph:
     try:
         return build_graph(forward_spec(config, tokens, block_size, patterns, dtype, seed), on_layer)
+    except PatternError as err:
+        raise EmulateError(str(err)) from None
+
+
+def compile_compact(config: ModelConfig, tokens: int, block_size: int, patterns: list[Pattern],
+                    dtype: torch.dtype, seed: int = 0) -> CompactGraph:
+    """The logical graph in compact form (graphs/compact.py): any size, nodes generated on demand."""
+    try:
+        return CompactGraph.build(forward_spec(config, tokens, block_size, patterns, dtype, seed))
     except PatternError as err:
         raise EmulateError(str(err)) from None
 

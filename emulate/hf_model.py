@@ -231,7 +231,7 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
         progress("forward", 0, 1)
     from emulate.threads import ThreadPolicy
 
-    with ThreadPolicy("auto" if threads is None else threads) as policy:  # chosen once, for the whole forward
+    with ThreadPolicy(threads) as policy:  # "auto" is chosen once, for the whole forward
         got = forward(net, ids_t, hf.NAME, block_size)
     if progress is not None:
         progress("forward", 1, 1)

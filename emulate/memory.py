@@ -22,10 +22,11 @@ def peak_rss_mb() -> float:
 
 
 GRAPH_NODE_BYTES = 2048  # a networkx node with its attributes and ~3 edges: 1.5 KB measured at 2M nodes
+COMPACT_PAIR_BYTES = 512  # a compact graph's template, per pair of a distinct layer pattern: ~190 B measured
 
 
 def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, collect: bool = False,
-             verify: bool = False) -> dict[str, int]:
+             verify: bool = False, *, run: bool = True, graph: str = "networkx") -> dict[str, int]:
     """Bytes a run will hold at its peak, by part, worked out before anything is allocated.
 
     Upper estimates from the shapes alone: the token ids (and their generation), the logical graph
@@ -33,6 +34,9 @@ def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, c
     projections and one row's partials; a window's worth of blocks for windowed masks), the
     collected outputs, and the monolithic reference of `verify`, which holds every position at
     once (its MLP included).
+
+    run=False prices a compile alone (the graph, no live set); graph="compact" prices the compact
+    form (graphs/compact.py), one template per distinct layer pattern instead of every node.
     """
     from math import ceil
 
@@ -40,10 +44,14 @@ def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, c
     blocks = ceil(n / block_size)
     w, qkv = config.width, (config.heads + 2 * config.kv_heads) * config.head_dim
     pairs = sum(p.calls_bound(blocks, block_size) for p in patterns)
-    parts = {
-        "token ids": 16 * n,
-        "graph": GRAPH_NODE_BYTES * (pairs + 5 * blocks * len(patterns) + 2 * blocks),
-    }
+    if graph == "compact":
+        templates = {p: p.calls_bound(blocks, block_size) for p in patterns}
+        graph_bytes = COMPACT_PAIR_BYTES * (sum(templates.values()) + blocks)
+    else:
+        graph_bytes = GRAPH_NODE_BYTES * (pairs + 5 * blocks * len(patterns) + 2 * blocks)
+    parts = {"token ids": 16 * n, "graph": graph_bytes}
+    if not run:
+        return parts
     per_token = (2 * w + qkv + config.heads * config.head_dim) * dtype_bytes
     if all(p.kind in ("sliding", "sink") for p in patterns):
         reach = max(p.window + (p.sinks or 0) for p in patterns) + 2 * block_size

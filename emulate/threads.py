@@ -6,13 +6,20 @@ keeps every other thread of the call waiting for it: on a 2-core machine with on
 process, two threads made a 16K-token causal run slower than one thread did. So the local executor
 on CPU runs independent calls side by side instead (emulate/executor.py, run_parallel): `threads`
 is its number of call workers, each running one call at a time on one torch thread, and a worker
-whose core is taken delays only its own call. "auto" is every core this process may use
-(`worker_count`): with no barrier between workers, a busy neighbour takes its share of a core and
-no more, and the run keeps the rest (README, On a shared machine).
+whose core is taken delays only its own call (README, "On a shared machine: threads").
+`worker_count`: a number as given; None (the default) torch's own setting (OMP_NUM_THREADS or the
+cores); "auto" every core this process may use, never more than torch's setting. "auto" does not
+drop workers when another process is busy: with no barrier between workers, a busy neighbour takes
+its share of a core and no more, and the run keeps the rest. The workers' count never changes a
+bit of the outputs: each call runs on one thread whatever the count.
 
 Where calls run in turn (the paper oracle, a GPU) and in the transformers backend, `ThreadPolicy`
-sets torch's intra-op threads instead: a number as given, or "auto", the cores nobody else is
-running on, counted at the start and again every `RECHECK_S` while the run lasts.
+sets torch's intra-op threads instead: "auto" counts the cores nobody else is running on, at the
+start and again every `RECHECK_S` while the run lasts, and uses that many threads (at least one,
+and never more than torch was set to use: an explicit OMP_NUM_THREADS is a ceiling); a number
+fixes the count for the whole run; None (the default) leaves torch's setting as it is. There a
+run's bits depend on its thread count (torch's reductions split by thread), so "auto" trades
+run-to-run equality of bits on a changing machine for speed.
 """
 from __future__ import annotations
 
@@ -76,10 +83,10 @@ def free_cores() -> int:
     return n if others is None else max(1, min(n, n - int(others)))
 
 
-def check_threads(threads) -> int | str:
-    """threads: "auto" (or None) or an integer >= 1."""
+def check_threads(threads) -> int | str | None:
+    """threads: None (torch's own setting, untouched), "auto" or an integer >= 1."""
     if threads is None or threads == "auto":
-        return "auto"
+        return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EmulateError(f"--threads must be an integer >= 1 or auto, got {threads!r}")
     if threads > 4096:
@@ -88,9 +95,12 @@ def check_threads(threads) -> int | str:
 
 
 def worker_count(threads) -> int:
-    """The local executor's call workers on CPU: a number as given, "auto" every core this process may use."""
+    """The local executor's call workers on CPU: a number as given; None torch's own setting (OMP_NUM_THREADS
+    or the cores); "auto" every core this process may use, never more than torch's setting."""
     threads = check_threads(threads)
-    return cores() if threads == "auto" else threads
+    if threads is None:
+        return torch.get_num_threads()
+    return max(1, min(cores(), torch.get_num_threads())) if threads == "auto" else threads
 
 
 class ThreadPolicy:
@@ -103,15 +113,15 @@ class ThreadPolicy:
         policy.used                   # the counts the run went through, in order
     """
 
-    def __init__(self, threads="auto"):
+    def __init__(self, threads=None):
         self.threads = check_threads(threads)
         self.used: list[int] = []
         self._saved = None
         self._next = 0.0
 
     def __enter__(self) -> ThreadPolicy:
-        self._saved = torch.get_num_threads()
-        self._set(free_cores() if self.threads == "auto" else self.threads)
+        self._saved = torch.get_num_threads()  # OMP_NUM_THREADS or torch's default: auto never goes above it
+        self._set(self._auto() if self.threads == "auto" else self._saved if self.threads is None else self.threads)
         self._next = time.monotonic() + RECHECK_S
         return self
 
@@ -120,8 +130,11 @@ class ThreadPolicy:
             return
         now = time.monotonic()
         if now >= self._next:
-            self._set(free_cores())
+            self._set(self._auto())
             self._next = now + RECHECK_S
+
+    def _auto(self) -> int:
+        return min(free_cores(), self._saved)
 
     def _set(self, n: int) -> None:
         if not self.used or self.used[-1] != n:

@@ -4,13 +4,14 @@ Pure Python on networkx and numpy; imports neither torch nor ray.
 """
 from graphs.analysis import counts, depth, execution_order, last_uses, span_flops
 from graphs.builder import build_graph, node_id, sample_permutation, sampled_keys
+from graphs.compact import CompactGraph, LayerTemplate, compact_graph
 from graphs.export import from_json, to_dot, to_json
 from graphs.kinds import MaskKind, NodeKind, PatternKind
 from graphs.patterns import PATTERNS, KeyRange, Pattern, PatternError, block_spans, key_blocks, pair_mask, row_counts
 from graphs.spec import ForwardSpec
 
 __all__ = [
-    "PATTERNS", "ForwardSpec", "KeyRange", "MaskKind", "NodeKind", "Pattern", "PatternKind", "PatternError", "block_spans", "build_graph", "counts", "depth",
+    "PATTERNS", "CompactGraph", "ForwardSpec", "LayerTemplate", "KeyRange", "MaskKind", "NodeKind", "Pattern", "PatternKind", "PatternError", "block_spans", "build_graph", "compact_graph", "counts", "depth",
     "execution_order", "from_json", "key_blocks", "last_uses", "node_id", "pair_mask", "row_counts",
     "sample_permutation", "sampled_keys", "span_flops", "to_dot", "to_json",
 ]

@@ -1,4 +1,4 @@
-"""Compile a ForwardSpec into the logical task graph: one node per small call.
+"""The logical task graph of a ForwardSpec: one node per small call, as networkx data.
 
 The graph is plain data (networkx DiGraph, Dask-style): every node carries its `kind`, `layer`,
 `block`, ordered `inputs`, the token spans it touches, its mask, `tokens` (the longest input any
@@ -12,15 +12,21 @@ Node kinds, for query block i of layer l (docs/design.md, data flow of one layer
     mix l i         x_l[i], o[i] -> x_{l+1}[i] (out-proj, residual, norm, MLP)
     head i          x_L[i] -> final-norm hidden state (+ log-probabilities)
 A query block with a single partial has no merge node: its mix reads the partial directly.
+
+The structure lives in graphs/compact.py (`CompactGraph`: one template of pairs per distinct
+layer pattern, nodes generated lazily); the price of each node kind lives here, in the `*_cost`
+functions, which take plain ints or numpy arrays alike. `build_graph` is the compact form's
+nodes put into networkx, so both forms hold the same nodes, edges and attributes by construction.
 """
 from __future__ import annotations
 
 import networkx as nx
 import numpy as np
 
-from graphs.kinds import MaskKind, NodeKind, PatternKind
-from graphs.patterns import PatternError, block_spans, key_blocks, pair_mask
+from graphs.kinds import NodeKind
 from graphs.spec import ForwardSpec
+
+MLP_MATS = 3  # gate/up/down (SwiGLU); GELU MLPs have 2 and are priced alike for simplicity
 
 
 def node_id(kind: NodeKind, layer: int | None, block: int, key_block: int | None = None) -> str:
@@ -41,81 +47,44 @@ def sampled_keys(tau: np.ndarray, span: tuple[int, int]) -> np.ndarray:
     return np.sort(tau[span[0] : span[1]])
 
 
+# -- the price of each node kind: (flops, bytes) for a block of m tokens ----------------------------
+# m, mk, visible and partials may be ints or numpy int64 arrays (one entry per node).
+
+def embed_cost(spec: ForwardSpec, m):
+    return m * spec.width, m * spec.width * spec.dtype_bytes
+
+
+def project_cost(spec: ForwardSpec, m):
+    qkv = (spec.heads + 2 * spec.kv_heads) * spec.head_dim
+    return 2 * m * spec.width * qkv, m * (spec.width + qkv) * spec.dtype_bytes
+
+
+def attend_cost(spec: ForwardSpec, m, mk, visible):
+    """m queries against mk keys of which `visible` (query, key) entries are attended."""
+    H, Hkv, dh = spec.heads, spec.kv_heads, spec.head_dim
+    return 4 * H * dh * visible, (m * H * (2 * dh + 1) + 2 * mk * Hkv * dh) * spec.dtype_bytes
+
+
+def merge_cost(spec: ForwardSpec, m, partials):
+    H, dh = spec.heads, spec.head_dim
+    return 5 * m * H * dh * (partials - 1), (partials + 1) * m * H * (dh + 1) * spec.dtype_bytes
+
+
+def mix_cost(spec: ForwardSpec, m):
+    H, dh, d = spec.heads, spec.head_dim, spec.width
+    return 2 * m * (H * dh * d + MLP_MATS * d * spec.mlp_width), m * (2 * d + H * dh) * spec.dtype_bytes
+
+
+def head_cost(spec: ForwardSpec, m):
+    d = spec.width
+    return 2 * m * d * spec.vocab, m * (d + (1 if spec.vocab else 0)) * spec.dtype_bytes
+
+
 def build_graph(spec: ForwardSpec, on_layer=None) -> nx.DiGraph:
     """The logical graph of one forward pass (Thm 1.1 / 3.5 / 4.1 / 5.1 depending on the patterns).
 
     on_layer(done, total) is called as each layer's nodes are in (progress for large graphs).
     """
-    spans = block_spans(spec.tokens, spec.block_size)
-    if any(p.kind == PatternKind.SAMPLED for p in spec.patterns) and any(p.causal for p in spec.patterns):
-        raise PatternError("sampled attention needs a bidirectional (encoder) model")
-    g = nx.DiGraph(spec=spec.to_dict(), blocks=len(spans), block_spans=spans)
-    H, Hkv, dh, d, f, b = spec.heads, spec.kv_heads, spec.head_dim, spec.width, spec.mlp_width, spec.dtype_bytes
-    tau = None
-    if any(p.kind == PatternKind.SAMPLED for p in spec.patterns):
-        tau = sample_permutation(spec.tokens, spec.seed)
-        g.graph["sample_seed"] = spec.seed
+    from graphs.compact import CompactGraph  # compact.py reads the prices above
 
-    def add(nid, inputs, **attrs):
-        g.add_node(nid, inputs=list(inputs), **attrs)
-        for src in dict.fromkeys(inputs):
-            g.add_edge(src, nid)
-
-    residual = []
-    for i, (s, e) in enumerate(spans):
-        m = e - s
-        nid = node_id(NodeKind.EMBED, None, i)
-        add(nid, [], kind=NodeKind.EMBED, layer=-1, block=i, span=(s, e), tokens=m, flops=m * d, bytes=m * d * b)
-        residual.append(nid)
-
-    for layer, pattern in enumerate(spec.patterns):
-        projected = []
-        for i, (s, e) in enumerate(spans):
-            m = e - s
-            nid = node_id(NodeKind.PROJECT, layer, i)
-            add(nid, [residual[i]], kind=NodeKind.PROJECT, layer=layer, block=i, span=(s, e), tokens=m,
-                flops=2 * m * d * (H + 2 * Hkv) * dh, bytes=m * (d + (H + 2 * Hkv) * dh) * b)
-            projected.append(nid)
-        mixed = []
-        for i, (s, e) in enumerate(spans):
-            m = e - s
-            partials = []
-            if pattern.kind == PatternKind.SAMPLED:
-                keys = sampled_keys(tau, (s, e))
-                sources = sorted({int(k) // spec.block_size for k in keys})
-                nid = node_id(NodeKind.ATTEND, layer, i, -1)
-                add(nid, [projected[i]] + [projected[j] for j in sources], kind=NodeKind.ATTEND, layer=layer,
-                    block=i, key_block=-1, key_blocks=sources, span=(s, e), key_span=None, mask=MaskKind.SAMPLE,
-                    tokens=max(m, len(keys)), flops=4 * H * dh * m * len(keys),
-                    bytes=(m * H * (2 * dh + 1) + 2 * len(keys) * Hkv * dh) * b)
-                partials.append(nid)
-            else:
-                for j in key_blocks(pattern, spans, i):
-                    pm = pair_mask(pattern, spans[i], spans[j])
-                    mk = spans[j][1] - spans[j][0]
-                    nid = node_id(NodeKind.ATTEND, layer, i, j)
-                    add(nid, [projected[i], projected[j]], kind=NodeKind.ATTEND, layer=layer, block=i, key_block=j,
-                        span=(s, e), key_span=spans[j], mask=pm.kind, tokens=max(m, mk),
-                        flops=4 * H * dh * pm.visible, bytes=(m * H * (2 * dh + 1) + 2 * mk * Hkv * dh) * b)
-                    partials.append(nid)
-            if len(partials) > 1:
-                nid = node_id(NodeKind.MERGE, layer, i)
-                add(nid, partials, kind=NodeKind.MERGE, layer=layer, block=i, span=(s, e), tokens=m,
-                    flops=5 * m * H * dh * (len(partials) - 1), bytes=(len(partials) + 1) * m * H * (dh + 1) * b)
-                attention = nid
-            else:
-                attention = partials[0]
-            nid = node_id(NodeKind.MIX, layer, i)
-            mlp_mats = 3  # gate/up/down (SwiGLU); GELU MLPs have 2 and are priced alike for simplicity
-            add(nid, [residual[i], attention], kind=NodeKind.MIX, layer=layer, block=i, span=(s, e), tokens=m,
-                flops=2 * m * (H * dh * d + mlp_mats * d * f), bytes=m * (2 * d + H * dh) * b)
-            mixed.append(nid)
-        residual = mixed
-        if on_layer is not None:
-            on_layer(layer + 1, spec.layers)
-
-    for i, (s, e) in enumerate(spans):
-        m = e - s
-        add(node_id(NodeKind.HEAD, None, i), [residual[i]], kind=NodeKind.HEAD, layer=spec.layers, block=i, span=(s, e),
-            tokens=m, flops=2 * m * d * spec.vocab, bytes=m * (d + (1 if spec.vocab else 0)) * b)
-    return g
+    return CompactGraph.build(spec).to_networkx(on_layer)

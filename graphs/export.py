@@ -1,11 +1,20 @@
-"""Serialise a logical graph: JSON node-link (loss-free, reloadable) and Graphviz DOT (for drawing)."""
+"""Serialise a logical graph: JSON node-link (loss-free, reloadable) and Graphviz DOT (for drawing).
+
+`write_json` streams a CompactGraph's nodes to a file one at a time (graphs of any size, through
+an AtomicFile, so a failure leaves nothing); the file is the node-link JSON `to_json` writes, with
+edges grouped by target, and loads with `from_json`."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from graphs.files import AtomicFile
 from graphs.kinds import MaskKind, NodeKind
+
+if TYPE_CHECKING:
+    from graphs.compact import CompactGraph
 
 COLOURS = {"embed": "#cfd8dc", "project": "#bbdefb", "attend": "#ffe0b2", "merge": "#f8bbd0",
            "mix": "#c8e6c9", "head": "#d1c4e9"}
@@ -14,6 +23,27 @@ COLOURS = {"embed": "#cfd8dc", "project": "#bbdefb", "attend": "#ffe0b2", "merge
 def to_json(g: nx.DiGraph) -> str:
     data = nx.node_link_data(g, edges="edges")
     return json.dumps(data, default=_plain, separators=(",", ":"))
+
+
+def write_json(graph: CompactGraph, path, on_layer=None) -> tuple[int, int]:
+    """Write `graph` as node-link JSON to `path`, node by node (memory stays that of one node).
+
+    Returns (nodes, edges) written. on_layer(done, total) as each layer's nodes are out.
+    """
+    dump = json.JSONEncoder(default=_plain, separators=(",", ":")).encode
+    nodes = edges = 0
+    with AtomicFile(path) as out, open(out.tmp, "w", encoding="utf-8") as f:
+        head = dump({"directed": True, "multigraph": False, "graph": graph.graph_attrs()})
+        f.write(head[:-1] + ',"nodes":[')
+        for nid, attrs in graph.iter_nodes(on_layer):
+            f.write(("," if nodes else "") + dump(attrs)[:-1] + f',"id":{dump(nid)}}}')
+            nodes += 1
+        f.write('],"edges":[')
+        for src, dst in graph.iter_edges():
+            f.write(("," if edges else "") + f'{{"source":{dump(src)},"target":{dump(dst)}}}')
+            edges += 1
+        f.write("]}")
+    return nodes, edges
 
 
 def from_json(text: str) -> nx.DiGraph:

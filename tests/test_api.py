@@ -285,10 +285,12 @@ def test_threads_fixed_and_auto_and_put_back(llama):
     before = torch.get_num_threads()
     one = emulate.run(llama, TOKENS[:200], block_size=64, threads=1)
     assert one.stats["threads"] == [1] and torch.get_num_threads() == before
-    auto = emulate.run(llama, TOKENS[:200], block_size=64)
-    assert auto.stats["threads"] and all(1 <= t <= cores() <= os.cpu_count() for t in auto.stats["threads"])
+    auto = emulate.run(llama, TOKENS[:200], block_size=64, threads="auto")
+    assert auto.stats["threads"] and all(1 <= t <= min(cores(), before) <= os.cpu_count() for t in auto.stats["threads"])
     torch.testing.assert_close(one.hidden, auto.hidden, rtol=1e-5, atol=1e-5)
-    assert emulate.Local(threads=3).threads == 3 and emulate.Local().threads == "auto"
+    default = emulate.run(llama, TOKENS[:200], block_size=64)
+    assert default.stats["threads"] == [before]  # torch's own setting, untouched
+    assert emulate.Local(threads=3).threads == 3 and emulate.Local().threads is None
 
 
 @pytest.mark.parametrize("keywords, words", [

@@ -1,0 +1,330 @@
+"""The logical graph in compact form: one template of pairs per distinct layer pattern.
+
+Layers repeat. A layer's structure depends on its pattern alone (which key blocks each query block
+reads, with which mask), so `CompactGraph` keeps one `LayerTemplate` per distinct pattern, a few
+numpy arrays over that layer's pairs, and derives every layer from it:
+
+- the analysis (`counts`, `depth`, `span_flops`, `work_flops`, `work_bytes`) in
+  O(layers x pairs per layer) numpy steps, with no node materialised;
+- the nodes themselves, lazily (`iter_nodes`), with the ids and attributes of the networkx graph,
+  in the order graphs/builder.py adds them; `to_networkx` collects them for graphs small enough to
+  hold (`build_graph` is exactly that).
+
+A 1M-token forward of a 32-layer causal model at M = 4096 (256 blocks, 1.05M attend nodes) holds
+one template of 32,896 pairs: well under a megabyte, analysed in a fraction of a second. Node
+prices come from graphs/builder.py's `*_cost` functions, the one place they are written.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from graphs.builder import (attend_cost, embed_cost, head_cost, merge_cost, mix_cost, node_id, project_cost,
+                            sample_permutation, sampled_keys)
+from graphs.kinds import MaskKind, NodeKind, PatternKind
+from graphs.patterns import Pattern, PatternError, block_spans, key_blocks, pair_mask
+from graphs.spec import ForwardSpec
+
+MASKS = tuple(MaskKind)  # a template stores each pair's mask as its index here
+
+
+@dataclass(frozen=True, eq=False)
+class LayerTemplate:
+    """The pairs of one layer pattern, as flat arrays over the layer's attend nodes in build order.
+
+    Query block i owns pairs starts[i]:starts[i+1] (at least one each). Pair p is query block row[p]
+    against key block key_block[p] (-1: a sampled call); it reads the projections of blocks
+    reads[read_starts[p]:read_starts[p+1]] besides its own queries' block (one entry for a pair, the
+    blocks holding the sampled keys for a sampled call).
+    """
+
+    pattern: Pattern
+    starts: np.ndarray  # int64 [B + 1]
+    row: np.ndarray  # int64 [P]
+    key_block: np.ndarray  # int64 [P]
+    mask: np.ndarray  # int8 [P], an index into MASKS
+    visible: np.ndarray  # int64 [P]: (query, key) entries attended
+    key_tokens: np.ndarray  # int64 [P]: keys the call reads
+    read_starts: np.ndarray  # int64 [P + 1]
+    reads: np.ndarray  # int64: projection blocks read for keys and values
+
+    @property
+    def pairs(self) -> int:
+        return len(self.row)
+
+    @property
+    def partials(self) -> np.ndarray:
+        """Attend nodes per query block: a block with more than one has a merge node."""
+        return np.diff(self.starts)
+
+    def key_blocks_of(self, i: int) -> list[int]:
+        """The key blocks query block i reads (a sampled call's source blocks), ascending."""
+        a, b = self.starts[i], self.starts[i + 1]
+        if self.key_block[a] < 0:
+            return self.reads[self.read_starts[a]:self.read_starts[a + 1]].tolist()
+        return self.key_block[a:b].tolist()
+
+    def edges(self) -> int:
+        """Distinct inputs of the layer's attend nodes: their edges in the graph."""
+        own = np.repeat(self.row, np.diff(self.read_starts))
+        same = np.add.reduceat((self.reads == own).astype(np.int64), self.read_starts[:-1])
+        return int(np.diff(self.read_starts).sum() + self.pairs - same.sum())
+
+
+def _template(pattern: Pattern, spans: list[tuple[int, int]], block_size: int, tau: np.ndarray | None) -> LayerTemplate:
+    starts, row, key, mask, visible, key_tokens, read_starts, reads = [0], [], [], [], [], [], [0], []
+    code = {m: k for k, m in enumerate(MASKS)}
+    for i, (s, e) in enumerate(spans):
+        if pattern.kind == PatternKind.SAMPLED:
+            keys = sampled_keys(tau, (s, e))
+            sources = np.unique(keys // block_size)
+            row.append(i), key.append(-1), mask.append(code[MaskKind.SAMPLE])
+            visible.append((e - s) * len(keys)), key_tokens.append(len(keys))
+            reads.extend(sources.tolist())
+            read_starts.append(len(reads))
+        else:
+            for j in key_blocks(pattern, spans, i):
+                pm = pair_mask(pattern, spans[i], spans[j])
+                row.append(i), key.append(j), mask.append(code[pm.kind])
+                visible.append(pm.visible), key_tokens.append(spans[j][1] - spans[j][0])
+                reads.append(j)
+                read_starts.append(len(reads))
+        starts.append(len(row))
+    i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return LayerTemplate(pattern, i64(starts), i64(row), i64(key), np.asarray(mask, dtype=np.int8), i64(visible),
+                         i64(key_tokens), i64(read_starts), i64(reads))
+
+
+@dataclass(frozen=True, eq=False)
+class CompactGraph:
+    """The logical graph of one forward, without its nodes: the spec, the blocks and one template
+    per distinct layer pattern (`layer_template[l]` indexes `templates`)."""
+
+    spec: ForwardSpec
+    spans: tuple[tuple[int, int], ...]
+    templates: tuple[LayerTemplate, ...]
+    layer_template: tuple[int, ...]
+
+    @classmethod
+    def build(cls, spec: ForwardSpec) -> CompactGraph:
+        spans = block_spans(spec.tokens, spec.block_size)
+        sampled = any(p.kind == PatternKind.SAMPLED for p in spec.patterns)
+        if sampled and any(p.causal for p in spec.patterns):
+            raise PatternError("sampled attention needs a bidirectional (encoder) model")
+        tau = sample_permutation(spec.tokens, spec.seed) if sampled else None
+        index: dict[Pattern, int] = {}
+        templates = []
+        for p in spec.patterns:
+            if p not in index:
+                index[p] = len(templates)
+                templates.append(_template(p, spans, spec.block_size, tau))
+        return cls(spec, tuple(spans), tuple(templates), tuple(index[p] for p in spec.patterns))
+
+    # -- shape ---------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> int:
+        return len(self.spans)
+
+    @property
+    def layers(self) -> int:
+        return self.spec.layers
+
+    @property
+    def sampled(self) -> bool:
+        return any(p.kind == PatternKind.SAMPLED for p in self.spec.patterns)
+
+    def template(self, layer: int) -> LayerTemplate:
+        return self.templates[self.layer_template[layer]]
+
+    def block_tokens(self) -> np.ndarray:
+        """m per query block (the last may be ragged)."""
+        return np.asarray([e - s for s, e in self.spans], dtype=np.int64)
+
+    def graph_attrs(self) -> dict:
+        """The networkx graph's own attributes (g.graph)."""
+        attrs = {"spec": self.spec.to_dict(), "blocks": self.blocks, "block_spans": list(self.spans)}
+        if self.sampled:
+            attrs["sample_seed"] = self.spec.seed
+        return attrs
+
+    # -- analysis --------------------------------------------------------------------------------
+    def counts(self) -> dict:
+        """graphs.analysis.counts of the networkx graph, worked out from the templates."""
+        B, L = self.blocks, self.layers
+        per_layer = [self.template(layer).pairs for layer in range(L)]
+        merges = sum(int((self.template(layer).partials > 1).sum()) for layer in range(L))
+        by_kind = {NodeKind.EMBED: B, NodeKind.PROJECT: B * L, NodeKind.ATTEND: sum(per_layer),
+                   NodeKind.MERGE: merges, NodeKind.MIX: B * L, NodeKind.HEAD: B}
+        nodes = sum(by_kind.values())
+        m = self.block_tokens()
+        longest = max(int(m.max()), max(int(np.maximum(m[t.row], t.key_tokens).max()) for t in self.templates))
+        bounds = sum(p.calls_bound(B, self.spec.block_size) for p in self.spec.patterns)
+        return {
+            "attention_calls": by_kind[NodeKind.ATTEND],
+            "attention_calls_per_layer": per_layer,
+            "attention_calls_bound": bounds,
+            "small_calls": nodes,
+            "calls_by_kind": {str(k): by_kind[k] for k in NodeKind},
+            "max_call_tokens": longest,
+            "graph_nodes": nodes,
+            "graph_edges": self.edges(),
+            "graph_depth": self.depth(),
+            "work_flops": self.work_flops(),
+            "span_flops": self.span_flops(),
+        }
+
+    def edges(self) -> int:
+        B = self.blocks
+        per_template = [B + t.edges() + int(t.partials[t.partials > 1].sum()) + 2 * B for t in self.templates]
+        return sum(per_template[k] for k in self.layer_template) + B
+
+    def depth(self) -> int:
+        """Longest path, counted in nodes."""
+        return self._longest(lambda kind, t=None: 1)
+
+    def span_flops(self) -> int:
+        """The critical path weighted by FLOPs: the time of a machine with unbounded workers."""
+        return self._longest(lambda kind, t=None: self._prices(kind, t)[0])
+
+    def work_flops(self) -> int:
+        return self._work(0)
+
+    def work_bytes(self) -> int:
+        return self._work(1)
+
+    def _work(self, which: int) -> int:
+        total = _sum(self._prices(NodeKind.EMBED)[which]) + _sum(self._prices(NodeKind.HEAD)[which])
+        per_template = [sum(_sum(self._prices(kind, t)[which])
+                            for kind in (NodeKind.PROJECT, NodeKind.ATTEND, NodeKind.MERGE, NodeKind.MIX))
+                        for t in self.templates]
+        return total + sum(per_template[k] for k in self.layer_template)
+
+    def _prices(self, kind: NodeKind, t: LayerTemplate | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(flops, bytes) arrays: per block, per pair of template t (attend), or per block with 0
+        where a block has no merge (merge)."""
+        s, m = self.spec, self.block_tokens()
+        if kind == NodeKind.EMBED:
+            return embed_cost(s, m)
+        if kind == NodeKind.PROJECT:
+            return project_cost(s, m)
+        if kind == NodeKind.ATTEND:
+            return attend_cost(s, m[t.row], t.key_tokens, t.visible)
+        if kind == NodeKind.MERGE:
+            f, b = merge_cost(s, m, t.partials)
+            has = t.partials > 1
+            return np.where(has, f, 0), np.where(has, b, 0)
+        if kind == NodeKind.MIX:
+            return mix_cost(s, m)
+        return head_cost(s, m)
+
+    def _longest(self, weight) -> int:
+        """The heaviest path, node weights from weight(kind, template), one layer at a time."""
+        B = self.blocks
+        ones = np.ones(B, dtype=np.int64)
+
+        def w(kind, t=None, n=B):
+            v = weight(kind, t)
+            return np.broadcast_to(np.asarray(v, dtype=np.int64), (n,)) if np.ndim(v) == 0 else v
+
+        x = w(NodeKind.EMBED) * ones
+        for layer in range(self.layers):
+            t = self.template(layer)
+            p = x + w(NodeKind.PROJECT, t)
+            seen = np.maximum(p[t.row], np.maximum.reduceat(p[t.reads], t.read_starts[:-1]))
+            a = seen + w(NodeKind.ATTEND, t, t.pairs)
+            o = np.maximum.reduceat(a, t.starts[:-1])
+            has = t.partials > 1
+            o = np.where(has, o + w(NodeKind.MERGE, t), o)
+            x = np.maximum(x, o) + w(NodeKind.MIX, t)
+        return int((x + w(NodeKind.HEAD)).max())
+
+    # -- the nodes, lazily ----------------------------------------------------------------------------
+    def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, dict]]:
+        """(id, attributes) of every node in the order graphs/builder.py adds them; `inputs` among
+        the attributes, edges are their distinct entries. on_layer(done, total) after each layer."""
+        s, spans = self.spec, self.spans
+        m = self.block_tokens().tolist()
+        f, b = embed_cost(s, self.block_tokens())
+        residual = []
+        for i, span in enumerate(spans):
+            nid = node_id(NodeKind.EMBED, None, i)
+            yield nid, dict(inputs=[], kind=NodeKind.EMBED, layer=-1, block=i, span=span, tokens=m[i],
+                            flops=int(f[i]), bytes=int(b[i]))
+            residual.append(nid)
+        for layer in range(self.layers):
+            t = self.template(layer)
+            projected = []
+            f, b = project_cost(s, self.block_tokens())
+            for i, span in enumerate(spans):
+                nid = node_id(NodeKind.PROJECT, layer, i)
+                yield nid, dict(inputs=[residual[i]], kind=NodeKind.PROJECT, layer=layer, block=i, span=span,
+                                tokens=m[i], flops=int(f[i]), bytes=int(b[i]))
+                projected.append(nid)
+            af, ab = (v.tolist() for v in self._prices(NodeKind.ATTEND, t))
+            mf, mb = (v.tolist() for v in self._prices(NodeKind.MERGE, t))
+            xf, xb = (v.tolist() for v in mix_cost(s, self.block_tokens()))
+            keys, masks, kt = t.key_block.tolist(), t.mask.tolist(), t.key_tokens.tolist()
+            rs, reads = t.read_starts.tolist(), t.reads.tolist()
+            mixed = []
+            for i, span in enumerate(spans):
+                partials = []
+                for p in range(int(t.starts[i]), int(t.starts[i + 1])):
+                    j = keys[p]
+                    sources = reads[rs[p]:rs[p + 1]]
+                    nid = node_id(NodeKind.ATTEND, layer, i, j)
+                    attrs = dict(inputs=[projected[i]] + [projected[k] for k in sources], kind=NodeKind.ATTEND,
+                                 layer=layer, block=i, key_block=j)
+                    if j < 0:
+                        attrs.update(key_blocks=sources, span=span, key_span=None)
+                    else:
+                        attrs.update(span=span, key_span=spans[j])
+                    attrs.update(mask=MASKS[masks[p]], tokens=max(m[i], kt[p]), flops=af[p], bytes=ab[p])
+                    yield nid, attrs
+                    partials.append(nid)
+                if len(partials) > 1:
+                    nid = node_id(NodeKind.MERGE, layer, i)
+                    yield nid, dict(inputs=partials, kind=NodeKind.MERGE, layer=layer, block=i, span=span,
+                                    tokens=m[i], flops=mf[i], bytes=mb[i])
+                    attention = nid
+                else:
+                    attention = partials[0]
+                nid = node_id(NodeKind.MIX, layer, i)
+                yield nid, dict(inputs=[residual[i], attention], kind=NodeKind.MIX, layer=layer, block=i, span=span,
+                                tokens=m[i], flops=xf[i], bytes=xb[i])
+                mixed.append(nid)
+            residual = mixed
+            if on_layer is not None:
+                on_layer(layer + 1, self.layers)
+        f, b = head_cost(s, self.block_tokens())
+        for i, span in enumerate(spans):
+            yield node_id(NodeKind.HEAD, None, i), dict(inputs=[residual[i]], kind=NodeKind.HEAD, layer=self.layers,
+                                                       block=i, span=span, tokens=m[i], flops=int(f[i]),
+                                                       bytes=int(b[i]))
+
+    def iter_edges(self) -> Iterator[tuple[str, str]]:
+        """(source, target) of every edge, grouped by target in node order."""
+        for nid, a in self.iter_nodes():
+            for src in dict.fromkeys(a["inputs"]):
+                yield src, nid
+
+    def to_networkx(self, on_layer=None) -> nx.DiGraph:
+        """The networkx graph users get (graphs.build_graph): hold it only for graphs of modest size."""
+        g = nx.DiGraph(**self.graph_attrs())
+        for nid, attrs in self.iter_nodes(on_layer):
+            g.add_node(nid, **attrs)
+            for src in dict.fromkeys(attrs["inputs"]):
+                g.add_edge(src, nid)
+        return g
+
+
+def _sum(values) -> int:
+    """An exact sum (Python ints: a large model's FLOPs can pass int64 when added up)."""
+    return sum(np.asarray(values).tolist())
+
+
+def compact_graph(spec: ForwardSpec) -> CompactGraph:
+    """The compact logical graph of `spec` (graphs.build_graph gives the same nodes in networkx)."""
+    return CompactGraph.build(spec)

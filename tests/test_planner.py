@@ -1,0 +1,195 @@
+"""The planner: the physical plan read off the compact graph, the cost model on graphs small enough
+to work out by hand, scaling sanity, the CPU calibration's cache and `emulate plan`'s contract.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cluster.plan import make_plan
+from emulate.cli import main
+from emulate.planner import (DEVICES, Device, Hardware, calibrate_cpu, cpu_device, predict, simulate, task_seconds,
+                             value_bytes)
+from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
+
+FLOPS = 1e9
+
+
+def spec(tokens, block_size, patterns, vocab=64):
+    return ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=4, kv_heads=2,
+                       head_dim=8, width=32, mlp_width=64, vocab=vocab)
+
+
+def toy_hardware(workers, call=1e-6, task=1e-4, link_gbps=8.0, latency=1e-3):
+    """A device with round figures: 1 GFLOP/s, memory never the bottleneck."""
+    dev = Device("toy", {"fp32": FLOPS}, bandwidth=1e18, memory=1e12, efficiency=1.0, call_overhead_s=call)
+    return Hardware(dev, workers, 1, link_gbps, latency, task, "fp32")
+
+
+def schedule(s, hw):
+    c = CompactGraph.build(s)
+    plan = make_plan(c, hw.workers)
+    return plan, simulate(plan, s, c.spans, hw)
+
+
+@pytest.mark.parametrize("N,M", [(100, 16), (7, 3), (130, 7), (5, 8)])
+@pytest.mark.parametrize("patterns", [[Pattern("full")] * 2, [Pattern("causal")] * 3, [Pattern("sampled")] * 2,
+                                      [Pattern("sliding", window=20), Pattern("sink", window=9, sinks=3)]])
+def test_the_compact_plan_is_the_executors_plan(N, M, patterns):
+    s = spec(N, M, patterns)
+    for workers, split in ((1, None), (2, None), (3, True), (16, None)):
+        a, b = make_plan(build_graph(s), workers, split), make_plan(CompactGraph.build(s), workers, split)
+        fields = lambda t: (t.kind, t.layer, t.block, t.worker, t.flops, t.bytes, t.calls, t.pairs,  # noqa: E731
+                            t.attend_flops, t.attend_blocks, t.reads, t.writes, [n for n in t.logical_nodes() if "attend" not in n])
+        assert [fields(t) for t in a.tasks] == [fields(t) for t in b.tasks], workers
+        assert a.split_blocks == b.split_blocks
+
+
+def test_one_worker_takes_the_sum_of_its_task_costs():
+    """1 layer, 2 blocks, 1 worker: every task back to back; nothing crosses a link."""
+    s = spec(32, 16, [Pattern("causal")])
+    g = build_graph(s)
+    hw = toy_hardware(1)
+    plan, sched = schedule(s, hw)
+    assert [t.name for t in plan.tasks] == ["start 0", "start 1", "L0 row 0", "L0 row 1"]
+    flops = sum(a["flops"] for _, a in g.nodes(data=True))
+    by_hand = flops / FLOPS + g.number_of_nodes() * 1e-6 + 4 * 1e-4
+    assert sched.makespan == pytest.approx(by_hand, rel=1e-12)
+    assert sched.bytes_moved == 0 and sched.busy == [pytest.approx(by_hand)]
+
+
+def test_two_workers_finish_on_the_critical_path():
+    """Row 1 (two pairs) runs on worker 1 and waits for block 0's keys and values from worker 0."""
+    s = spec(32, 16, [Pattern("causal")])
+    hw = toy_hardware(2)
+    plan, sched = schedule(s, hw)
+    start0, start1, row0, row1 = plan.tasks
+    assert (start0.worker, start1.worker, row0.worker, row1.worker) == (0, 1, 0, 1)
+    d = {t.name: task_seconds(t, hw) for t in plan.tasks}
+    kv = 2 * 16 * 2 * 8 * 4  # keys and values of block 0: 2 x m x kv_heads x head_dim x 4 bytes
+    assert value_bytes(row1.reads[2], s, [(0, 16), (16, 32)]) == kv
+    arrive = d["start 0"] + kv / (8e9 / 8) + 1e-3
+    by_hand = max(d["start 0"] + d["L0 row 0"], max(d["start 1"], arrive) + d["L0 row 1"])
+    assert sched.makespan == pytest.approx(by_hand, rel=1e-12)
+    assert sched.critical_path_s == pytest.approx(by_hand, rel=1e-12)
+    assert sched.bytes_moved == kv
+    assert [plan.tasks[i].name for i in sched.critical_path] == ["start 0", "L0 row 1"]
+
+
+def test_more_workers_are_never_slower_when_the_work_is_independent():
+    """A window of one token: each row reads its own block only. With ideal links, P workers never lose."""
+    s = spec(16 * 12, 16, [Pattern("sliding", window=1)] * 3)
+    times = [schedule(s, toy_hardware(p, link_gbps=1e9, latency=0.0))[1].makespan for p in range(1, 13)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(times, times[1:])), times
+    assert times[-1] < times[0] / 6
+    causal = spec(16 * 12, 16, [Pattern("causal")] * 3)
+    t1, t8 = (schedule(causal, toy_hardware(p, link_gbps=1e9, latency=0.0))[1].makespan for p in (1, 8))
+    assert t8 < t1 / 3
+
+
+def test_memory_holds_the_weights_and_what_is_alive():
+    s = spec(64, 16, [Pattern("causal")] * 2)
+    c = CompactGraph.build(s)
+    plan = make_plan(c, 2)
+    sched = simulate(plan, s, c.spans, toy_hardware(2), weights_bytes=1e6)
+    assert all(1e6 < p < 1e6 + 64 * 4 * 1000 for p in sched.peak_memory)
+    assert sum(sched.busy) / (2 * sched.makespan) <= 1.0
+
+
+def test_the_published_anchor_shape_is_predicted_in_seconds():
+    """Llama-3 405B, 1M tokens, 16 workers of 8 H100 (arXiv 2411.01783 reports 77 s): docs/planner.md."""
+    t0 = time.perf_counter()
+    p = predict("llama3-405b", 2**20, block_size=4096, attention="causal", workers=16, gpus_per_worker=8,
+                device="h100")
+    assert time.perf_counter() - t0 < 120
+    assert p.attention_calls == 126 * 256 * 257 // 2 and p.physical_tasks == 256 * 127
+    assert 30 < p.predicted_s < 200 and p.critical_path_s < p.predicted_s and 0.5 < p.utilisation <= 1
+    windowed = predict("llama3-405b", 2**20, block_size=4096, attention="sliding", window=4096, workers=16,
+                       gpus_per_worker=8, device="h100")
+    assert windowed.predicted_s < p.predicted_s / 3
+
+
+def test_datasheet_figures():
+    assert DEVICES["a100"].flops == {"bf16": 312e12, "fp32": 19.5e12}
+    assert DEVICES["h100"].flops["bf16"] == DEVICES["h200"].flops["bf16"] == 989e12
+    assert DEVICES["h200"].bandwidth == 4.8e12 and DEVICES["h100"].bandwidth == 3.35e12
+
+
+# -- the CPU calibration ---------------------------------------------------------------------------
+
+FAKE = {"matmul_flops": [[1e6, 1e9], [1e9, 2e10]], "attention_flops": [[1e6, 5e8], [1e9, 1e10]],
+        "mask_factor": [1.0, 1.0, 1.5, 1.0], "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "threads": 1,
+        "when": "test"}
+
+
+def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr("emulate.planner.calibrate_cpu", lambda: calls.append(1) or FAKE)
+    a = cpu_device()
+    b = cpu_device()
+    assert len(calls) == 1 and a == b and a.call_overhead_s == 2e-5
+    assert (tmp_path / "emulate" / "cpu-calibration.json").exists()
+    cpu_device(recalibrate=True)
+    assert len(calls) == 2
+    assert a.rate("fp32", "matmul", 1e6) == 1e9 and 1e9 < a.rate("fp32", "matmul", 3e7) < 2e10
+
+
+def test_calibration_measures_in_seconds():
+    t0 = time.perf_counter()
+    m = calibrate_cpu(budget_s=1.0)
+    assert time.perf_counter() - t0 < 10
+    assert all(rate > 0 for _, rate in m["matmul_flops"] + m["attention_flops"])
+    assert 0 < m["call_overhead_s"] < 0.01 and m["bandwidth"] > 1e8
+
+
+# -- emulate plan ----------------------------------------------------------------------------------
+
+PLAN_KEYS = {"predicted_s", "attention_calls", "physical_tasks", "bytes_moved", "peak_worker_memory_gb",
+             "utilisation", "critical_path_s", "model", "tokens", "block_size", "attention", "workers", "device",
+             "gpus_per_worker", "link_gbps"}
+
+
+def test_plan_json_has_the_figures_and_the_inputs(capsys):
+    assert main(["plan", "--shape", "llama3-8b", "--tokens", "65536", "-M", "4096", "--attention", "causal",
+                 "--workers", "4", "--device", "a100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert PLAN_KEYS <= d.keys()
+    assert d["attention_calls"] == 32 * 16 * 17 // 2 and d["workers"] == 4 and d["device"] == "a100"
+
+
+def test_plan_summary_on_a_calibrated_cpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("emulate.planner.calibrate_cpu", lambda: FAKE)
+    assert main(["plan", "--random-tokens", "4096", "-M", "256", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "critical path" in out and "peak" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["--workers", "0"], ["--tokens", "0"], ["--block-size", "-1"], ["--device", "tpu"],
+    ["--shape", "llama3-8b", "--model", "tiny-llama"], ["--attention", "sliding"], ["--link-gbps", "-1"],
+    ["--model", "tiny-gpt9"], ["--gpus-per-worker", "0"], ["--shape", "gpt5"], ["--plot", "p.txt"],
+    ["--executor", "local", "--workers", "2"],
+])
+def test_plan_bad_input_is_one_line_and_exit_2(capsys, args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--device", "h100", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("emulate: error: ")
+    assert "Traceback" not in captured.err
+
+
+def test_plan_help_names_defaults_and_examples(capsys):
+    assert main(["plan", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "example" in text and "(default: 1)" in text and "llama3-405b" in text
+
+
+def test_plan_plot_is_written(capsys, tmp_path):
+    out = tmp_path / "p.png"
+    assert main(["plan", "--shape", "llama3.2-1b", "--tokens", "32768", "-M", "4096", "--attention", "causal",
+                 "--device", "h200", "--workers", "2", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
