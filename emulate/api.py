@@ -418,7 +418,6 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     if backend != "graph":
         raise EmulateError(f"backend must be graph or transformers, got {backend!r}")
     from emulate.io import OutputWriter, output_target
-    from emulate.memory import peak_rss_mb
 
     t_start = time.perf_counter()
     if output is not None:
@@ -458,12 +457,19 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
         stats.update(_verify(s, got_hidden, got_logprobs, tolerance, options.get("progress")))
     if output is not None:
         stats["output"] = output
-    stats["wall_s"] = round(time.perf_counter() - t_start, 4)
-    stats["tokens_per_s"] = round(p.length / stats["forward_s"], 1) if stats["forward_s"] > 0 else None
-    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    finish_stats(stats, t_start)
     if not collect:
         got_hidden = got_logprobs = None
     return Run(got_hidden, got_logprobs, stats, s.graph, p.tokens)
+
+
+def finish_stats(stats: dict, t_start: float) -> None:
+    """The figures every run ends with: wall time since `t_start`, tokens/s of the forward, peak RSS."""
+    from emulate.memory import peak_rss_mb
+
+    stats["wall_s"] = round(time.perf_counter() - t_start, 4)
+    stats["tokens_per_s"] = round(stats["tokens"] / stats["forward_s"], 1) if stats["forward_s"] > 0 else None
+    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
 
 def check_tolerance(tolerance) -> None:

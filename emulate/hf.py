@@ -67,6 +67,7 @@ def register(block_size: int, oracle=None, name: str = NAME) -> str:
     Registering again replaces M and the oracle and resets the counts. Returns the name to pass
     as attn_implementation.
     """
+    require_transformers()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -83,6 +84,14 @@ def register(block_size: int, oracle=None, name: str = NAME) -> str:
     # sdpa's mask: None for a plain causal or full mask (nothing to check), a boolean [B, 1, q, kv] otherwise
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def require_transformers() -> None:
+    """transformers is an extra: without it, one line saying how to get it, not an ImportError."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise EmulateError("the transformers backend needs transformers: pip install 'emulate[transformers]'")
 
 
 def reset() -> None:

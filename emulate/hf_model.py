@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 from emulate.config import EmulateError, error_line
 from emulate.presets import FILE_PRESETS, PRESETS
-from graphs import Pattern, block_spans
+from graphs import block_spans
 
 # what the reference forward runs, in order of preference
 REFERENCE_ATTENTION = ("sdpa", "eager")
@@ -58,6 +57,9 @@ def load(model, dtype: torch.dtype, device: str):
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
             raise EmulateError(f"{type(model).__name__} is not a transformers model (it has no set_attn_implementation)")
         return model.to(device=device, dtype=dtype).eval(), type(model).__name__, None
+    from emulate.hf import require_transformers
+
+    require_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -162,12 +164,6 @@ def check_ids(ids: np.ndarray, vocab: int | None, name: str) -> None:
         raise EmulateError(f"token id {bad} is outside {name}'s vocabulary of {vocab}")
 
 
-def perplexity(logprobs: torch.Tensor | None) -> float | None:
-    if logprobs is None or not logprobs.numel():
-        return None
-    return math.exp(-float(logprobs.double().mean()))
-
-
 def block_outputs(hidden: torch.Tensor, logprobs: torch.Tensor | None, block_size: int):
     """The outputs cut into the blocks the graph backend streams, for emulate.io.OutputWriter."""
     from emulate.api import BlockOutput
@@ -190,7 +186,6 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
     import emulate.hf as hf
     from emulate import api
     from emulate.io import TEXT_SUFFIXES, OutputWriter, output_target
-    from emulate.memory import peak_rss_mb
 
     t_start = time.perf_counter()
     given = [flag for key, flag in NOT_FOR_THIS_BACKEND.items() if rest.get(key) is not None]
@@ -249,7 +244,9 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
         "forward_s": round(got["seconds"], 4), "threads": policy.used,
     }
     if got["logprobs"] is not None:
-        stats["perplexity"] = perplexity(got["logprobs"])
+        nll = api.Perplexity()
+        nll.add(got["logprobs"])
+        stats["perplexity"] = nll.value()
     if output is not None:
         has_head = got["logprobs"] is not None
         writer = OutputWriter(output, ids, got["hidden"].shape[-1], dt, logprob=has_head, hidden=hidden or not has_head,
@@ -274,8 +271,5 @@ def run(model, tokens=None, *, output=None, hidden: bool = False, verify: bool =
         stats["reference_s"] = round(want["seconds"], 4)
         stats.update(api.compare(got["hidden"], got["logprobs"], want["hidden"], want["logprobs"],
                                  api.TOLERANCE[dt] if tolerance is None else float(tolerance)))
-    stats["wall_s"] = round(time.perf_counter() - t_start, 4)
-    stats["tokens_per_s"] = round(n / stats["forward_s"], 1) if stats["forward_s"] > 0 else None
-    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    keep = collect
-    return api.Run(got["hidden"] if keep else None, got["logprobs"] if keep else None, stats, None, ids)
+    api.finish_stats(stats, t_start)
+    return api.Run(got["hidden"] if collect else None, got["logprobs"] if collect else None, stats, None, ids)

@@ -129,3 +129,26 @@ def test_the_paper_oracle_runs_the_pairs(llama):
     run = emulate.run(str(llama), random_tokens=100, block_size=32, dtype="float64", backend="transformers",
                       oracle="paper-stable", pack_heads="all", verify=True)
     assert run.stats["oracle"] == "paper-stable" and run.stats["verified"] and run.stats["max_rel_err"] <= 1e-10
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--threads", "0"], "--threads must be an integer >= 1 or auto"),
+    (["--threads", "many"], "--threads"),
+    (["--threads", "2", "--executor", "ray"], "--threads is the local executor's"),
+    (["--backend", "onnx"], "--backend"),
+])
+def test_new_options_refuse_bad_values_in_one_line(capsys, tmp_path, args, words):
+    out = tmp_path / "out.arrow"
+    assert main(["run", "--random-tokens", "16", "-M", "8", "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_without_transformers_the_backend_says_how_to_get_it(llama, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(emulate.EmulateError, match=r"pip install 'emulate\[transformers\]'"):
+        emulate.run(str(llama), random_tokens=16, block_size=8, backend="transformers")
