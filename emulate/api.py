@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
@@ -25,7 +26,7 @@ from emulate.forward import check_tokens, compile_compact, compile_forward, reso
 from emulate.loaders import Model, load, tokenize
 from emulate.memory import check_fits, estimate
 from emulate.oracles import KernelOracle, Oracle, PaperOracle, oracle_named
-from graphs import CompactGraph, Pattern, PatternKind, counts
+from graphs import CompactGraph, Pattern, PatternKind
 
 # The embedded default: a real decoder on real English text (emulate.io.default_text). Token ids
 # without a model (random or read from a file) run on a seeded preset: a synthetic model for a
@@ -71,10 +72,11 @@ class Problem:
         return compile_forward(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
                                self.seed, on_layer)
 
-    def compact_graph(self) -> CompactGraph:
+    def compact_graph(self, progress: StageProgress | None = None) -> CompactGraph:
         """The same graph in compact form: one template per layer pattern, any N."""
+        on_layer = None if progress is None else (lambda done, total: progress("graph", done, total))
         return compile_compact(self.model.config, self.length, self.block_size, list(self.patterns), self.dtype,
-                               self.seed)
+                               self.seed, on_layer)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -295,21 +297,26 @@ class Stream:
     iteration has ended.
     """
 
-    def __init__(self, problem: Problem, graph: nx.DiGraph, executor: Executor, oracle: Oracle, device: str,
+    def __init__(self, problem: Problem, compact: CompactGraph, executor: Executor, oracle: Oracle, device: str,
                  progress: StageProgress | None = None):
-        self.problem, self.graph, self.executor, self.oracle = problem, graph, executor, oracle
+        self.problem, self.compact, self.executor, self.oracle = problem, compact, executor, oracle
         self.device, self.progress = device, progress
         self.stats: dict = {}
         self._execution = None
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The logical graph in networkx, built on first use (the run itself reads `compact`)."""
+        return self.compact.to_networkx()
 
     def __iter__(self) -> Iterator[tuple[int, BlockOutput]]:
         if self._execution is not None:
             raise EmulateError("a stream runs once; call emulate.stream again for another pass")
         p = self.problem
-        job = Job(self.graph, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle)
+        job = Job(self.compact, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle)
         forward = None if self.progress is None else (lambda done, total: self.progress("forward", done, total))
         self._execution = self.executor.start(job, forward)
-        spans = self.graph.graph["block_spans"]
+        spans = self.compact.spans
         nll = Perplexity()
         t0 = time.perf_counter()
         try:
@@ -328,14 +335,14 @@ class Stream:
             self._execution.close()
 
     def _summary(self, forward_s: float) -> dict:
-        p, c, spec = self.problem, counts(self.graph), self.graph.graph["spec"]
+        p, c = self.problem, self.compact.counts()
         config = p.model.config
         figures = dict(self._execution.figures)
         oracle_keys = {k: figures.pop(k) for k in list(figures) if k.startswith("oracle_")}
         return {
             "model": config.name, "family": config.family, "layers": config.layers, "heads": config.heads,
-            "kv_heads": config.kv_heads, "input": p.source, "tokens": p.length, "block_size": spec["block_size"],
-            "blocks": self.graph.graph["blocks"], "attention": describe(p.patterns), "window": _window(p.patterns),
+            "kv_heads": config.kv_heads, "input": p.source, "tokens": p.length, "block_size": p.block_size,
+            "blocks": self.compact.blocks, "attention": describe(p.patterns), "window": _window(p.patterns),
             "sinks": p.patterns[0].sinks, "oracle": self.oracle.name, "dtype": str(p.dtype).removeprefix("torch."),
             "device": self.device, "executor": self.executor.name, "backend": "graph",
             **{k: c[k] for k in ("attention_calls", "attention_calls_per_layer", "attention_calls_bound", "small_calls",
@@ -359,10 +366,17 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
         raise EmulateError(f"device must be cpu or cuda, got {device!r}")
     ex = _executor(executor, dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, stall_timeout=stall_timeout), trace, threads)
+    # the local executor reads the compact graph; the Ray executor's physical plan holds every node
     problem = prepare(model, tokens, text=text, input=input, random_tokens=random_tokens, seed=seed,
-                      block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype)
+                      block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype,
+                      graph_form=graph_form(ex))
     chosen = _oracle(oracle, pack_heads, problem.model.config.heads)
-    return Stream(problem, problem.graph(progress), ex, chosen, device, progress)
+    return Stream(problem, problem.compact_graph(progress), ex, chosen, device, progress)
+
+
+def graph_form(executor: Executor) -> str:
+    """The form of the logical graph a run holds: memory.estimate prices it."""
+    return "networkx" if executor.name == "ray" else "compact"
 
 
 @dataclass
@@ -371,14 +385,20 @@ class Run:
 
     hidden [N, width]: final-norm hidden states. logprobs [N - 1]: log p(token[t+1] | tokens <= t)
     for decoders, None for encoders. Both are None with collect=False. stats: the keys of
-    `emulate run --json`. tokens: the ids that ran.
+    `emulate run --json`. tokens: the ids that ran. compact: the logical graph in compact form
+    (graphs.CompactGraph); `graph` gives it in networkx, built on first use. Both are None where no
+    task graph ran (the transformers backend, the monolithic reference).
     """
 
     hidden: torch.Tensor | None
     logprobs: torch.Tensor | None
     stats: dict
-    graph: nx.DiGraph | None
+    compact: CompactGraph | None
     tokens: np.ndarray
+
+    @cached_property
+    def graph(self) -> nx.DiGraph | None:
+        return None if self.compact is None else self.compact.to_networkx()
 
 
 BACKENDS = ("graph", "transformers")
@@ -425,7 +445,8 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     check_tolerance(tolerance)
     s = stream(model, tokens, **options)
     p, config = s.problem, s.problem.model.config
-    check_fits(estimate(config, p.length, p.block_size, p.patterns, torch.finfo(p.dtype).bits // 8, collect, verify),
+    check_fits(estimate(config, p.length, p.block_size, p.patterns, torch.finfo(p.dtype).bits // 8, collect, verify,
+                        graph=graph_form(s.executor)),
                f"{p.length} tokens at M = {p.block_size}" + (" with verify" if verify else ""))
     writer = None
     if output is not None:
@@ -460,7 +481,7 @@ def run(model=None, tokens=None, *, output: str | None = None, hidden: bool = Fa
     finish_stats(stats, t_start)
     if not collect:
         got_hidden = got_logprobs = None
-    return Run(got_hidden, got_logprobs, stats, s.graph, p.tokens)
+    return Run(got_hidden, got_logprobs, stats, s.compact, p.tokens)
 
 
 def finish_stats(stats: dict, t_start: float) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import networkx as nx
@@ -25,21 +26,28 @@ import torch
 from emulate.config import EmulateError
 from emulate.loaders import Model
 from emulate.oracles import KernelOracle, Oracle
-from graphs import NodeKind, execution_order, last_uses
+from graphs import CompactGraph, NodeKind
 
 Progress = Callable[[int, int], None]
+# (id, attributes, readers) of each node in execution order: CompactGraph.schedule, graphs.schedule
+Schedule = Iterable[tuple[str, dict, int]]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One forward to execute: the compiled graph and everything its nodes read."""
+    """One forward to execute: the compiled graph (compact form) and everything its nodes read."""
 
-    graph: nx.DiGraph
+    compact: CompactGraph
     model: Model
     tokens: torch.Tensor
     dtype: torch.dtype
     device: str
     oracle: Oracle
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The networkx graph, built on first use (the Ray executor's physical plan groups its nodes)."""
+        return self.compact.to_networkx()
 
 
 class Execution:
@@ -98,10 +106,10 @@ class Local:
             from emulate.trace import check_trace_path
 
             check_trace_path(self.trace)
-        spec = job.graph.graph["spec"]
-        oracle = job.oracle.bind(spec["block_size"], spec["heads"])
+        graph = job.compact
+        oracle = job.oracle.bind(graph.spec.block_size, graph.spec.heads)
         model = job.model.transformer(job.dtype, job.device)
-        runner = NodeRunner(model, job.tokens, job.graph.graph, oracle)
+        runner = NodeRunner(model, job.tokens, graph.graph_attrs(), oracle)
         # calls run side by side on CPU with the kernel oracle; the paper oracle counts its invocations in
         # plain Python state and sets torch's threads around each call, and a GPU runs one stream: both in turn
         parallel = job.device == "cpu" and isinstance(job.oracle, KernelOracle)
@@ -110,7 +118,7 @@ class Local:
         def blocks():
             from emulate.threads import ThreadPolicy, worker_count
 
-            total = job.graph.number_of_nodes()
+            total = graph.node_count()
             records = None if self.trace is None else []
             t0 = time.perf_counter()
             workers = worker_count(self.threads) if parallel else 1
@@ -119,7 +127,7 @@ class Local:
                     if progress is not None:
                         progress(done, total)
 
-                yield from run_parallel(job.graph, runner, workers, on_node, records)
+                yield from run_parallel(graph.schedule(), runner, workers, on_node, records)
                 figures["threads"] = [workers]
             else:
                 with torch.no_grad(), ThreadPolicy(self.threads) as policy:
@@ -130,7 +138,7 @@ class Local:
                             progress(done, total)
 
                     sync = torch.cuda.synchronize if records is not None and job.device == "cuda" else None
-                    yield from run_local(job.graph, runner, on_node, records, sync)
+                    yield from run_local(graph.schedule(), runner, on_node, records, sync)
                     figures["threads"] = policy.used
             figures.update(oracle.summary())
             if records is not None:
@@ -146,49 +154,57 @@ class Local:
         return Execution(blocks(), figures)
 
 
-def run_local(g: nx.DiGraph, runner, on_node: Callable[[int], None] | None = None,
+def run_local(schedule: Schedule, runner, on_node: Callable[[int], None] | None = None,
               records: list[dict] | None = None, sync: Callable[[], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (block, head value) in block order as the graph completes; memory follows the live set.
 
-    Every value is dropped as soon as the last node that reads it has run, so a causal layer holds
-    its keys and values plus one query block's partials, never an N x N matrix.
+    schedule: (id, attributes, readers) in execution order (CompactGraph.schedule, generated as it
+    is read, or graphs.schedule of a networkx graph). Every value is dropped as soon as its last
+    reader has run, so a causal layer holds its keys and values plus one query block's partials,
+    never an N x N matrix, and a windowed graph holds a window's worth of blocks whatever N is.
     records: when given, one trace record per node is appended as it finishes (emulate/trace.py):
     its place in the order (task), start and end (time.perf_counter), and deps (its inputs' tasks);
     sync (torch.cuda.synchronize on a GPU) is called after each node, so its end is its real end.
     """
-    order = execution_order(g)
-    freed = last_uses(g, order)
     values: dict[str, object] = {}
+    remaining: dict[str, int] = {}  # readers of a live value that have not run yet
+    task: dict[str, int] = {}  # a live value's place in the order, for its readers' trace records
     ready_heads: dict[int, dict] = {}
-    index = {n: k for k, n in enumerate(order)} if records is not None else None
     next_block = 0
-    for done, n in enumerate(order, 1):
-        a = g.nodes[n]
+    for done, (n, a, readers) in enumerate(schedule, 1):
         if records is None:
-            values[n] = runner.run(a, [values[src] for src in a["inputs"]])
+            value = runner.run(a, [values[src] for src in a["inputs"]])
         else:
             start = time.perf_counter()
-            values[n] = runner.run(a, [values[src] for src in a["inputs"]])
+            value = runner.run(a, [values[src] for src in a["inputs"]])
             if sync is not None:
                 sync()
             end = time.perf_counter()
             records.append({"task": done - 1, "name": n, "kind": str(a["kind"]), "worker": 0, "start": start,
-                            "end": end, "nodes": [n], "deps": sorted({index[src] for src in a["inputs"]})})
-        for src in freed[n]:
-            del values[src]
+                            "end": end, "nodes": [n], "deps": sorted({task[src] for src in a["inputs"]})})
+        for src in dict.fromkeys(a["inputs"]):
+            remaining[src] -= 1
+            if remaining[src] == 0:
+                del values[src], remaining[src]
+                task.pop(src, None)
+        if a["kind"] == NodeKind.HEAD:
+            ready_heads[a["block"]] = value
+        elif readers:
+            values[n], remaining[n] = value, readers
+            if records is not None:
+                task[n] = done - 1
+        del value
         if on_node is not None:
             on_node(done)
-        if a["kind"] == NodeKind.HEAD:
-            ready_heads[a["block"]] = values.pop(n)
-            while next_block in ready_heads:
-                yield next_block, ready_heads.pop(next_block)
-                next_block += 1
+        while next_block in ready_heads:
+            yield next_block, ready_heads.pop(next_block)
+            next_block += 1
 
 
 LOOK_AHEAD = 64  # nodes past the earliest unfinished one (in execution_order) that may run early
 
 
-def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], None] | None = None,
+def run_parallel(schedule: Schedule, runner, workers: int, on_node: Callable[[int], None] | None = None,
                  records: list[dict] | None = None, look_ahead: int = LOOK_AHEAD) -> Iterator[tuple[int, dict]]:
     """`run_local`'s contract on `workers` threads: independent nodes run at the same time.
 
@@ -196,10 +212,11 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
     kernels), so a worker whose core another process takes delays its own call only, never a barrier
     of all of them. Workers take their next node themselves as they finish one, so no thread waits
     for another to hand out work. A node's value depends on its inputs alone and every merge's order
-    is fixed by the graph, so the bits are those of the one-thread run in `execution_order`.
-    Memory: a node is taken only when its inputs are done and it lies within `look_ahead` places of
-    the earliest unfinished node in `execution_order`, and a value is dropped once all its readers
-    have finished, so the live set is the sequential one plus at most `look_ahead` values.
+    is fixed by the graph, so the bits are those of the one-thread run in execution order.
+    Memory: the schedule is read only `look_ahead` places past the earliest unfinished node, a node
+    runs once its inputs are done, and a value is dropped once all its readers have finished, so the
+    live set is the sequential one plus at most `look_ahead` values, and nothing is held per node
+    of the whole graph.
     The progress callback and the yield run in the calling thread (records are appended as nodes
     finish, each with its worker); on an exception, an interrupt or `close()` the workers finish the
     node they hold and end before this returns or raises.
@@ -207,52 +224,76 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
     import heapq
     import threading
 
-    order = execution_order(g)
-    total = len(order)
-    position = {n: k for k, n in enumerate(order)}
-    waiting = {n: g.in_degree(n) for n in order}  # inputs not yet computed
-    readers = {n: g.out_degree(n) for n in order}  # consumers not yet finished
+    nodes = iter(schedule)
+    pending: dict[int, tuple[str, dict]] = {}  # read from the schedule, not finished: by place in the order
+    position: dict[str, int] = {}  # place in the order of each pending node and live value
+    waiting: dict[str, int] = {}  # a pending node's inputs not yet finished
+    dependents: dict[str, list[str]] = {}  # pending nodes waiting on a pending node
+    remaining: dict[str, int] = {}  # readers not yet finished, of each pending node and live value
     values: dict[str, object] = {}
     heads: dict[int, dict] = {}
-    ready = [k for k, n in enumerate(order) if waiting[n] == 0]  # positions, a heap
-    heapq.heapify(ready)
-    finished = [False] * total
-    state = {"earliest": 0, "done": 0, "stop": False, "error": None}
+    ready: list[int] = []  # places of nodes whose inputs are done, a heap
+    state = {"earliest": 0, "read": 0, "exhausted": False, "done": 0, "stop": False, "error": None}
     cond = threading.Condition()
+
+    def read_ahead() -> None:
+        """Read the schedule up to `look_ahead` places past the earliest unfinished node (under the lock)."""
+        while not state["exhausted"] and state["read"] < state["earliest"] + look_ahead:
+            item = next(nodes, None)
+            if item is None:
+                state["exhausted"] = True
+                return
+            n, a, readers = item
+            k = state["read"]
+            state["read"] += 1
+            pending[k] = (n, a)
+            position[n], remaining[n] = k, readers
+            unfinished = [src for src in dict.fromkeys(a["inputs"]) if position[src] in pending]
+            waiting[n] = len(unfinished)
+            for src in unfinished:
+                dependents.setdefault(src, []).append(n)
+            if not unfinished:
+                heapq.heappush(ready, k)
+
+    def over() -> bool:
+        return state["exhausted"] and not pending
 
     def take():
         """The next node to run (under the lock), or None when the run is over or stopped."""
         while True:
-            if state["stop"] or state["error"] is not None or state["done"] == total:
+            if state["stop"] or state["error"] is not None or over():
                 return None
-            if ready and ready[0] < state["earliest"] + look_ahead:
-                n = order[heapq.heappop(ready)]
-                return n, [values[src] for src in g.nodes[n]["inputs"]]
+            if ready:
+                n, a = pending[heapq.heappop(ready)]
+                return n, a, [values[src] for src in a["inputs"]]
             cond.wait()
 
-    def finish(n: str, value, worker: int, start: float, end: float) -> None:
+    def finish(n: str, a: dict, value, worker: int, start: float, end: float) -> None:
         """Book a finished node (under the lock): free what it was the last reader of, wake what it readies."""
-        a = g.nodes[n]
         k = position[n]
-        finished[k] = True
-        while state["earliest"] < total and finished[state["earliest"]]:
+        del pending[k]
+        while state["earliest"] < state["read"] and state["earliest"] not in pending:
             state["earliest"] += 1
         if records is not None:
             records.append({"task": k, "name": n, "kind": str(a["kind"]), "worker": worker, "start": start,
                             "end": end, "nodes": [n], "deps": sorted({position[src] for src in a["inputs"]})})
-        for src in g.predecessors(n):
-            readers[src] -= 1
-            if readers[src] == 0:
-                del values[src]
-        for dst in g.successors(n):
+        for src in dict.fromkeys(a["inputs"]):
+            remaining[src] -= 1
+            if remaining[src] == 0:
+                del values[src], remaining[src], position[src]
+        del waiting[n]
+        for dst in dependents.pop(n, ()):
             waiting[dst] -= 1
             if waiting[dst] == 0:
                 heapq.heappush(ready, position[dst])
         if a["kind"] == NodeKind.HEAD:
             heads[a["block"]] = value
-        elif readers[n]:
+        if remaining[n] and a["kind"] != NodeKind.HEAD:
             values[n] = value
+        else:
+            del remaining[n], position[n]
         state["done"] += 1
+        read_ahead()
         cond.notify_all()
 
     def work(worker: int) -> None:
@@ -264,13 +305,13 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
                         item = take()
                     if item is None:
                         return
-                    n, inputs = item
+                    n, a, inputs = item
                     start = time.perf_counter()
-                    value = runner.run(g.nodes[n], inputs)
+                    value = runner.run(a, inputs)
                     end = time.perf_counter()
                     del inputs
                     with cond:
-                        finish(n, value, worker, start, end)
+                        finish(n, a, value, worker, start, end)
                     del value
         except BaseException as err:  # handed to the calling thread, which raises it
             with cond:
@@ -280,18 +321,20 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
 
     threads = [threading.Thread(target=work, args=(k,), name=f"emulate-local-{k}", daemon=True)
                for k in range(workers)]
+    with cond:
+        read_ahead()
     for t in threads:
         t.start()
     reported = 0
     next_block = 0
     try:
-        while reported < total:
+        while True:
             with cond:
-                while state["done"] == reported and state["error"] is None:
+                while state["done"] == reported and state["error"] is None and not over():
                     cond.wait(0.2)  # a timeout, so that a signal's handler runs in this thread while it waits
                 if state["error"] is not None:
                     raise state["error"]
-                done = state["done"]
+                done, ended = state["done"], over()
                 out = []
                 while next_block in heads:
                     out.append((next_block, heads.pop(next_block)))
@@ -302,6 +345,8 @@ def run_parallel(g: nx.DiGraph, runner, workers: int, on_node: Callable[[int], N
             reported = done
             yield from out
             del out
+            if ended:
+                return
     finally:
         with cond:
             state["stop"] = True

@@ -82,10 +82,10 @@ def compile_forward(config: ModelConfig, tokens: int, block_size: int, patterns:
 
 
 def compile_compact(config: ModelConfig, tokens: int, block_size: int, patterns: list[Pattern],
-                    dtype: torch.dtype, seed: int = 0) -> CompactGraph:
+                    dtype: torch.dtype, seed: int = 0, on_layer=None) -> CompactGraph:
     """The logical graph in compact form (graphs/compact.py): any size, nodes generated on demand."""
     try:
-        return CompactGraph.build(forward_spec(config, tokens, block_size, patterns, dtype, seed))
+        return CompactGraph.build(forward_spec(config, tokens, block_size, patterns, dtype, seed), on_layer)
     except PatternError as err:
         raise EmulateError(str(err)) from None
 

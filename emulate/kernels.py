@@ -7,11 +7,19 @@ and lse = -inf, so the merge counts it as empty.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from graphs import MaskKind
 
 NEG_INF = float("-inf")
+# Query rows per tile of a windowed call (attend_intervals). A window or sink pair shows each row a
+# band of keys, but a whole-block call with an additive mask computes every (query, key) score;
+# cut into tiles of this many rows, each tile reads only the keys its rows see. 128 rows was the
+# fastest of 128, 256 and 512 on this project's CPU (M = 2048, r = 1020: 33 ms for the diagonal
+# pair against 70 ms whole, 12 ms against 71 ms for the previous block, 1.8 ms against 68 ms for
+# the sinks).
+TILE_ROWS = 128
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: MaskKind = MaskKind.NONE,
@@ -47,6 +55,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
             lse = lse.masked_fill(empty[None, :], NEG_INF)
             o = o.masked_fill(empty[None, :, None], 0.0)
     return o, lse
+
+
+def attend_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lo: np.ndarray,
+                     hi: np.ndarray, sink: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` for a mask whose row t shows the keys [0, sink[t]) and [lo[t], hi[t]) of the key block.
+
+    Every causal-type pattern's pair has this form (graphs/patterns.py, Pattern.key_range: a window
+    and the sinks, indices here relative to the key block). The rows run in tiles of TILE_ROWS,
+    each against the smallest run of keys holding everything its rows see, unmasked where that run
+    is all visible: the same softmax per row as one masked call over the whole block (each row is
+    its own softmax), for the work of the band instead of the block. A tile with no visible key
+    gives output 0 and lse -inf.
+    """
+    H, mq, dh = q.shape
+    mk = k.shape[1]
+    window = hi > lo
+    first = np.where(sink > 0, 0, np.where(window, lo, mk))
+    last = np.maximum(np.where(window, hi, 0), sink)  # one past the last visible key
+    outs, lses = [], []
+    for r0 in range(0, mq, TILE_ROWS):
+        r1 = min(mq, r0 + TILE_ROWS)
+        a, b = int(first[r0:r1].min()), int(last[r0:r1].max())
+        if a >= b:
+            outs.append(q.new_zeros(H, r1 - r0, dh))
+            lses.append(q.new_full((H, r1 - r0), NEG_INF))
+            continue
+        cols = np.arange(a, b)
+        rows = slice(r0, r1)
+        seen = (((cols >= lo[rows, None]) & (cols < hi[rows, None])) | (cols < sink[rows, None]))
+        qt = q[:, rows] if (r0, r1) != (0, mq) else q
+        if seen.all():
+            o, lse = attend(qt, k[:, a:b], v[:, a:b], scale)
+        else:
+            o, lse = attend(qt, k[:, a:b], v[:, a:b], scale, MaskKind.EXPLICIT, torch.from_numpy(seen).to(q.device))
+        outs.append(o)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 def _attend_math(q, k, v, scale, mask, bias):

@@ -72,11 +72,13 @@ class KernelOracle:
         return self
 
     def attend(self, pair: PairCall, q, k, v, scale: float) -> Partial:
-        from emulate.kernels import attend
+        from emulate.kernels import attend, attend_intervals
 
         if pair.mask == MaskKind.EXPLICIT:
-            visible = torch.from_numpy(pair.visible()).to(q.device)
-            return attend(q, k, v, scale, pair.mask, visible)
+            # the mask as per-row intervals: the call is cut to the band each row sees, never the whole block
+            k0 = pair.key_span[0]
+            r = pair.pattern.key_range(np.arange(*pair.span), pair.key_span)
+            return attend_intervals(q, k, v, scale, r.lo - k0, r.hi - k0, r.sink_hi - k0)
         mask = MaskKind.NONE if pair.mask == MaskKind.SAMPLE else pair.mask
         return attend(q, k, v, scale, mask)
 

@@ -2,7 +2,7 @@
 
 Pure Python on networkx and numpy; imports neither torch nor ray.
 """
-from graphs.analysis import counts, depth, execution_order, last_uses, span_flops
+from graphs.analysis import counts, depth, execution_order, last_uses, schedule, span_flops
 from graphs.builder import build_graph, node_id, sample_permutation, sampled_keys
 from graphs.compact import CompactGraph, LayerTemplate, compact_graph
 from graphs.export import from_json, to_dot, to_json
@@ -13,5 +13,5 @@ from graphs.spec import ForwardSpec
 __all__ = [
     "PATTERNS", "CompactGraph", "ForwardSpec", "LayerTemplate", "KeyRange", "MaskKind", "NodeKind", "Pattern", "PatternKind", "PatternError", "block_spans", "build_graph", "compact_graph", "counts", "depth",
     "execution_order", "from_json", "key_blocks", "last_uses", "node_id", "pair_mask", "row_counts",
-    "sample_permutation", "sampled_keys", "span_flops", "to_dot", "to_json",
+    "sample_permutation", "sampled_keys", "schedule", "span_flops", "to_dot", "to_json",
 ]

@@ -34,6 +34,12 @@ def execution_order(g: nx.DiGraph) -> list[str]:
     return list(nx.lexicographical_topological_sort(g, key=wavefront if windowed else layer_major))
 
 
+def schedule(g: nx.DiGraph):
+    """(id, attributes, readers) in execution_order: what the local executor runs (CompactGraph.schedule
+    gives the same without holding the graph)."""
+    return ((n, g.nodes[n], g.out_degree(n)) for n in execution_order(g))
+
+
 def last_uses(g: nx.DiGraph, order: list[str]) -> dict[str, list[str]]:
     """For each node in `order`, the inputs whose last consumer it is: free them after it runs."""
     position = {n: k for k, n in enumerate(order)}

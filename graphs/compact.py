@@ -109,7 +109,8 @@ class CompactGraph:
     layer_template: tuple[int, ...]
 
     @classmethod
-    def build(cls, spec: ForwardSpec) -> CompactGraph:
+    def build(cls, spec: ForwardSpec, on_layer=None) -> CompactGraph:
+        """on_layer(done, total) after each layer's template is found (made, or shared with an earlier layer)."""
         spans = block_spans(spec.tokens, spec.block_size)
         sampled = any(p.kind == PatternKind.SAMPLED for p in spec.patterns)
         if sampled and any(p.causal for p in spec.patterns):
@@ -117,10 +118,12 @@ class CompactGraph:
         tau = sample_permutation(spec.tokens, spec.seed) if sampled else None
         index: dict[Pattern, int] = {}
         templates = []
-        for p in spec.patterns:
+        for layer, p in enumerate(spec.patterns):
             if p not in index:
                 index[p] = len(templates)
                 templates.append(_template(p, spans, spec.block_size, tau))
+            if on_layer is not None:
+                on_layer(layer + 1, len(spec.patterns))
         return cls(spec, tuple(spans), tuple(templates), tuple(index[p] for p in spec.patterns))
 
     # -- shape ---------------------------------------------------------------------------------
@@ -175,6 +178,11 @@ class CompactGraph:
             "work_flops": self.work_flops(),
             "span_flops": self.span_flops(),
         }
+
+    def node_count(self) -> int:
+        B, L = self.blocks, self.layers
+        return 2 * B + 2 * B * L + sum(self.template(layer).pairs + int((self.template(layer).partials > 1).sum())
+                                       for layer in range(L))
 
     def edges(self) -> int:
         B = self.blocks
@@ -242,67 +250,46 @@ class CompactGraph:
         return int((x + w(NodeKind.HEAD)).max())
 
     # -- the nodes, lazily ----------------------------------------------------------------------------
+    @property
+    def windowed(self) -> bool:
+        """Every layer sliding or sink: block i's keys die once the windows of a few later blocks pass."""
+        return all(p.kind in (PatternKind.SLIDING, PatternKind.SINK) for p in self.spec.patterns)
+
     def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, dict]]:
         """(id, attributes) of every node in the order graphs/builder.py adds them; `inputs` among
         the attributes, edges are their distinct entries. on_layer(done, total) after each layer."""
-        s, spans = self.spec, self.spans
-        m = self.block_tokens().tolist()
-        f, b = embed_cost(s, self.block_tokens())
-        residual = []
-        for i, span in enumerate(spans):
-            nid = node_id(NodeKind.EMBED, None, i)
-            yield nid, dict(inputs=[], kind=NodeKind.EMBED, layer=-1, block=i, span=span, tokens=m[i],
-                            flops=int(f[i]), bytes=int(b[i]))
-            residual.append(nid)
+        nodes = _Nodes(self)
+        for i in range(self.blocks):
+            yield nodes.embed(i)
         for layer in range(self.layers):
-            t = self.template(layer)
-            projected = []
-            f, b = project_cost(s, self.block_tokens())
-            for i, span in enumerate(spans):
-                nid = node_id(NodeKind.PROJECT, layer, i)
-                yield nid, dict(inputs=[residual[i]], kind=NodeKind.PROJECT, layer=layer, block=i, span=span,
-                                tokens=m[i], flops=int(f[i]), bytes=int(b[i]))
-                projected.append(nid)
-            af, ab = (v.tolist() for v in self._prices(NodeKind.ATTEND, t))
-            mf, mb = (v.tolist() for v in self._prices(NodeKind.MERGE, t))
-            xf, xb = (v.tolist() for v in mix_cost(s, self.block_tokens()))
-            keys, masks, kt = t.key_block.tolist(), t.mask.tolist(), t.key_tokens.tolist()
-            rs, reads = t.read_starts.tolist(), t.reads.tolist()
-            mixed = []
-            for i, span in enumerate(spans):
-                partials = []
-                for p in range(int(t.starts[i]), int(t.starts[i + 1])):
-                    j = keys[p]
-                    sources = reads[rs[p]:rs[p + 1]]
-                    nid = node_id(NodeKind.ATTEND, layer, i, j)
-                    attrs = dict(inputs=[projected[i]] + [projected[k] for k in sources], kind=NodeKind.ATTEND,
-                                 layer=layer, block=i, key_block=j)
-                    if j < 0:
-                        attrs.update(key_blocks=sources, span=span, key_span=None)
-                    else:
-                        attrs.update(span=span, key_span=spans[j])
-                    attrs.update(mask=MASKS[masks[p]], tokens=max(m[i], kt[p]), flops=af[p], bytes=ab[p])
-                    yield nid, attrs
-                    partials.append(nid)
-                if len(partials) > 1:
-                    nid = node_id(NodeKind.MERGE, layer, i)
-                    yield nid, dict(inputs=partials, kind=NodeKind.MERGE, layer=layer, block=i, span=span,
-                                    tokens=m[i], flops=mf[i], bytes=mb[i])
-                    attention = nid
-                else:
-                    attention = partials[0]
-                nid = node_id(NodeKind.MIX, layer, i)
-                yield nid, dict(inputs=[residual[i], attention], kind=NodeKind.MIX, layer=layer, block=i, span=span,
-                                tokens=m[i], flops=xf[i], bytes=xb[i])
-                mixed.append(nid)
-            residual = mixed
+            for i in range(self.blocks):
+                yield nodes.project(layer, i)
+            for i in range(self.blocks):
+                yield from nodes.attention(layer, i)
             if on_layer is not None:
                 on_layer(layer + 1, self.layers)
-        f, b = head_cost(s, self.block_tokens())
-        for i, span in enumerate(spans):
-            yield node_id(NodeKind.HEAD, None, i), dict(inputs=[residual[i]], kind=NodeKind.HEAD, layer=self.layers,
-                                                       block=i, span=span, tokens=m[i], flops=int(f[i]),
-                                                       bytes=int(b[i]))
+        for i in range(self.blocks):
+            yield nodes.head(i)
+
+    def schedule(self) -> Iterator[tuple[str, dict, int]]:
+        """(id, attributes, readers) of every node in graphs.execution_order's order, generated lazily.
+
+        readers: the node's consumers (its out-degree), so an executor frees a value once that many
+        nodes have read it, without the graph. Windowed graphs run as a wavefront, block by block
+        through every layer (a block's keys die once the windows holding them have passed: memory
+        O(window x layers) whatever N is); the others layer by layer, which is the builder's order.
+        """
+        if not self.windowed:
+            nodes = _Nodes(self)
+            for nid, attrs in self.iter_nodes():
+                yield nid, attrs, nodes.readers(attrs)
+            return
+        nodes = _Nodes(self)
+        for i in range(self.blocks):
+            for nid, attrs in (nodes.embed(i), *(n for layer in range(self.layers) for n in
+                                                 (nodes.project(layer, i), *nodes.attention(layer, i))),
+                               nodes.head(i)):
+                yield nid, attrs, nodes.readers(attrs)
 
     def iter_edges(self) -> Iterator[tuple[str, str]]:
         """(source, target) of every edge, grouped by target in node order."""
@@ -320,11 +307,106 @@ class CompactGraph:
         return g
 
 
+class _Nodes:
+    """The nodes of a compact graph one at a time, with the networkx graph's ids and attributes."""
+
+    def __init__(self, g: CompactGraph):
+        self.g, s, m = g, g.spec, g.block_tokens()
+        self.m = m.tolist()
+        self.embed_cost = [v.tolist() for v in embed_cost(s, m)]
+        self.project_cost = [v.tolist() for v in project_cost(s, m)]
+        self.mix_cost = [v.tolist() for v in mix_cost(s, m)]
+        self.head_cost = [v.tolist() for v in head_cost(s, m)]
+        self._templates: dict[int, dict] = {}
+
+    def _template(self, layer: int) -> dict:
+        """Template arrays as Python lists, once per template; readers per projection block."""
+        k = self.g.layer_template[layer]
+        if k not in self._templates:
+            t = self.g.templates[k]
+            af, ab = (v.tolist() for v in self.g._prices(NodeKind.ATTEND, t))
+            mf, mb = (v.tolist() for v in self.g._prices(NodeKind.MERGE, t))
+            # an attend node reads its own queries' projection and its key blocks', each once
+            pair = np.repeat(np.arange(t.pairs), np.diff(t.read_starts))
+            distinct = np.unique(np.concatenate([np.stack([np.arange(t.pairs), t.row], 1),
+                                                 np.stack([pair, t.reads], 1)]), axis=0)
+            readers = np.bincount(distinct[:, 1], minlength=self.g.blocks).tolist()
+            self._templates[k] = dict(starts=t.starts.tolist(), keys=t.key_block.tolist(), masks=t.mask.tolist(),
+                                      key_tokens=t.key_tokens.tolist(), read_starts=t.read_starts.tolist(),
+                                      reads=t.reads.tolist(), attend=(af, ab), merge=(mf, mb), readers=readers)
+        return self._templates[k]
+
+    def _residual(self, layer: int, i: int) -> str:
+        """The id of block i's residual stream entering `layer` (the embedding, or the last mix)."""
+        return node_id(NodeKind.EMBED, None, i) if layer == 0 else node_id(NodeKind.MIX, layer - 1, i)
+
+    def embed(self, i: int) -> tuple[str, dict]:
+        f, b = self.embed_cost
+        return node_id(NodeKind.EMBED, None, i), dict(inputs=[], kind=NodeKind.EMBED, layer=-1, block=i,
+                                                     span=self.g.spans[i], tokens=self.m[i], flops=f[i], bytes=b[i])
+
+    def project(self, layer: int, i: int) -> tuple[str, dict]:
+        f, b = self.project_cost
+        return node_id(NodeKind.PROJECT, layer, i), dict(inputs=[self._residual(layer, i)], kind=NodeKind.PROJECT,
+                                                        layer=layer, block=i, span=self.g.spans[i],
+                                                        tokens=self.m[i], flops=f[i], bytes=b[i])
+
+    def attention(self, layer: int, i: int) -> Iterator[tuple[str, dict]]:
+        """Query block i's attend nodes in one layer, its merge when it has several, and its mix."""
+        t, spans, m = self._template(layer), self.g.spans, self.m
+        span = spans[i]
+        (af, ab), (mf, mb) = t["attend"], t["merge"]
+        partials = []
+        for p in range(t["starts"][i], t["starts"][i + 1]):
+            j = t["keys"][p]
+            sources = t["reads"][t["read_starts"][p]:t["read_starts"][p + 1]]
+            nid = node_id(NodeKind.ATTEND, layer, i, j)
+            attrs = dict(inputs=[node_id(NodeKind.PROJECT, layer, i)] + [node_id(NodeKind.PROJECT, layer, k)
+                                                                          for k in sources],
+                         kind=NodeKind.ATTEND, layer=layer, block=i, key_block=j)
+            if j < 0:
+                attrs.update(key_blocks=sources, span=span, key_span=None)
+            else:
+                attrs.update(span=span, key_span=spans[j])
+            attrs.update(mask=MASKS[t["masks"][p]], tokens=max(m[i], t["key_tokens"][p]), flops=af[p], bytes=ab[p])
+            yield nid, attrs
+            partials.append(nid)
+        if len(partials) > 1:
+            nid = node_id(NodeKind.MERGE, layer, i)
+            yield nid, dict(inputs=partials, kind=NodeKind.MERGE, layer=layer, block=i, span=span, tokens=m[i],
+                            flops=mf[i], bytes=mb[i])
+            attention = nid
+        else:
+            attention = partials[0]
+        f, b = self.mix_cost
+        yield node_id(NodeKind.MIX, layer, i), dict(inputs=[self._residual(layer, i), attention], kind=NodeKind.MIX,
+                                                   layer=layer, block=i, span=span, tokens=m[i], flops=f[i],
+                                                   bytes=b[i])
+
+    def head(self, i: int) -> tuple[str, dict]:
+        f, b = self.head_cost
+        return node_id(NodeKind.HEAD, None, i), dict(inputs=[self._residual(self.g.layers, i)], kind=NodeKind.HEAD,
+                                                    layer=self.g.layers, block=i, span=self.g.spans[i],
+                                                    tokens=self.m[i], flops=f[i], bytes=b[i])
+
+    def readers(self, attrs: dict) -> int:
+        """The node's out-degree in the networkx graph."""
+        kind = attrs["kind"]
+        if kind == NodeKind.HEAD:
+            return 0
+        if kind in (NodeKind.ATTEND, NodeKind.MERGE):
+            return 1  # its block's merge, or its mix
+        if kind == NodeKind.PROJECT:
+            return self._template(attrs["layer"])["readers"][attrs["block"]]
+        last = attrs["layer"] == self.g.layers - 1 or (kind == NodeKind.EMBED and self.g.layers == 0)
+        return 1 if last else 2  # the next layer's projection and mix, or the head
+
+
 def _sum(values) -> int:
     """An exact sum (Python ints: a large model's FLOPs can pass int64 when added up)."""
     return sum(np.asarray(values).tolist())
 
 
-def compact_graph(spec: ForwardSpec) -> CompactGraph:
+def compact_graph(spec: ForwardSpec, on_layer=None) -> CompactGraph:
     """The compact logical graph of `spec` (graphs.build_graph gives the same nodes in networkx)."""
-    return CompactGraph.build(spec)
+    return CompactGraph.build(spec, on_layer)

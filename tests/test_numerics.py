@@ -14,7 +14,7 @@ import torch
 
 from conftest import emulate_and_reference, record_error, row_errors
 from emulate.forward import resolve_patterns
-from emulate.kernels import attend
+from emulate.kernels import TILE_ROWS, attend, attend_intervals
 from emulate.merge import merge, merge_pair
 from graphs import Pattern
 
@@ -216,6 +216,45 @@ def test_kernel_returns_the_block_average_and_its_log_weight(dtype, mask):
     tol = TOLERANCE[dtype]
     assert torch.allclose(o.double(), ref_o, rtol=tol, atol=tol)
     assert torch.allclose(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(6))
+def test_interval_masks_run_in_tiles_with_the_masked_softmax(dtype, seed):
+    """attend_intervals against the textbook masked softmax: rows over several tiles (a ragged
+    last one), each seeing the sinks [0, sink) and a window [lo, hi), some rows nothing, some
+    tiles everything, GQA."""
+    g = torch.Generator().manual_seed(seed)
+    mq = int(torch.randint(1, 3 * TILE_ROWS + 7, (1,), generator=g))
+    mk = int(torch.randint(1, 3 * TILE_ROWS + 7, (1,), generator=g))
+    q, k, v = qkv(mq, mk, dtype, seed=seed)
+    lo = torch.randint(0, mk + 1, (mq,), generator=g).numpy()
+    hi = (lo + torch.randint(-3, mk // 2 + 2, (mq,), generator=g).numpy()).clip(0, mk)
+    sink = torch.randint(-mk, 5, (mq,), generator=g).numpy().clip(0, mk)
+    if seed % 3 == 0:
+        lo[:TILE_ROWS], hi[:TILE_ROWS], sink[:TILE_ROWS] = 0, mk, 0  # a tile that sees every key
+    cols = torch.arange(mk)
+    lo_t, hi_t, sink_t = (torch.from_numpy(x)[:, None] for x in (lo, hi, sink))
+    visible = ((cols >= lo_t) & (cols < hi_t)) | (cols < sink_t)
+    o, lse = attend_intervals(q, k, v, 0.3, lo, hi, sink)
+    assert o.shape == q.shape and lse.shape == q.shape[:2] and o.dtype == lse.dtype == dtype
+    ref_o, ref_lse = brute_attention(q, k, v, 0.3, visible)
+    empty = ~visible.any(dim=1)
+    assert torch.isneginf(lse[:, empty]).all() and (o[:, empty] == 0).all()
+    tol = TOLERANCE[dtype]
+    assert torch.allclose(o[:, ~empty].double(), ref_o[:, ~empty], rtol=tol, atol=tol)
+    assert torch.allclose(lse[:, ~empty].double(), ref_lse[:, ~empty], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_windows_inside_blocks_of_several_tiles_match_the_reference(presets, dtype):
+    """Blocks larger than a tile: the windowed pairs run as tiles of TILE_ROWS rows (ragged too)."""
+    config, weights = presets["tiny-llama"]
+    M = 2 * TILE_ROWS + 45
+    tokens = tokens_for(config, 3 * M + 17, seed=5)
+    for pattern in (Pattern("sliding", window=TILE_ROWS + 3), Pattern("sink", window=M // 3, sinks=7)):
+        got, ref, _ = emulate_and_reference(config, weights, tokens, M, [pattern] * config.layers, dtype)
+        check(got, ref, dtype, "tiny-llama", pattern)
 
 
 # -- the merge ---------------------------------------------------------------------------------
