@@ -11,7 +11,9 @@ output, so a pair call never writes its [mq, mk] score matrix to GPU memory:
                heads natively. lse: float32 [B, H, mq], natural log, +inf on a row with no key.
     efficient  aten._scaled_dot_product_efficient_attention (the CUTLASS memory-efficient kernel)
                with compute_log_sumexp: float32 and float16 (sm50 and newer), bfloat16 (sm80 and
-               newer), an additive bias, its causal flag aligned top-left like _attend_math.
+               newer), an additive bias, its causal flag aligned top-left like _attend_math. Its
+               float32 products on sm80 and newer are 3xTF32 (cutlass OpMultiplyAddFastF32), of
+               float32 accuracy, which is why float32 calls may use it under the float32 contract.
                lse: float32 [B, H, mq rounded up to 32] (padding +inf), natural log; 0 on a row
                with no key in recent torch.
     math       emulate.kernels._attend_math: float64 (no fused kernel takes it) and whatever the
