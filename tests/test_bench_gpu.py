@@ -23,7 +23,8 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
     out = bench()
     assert out.returncode == 0
     assert out.stdout == ""
-    assert out.stderr.splitlines() == [f"bench-gpu: skipped: torch {torch.__version__} sees no CUDA device on this machine"]
+    line = f"bench-gpu: skipped: torch {torch.__version__} sees no CUDA device on this machine"
+    assert out.stderr.splitlines() == [line]
 
 
 def test_the_script_runs_its_table_on_cpu():

@@ -77,7 +77,7 @@ def cpu_flash(q, k, v, scale, causal, bias):
 
 
 def cpu_efficient(q, k, v, scale, causal, bias):
-    """The efficient kernel's conventions on CPU: its 4-d aligned bias, lse padded with +inf, 0 and NaN on empty rows."""
+    """The efficient kernel's on CPU: its 4-d aligned bias, lse padded with +inf, 0 and NaN on an empty row."""
     assert q.shape[1] == k.shape[1], "the efficient kernel is given repeated keys"
     if bias is not None:
         bias = aligned_bias(bias, q.shape[1])
