@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow check-gpu bench figures clean
+.PHONY: install run test test-slow check-gpu bench-gpu bench figures clean
 
 install: $(STAMP)
 
@@ -29,8 +29,14 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# The CUDA kernel tests (marked gpu, skipped without a device), then the Ray executor on CUDA workers.
 check-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/test_kernels_cuda.py
 	$(BIN)/python benchmarks/check_gpu.py
+
+# emulate's pair calls on one GPU against one monolithic SDPA forward, 32K and 128K tokens.
+bench-gpu: install
+	$(BIN)/python benchmarks/bench_gpu.py
 
 # The README's benchmark tables, one script each.
 bench: install

@@ -47,7 +47,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
             q[None], k[None], v[None], 0.0, mask == MaskKind.CAUSAL, attn_mask=bias, scale=scale)[:2]
         o, lse = o[0], lse[0]
     else:
-        o, lse = _attend_math(q, k, v, scale, mask, bias)
+        from emulate.kernels_cuda import attend_cuda  # fused CUDA kernels that return the lse (math where none applies)
+        o, lse = attend_cuda(q, k, v, scale, mask, bias)
     if mask == MaskKind.EXPLICIT:
         # the flash kernel returns (0, 0) for a fully masked row; e^0 would weigh it as one key
         empty = ~visible.any(dim=1)
