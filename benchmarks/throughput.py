@@ -2,7 +2,7 @@
 
 The matmul rate is measured here, in this run, with torch's threads as the forward uses them (a
 square fp32 product of --matmul-size, best of several), then each forward runs on tiny-llama
-with the local executor; its FLOPs are the logical graph's own count (graphs.analysis.counts,
+with the local executor; its FLOPs are the logical graph's own count (CompactGraph.counts,
 work_flops: every node's matmuls and attention products). Prints a markdown table.
 
     .venv/bin/python benchmarks/throughput.py --tokens 16384,32768 --block-size 1024
@@ -15,7 +15,6 @@ import time
 import torch
 
 import emulate
-from graphs import counts
 
 
 def matmul_rate(size: int, seconds: float = 2.0) -> float:
@@ -45,7 +44,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in map(int, args.tokens.split(",")):
         run = emulate.run(model, random_tokens=n, block_size=args.block_size, attention=args.attention, collect=False)
-        flops = counts(run.graph)["work_flops"]
+        flops = run.compact.counts()["work_flops"]
         rate = flops / run.stats["forward_s"]
         print(f"| {n} | {args.block_size} | {run.stats['attention']} | {run.stats['forward_s']:.2f} | {flops / 1e9:.0f} "
               f"| {rate / 1e9:.1f} | {rate / peak:.2f} |", flush=True)
