@@ -33,9 +33,10 @@ from types import SimpleNamespace
 import networkx as nx
 import numpy as np
 
-from graphs import CompactGraph, NodeKind, node_id
+from graphs import CompactGraph, NodeKind, Pattern, node_id
 from graphs.builder import attend_cost
 from graphs.compact import MASKS
+from graphs.patterns import kernel_entries
 
 
 class Part(StrEnum):
@@ -92,7 +93,7 @@ class Task:
     calls: int = 0  # logical calls it runs
     pairs: int = 0  # of which attend calls
     attend_flops: int = 0  # the FLOPs of those attend calls
-    attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of their whole blocks, by mask
+    attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of the scores their kernel computes, by mask
 
     @property
     def name(self) -> str:
@@ -220,7 +221,8 @@ class _GraphRows:
     def __init__(self, g: nx.DiGraph):
         self.g = g
         self.spec = SimpleNamespace(**g.graph["spec"])
-        self.layers = len(g.graph["spec"]["patterns"])
+        self.patterns = [Pattern(**p) for p in g.graph["spec"]["patterns"]]
+        self.layers = len(self.patterns)
         self.blocks = g.graph["blocks"]
 
     def row(self, layer: int, i: int):
@@ -251,9 +253,11 @@ class _GraphRows:
             t.calls += 1
             if a["kind"] == NodeKind.ATTEND:
                 t.attend_flops += a["flops"]
-                m = a["span"][1] - a["span"][0]
-                mk = m if a["key_span"] is None else a["key_span"][1] - a["key_span"][0]
-                t.attend_blocks[MASKS.index(a["mask"])] += attend_cost(self.spec, m, mk, m * mk)[0]
+                span = tuple(a["span"])
+                key_span = span if a["key_span"] is None else tuple(a["key_span"])
+                entries = kernel_entries(self.patterns[a["layer"]], a["mask"], span, key_span)
+                t.attend_blocks[MASKS.index(a["mask"])] += attend_cost(self.spec, span[1] - span[0],
+                                                                       key_span[1] - key_span[0], entries)[0]
         t.pairs = len(pairs)
 
 
@@ -270,7 +274,7 @@ class _CompactRows:
             af, ab = c._prices(NodeKind.ATTEND, t)
             mf, mb = c._prices(NodeKind.MERGE, t)
             m = c.block_tokens()[t.row]
-            whole = attend_cost(c.spec, m, t.key_tokens, m * t.key_tokens)[0]
+            whole = attend_cost(c.spec, m, t.key_tokens, t.computed)[0]
             # prefix sums: a range of pairs is priced in O(1); Python ints, exact
             prefix = lambda v: np.concatenate([[0], np.cumsum(v)]).tolist()  # noqa: E731
             self.per_template[k] = (prefix(af), prefix(ab), mf.tolist(), mb.tolist(),

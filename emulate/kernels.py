@@ -11,15 +11,9 @@ import numpy as np
 import torch
 
 from graphs import MaskKind
+from graphs.patterns import TILE_ROWS, tile_boxes
 
 NEG_INF = float("-inf")
-# Query rows per tile of a windowed call (attend_intervals). A window or sink pair shows each row a
-# band of keys, but a whole-block call with an additive mask computes every (query, key) score;
-# cut into tiles of this many rows, each tile reads only the keys its rows see. 128 rows was the
-# fastest of 128, 256 and 512 on this project's CPU (M = 2048, r = 1020: 33 ms for the diagonal
-# pair against 70 ms whole, 12 ms against 71 ms for the previous block, 1.8 ms against 68 ms for
-# the sinks).
-TILE_ROWS = 128
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: MaskKind = MaskKind.NONE,
@@ -70,14 +64,10 @@ def attend_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     gives output 0 and lse -inf.
     """
     H, mq, dh = q.shape
-    mk = k.shape[1]
-    window = hi > lo
-    first = np.where(sink > 0, 0, np.where(window, lo, mk))
-    last = np.maximum(np.where(window, hi, 0), sink)  # one past the last visible key
+    firsts, lasts = tile_boxes(lo, hi, sink, k.shape[1])
     outs, lses = [], []
-    for r0 in range(0, mq, TILE_ROWS):
+    for r0, a, b in zip(range(0, mq, TILE_ROWS), firsts.tolist(), lasts.tolist()):
         r1 = min(mq, r0 + TILE_ROWS)
-        a, b = int(first[r0:r1].min()), int(last[r0:r1].max())
         if a >= b:
             outs.append(q.new_zeros(H, r1 - r0, dh))
             lses.append(q.new_full((H, r1 - r0), NEG_INF))

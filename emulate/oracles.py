@@ -22,6 +22,7 @@ import torch
 
 from emulate.config import EmulateError
 from graphs import MaskKind, Pattern
+from graphs.patterns import relative_range
 
 Partial = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,9 +77,7 @@ class KernelOracle:
 
         if pair.mask == MaskKind.EXPLICIT:
             # the mask as per-row intervals: the call is cut to the band each row sees, never the whole block
-            k0 = pair.key_span[0]
-            r = pair.pattern.key_range(np.arange(*pair.span), pair.key_span)
-            return attend_intervals(q, k, v, scale, r.lo - k0, r.hi - k0, r.sink_hi - k0)
+            return attend_intervals(q, k, v, scale, *relative_range(pair.pattern, pair.span, pair.key_span))
         mask = MaskKind.NONE if pair.mask == MaskKind.SAMPLE else pair.mask
         return attend(q, k, v, scale, mask)
 

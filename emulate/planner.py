@@ -52,8 +52,9 @@ class Device:
     source: str = ""
     attention_flops: dict | None = None  # measured rates (fp32) by FLOPs per call, calibrated CPUs only
     matmul_flops: dict | None = None
-    # calibrated CPUs: an attend call costs its whole block (m x mk) times this factor per mask
-    # (none, causal, explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
+    # calibrated CPUs: an attend call costs the scores its kernel computes (the whole block, or an
+    # explicit pair's tiles: graphs.patterns.kernel_entries) times this factor per mask (none, causal,
+    # explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
     mask_factor: tuple | None = None
 
     def rate(self, dtype: str, kind: str = "matmul", per_call: float | None = None) -> float:
@@ -438,10 +439,11 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
     import psutil
     import torch
 
-    import numpy as np
 
     from emulate.kernels import attend
+    from emulate.oracles import KernelOracle, PairCall
     from graphs import MaskKind, Pattern
+    from graphs.patterns import kernel_entries
 
     per = budget_s / 12
 
@@ -465,14 +467,13 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
         q, k, v = (torch.randn(h, m, dh, generator=g) for _ in range(3))
         attention.append((4 * h * dh * m * m, 4 * h * dh * m * m / timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))))
     q, k, v = torch.randn(8, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g)
-    window = Pattern("sliding", window=512)
-
-    def explicit():
-        visible = torch.from_numpy(window.visible(np.arange(512, 1024), np.arange(0, 512)))  # as the oracle builds it
-        attend(q, k, v, 0.1, MaskKind.EXPLICIT, visible)
-
+    window, pair = Pattern("sliding", window=512), ((512, 1024), (0, 512))
     plain = timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))
-    factors = [1.0, timed(lambda: attend(q, k, v, 0.1, MaskKind.CAUSAL)) / plain, timed(explicit) / plain, 1.0]
+    # an explicit pair runs in tiles (emulate/kernels.py, attend_intervals); its factor is per score computed
+    tiled = timed(lambda: KernelOracle().attend(PairCall(0, *pair, MaskKind.EXPLICIT, window), q, k, v, 0.1))
+    computed = kernel_entries(window, MaskKind.EXPLICIT, *pair)
+    factors = [1.0, timed(lambda: attend(q, k, v, 0.1, MaskKind.CAUSAL)) / plain, tiled / plain * 512 * 512 / computed,
+               1.0]
     big = torch.empty(2**25)  # 128 MiB
     copy = timed(lambda: big.clone())
     return {"matmul_flops": matmul, "attention_flops": attention, "mask_factor": factors,

@@ -25,7 +25,7 @@ import numpy as np
 from graphs.builder import (attend_cost, embed_cost, head_cost, merge_cost, mix_cost, node_id, project_cost,
                             sample_permutation, sampled_keys)
 from graphs.kinds import MaskKind, NodeKind, PatternKind
-from graphs.patterns import Pattern, PatternError, block_spans, key_blocks, pair_mask
+from graphs.patterns import Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask
 from graphs.spec import ForwardSpec
 
 MASKS = tuple(MaskKind)  # a template stores each pair's mask as its index here
@@ -48,6 +48,7 @@ class LayerTemplate:
     mask: np.ndarray  # int8 [P], an index into MASKS
     visible: np.ndarray  # int64 [P]: (query, key) entries attended
     key_tokens: np.ndarray  # int64 [P]: keys the call reads
+    computed: np.ndarray  # int64 [P]: (query, key) scores the kernel computes (graphs.patterns.kernel_entries)
     read_starts: np.ndarray  # int64 [P + 1]
     reads: np.ndarray  # int64: projection blocks read for keys and values
 
@@ -75,7 +76,7 @@ class LayerTemplate:
 
 
 def _template(pattern: Pattern, spans: list[tuple[int, int]], block_size: int, tau: np.ndarray | None) -> LayerTemplate:
-    starts, row, key, mask, visible, key_tokens, read_starts, reads = [0], [], [], [], [], [], [0], []
+    starts, row, key, mask, visible, key_tokens, read_starts, reads, computed = [0], [], [], [], [], [], [0], [], []
     code = {m: k for k, m in enumerate(MASKS)}
     for i, (s, e) in enumerate(spans):
         if pattern.kind == PatternKind.SAMPLED:
@@ -83,6 +84,7 @@ def _template(pattern: Pattern, spans: list[tuple[int, int]], block_size: int, t
             sources = np.unique(keys // block_size)
             row.append(i), key.append(-1), mask.append(code[MaskKind.SAMPLE])
             visible.append((e - s) * len(keys)), key_tokens.append(len(keys))
+            computed.append((e - s) * len(keys))
             reads.extend(sources.tolist())
             read_starts.append(len(reads))
         else:
@@ -90,12 +92,13 @@ def _template(pattern: Pattern, spans: list[tuple[int, int]], block_size: int, t
                 pm = pair_mask(pattern, spans[i], spans[j])
                 row.append(i), key.append(j), mask.append(code[pm.kind])
                 visible.append(pm.visible), key_tokens.append(spans[j][1] - spans[j][0])
+                computed.append(kernel_entries(pattern, pm.kind, spans[i], spans[j]))
                 reads.append(j)
                 read_starts.append(len(reads))
         starts.append(len(row))
     i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
     return LayerTemplate(pattern, i64(starts), i64(row), i64(key), np.asarray(mask, dtype=np.int8), i64(visible),
-                         i64(key_tokens), i64(read_starts), i64(reads))
+                         i64(key_tokens), i64(computed), i64(read_starts), i64(reads))
 
 
 @dataclass(frozen=True, eq=False)

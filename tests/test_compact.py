@@ -8,6 +8,7 @@ import time
 import tracemalloc
 
 import networkx as nx
+import numpy as np
 import pytest
 
 import emulate
@@ -187,3 +188,22 @@ def test_graph_json_from_the_cli_is_streamed_and_reloads(capsys, tmp_path):
     capsys.readouterr()
     assert main(["graph", "--model", "tiny-llama", "--shape", "llama3-8b", "--random-tokens", "20"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("pattern", [Pattern("sliding", window=150), Pattern("sink", window=70, sinks=3),
+                                     Pattern("sink", window=300, sinks=200)], ids=str)
+def test_kernel_entries_are_each_tile_s_rows_times_its_box(pattern):
+    """What the planner prices for an explicit pair: the tiles the kernel runs (emulate/kernels.py,
+    attend_intervals), worked out here from the visibility matrix itself."""
+    from graphs import MaskKind
+    from graphs.patterns import TILE_ROWS, kernel_entries
+
+    for q_span, k_span in (((300, 600), (300, 600)), ((300, 600), (0, 300)), ((600, 731), (300, 600))):
+        visible = pattern.visible(np.arange(*q_span), np.arange(*k_span))
+        want = 0
+        for r0 in range(0, len(visible), TILE_ROWS):
+            cols = np.flatnonzero(visible[r0:r0 + TILE_ROWS].any(axis=0))
+            if len(cols):
+                want += len(visible[r0:r0 + TILE_ROWS]) * (cols[-1] + 1 - cols[0])
+        assert kernel_entries(pattern, MaskKind.EXPLICIT, q_span, k_span) == want, (q_span, k_span)
+    assert kernel_entries(pattern, MaskKind.NONE, (0, 7), (0, 5)) == 35
