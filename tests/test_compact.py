@@ -78,7 +78,7 @@ def test_the_schedule_is_the_execution_order_with_each_node_s_readers(N, M):
 
 
 def test_a_ten_million_token_windowed_schedule_is_read_in_constant_memory():
-    """The 10M-token sink run's schedule (5,120 blocks, 4 layers, 82K nodes) generated one node at a
+    """The 10M-token sink run's schedule (5,120 blocks, 4 layers, 133,104 nodes) generated one node at a
     time: its memory is the templates', not the graph's."""
     s = ForwardSpec(tokens=10 * 2**20, block_size=2048, patterns=(Pattern("sink", window=1020, sinks=4),) * 4,
                     heads=8, kv_heads=2, head_dim=32, width=256, mlp_width=512, vocab=1024)
