@@ -132,6 +132,48 @@ class Plan:
         }
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one submission of a task finds its inputs and sends its outputs.
+
+    held: reads made earlier on the same worker, taken from its memory (the rest arrive through
+    the object store, as Ray arguments in `reads` order). keep: writes the worker keeps in its
+    memory, each with the number of its tasks in this submission that read it. ship: writes
+    returned through the object store (read on another worker, or a head read by the driver).
+    """
+
+    held: frozenset[Key]
+    keep: dict[Key, int]
+    ship: tuple[Key, ...]
+
+
+def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
+    """The Route of every task in `chosen` (a whole plan, or the tasks a recovery re-runs), by index.
+
+    A value read on the worker that made it never leaves that worker; one read elsewhere, or a
+    head, goes through the object store once. Readers outside `chosen` have already run and do not
+    count: a write nobody in `chosen` reads is computed and dropped.
+    """
+    made_on = {key: t.worker for t in plan.tasks for key in t.writes}
+    readers: dict[Key, list[int]] = {}
+    for t in chosen:
+        for key in t.reads:
+            readers.setdefault(key, []).append(t.worker)
+    out = {}
+    for t in chosen:
+        keep, ship = {}, []
+        for key in t.writes:
+            on = readers.get(key, [])
+            local = sum(w == t.worker for w in on)
+            if local:
+                keep[key] = local
+            if t.head or local < len(on):
+                ship.append(key)
+        held = frozenset(key for key in t.reads if made_on[key] == t.worker)
+        out[t.index] = Route(held, keep, tuple(ship))
+    return out
+
+
 def slice_size(partials: int, pieces: int) -> int:
     """The aligned slice length 2^h (h >= 0) that cuts `partials` into at most `pieces` subtrees."""
     if pieces <= 1 or partials <= 1:

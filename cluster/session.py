@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -347,6 +348,24 @@ class WorkerPool:
         except ray.exceptions.RayError as err:
             self.close()
             raise EmulateError(f"a worker failed to start: {error_line(err)}") from None
+
+    def current_pids(self, on_wait, every_s: float = 5.0) -> list[int]:
+        """The process id of every worker now (a restarted one has a new one and has loaded the
+        weights again), asked of the workers themselves; `on_wait(seconds)` runs every `every_s`
+        while some have not answered (a health check that raises to give up)."""
+        import ray
+
+        pings = [a.ping.remote(self.shared) for a in self.actors]
+        since = time.monotonic()
+        while True:
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=every_s)
+            if len(ready) == len(pings):
+                break
+            on_wait(time.monotonic() - since)
+        try:
+            return [info["pid"] for info in ray.get(pings)]
+        except ray.exceptions.RayError as err:
+            raise EmulateError(f"a worker could not be reached to recover lost values: {error_line(err)}") from None
 
     def states(self) -> list[str]:
         """Each actor's state from the GCS: ALIVE, RESTARTING, PENDING_CREATION or DEAD.

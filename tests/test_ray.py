@@ -208,10 +208,15 @@ def test_ray_reports_plan_and_measured_transfers(causal_runs):
         s = runs[workers].stats
         assert s["executor"] == "ray"
         assert s["workers"] == workers and s["physical_tasks"] == len(make_plan(runs[workers].graph, workers).tasks)
-        assert 0 < s["bytes_transferred"] and 0 <= s["bytes_between_workers"] <= s["bytes_transferred"]
-        # every task reads at least one block-sized tensor, and nothing reads more than the whole layer's keys
-        assert s["bytes_transferred"] >= s["physical_tasks"] * 128 * 256 * 4
-    assert runs[1].stats["bytes_between_workers"] == 0  # one worker: nothing crosses
+        # only what another worker made goes through the object store into a task
+        assert 0 <= s["bytes_between_workers"] == s["bytes_transferred"]
+        # every task reads at least one block-sized tensor, from its worker's memory or the object store
+        assert s["bytes_transferred"] + s["bytes_held"] >= s["physical_tasks"] * 128 * 256 * 4
+        # the object store holds the outputs (hidden and log-probabilities) and the values that cross
+        outputs = runs[workers].hidden.numel() * 4 + runs[workers].logprobs.numel() * 4
+        assert outputs <= s["bytes_returned"] <= outputs + s["bytes_transferred"]
+        assert s["recoveries"] == 0 and s["tasks_rerun"] == 0
+    assert runs[1].stats["bytes_transferred"] == 0  # one worker: every value stays in its memory
     assert runs[2].stats["bytes_between_workers"] > 0
 
 
@@ -279,6 +284,28 @@ def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
             os.kill(victim, signal.SIGKILL)
     assert torch.equal(torch.cat(hidden), runs[2].hidden)
     assert stream.stats["worker_processes"] > 2  # the restarted process really ran tasks
+    # its residuals and queries were held only in its memory: the driver re-ran their producers
+    assert stream.stats["recoveries"] >= 1 and stream.stats["tasks_rerun"] > 0
+
+
+def test_values_held_only_by_a_killed_worker_are_recomputed(ray_cluster, causal_runs):
+    """One worker holds every intermediate value in its own memory (none goes through the object
+    store); SIGKILL it mid-run: the restarted process has none of them, so the driver re-runs their
+    producers from the embeddings on, and the bits are the same."""
+    p, runs = causal_runs
+    watched = Watched(on_ray(1))
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched))
+    hidden = []
+    for b, out in stream:
+        hidden.append(out.hidden)
+        if b == 0:
+            os.kill(watched.execution.figures["ray_workers"][0]["pid"], signal.SIGKILL)
+    s = stream.stats
+    assert torch.equal(torch.cat(hidden), runs[1].hidden)
+    assert s["bytes_transferred"] == 0 and s["worker_processes"] == 2
+    assert s["recoveries"] >= 1
+    # the embeddings were made again: a start task ran on the restarted process
+    assert s["tasks_rerun"] >= s["blocks"] - 1
 
 
 def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
