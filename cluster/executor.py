@@ -333,6 +333,10 @@ class _Schedule:
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
         self.recoveries = 0
+        import ray
+
+        # the plan's tasks go to each worker once, with the weights; a call names its task by index
+        self.shared = [*pool.shared, ray.put(plan.tasks)]
 
     def submit(self, chosen: list) -> None:
         """Submit `chosen` (in plan order) with the refs of their shipped inputs and, for inputs held
@@ -342,15 +346,16 @@ class _Schedule:
         metas = {}
         for t in chosen:
             r = route[t.index]
-            args = [self.refs[key] for key in t.reads if key not in r.held]
-            marks = list(dict.fromkeys(metas[i] for i in (self.producer[key].index for key in r.held) if i in metas))
+            args = [self.refs[key] for at, key in enumerate(t.reads) if at not in r.held]
+            makers = (self.producer[t.reads[at]].index for at in r.held)
+            marks = list(dict.fromkeys(metas[i] for i in makers if i in metas))
             n = len(r.ship) + 1
-            out = self.pool.actors[t.worker].run.options(num_returns=n).remote(t, r, self.pool.shared, *args, *marks)
+            out = self.pool.actors[t.worker].run.options(num_returns=n).remote(t.index, r, self.shared, *args, *marks)
             out = out if n > 1 else [out]
             if t.head:
                 self.heads[t.block] = out[0]
             else:
-                self.refs.update(zip(r.ship, out))
+                self.refs.update((t.writes[at], ref) for at, ref in zip(r.ship, out))
             self.in_flight[out[-1]] = t
             metas[t.index] = out[-1]
 

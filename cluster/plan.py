@@ -134,17 +134,19 @@ class Plan:
 
 @dataclass(frozen=True)
 class Route:
-    """Where one submission of a task finds its inputs and sends its outputs.
+    """Where one submission of a task finds its inputs and sends its outputs, by position.
 
-    held: reads made earlier on the same worker, taken from its memory (the rest arrive through
-    the object store, as Ray arguments in `reads` order). keep: writes the worker keeps in its
-    memory, each with the number of its tasks in this submission that read it. ship: writes
-    returned through the object store (read on another worker, or a head read by the driver).
+    held: positions in `reads` of values made earlier on the same worker, taken from its memory
+    (the other reads arrive through the object store, as Ray arguments in `reads` order).
+    keep: (position in `writes`, readers) for each write the worker keeps in its memory, readers
+    being the number of its tasks in this submission that read it. ship: positions in `writes` of
+    the values returned through the object store (read on another worker, or a head read by the
+    driver). Positions, not keys: a route travels with every call and small ints pickle fastest.
     """
 
-    held: frozenset[Key]
-    keep: dict[Key, int]
-    ship: tuple[Key, ...]
+    held: tuple[int, ...]
+    keep: tuple[tuple[int, int], ...]
+    ship: tuple[int, ...]
 
 
 def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
@@ -161,16 +163,16 @@ def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
             readers.setdefault(key, []).append(t.worker)
     out = {}
     for t in chosen:
-        keep, ship = {}, []
-        for key in t.writes:
+        keep, ship = [], []
+        for at, key in enumerate(t.writes):
             on = readers.get(key, [])
             local = sum(w == t.worker for w in on)
             if local:
-                keep[key] = local
+                keep.append((at, local))
             if t.head or local < len(on):
-                ship.append(key)
-        held = frozenset(key for key in t.reads if made_on[key] == t.worker)
-        out[t.index] = Route(held, keep, tuple(ship))
+                ship.append(at)
+        held = tuple(at for at, key in enumerate(t.reads) if made_on[key] == t.worker)
+        out[t.index] = Route(held, tuple(keep), tuple(ship))
     return out
 
 

@@ -130,9 +130,10 @@ def from_wire(value, device: torch.device | None = None, copy: bool = False):
 class Worker:
     """One Ray actor: the model and the run's tokens, loaded once; `run` executes one task.
 
-    `shared` holds the refs of the weights and the token ids, put once in the object store by the
-    driver and passed with every call: a restarted actor reloads them on its first task, with no
-    help from the driver (and no constructor argument that a restart would depend on).
+    `shared` holds the refs of the weights, the token ids and (from the first task on) the plan's
+    tasks, put once in the object store by the driver and passed with every call: a restarted
+    actor reloads them on its first task, with no help from the driver (and no constructor
+    argument that a restart would depend on).
 
     Values this worker made and reads again stay in its own memory (`held`, by key, each with the
     number of its tasks still to read it), never serialised; only values another worker or the
@@ -145,13 +146,14 @@ class Worker:
         self.dtype, self.device = getattr(torch, dtype), device
         self.runner = None
         self.held: dict[Key, list] = {}  # key -> [value, readers still to come]
+        self.tasks: list[Task] | None = None  # the plan's tasks, fetched on the first run
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "node": _node_id()}
 
     def load(self, shared: list) -> NodeRunner:
         if self.runner is None:
             import ray
 
-            weights, tokens = ray.get(shared)
+            weights, tokens = ray.get(shared[:2])
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
             self.runner = NodeRunner(model, tokens, self.graph_meta, KernelOracle())
@@ -162,14 +164,22 @@ class Worker:
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
                 "device": str(runner.model.device), "held": len(self.held)}
 
-    def run(self, task: Task, route: Route, shared: list, *args):
-        """Run `task`; `args` are its shipped inputs (its reads not in route.held, in order), then
-        the driver's ordering markers (the producers of its held reads), which are not read.
+    def run(self, index: int, route: Route, shared: list, *args):
+        """Run task `index` of the plan (shared[2], the plan's task list, fetched once: a task
+        description pickled with every call would cost more than Ray's own dispatch); `args` are its
+        shipped inputs (its reads not in route.held, in order), then the driver's ordering markers
+        (the figures of the producers of its held reads), which are not read.
 
         Returns the route's shipped writes (as WireTensors) and the task's figures, last.
         """
         start = time.time()
-        missing = [k for k in task.reads if k in route.held and k not in self.held]
+        if self.tasks is None:
+            import ray
+
+            self.tasks = ray.get(shared[2])
+        task = self.tasks[index]
+        held = set(route.held)
+        missing = [task.reads[at] for at in route.held if task.reads[at] not in self.held]
         if missing:  # checked before anything is consumed, so a re-run finds the rest still here
             raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) no longer holds {len(missing)} "
                             f"input(s) of task {task.name}, e.g. {missing[0]}")
@@ -177,29 +187,29 @@ class Worker:
         device = runner.model.device
         arrived = iter(args)
         inputs, shipped_bytes, held_bytes = [], [], 0
-        for key in task.reads:
-            if key in route.held:
+        for at, key in enumerate(task.reads):
+            if at in held:
                 value = self.held[key][0]
                 held_bytes += tensor_bytes(value)
             else:
-                wire = next(arrived)
-                value = from_wire(wire, device)
+                value = from_wire(next(arrived), device)
                 shipped_bytes.append(tensor_bytes(value))
             inputs.append(value)
         with torch.no_grad():
-            out = dict(zip(task.writes, run_task(runner, task, inputs)))
+            out = run_task(runner, task, inputs)
         del inputs
-        for key in route.held:  # the last local reader frees the value
+        for at in route.held:  # the last local reader frees the value
+            key = task.reads[at]
             entry = self.held[key]
             entry[1] -= 1
             if entry[1] <= 0:
                 del self.held[key]
-        for key, readers in route.keep.items():
-            self.held[key] = [out[key], readers]
-        shipped = [to_wire(out[key]) for key in route.ship]
+        for at, readers in route.keep:
+            self.held[task.writes[at]] = [out[at], readers]
+        shipped = [to_wire(out[at]) for at in route.ship]
         meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
                 "start": start, "end": time.time(), "bytes_in": sum(shipped_bytes), "bytes_each": shipped_bytes,
-                "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[key]) for key in route.ship)}
+                "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship)}
         return (*shipped, meta) if shipped else meta
 
 
