@@ -121,7 +121,7 @@ def test_datasheet_figures():
 
 FAKE = {"matmul_flops": [[1e6, 1e9], [1e9, 2e10]], "attention_flops": [[1e6, 5e8], [1e9, 1e10]],
         "mask_factor": [1.0, 1.0, 1.5, 1.0], "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "threads": 1,
-        "when": "test"}
+        "contention": [1.0, 1.2], "when": "test"}
 
 
 def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
