@@ -348,7 +348,8 @@ class _Schedule:
             r = route[t.index]
             args = [self.refs[key] for at, key in enumerate(t.reads) if at not in r.held]
             makers = (self.producer[t.reads[at]].index for at in r.held)
-            marks = list(dict.fromkeys(metas[i] for i in makers if i in metas))
+            # out of order, a task waits for the producers of its held inputs; in order, it comes after them
+            marks = [] if self.pool.in_order else list(dict.fromkeys(metas[i] for i in makers if i in metas))
             n = len(r.ship) + 1
             out = self.pool.actors[t.worker].run.options(num_returns=n).remote(t.index, r, self.shared, *args, *marks)
             out = out if n > 1 else [out]

@@ -325,8 +325,13 @@ class WorkerPool:
         # list, so the actor fetches them itself, and the pool holds the refs for the whole run.
         self.shared = [ray.put(weights), ray.put(tokens)]
         actor = ray.remote(Worker)
+        # Several workers run their tasks out of order, as inputs arrive (the wavefront); a lone
+        # worker has nothing to wait for but itself, and runs them in plan order (a topological
+        # order), so its calls need no ordering arguments and follow each other without a round
+        # trip to the driver.
+        self.in_order = want == 1
         placement = dict(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.max_restarts,
-                         max_task_retries=opts.max_restarts, allow_out_of_order_execution=True,
+                         max_task_retries=opts.max_restarts, allow_out_of_order_execution=not self.in_order,
                          scheduling_strategy="SPREAD", namespace=NAMESPACE)
         self.names = [f"emulate-{self.run_id}-worker-{k}" for k in range(want)]
         self.actors = [actor.options(name=name, **placement).remote(k, config, graph_meta, dtype,
