@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from cluster.plan import Plan, make_plan, routes
+from cluster.plan import Plan, calls, make_plan, routes
 from cluster.session import WorkerPool, capacity, connect, disconnect
 from cluster.worker import LostLocal, from_wire
 from emulate.config import EmulateError, Interrupted, error_line
@@ -328,7 +328,7 @@ class _Schedule:
                 self.readers_left.setdefault(key, set()).add(t.index)
         self.refs: dict = {}  # shipped values some unfinished task reads
         self.heads: dict = {}  # block -> the ref of its head output
-        self.in_flight: dict = {}  # meta ref -> its task
+        self.in_flight: dict = {}  # figures ref of a call -> its tasks
         self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
@@ -339,44 +339,56 @@ class _Schedule:
         self.shared = [*pool.shared, ray.put(plan.tasks)]
 
     def submit(self, chosen: list) -> None:
-        """Submit `chosen` (in plan order) with the refs of their shipped inputs and, for inputs held
-        in a worker's memory, the meta refs of their producers in this submission, so Ray starts a
-        task only once its producers ran."""
+        """Submit `chosen` (in plan order) as calls (cluster.plan.calls) with the refs of their
+        shipped inputs and, for inputs held in a worker's memory, the figures refs of the calls
+        that make them in this submission, so Ray starts a call only once those ran."""
         route = routes(self.plan, chosen)
-        metas = {}
-        for t in chosen:
-            r = route[t.index]
-            args = [self.refs[key] for at, key in enumerate(t.reads) if at not in r.held]
-            makers = (self.producer[t.reads[at]].index for at in r.held)
-            # out of order, a task waits for the producers of its held inputs; in order, it comes after them
-            marks = [] if self.pool.in_order else list(dict.fromkeys(metas[i] for i in makers if i in metas))
-            n = len(r.ship) + 1
-            out = self.pool.actors[t.worker].run.options(num_returns=n).remote(t.index, r, self.shared, *args, *marks)
+        made_by: dict[int, object] = {}  # task index -> the figures ref of its call, in this submission
+        for call in calls(chosen, route):
+            args, makers = [], {}
+            for t in call:
+                r = route[t.index]
+                args += [self.refs[key] for at, key in enumerate(t.reads) if at not in r.held]
+                for at in r.held:
+                    ref = made_by.get(self.producer[t.reads[at]].index)
+                    if ref is not None:
+                        makers[ref] = None
+            # out of order, a call waits for the calls that make its held inputs; in order, it comes after them
+            marks = [] if self.pool.in_order else list(makers)
+            ship = [(t, at) for t in call for at in route[t.index].ship]
+            n = len(ship) + 1
+            worker = self.pool.actors[call[0].worker]
+            out = worker.run.options(num_returns=n).remote(tuple((t.index, route[t.index]) for t in call),
+                                                           self.shared, *args, *marks)
             out = out if n > 1 else [out]
-            if t.head:
-                self.heads[t.block] = out[0]
-            else:
-                self.refs.update((t.writes[at], ref) for at, ref in zip(r.ship, out))
-            self.in_flight[out[-1]] = t
-            metas[t.index] = out[-1]
+            for (t, at), ref in zip(ship, out):
+                if t.head:
+                    self.heads[t.block] = ref
+                else:
+                    self.refs[t.writes[at]] = ref
+            self.in_flight[out[-1]] = call
+            for t in call:
+                made_by[t.index] = out[-1]
 
     def finished(self, ref) -> None:
         import ray
 
-        task = self.in_flight.pop(ref)
+        call = self.in_flight.pop(ref)
         try:
-            m = _get(ray, ref, f"task {task.name}", self.pool, task)
+            metas = _get(ray, ref, f"task {call[0].name}" + (f" (and {len(call) - 1} more)" if len(call) > 1 else ""),
+                         self.pool, call[0])
         except _Lost:
-            self.lost.add(task.index)
+            self.lost.update(t.index for t in call)
             return
-        self.done[task.index] = m
-        self.lost.discard(task.index)
-        self.records.append(_record(task, m, self.producer))
-        for key in task.reads:
-            left = self.readers_left[key]
-            left.discard(task.index)
-            if not left:
-                self.refs.pop(key, None)
+        for task, m in zip(call, metas):
+            self.done[task.index] = m
+            self.lost.discard(task.index)
+            self.records.append(_record(task, m, self.producer))
+            for key in task.reads:
+                left = self.readers_left[key]
+                left.discard(task.index)
+                if not left:
+                    self.refs.pop(key, None)
 
     def undo(self, task) -> None:
         """A finished task to run again: its output is gone."""

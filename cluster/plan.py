@@ -176,6 +176,32 @@ def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
     return out
 
 
+CALL_TASKS = 8  # the most tasks one Ray call runs
+
+
+def calls(chosen: list[Task], routes_: dict[int, Route], limit: int = CALL_TASKS) -> list[list[Task]]:
+    """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, each
+    run one after the other inside a single call, so Ray's cost per call (dispatch, the driver's
+    and the raylet's bookkeeping) is paid once per run rather than once per task.
+
+    A task joins its worker's open call only when every input it reads is held by that worker
+    (made there): a task that waits for another worker's value starts a new call, so a call never
+    holds back work that is ready behind an input still on its way. Every call therefore depends
+    only on calls whose first task comes earlier in plan order: no cycle, whatever the order in
+    which the workers run them.
+    """
+    out: list[list[Task]] = []
+    open_: dict[int, list[Task]] = {}
+    for t in chosen:
+        run = open_.get(t.worker)
+        local = len(routes_[t.index].held) == len(t.reads)
+        if run is None or not local or len(run) >= limit:
+            run = open_[t.worker] = []
+            out.append(run)
+        run.append(t)
+    return out
+
+
 def slice_size(partials: int, pieces: int) -> int:
     """The aligned slice length 2^h (h >= 0) that cuts `partials` into at most `pieces` subtrees."""
     if pieces <= 1 or partials <= 1:

