@@ -344,7 +344,7 @@ class _Schedule:
         that make them in this submission, so Ray starts a call only once those ran."""
         route = routes(self.plan, chosen)
         made_by: dict[int, object] = {}  # task index -> the figures ref of its call, in this submission
-        for call in calls(chosen, route):
+        for call in calls(self.plan, chosen):
             args, makers = [], {}
             for t in call:
                 r = route[t.index]

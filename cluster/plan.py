@@ -179,7 +179,7 @@ def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
 CALL_TASKS = 8  # the most tasks one Ray call runs
 
 
-def calls(chosen: list[Task], routes_: dict[int, Route], limit: int = CALL_TASKS) -> list[list[Task]]:
+def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[Task]]:
     """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, each
     run one after the other inside a single call, so Ray's cost per call (dispatch, the driver's
     and the raylet's bookkeeping) is paid once per run rather than once per task.
@@ -190,11 +190,12 @@ def calls(chosen: list[Task], routes_: dict[int, Route], limit: int = CALL_TASKS
     only on calls whose first task comes earlier in plan order: no cycle, whatever the order in
     which the workers run them.
     """
+    made_on = {key: t.worker for t in plan.tasks for key in t.writes}
     out: list[list[Task]] = []
     open_: dict[int, list[Task]] = {}
     for t in chosen:
         run = open_.get(t.worker)
-        local = len(routes_[t.index].held) == len(t.reads)
+        local = all(made_on[key] == t.worker for key in t.reads)
         if run is None or not local or len(run) >= limit:
             run = open_[t.worker] = []
             out.append(run)

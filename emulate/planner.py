@@ -5,7 +5,9 @@ placed exactly as the Ray executor does it (cluster/plan.py, `make_plan`, which 
 form), then `simulate` runs a discrete-event list scheduler over those tasks with a cost model:
 
     task time  = max(matmul FLOPs / F_mm + attention FLOPs / F_att, bytes / memory bandwidth)
-                 + logical calls x call overhead + task overhead
+                 + logical calls x call overhead (all of it x a contention factor for CPU workers
+                 sharing one machine's cores) + the per-call cost of Ray, for a task that starts
+                 a Ray call (the executor runs up to 8 tasks of one worker in one call)
     transfer   = link latency + bytes / link bandwidth, for a value read on a worker other than the
                  one that made it; once per worker (the value then stays in its object store), and
                  one at a time per worker (its inbound link is a queue)
@@ -166,8 +168,9 @@ def value_bytes(key, spec, spans) -> int:
     return m * d * b
 
 
-def task_seconds(t, hw: Hardware) -> float:
-    """The cost model of one task on one worker (module docstring)."""
+def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
+    """The cost model of one task on one worker (module docstring); the per-call costs (Ray's
+    dispatch, the driver's and Ray's CPU) only for a task that starts a Ray call."""
     dev, g = hw.device, hw.gpus_per_worker
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
@@ -179,7 +182,8 @@ def task_seconds(t, hw: Hardware) -> float:
     elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
-    return (max(compute, memory) + t.calls * dev.call_overhead_s) * hw.slowdown + hw.task_overhead_s + hw.service_s
+    per_call = hw.task_overhead_s + hw.service_s if starts_call else 0.0
+    return (max(compute, memory) + t.calls * dev.call_overhead_s) * hw.slowdown + per_call
 
 
 @dataclass
@@ -196,9 +200,13 @@ class Schedule:
 
 def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Schedule:
     """Run `plan` (cluster.plan.Plan) on hw.workers simulated workers; see the module docstring."""
+    from cluster.plan import calls
+
     tasks = plan.tasks
     n, P = len(tasks), plan.workers
-    dur = [task_seconds(t, hw) for t in tasks]
+    # the executor runs consecutive tasks of a worker in one Ray call (cluster.plan.calls)
+    firsts = {c[0].index for c in calls(plan, tasks)}
+    dur = [task_seconds(t, hw, t.index in firsts) for t in tasks]
     size_of: dict = {}
 
     def size(key) -> int:
