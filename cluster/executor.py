@@ -333,6 +333,7 @@ class _Schedule:
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
         self.recoveries = 0
+        self.calls = 0  # Ray calls submitted
         import ray
 
         # the plan's tasks go to each worker once, with the weights; a call names its task by index
@@ -345,6 +346,7 @@ class _Schedule:
         route = routes(self.plan, chosen)
         made_by: dict[int, object] = {}  # task index -> the figures ref of its call, in this submission
         for call in calls(self.plan, chosen):
+            self.calls += 1
             args, makers = [], {}
             for t in call:
                 r = route[t.index]
@@ -461,7 +463,7 @@ def _figures(run: _Schedule, pool: WorkerPool) -> dict:
         "bytes_held": sum(r["bytes_held"] for r in records),
         "worker_busy_s": [round(b, 3) for b in busy],
         "worker_processes": sum(len(p) for p in pids.values()),
-        "recoveries": run.recoveries,
+        "ray_calls": run.calls, "recoveries": run.recoveries,
         "tasks_rerun": len(records) - len(run.plan.tasks),
     }
 

@@ -180,26 +180,37 @@ CALL_TASKS = 8  # the most tasks one Ray call runs
 
 
 def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[Task]]:
-    """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, each
-    run one after the other inside a single call, so Ray's cost per call (dispatch, the driver's
-    and the raylet's bookkeeping) is paid once per run rather than once per task.
+    """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, run
+    one after the other inside a single call, so Ray's cost per call (dispatch, the driver's and
+    the raylet's bookkeeping) is paid once per run rather than once per task.
 
-    A task joins its worker's open call only when every input it reads is held by that worker
-    (made there): a task that waits for another worker's value starts a new call, so a call never
-    holds back work that is ready behind an input still on its way. Every call therefore depends
-    only on calls whose first task comes earlier in plan order: no cycle, whatever the order in
-    which the workers run them.
+    Only tasks that neither wait for nor feed another worker share a call: a task that reads a
+    value made on another worker, or makes one another worker reads, is a call of its own, so no
+    call holds back tasks that could run while it waits for its input, and no value another
+    worker waits for stays in a call until the call ends. A call of several tasks thus depends only
+    on calls of its own worker made earlier in plan order: no cycle, whatever the order in which
+    the workers run them.
     """
     made_on = {key: t.worker for t in plan.tasks for key in t.writes}
+    read_on: dict[Key, set[int]] = {}
+    for t in plan.tasks:
+        for key in t.reads:
+            read_on.setdefault(key, set()).add(t.worker)
     out: list[list[Task]] = []
     open_: dict[int, list[Task]] = {}
     for t in chosen:
+        alone = any(made_on[key] != t.worker for key in t.reads) or \
+            any(read_on.get(key, set()) - {t.worker} for key in t.writes)
         run = open_.get(t.worker)
-        local = all(made_on[key] == t.worker for key in t.reads)
-        if run is None or not local or len(run) >= limit:
-            run = open_[t.worker] = []
+        if alone or run is None or len(run) >= limit:
+            run = [t]
             out.append(run)
-        run.append(t)
+            if alone:
+                open_.pop(t.worker, None)
+            else:
+                open_[t.worker] = run
+        else:
+            run.append(t)
     return out
 
 

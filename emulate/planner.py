@@ -100,7 +100,7 @@ CPU_LINK_LATENCY_S = 200e-6
 # tasks each): a worker spends 1.9 to 2.6 ms per task outside it (Ray's dispatch of the next call,
 # the returns), and the driver and Ray's processes spend 2.2 to 3.1 ms of CPU per task.
 CPU_TASK_OVERHEAD_S = 2e-3  # a Ray actor call: submit, schedule, fetch the inputs, return
-CPU_SERVICE_S_PER_TASK = 2.5e-3  # CPU of the driver and Ray's services per task, on the workers' cores
+CPU_SERVICE_S_PER_CALL = 2.5e-3  # CPU of the driver and Ray's services per task, on the workers' cores
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Hardware:
     # computing at once on C cores: the calibrated contention at min(P, C), times P / C past C) ...
     slowdown: float = 1.0
     # ... and, once the workers fill every core, the driver's and Ray's CPU per task comes out of
-    # their time: CPU_SERVICE_S_PER_TASK x P / C per task
+    # their time: CPU_SERVICE_S_PER_CALL x P / C per task
     service_s: float = 0.0
 
     @property
@@ -357,7 +357,7 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
     if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
         cores = _cores()
         slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
-        service = CPU_SERVICE_S_PER_TASK * workers / cores if executor == "ray" and workers >= cores else 0.0
+        service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
     return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
                     slowdown or 1.0, service)
 

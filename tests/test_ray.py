@@ -272,17 +272,19 @@ def test_cli_private_instance_starts_and_stops(tmp_path):
 # -- faults -----------------------------------------------------------------------------------
 
 def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
-    """SIGKILL one worker's process after the first output block: Ray restarts it, re-runs its tasks."""
+    """SIGKILL one worker's process once half the tasks have finished: Ray restarts it, re-runs its tasks."""
     p, runs = causal_runs
     watched = Watched(on_ray(2))
-    stream = emulate.stream(p.model, p.tokens, **options(p, watched))
-    hidden = []
-    for b, out in stream:
-        hidden.append(out.hidden)
-        if b == 0:
-            victim = watched.execution.figures["ray_workers"][-1]["pid"]  # the last worker holds the heavy late rows
-            os.kill(victim, signal.SIGKILL)
-    assert torch.equal(torch.cat(hidden), runs[2].hidden)
+    killed = []
+
+    def kill_once(stage, done, total):
+        if stage == "forward" and not killed and done >= total // 2:
+            killed.append(watched.execution.figures["ray_workers"][-1]["pid"])  # the last worker holds the heavy late rows
+            os.kill(killed[0], signal.SIGKILL)
+
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_once)
+    hidden = [out.hidden for _, out in stream]
+    assert killed and torch.equal(torch.cat(hidden), runs[2].hidden)
     assert stream.stats["worker_processes"] > 2  # the restarted process really ran tasks
     # its residuals and queries were held only in its memory: the driver re-ran their producers
     assert stream.stats["recoveries"] >= 1 and stream.stats["tasks_rerun"] > 0
