@@ -334,6 +334,7 @@ class _Schedule:
         self.records: list[dict] = []
         self.recoveries = 0
         self.calls = 0  # Ray calls submitted
+        self.last_loss = ""  # why the latest lost call failed, for the message when recovery gives up
         import ray
 
         # the plan's tasks go to each worker once, with the weights; a call names its task by index
@@ -360,7 +361,7 @@ class _Schedule:
             ship = [(t, at) for t in call for at in route[t.index].ship]
             n = len(ship) + 1
             worker = self.pool.actors[call[0].worker]
-            out = worker.run.options(num_returns=n).remote(tuple((t.index, route[t.index]) for t in call),
+            out = worker.run.options(num_returns=n).remote(self.recoveries, tuple((t.index, route[t.index]) for t in call),
                                                            self.shared, *args, *marks)
             out = out if n > 1 else [out]
             for (t, at), ref in zip(ship, out):
@@ -379,8 +380,9 @@ class _Schedule:
         try:
             metas = _get(ray, ref, f"task {call[0].name}" + (f" (and {len(call) - 1} more)" if len(call) > 1 else ""),
                          self.pool, call[0])
-        except _Lost:
+        except _Lost as err:
             self.lost.update(t.index for t in call)
+            self.last_loss = str(err)
             return
         for task, m in zip(call, metas):
             self.done[task.index] = m
@@ -408,10 +410,16 @@ class _Schedule:
         limit = self.pool.size * (self.opts.max_restarts + 1)
         if self.recoveries > limit:
             raise EmulateError(f"values lost with dead workers {self.recoveries - 1} times; the run stops "
-                               f"(at most {limit} recoveries for {self.pool.size} worker(s))")
-        pids = self.pool.current_pids(lambda idle_s: _check_health(self.pool, self.opts, idle_s))
+                               f"(at most {limit} recoveries for {self.pool.size} worker(s)); last: {self.last_loss}")
+        # what each worker holds now, asked of it (a restarted one holds nothing); from here on the
+        # workers refuse calls of earlier submissions, which Ray may run again to rebuild a lost
+        # output and which would consume values this submission counts on
+        held = self.pool.holdings(self.recoveries, lambda idle_s: _check_health(self.pool, self.opts, idle_s))
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         tasks = self.plan.tasks
+        for t in tasks:  # outputs not yet fetched that lived on a dead node: made again at once, not one by one
+            if t.head and t.block in self.heads and t.index in self.done and self.done[t.index]["node"] not in alive:
+                self.undo(t)
         todo = {t.index for t in tasks if t.index not in self.done}
         stack = list(todo)
         while stack:
@@ -420,11 +428,10 @@ class _Schedule:
                 p = self.producer[key]
                 if p.index in todo:
                     continue
-                m = self.done[p.index]
                 if p.worker == t.worker:
-                    here = m["pid"] == pids[p.worker]
+                    here = key in held[p.worker]
                 else:
-                    here = key in self.refs and m["node"] in alive
+                    here = key in self.refs and self.done[p.index]["node"] in alive
                 if not here:
                     todo.add(p.index)
                     self.undo(p)

@@ -354,21 +354,22 @@ class WorkerPool:
             self.close()
             raise EmulateError(f"a worker failed to start: {error_line(err)}") from None
 
-    def current_pids(self, on_wait, every_s: float = 5.0) -> list[int]:
-        """The process id of every worker now (a restarted one has a new one and has loaded the
-        weights again), asked of the workers themselves; `on_wait(seconds)` runs every `every_s`
-        while some have not answered (a health check that raises to give up)."""
+    def holdings(self, generation: int, on_wait, every_s: float = 5.0) -> list[set]:
+        """Start the driver's submission `generation` on every worker and return the keys of the
+        values each holds now (a restarted worker holds none, once it has loaded the weights
+        again); `on_wait(seconds)` runs every `every_s` while some have not answered (a health
+        check that raises to give up)."""
         import ray
 
-        pings = [a.ping.remote(self.shared) for a in self.actors]
+        asks = [a.holdings.remote(generation, self.shared) for a in self.actors]
         since = time.monotonic()
         while True:
-            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=every_s)
-            if len(ready) == len(pings):
+            ready, _ = ray.wait(asks, num_returns=len(asks), timeout=every_s)
+            if len(ready) == len(asks):
                 break
             on_wait(time.monotonic() - since)
         try:
-            return [info["pid"] for info in ray.get(pings)]
+            return [set(info["held"]) for info in ray.get(asks)]
         except ray.exceptions.RayError as err:
             raise EmulateError(f"a worker could not be reached to recover lost values: {error_line(err)}") from None
 

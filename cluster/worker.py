@@ -147,6 +147,7 @@ class Worker:
         self.runner = None
         self.held: dict[Key, list] = {}  # key -> [value, readers still to come]
         self.tasks: list[Task] | None = None  # the plan's tasks, fetched on the first run
+        self.generation = 0  # the driver's latest submission this process has seen
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "node": _node_id()}
 
     def load(self, shared: list) -> NodeRunner:
@@ -164,8 +165,18 @@ class Worker:
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
                 "device": str(runner.model.device), "held": len(self.held)}
 
-    def run(self, call: tuple[tuple[int, Route], ...], shared: list, *args):
-        """Run the tasks of one call in order: (index in the plan, its route) each. The plan's tasks
+    def holdings(self, generation: int, shared: list) -> dict:
+        """Start submission `generation` (the driver's recovery): calls of earlier submissions are
+        refused from now on. Returns this process's id and the keys of the values it holds."""
+        self.load(shared)
+        self.generation = max(self.generation, generation)
+        return {"pid": self.where["pid"], "held": list(self.held)}
+
+    def run(self, generation: int, call: tuple[tuple[int, Route], ...], shared: list, *args):
+        """Run the tasks of one call of submission `generation` in order: (index in the plan, its
+        route) each. A call of an earlier submission (Ray re-running a finished call to rebuild an
+        output lost with a node) is refused before it touches anything: it would consume values the
+        driver's later submission counts on. The plan's tasks
         are shared[2], fetched once (a task description pickled with every call would cost more
         than Ray's own dispatch). `args` are the tasks' shipped inputs (their reads not held, in
         order), then the driver's ordering markers (the figures of the calls that made the held
@@ -174,6 +185,10 @@ class Worker:
         Returns every task's shipped writes (as WireTensors), in order, then the list of the
         tasks' figures.
         """
+        if generation < self.generation:
+            raise LostLocal(f"worker {self.index} refuses a call of submission {generation}: it runs submission "
+                            f"{self.generation} now")
+        self.generation = generation
         if self.tasks is None:
             import ray
 
