@@ -315,17 +315,20 @@ def test_values_held_only_by_a_killed_worker_are_recomputed(ray_cluster):
 def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
     import ray
 
-    p = problem(tokens=1024, block=128)
+    p = problem(tokens=4096, block=256)
     watched = Watched(on_ray(2))
-    blocks = iter(emulate.stream(p.model, p.tokens, **options(p, watched)))
-    next(blocks)
-    for w in watched.execution.figures["ray_workers"]:
-        ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
-    start = time.monotonic()
+    killed = []
+
+    def kill_all(stage, done, total):  # once the first call finished: most of the work is still to do
+        if stage == "forward" and not killed:
+            for w in watched.execution.figures["ray_workers"]:
+                ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
+            killed.append(time.monotonic())
+
     with pytest.raises(EmulateError, match="died|dead"):
-        for _ in blocks:
+        for _ in emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_all):
             pass
-    assert time.monotonic() - start < 60
+    assert killed and time.monotonic() - killed[0] < 60
 
 
 # -- bad input --------------------------------------------------------------------------------
