@@ -128,7 +128,7 @@ def from_wire(value, device: torch.device | None = None, copy: bool = False):
 
 
 class Worker:
-    """One Ray actor: the model and the run's tokens, loaded once; `run` executes one task.
+    """One Ray actor: the model and the run's tokens, loaded once; `run` executes one call of tasks.
 
     `shared` holds the refs of the weights, the token ids and (from the first task on) the plan's
     tasks, put once in the object store by the driver and passed with every call: a restarted
