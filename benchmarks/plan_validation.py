@@ -54,7 +54,8 @@ def main() -> None:
     device = cpu_device(recalibrate=args.calibrate)
     print(f"cpu: {device.source}; call overhead {device.call_overhead_s * 1e6:.0f} us, bandwidth "
           f"{device.bandwidth / 1e9:.1f} GB/s, largest matmul {max(device.matmul_flops.values()) / 1e9:.1f} GFLOP/s, "
-          f"largest attention {max(device.attention_flops.values()) / 1e9:.1f} GFLOP/s", flush=True)
+          f"largest attention {max(device.attention_flops.values()) / 1e9:.1f} GFLOP/s; k workers at once each "
+          f"take {', '.join(f'x{f:.2f}' for f in device.contention)} (k = 1, 2, ...)", flush=True)
     measure("tiny-llama", 1024, 256, {"attention": "causal"})  # warm-up: kernels, allocator
     rows = []
     cases = [(*c, None) for c in LOCAL] + ([] if args.no_ray else RAY)

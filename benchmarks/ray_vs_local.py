@@ -24,10 +24,11 @@ CASES = [
 QUICK = [("tiny-mistral", 4096, 256, {"attention": "sliding", "window": 128}),
          ("tiny-llama", 2048, 256, {"attention": "causal"})]
 # (name, emulate.Ray keywords or None for the local executor, threads of the local run, also the process's
-# OMP_NUM_THREADS: None keeps the defaults, a call worker (of one torch thread) per core)
-EXECUTORS = [("local", None, None), ("local, 1 thread", None, 1),
-             ("ray, 1 worker", {"workers": 1}, None),
-             ("ray, 2 workers", {"workers": 2}, None)]
+# OMP_NUM_THREADS: None keeps the defaults, a call worker (of one torch thread) per core; the row a Ray
+# row is compared with: the local run on as many cores as it has workers)
+EXECUTORS = [("local", None, None, None), ("local, 1 thread", None, 1, None),
+             ("ray, 1 worker", {"workers": 1}, None, "local, 1 thread"),
+             ("ray, 2 workers", {"workers": 2}, None, "local")]
 
 
 def forward(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None = None) -> dict:
@@ -103,23 +104,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     cases = QUICK if parser.parse_args().quick else CASES
     print(f"{os.cpu_count()} CPUs; float32; forward_s from one run each; ratio = forward_s / local forward_s; "
+          "vs same cores = a Ray row's forward_s / the local run's on as many cores as it has workers; "
+          "into tasks = bytes tasks received through the object store; out of tasks = bytes tasks put there "
+          "(outputs and values read on another worker); "
           "load = 1-minute load average before the run (other work on the machine skews the figures)\n")
-    print("| model | N | M | attention | executor | forward_s | ratio to local | ray_setup_s | physical tasks "
-          "| bytes transferred | bytes between workers | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | N | M | attention | executor | forward_s | ratio to local | vs same cores | ray_setup_s "
+          "| physical tasks | object store: into tasks | out of tasks | bytes between workers | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, tokens, block, pattern in cases:
-        base = None
-        for name, ray, threads in EXECUTORS:
+        seen: dict[str, float] = {}
+        for name, ray, threads, against in EXECUTORS:
             load = os.getloadavg()[0]
             s = run(model, tokens, block, pattern, ray, threads)
-            base = base or s["forward_s"]
+            seen[name] = s["forward_s"]
+            base = next(iter(seen.values()))
+            same = f"{s['forward_s'] / seen[against]:.2f}" if against in seen else "-"
             attention = s["attention"] + (f" r={s['window']}" if s["window"] else "")
             print(f"| {model} | {tokens} | {block} | {attention} | {name} | {s['forward_s']:.2f} | "
-                  f"{s['forward_s'] / base:.2f} | {s.get('ray_setup_s', '-')} | {s.get('physical_tasks', '-')} | "
-                  f"{_mb(s.get('bytes_transferred'))} | {_mb(s.get('bytes_between_workers'))} | {load:.1f} |", flush=True)
+                  f"{s['forward_s'] / base:.2f} | {same} | {s.get('ray_setup_s', '-')} | {s.get('physical_tasks', '-')} | "
+                  f"{_mb(s.get('bytes_transferred'))} | {_mb(s.get('bytes_returned'))} | "
+                  f"{_mb(s.get('bytes_between_workers'))} | {load:.1f} |", flush=True)
     print("\ncommands:")
     for model, tokens, block, pattern in cases:
-        for _, ray, threads in EXECUTORS:
+        for _, ray, threads, _ in EXECUTORS:
             print("  " + command(model, tokens, block, pattern, ray, threads))
 
 

@@ -3,12 +3,19 @@
 Every task is submitted up front with the ObjectRefs of its inputs, so Ray starts it the moment
 they exist: a block of layer l+1 waits for its own few inputs of layer l, never for the whole
 layer (docs/design.md, Executors: O(N/M) modes overlap layers as a wavefront). Workers run
-their tasks out of order as inputs arrive, one at a time each. The driver drops its handles on
-intermediate values once submitted, so Ray frees each value when its last reader has run.
+their tasks out of order as inputs arrive, one at a time each.
 
-Faults: worker actors restart (max_restarts) and Ray re-runs their lost or interrupted tasks
-(max_task_retries, lineage reconstruction for values lost with a node); tasks are pure functions
-of their inputs, so a re-run gives the same bits. A run that cannot go on stops with one line.
+Values stay where they are made: a value read only on the worker that made it stays in that
+worker's memory (its readers wait on the producer's small figures object instead), and only values
+read on another worker, and the outputs, go through the object store, as zero-copy numpy arrays
+(cluster/plan.py `routes`, cluster/worker.py). The driver keeps the refs of shipped values until
+their last reader finished.
+
+Faults: worker actors restart (max_restarts) and Ray re-runs their interrupted tasks
+(max_task_retries, lineage reconstruction for values lost with a node). A restarted worker has
+lost the values it held, so the driver re-runs their producers from lineage (`_Schedule.recover`);
+tasks are pure functions of their inputs, so a re-run gives the same bits. A run that cannot go on
+stops with one line.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ import sys
 import threading
 import time
 
-from cluster.plan import Plan, make_plan
+from cluster.plan import Plan, calls, make_plan, routes
 from cluster.session import WorkerPool, capacity, connect, disconnect
+from cluster.worker import LostLocal, from_wire
 from emulate.config import EmulateError, Interrupted, error_line
 from emulate.executor import Execution, Job, Progress, Ray
 from emulate.trace import check_trace_path
@@ -229,46 +237,50 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
 
     try:
         t0 = time.time()
-        heads, metas = _submit(plan, pool)
+        run = _Schedule(plan, pool, opts)
+        run.submit(plan.tasks)
         handlers.restore()
-        producer = {key: t for t in plan.tasks for key in t.writes}
-        records: list[dict] = []
-        pending = list(metas)
-        head_done: set[int] = set()
+        heads = {t.block: t.index for t in plan.tasks if t.head}
         next_block = 0
         last_done = last_health = time.monotonic()
         while next_block < plan.blocks:
-            if next_block in head_done:
-                value = _fetch(ray, heads.pop(next_block), f"the output of block {next_block}", pool, opts)
-                yield next_block, value
+            if heads[next_block] in run.done:
+                try:
+                    value = _fetch(ray, run.heads[next_block], f"the output of block {next_block}", pool, opts)
+                except _Lost:  # its node went with the value: run the head again
+                    run.undo(plan.tasks[heads[next_block]])
+                    continue
+                del run.heads[next_block]
+                yield next_block, from_wire(value, copy=True)
                 next_block += 1
                 continue
-            if not pending:
-                raise EmulateError(f"every task finished but block {next_block}'s output never came")
+            if not run.in_flight:
+                if not run.lost:
+                    raise EmulateError(f"every task finished but block {next_block}'s output never came")
+                run.recover()
+                last_done = time.monotonic()
+                continue
+            pending = list(run.in_flight)
             ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             if ready and pending:
                 more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
                 ready += more
             now = time.monotonic()
             for ref in ready:
-                task = metas.pop(ref)
-                m = _get(ray, ref, f"task {task.name}", pool, task)
-                records.append(_record(task, m, producer))
-                if task.head:
-                    head_done.add(task.block)
+                run.finished(ref)
                 if progress is not None:
-                    progress(len(records), len(plan.tasks))
+                    progress(len(run.done), len(plan.tasks))
                 last_done = now
             if not ready and now - last_health >= HEALTH_EVERY_S:
                 last_health = now
                 _check_health(pool, opts, now - last_done)
-        for ref, task in list(metas.items()):  # finished, but not yet seen when the last head came in
-            records.append(_record(task, _get(ray, ref, f"task {task.name}", pool, task), producer))
-        figures.update(_figures(records, pool))
+        for ref in list(run.in_flight):  # finished, but not yet seen when the last head came in
+            run.finished(ref)
+        figures.update(_figures(run, pool))
         if opts.trace:
             from cluster.trace import write_trace
 
-            write_trace(opts.trace, records, pool.info, t0)
+            write_trace(opts.trace, run.records, pool.info, t0)
             figures["trace"] = opts.trace
     except BaseException:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs a line for each task cut short
@@ -288,34 +300,163 @@ def _teardown(pool: WorkerPool, owned: bool, linger_s: float = 0.0) -> None:
     _disconnect(owned, linger_s)
 
 
-def _submit(plan: Plan, pool: WorkerPool):
-    """Submit every task with the refs of its inputs; keep only the heads' and the metadata refs."""
-    values, heads, metas = {}, {}, {}
-    for t in plan.tasks:
-        refs = pool.actors[t.worker].run.options(num_returns=len(t.writes) + 1).remote(
-            t, pool.shared, *[values[key] for key in t.reads])
-        for key, ref in zip(t.writes, refs[:-1]):
-            values[key] = ref
-        if t.head:
-            heads[t.block] = refs[0]
-        metas[refs[-1]] = t
-    values.clear()  # pending tasks hold their inputs; Ray frees each value after its last reader
-    return heads, metas
+class _Lost(Exception):
+    """A task or a value that a worker or node took with it when it died: the driver runs the
+    lost work again (`_Schedule.recover`) rather than failing."""
+
+
+class _Schedule:
+    """The driver's side of one run: what is in flight, what is done and where each value lives.
+
+    Values a worker made and reads again stay in that worker's memory (cluster/worker.py); only
+    values read on another worker (and the heads) go through the object store, and the driver
+    keeps their refs until every reader has finished, so it can hand them to a re-run. A worker
+    that dies takes its held values with it: its restarted process answers a task that needs one
+    with LostLocal, and everything downstream fails with that error without running. Once nothing
+    is in flight, `recover` re-runs the unfinished tasks together with the finished producers
+    whose values are gone (held by a dead process, or shipped from a dead node), back through the
+    lineage as far as needed: at worst from the embeddings. Tasks are pure functions of their
+    inputs, so a re-run gives the same bits.
+    """
+
+    def __init__(self, plan: Plan, pool: WorkerPool, opts: Ray):
+        self.plan, self.pool, self.opts = plan, pool, opts
+        self.producer = {key: t for t in plan.tasks for key in t.writes}
+        self.readers_left: dict = {}  # key -> indices of its readers not yet finished
+        for t in plan.tasks:
+            for key in t.reads:
+                self.readers_left.setdefault(key, set()).add(t.index)
+        self.refs: dict = {}  # shipped values some unfinished task reads
+        self.heads: dict = {}  # block -> the ref of its head output
+        self.in_flight: dict = {}  # figures ref of a call -> its tasks
+        self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
+        self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
+        self.records: list[dict] = []
+        self.recoveries = 0
+        self.calls = 0  # Ray calls submitted
+        self.last_loss = ""  # why the latest lost call failed, for the message when recovery gives up
+        import ray
+
+        # the plan's tasks go to each worker once, with the weights; a call names its task by index
+        self.shared = [*pool.shared, ray.put(plan.tasks)]
+
+    def submit(self, chosen: list) -> None:
+        """Submit `chosen` (in plan order) as calls (cluster.plan.calls) with the refs of their
+        shipped inputs and, for inputs held in a worker's memory, the figures refs of the calls
+        that make them in this submission, so Ray starts a call only once those ran."""
+        route = routes(self.plan, chosen)
+        made_by: dict[int, object] = {}  # task index -> the figures ref of its call, in this submission
+        for call in calls(self.plan, chosen):
+            self.calls += 1
+            args, makers = [], {}
+            for t in call:
+                r = route[t.index]
+                args += [self.refs[key] for at, key in enumerate(t.reads) if at not in r.held]
+                for at in r.held:
+                    ref = made_by.get(self.producer[t.reads[at]].index)
+                    if ref is not None:
+                        makers[ref] = None
+            # out of order, a call waits for the calls that make its held inputs; in order, it comes after them
+            marks = [] if self.pool.in_order else list(makers)
+            ship = [(t, at) for t in call for at in route[t.index].ship]
+            n = len(ship) + 1
+            worker = self.pool.actors[call[0].worker]
+            out = worker.run.options(num_returns=n).remote(self.recoveries, tuple((t.index, route[t.index]) for t in call),
+                                                           self.shared, *args, *marks)
+            out = out if n > 1 else [out]
+            for (t, at), ref in zip(ship, out):
+                if t.head:
+                    self.heads[t.block] = ref
+                else:
+                    self.refs[t.writes[at]] = ref
+            self.in_flight[out[-1]] = call
+            for t in call:
+                made_by[t.index] = out[-1]
+
+    def finished(self, ref) -> None:
+        import ray
+
+        call = self.in_flight.pop(ref)
+        try:
+            metas = _get(ray, ref, f"task {call[0].name}" + (f" (and {len(call) - 1} more)" if len(call) > 1 else ""),
+                         self.pool, call[0])
+        except _Lost as err:
+            self.lost.update(t.index for t in call)
+            self.last_loss = str(err)
+            return
+        for task, m in zip(call, metas):
+            self.done[task.index] = m
+            self.lost.discard(task.index)
+            self.records.append(_record(task, m, self.producer))
+            for key in task.reads:
+                left = self.readers_left[key]
+                left.discard(task.index)
+                if not left:
+                    self.refs.pop(key, None)
+
+    def undo(self, task) -> None:
+        """A finished task to run again: its output is gone."""
+        self.done.pop(task.index, None)
+        self.lost.add(task.index)
+        for key in task.reads:
+            self.readers_left[key].add(task.index)
+
+    def recover(self) -> None:
+        """Re-run what was lost: every unfinished task, and every finished producer one of them needs
+        whose value is no longer anywhere (recursively)."""
+        import ray
+
+        self.recoveries += 1
+        limit = self.pool.size * (self.opts.max_restarts + 1)
+        if self.recoveries > limit:
+            raise EmulateError(f"values lost with dead workers {self.recoveries - 1} times; the run stops "
+                               f"(at most {limit} recoveries for {self.pool.size} worker(s)); last: {self.last_loss}")
+        # what each worker holds now, asked of it (a restarted one holds nothing); from here on the
+        # workers refuse calls of earlier submissions, which Ray may run again to rebuild a lost
+        # output and which would consume values this submission counts on
+        held = self.pool.holdings(self.recoveries, lambda idle_s: _check_health(self.pool, self.opts, idle_s))
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        tasks = self.plan.tasks
+        for t in tasks:  # outputs not yet fetched that lived on a dead node: made again at once, not one by one
+            if t.head and t.block in self.heads and t.index in self.done and self.done[t.index]["node"] not in alive:
+                self.undo(t)
+        todo = {t.index for t in tasks if t.index not in self.done}
+        stack = list(todo)
+        while stack:
+            t = tasks[stack.pop()]
+            for key in t.reads:
+                p = self.producer[key]
+                if p.index in todo:
+                    continue
+                if p.worker == t.worker:
+                    here = key in held[p.worker]
+                else:
+                    here = key in self.refs and self.done[p.index]["node"] in alive
+                if not here:
+                    todo.add(p.index)
+                    self.undo(p)
+                    stack.append(p.index)
+        self.lost.clear()
+        self.submit([tasks[i] for i in sorted(todo)])
 
 
 def _record(task, m: dict, producer: dict) -> dict:
     """One finished task, with its input bytes split by whether they crossed between workers.
 
     deps: the indices of the tasks it read from, so the trace holds the schedule's dependency DAG.
+    bytes_in: what it received through the object store; bytes_held: what it read from its
+    worker's own memory.
     """
-    crossed = sum(b for key, b in zip(task.reads, m["bytes_each"]) if producer[key].worker != task.worker)
+    shipped = [key for key in task.reads if producer[key].worker != task.worker]
+    crossed = sum(m["bytes_each"][:len(shipped)])
     return {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
             "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(),
             "deps": sorted({producer[key].index for key in task.reads}), "bytes_in": m["bytes_in"],
-            "bytes_out": m["bytes_out"], "bytes_crossed": crossed}
+            "bytes_held": m["bytes_held"], "bytes_out": m["bytes_out"], "bytes_crossed": crossed}
 
 
-def _figures(records: list[dict], pool: WorkerPool) -> dict:
+def _figures(run: _Schedule, pool: WorkerPool) -> dict:
+    records = run.records
     busy = [0.0] * pool.size
     for r in records:
         busy[r["worker"]] += r["end"] - r["start"]
@@ -326,27 +467,33 @@ def _figures(records: list[dict], pool: WorkerPool) -> dict:
         "bytes_transferred": sum(r["bytes_in"] for r in records),
         "bytes_between_workers": sum(r["bytes_crossed"] for r in records),
         "bytes_returned": sum(r["bytes_out"] for r in records),
+        "bytes_held": sum(r["bytes_held"] for r in records),
         "worker_busy_s": [round(b, 3) for b in busy],
         "worker_processes": sum(len(p) for p in pids.values()),
+        "ray_calls": run.calls, "recoveries": run.recoveries,
+        "tasks_rerun": len(records) - len(run.plan.tasks),
     }
 
 
 def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout: float | None = None):
-    """ray.get with Ray's failures turned into one line that says what could not be done."""
+    """ray.get with Ray's failures turned into one line that says what could not be done, or into
+    _Lost when what failed was a value a dead worker or node took with it."""
     try:
         return ray.get(ref, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
+        if isinstance(cause, (LostLocal, ray.exceptions.ObjectLostError)):  # a dead worker's values: re-run them
+            raise _Lost(error_line(cause, last=True)) from None
         raise EmulateError(f"{what} failed on worker {task.worker if task else '?'}: "
                            f"{type(cause).__name__}: {error_line(cause, last=True)}") from None
     except ray.exceptions.RayActorError as err:
         worker = f"worker {task.worker}" if task else "a worker"
         raise EmulateError(f"{what} could not run: {worker} died and could not be restarted "
                            f"({pool.opts.max_restarts if pool else '?'} restarts allowed): {error_line(err, last=True)}") from None
-    except ray.exceptions.ObjectLostError as err:
-        raise EmulateError(f"{what}: its data was lost and could not be rebuilt: {error_line(err, last=True)}") from None
+    except ray.exceptions.ObjectLostError as err:  # gone with its node and not rebuilt by Ray: re-run its producers
+        raise _Lost(f"{what}: {error_line(err, last=True)}") from None
     except ray.exceptions.RayError as err:
         raise EmulateError(f"{what}: {type(err).__name__}: {error_line(err, last=True)}") from None
 

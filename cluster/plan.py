@@ -133,6 +133,88 @@ class Plan:
         }
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one submission of a task finds its inputs and sends its outputs, by position.
+
+    held: positions in `reads` of values made earlier on the same worker, taken from its memory
+    (the other reads arrive through the object store, as Ray arguments in `reads` order).
+    keep: (position in `writes`, readers) for each write the worker keeps in its memory, readers
+    being the number of its tasks in this submission that read it. ship: positions in `writes` of
+    the values returned through the object store (read on another worker, or a head read by the
+    driver). Positions, not keys: a route travels with every call and small ints pickle fastest.
+    """
+
+    held: tuple[int, ...]
+    keep: tuple[tuple[int, int], ...]
+    ship: tuple[int, ...]
+
+
+def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
+    """The Route of every task in `chosen` (a whole plan, or the tasks a recovery re-runs), by index.
+
+    A value read on the worker that made it never leaves that worker; one read elsewhere, or a
+    head, goes through the object store once. Readers outside `chosen` have already run and do not
+    count: a write nobody in `chosen` reads is computed and dropped.
+    """
+    made_on = {key: t.worker for t in plan.tasks for key in t.writes}
+    readers: dict[Key, list[int]] = {}
+    for t in chosen:
+        for key in t.reads:
+            readers.setdefault(key, []).append(t.worker)
+    out = {}
+    for t in chosen:
+        keep, ship = [], []
+        for at, key in enumerate(t.writes):
+            on = readers.get(key, [])
+            local = sum(w == t.worker for w in on)
+            if local:
+                keep.append((at, local))
+            if t.head or local < len(on):
+                ship.append(at)
+        held = tuple(at for at, key in enumerate(t.reads) if made_on[key] == t.worker)
+        out[t.index] = Route(held, tuple(keep), tuple(ship))
+    return out
+
+
+CALL_TASKS = 8  # the most tasks one Ray call runs
+
+
+def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[Task]]:
+    """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, run
+    one after the other inside a single call, so Ray's cost per call (dispatch, the driver's and
+    the raylet's bookkeeping) is paid once per run rather than once per task.
+
+    Only tasks that neither wait for nor feed another worker share a call: a task that reads a
+    value made on another worker, or makes one another worker reads, is a call of its own, so no
+    call holds back tasks that could run while it waits for its input, and no value another
+    worker waits for stays in a call until the call ends. A call of several tasks thus depends only
+    on calls of its own worker made earlier in plan order: no cycle, whatever the order in which
+    the workers run them.
+    """
+    made_on = {key: t.worker for t in plan.tasks for key in t.writes}
+    read_on: dict[Key, set[int]] = {}
+    for t in plan.tasks:
+        for key in t.reads:
+            read_on.setdefault(key, set()).add(t.worker)
+    out: list[list[Task]] = []
+    open_: dict[int, list[Task]] = {}
+    for t in chosen:
+        alone = any(made_on[key] != t.worker for key in t.reads) or \
+            any(read_on.get(key, set()) - {t.worker} for key in t.writes)
+        run = open_.get(t.worker)
+        if alone or run is None or len(run) >= limit:
+            run = [t]
+            out.append(run)
+            if alone:
+                open_.pop(t.worker, None)
+            else:
+                open_[t.worker] = run
+        else:
+            run.append(t)
+    return out
+
+
 def slice_size(partials: int, pieces: int) -> int:
     """The aligned slice length 2^h (h >= 0) that cuts `partials` into at most `pieces` subtrees."""
     if pieces <= 1 or partials <= 1:

@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -324,8 +325,13 @@ class WorkerPool:
         # list, so the actor fetches them itself, and the pool holds the refs for the whole run.
         self.shared = [ray.put(weights), ray.put(tokens)]
         actor = ray.remote(Worker)
+        # Several workers run their tasks out of order, as inputs arrive (the wavefront); a lone
+        # worker has nothing to wait for but itself, and runs them in plan order (a topological
+        # order), so its calls need no ordering arguments and follow each other without a round
+        # trip to the driver.
+        self.in_order = want == 1
         placement = dict(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.max_restarts,
-                         max_task_retries=opts.max_restarts, allow_out_of_order_execution=True,
+                         max_task_retries=opts.max_restarts, allow_out_of_order_execution=not self.in_order,
                          scheduling_strategy="SPREAD", namespace=NAMESPACE)
         self.names = [f"emulate-{self.run_id}-worker-{k}" for k in range(want)]
         self.actors = [actor.options(name=name, **placement).remote(k, config, graph_meta, dtype,
@@ -347,6 +353,25 @@ class WorkerPool:
         except ray.exceptions.RayError as err:
             self.close()
             raise EmulateError(f"a worker failed to start: {error_line(err)}") from None
+
+    def holdings(self, generation: int, on_wait, every_s: float = 5.0) -> list[set]:
+        """Start the driver's submission `generation` on every worker and return the keys of the
+        values each holds now (a restarted worker holds none, once it has loaded the weights
+        again); `on_wait(seconds)` runs every `every_s` while some have not answered (a health
+        check that raises to give up)."""
+        import ray
+
+        asks = [a.holdings.remote(generation, self.shared) for a in self.actors]
+        since = time.monotonic()
+        while True:
+            ready, _ = ray.wait(asks, num_returns=len(asks), timeout=every_s)
+            if len(ready) == len(asks):
+                break
+            on_wait(time.monotonic() - since)
+        try:
+            return [set(info["held"]) for info in ray.get(asks)]
+        except ray.exceptions.RayError as err:
+            raise EmulateError(f"a worker could not be reached to recover lost values: {error_line(err)}") from None
 
     def states(self) -> list[str]:
         """Each actor's state from the GCS: ALIVE, RESTARTING, PENDING_CREATION or DEAD.

@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from cluster.plan import Key, Part, SliceKey, Task, ValueKey
+from cluster.plan import Key, Part, Route, SliceKey, Task, ValueKey
 from emulate.merge import TreeMerge, merge
 from emulate.model import Transformer
 from emulate.ops import NodeRunner
@@ -71,12 +74,70 @@ def _select(values: dict, key: Key):
     return values[key]
 
 
-class Worker:
-    """One Ray actor: the model and the run's tokens, loaded once; `run` executes one task.
+class LostLocal(RuntimeError):
+    """A task's input that should be in its worker's memory is not: the worker process that made it
+    is gone (a restarted actor starts empty). The driver re-runs the lost producers (executor.py)."""
 
-    `shared` holds the refs of the weights and the token ids, put once in the object store by the
-    driver and passed with every call: a restarted actor reloads them on its first task, with no
-    help from the driver (and no constructor argument that a restart would depend on).
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A CPU tensor as it travels through Ray's object store: its bytes as a flat uint8 numpy array,
+    its dtype and shape. Ray stores numpy arrays out of band and a reader on the same node gets a
+    read-only view of the object store's memory (no copy, no unpickling of the data); a torch tensor
+    would be pickled through its storage and copied on both sides. Any dtype (bfloat16 has no
+    numpy equivalent) travels as bytes."""
+
+    data: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def to_wire(value):
+    """A task's value (tensor, tuple, list or dict of them) with every tensor as a WireTensor."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        return WireTensor(t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    if isinstance(value, tuple):
+        return tuple(to_wire(v) for v in value)
+    if isinstance(value, list):
+        return [to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    return value
+
+
+def from_wire(value, device: torch.device | None = None, copy: bool = False):
+    """The inverse of to_wire. Without `copy`, CPU tensors are views of the received arrays (of the
+    object store's memory: read-only, which no kernel here writes to); `copy` gives tensors that
+    own their memory (what the driver hands out, so the object store can free its copy)."""
+    if isinstance(value, WireTensor):
+        with warnings.catch_warnings():  # torch warns that the array is read-only; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(value.data)
+        t = t.view(getattr(torch, value.dtype)).reshape(value.shape)
+        if device is not None and t.device != device:
+            return t.to(device)
+        return t.clone() if copy else t
+    if isinstance(value, tuple):
+        return tuple(from_wire(v, device, copy) for v in value)
+    if isinstance(value, list):
+        return [from_wire(v, device, copy) for v in value]
+    if isinstance(value, dict):
+        return {k: from_wire(v, device, copy) for k, v in value.items()}
+    return value
+
+
+class Worker:
+    """One Ray actor: the model and the run's tokens, loaded once; `run` executes one call of tasks.
+
+    `shared` holds the refs of the weights, the token ids and (from the first task on) the plan's
+    tasks, put once in the object store by the driver and passed with every call: a restarted
+    actor reloads them on its first task, with no help from the driver (and no constructor
+    argument that a restart would depend on).
+
+    Values this worker made and reads again stay in its own memory (`held`, by key, each with the
+    number of its tasks still to read it), never serialised; only values another worker or the
+    driver reads are returned through the object store (`Route`).
     """
 
     def __init__(self, index: int, config, graph_meta: dict, dtype: str, device: str, threads: int):
@@ -84,13 +145,16 @@ class Worker:
         self.index, self.config, self.graph_meta = index, config, graph_meta
         self.dtype, self.device = getattr(torch, dtype), device
         self.runner = None
-        self.where = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.held: dict[Key, list] = {}  # key -> [value, readers still to come]
+        self.tasks: list[Task] | None = None  # the plan's tasks, fetched on the first run
+        self.generation = 0  # the driver's latest submission this process has seen
+        self.where = {"host": socket.gethostname(), "pid": os.getpid(), "node": _node_id()}
 
     def load(self, shared: list) -> NodeRunner:
         if self.runner is None:
             import ray
 
-            weights, tokens = ray.get(shared)
+            weights, tokens = ray.get(shared[:2])
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
             self.runner = NodeRunner(model, tokens, self.graph_meta, KernelOracle())
@@ -99,29 +163,91 @@ class Worker:
     def ping(self, shared: list) -> dict:
         runner = self.load(shared)
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
-                "device": str(runner.model.device)}
+                "device": str(runner.model.device), "held": len(self.held)}
 
-    def run(self, task: Task, shared: list, *inputs):
-        start = time.time()
+    def holdings(self, generation: int, shared: list) -> dict:
+        """Start submission `generation` (the driver's recovery): calls of earlier submissions are
+        refused from now on. Returns this process's id and the keys of the values it holds."""
+        self.load(shared)
+        self.generation = max(self.generation, generation)
+        return {"pid": self.where["pid"], "held": list(self.held)}
+
+    def run(self, generation: int, call: tuple[tuple[int, Route], ...], shared: list, *args):
+        """Run the tasks of one call of submission `generation` in order: (index in the plan, its
+        route) each. A call of an earlier submission (Ray re-running a finished call to rebuild an
+        output lost with a node) is refused before it touches anything: it would consume values the
+        driver's later submission counts on. The plan's tasks
+        are shared[2], fetched once (a task description pickled with every call would cost more
+        than Ray's own dispatch). `args` are the tasks' shipped inputs (their reads not held, in
+        order), then the driver's ordering markers (the figures of the calls that made the held
+        inputs), which are not read.
+
+        Returns every task's shipped writes (as WireTensors), in order, then the list of the
+        tasks' figures.
+        """
+        if generation < self.generation:
+            raise LostLocal(f"worker {self.index} refuses a call of submission {generation}: it runs submission "
+                            f"{self.generation} now")
+        self.generation = generation
+        if self.tasks is None:
+            import ray
+
+            self.tasks = ray.get(shared[2])
+        tasks = [(self.tasks[index], route) for index, route in call]
+        # Every held input made before this call must be here before anything is consumed: a
+        # restarted process has none of them, and a failed call must leave the others in place.
+        made_here: set = set()
+        for task, route in tasks:
+            missing = [task.reads[at] for at in route.held
+                       if task.reads[at] not in made_here and task.reads[at] not in self.held]
+            if missing:
+                raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) no longer holds {len(missing)} "
+                                f"input(s) of task {task.name}, e.g. {missing[0]}")
+            made_here.update(task.writes[at] for at, _ in route.keep)
         runner = self.load(shared)
-        each = [tensor_bytes(v) for v in inputs]
+        arrived = iter(args)
+        shipped, metas = [], []
+        for task, route in tasks:
+            out, meta = self._run(runner, task, route, arrived)
+            shipped += out
+            metas.append(meta)
+        return (*shipped, metas) if shipped else metas
+
+    def _run(self, runner: NodeRunner, task: Task, route: Route, arrived) -> tuple[list, dict]:
+        start = time.time()
         device = runner.model.device
+        held = set(route.held)
+        inputs, shipped_bytes, held_bytes = [], [], 0
+        for at, key in enumerate(task.reads):
+            if at in held:
+                value = self.held[key][0]
+                held_bytes += tensor_bytes(value)
+            else:
+                value = from_wire(next(arrived), device)
+                shipped_bytes.append(tensor_bytes(value))
+            inputs.append(value)
         with torch.no_grad():
-            out = run_task(runner, task, [_move(v, device) for v in inputs])
-        if device.type != "cpu":
-            # the object store holds host memory: results leave the GPU here
-            out = [_move(v, torch.device("cpu")) for v in out]
-        meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "start": start,
-                "end": time.time(), "bytes_in": sum(each), "bytes_each": each,
-                "bytes_out": sum(tensor_bytes(v) for v in out)}
-        return (*out, meta)
+            out = run_task(runner, task, inputs)
+        del inputs
+        for at in route.held:  # the last local reader frees the value
+            key = task.reads[at]
+            entry = self.held[key]
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.held[key]
+        for at, readers in route.keep:
+            self.held[task.writes[at]] = [out[at], readers]
+        shipped = [to_wire(out[at]) for at in route.ship]
+        meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
+                "start": start, "end": time.time(), "bytes_in": sum(shipped_bytes), "bytes_each": shipped_bytes,
+                "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship)}
+        return shipped, meta
 
 
-def _move(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (a test running the class in-process)
+        return None

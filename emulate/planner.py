@@ -5,7 +5,9 @@ placed exactly as the Ray executor does it (cluster/plan.py, `make_plan`, which 
 form), then `simulate` runs a discrete-event list scheduler over those tasks with a cost model:
 
     task time  = max(matmul FLOPs / F_mm + attention FLOPs / F_att, bytes / memory bandwidth)
-                 + logical calls x call overhead + task overhead
+                 + logical calls x call overhead (all of it x a contention factor for CPU workers
+                 sharing one machine's cores) + the per-call cost of Ray, for a task that starts
+                 a Ray call (the executor runs up to 8 tasks of one worker in one call)
     transfer   = link latency + bytes / link bandwidth, for a value read on a worker other than the
                  one that made it; once per worker (the value then stays in its object store), and
                  one at a time per worker (its inbound link is a queue)
@@ -56,6 +58,16 @@ class Device:
     # explicit pair's tiles: graphs.patterns.kernel_entries) times this factor per mask (none, causal,
     # explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
     mask_factor: tuple | None = None
+    # calibrated CPUs: how much longer the same work takes on each of k one-thread workers computing
+    # at once than on one alone, for k = 1, 2, ... up to the cores (shared caches, memory bandwidth,
+    # other work on the machine); None: workers never slow each other (one device each)
+    contention: tuple | None = None
+
+    def slowdown(self, busy: int) -> float:
+        """The contention factor with `busy` workers computing at once (1.0 when not measured)."""
+        if not self.contention or busy <= 1:
+            return 1.0
+        return float(self.contention[min(busy, len(self.contention)) - 1])
 
     def rate(self, dtype: str, kind: str = "matmul", per_call: float | None = None) -> float:
         table = self.attention_flops if kind == "attention" else self.matmul_flops
@@ -85,7 +97,11 @@ GPU_LINK_LATENCY_S = 10e-6
 GPU_TASK_OVERHEAD_S = 1e-3  # Ray's cost per task (docs/design.md)
 CPU_LINK_GBPS = 40.0  # Ray's object store between processes of one machine: a copy and a pickle
 CPU_LINK_LATENCY_S = 200e-6
+# Measured with benchmarks/ray_overheads.py (one worker, N = 8192 causal and 16384 sliding, 80
+# tasks each): a worker spends 1.9 to 2.6 ms per task outside it (Ray's dispatch of the next call,
+# the returns), and the driver and Ray's processes spend 2.2 to 3.1 ms of CPU per task.
 CPU_TASK_OVERHEAD_S = 2e-3  # a Ray actor call: submit, schedule, fetch the inputs, return
+CPU_SERVICE_S_PER_CALL = 2.5e-3  # CPU of the driver and Ray's services per task, on the workers' cores
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,12 @@ class Hardware:
     link_latency_s: float = GPU_LINK_LATENCY_S
     task_overhead_s: float = GPU_TASK_OVERHEAD_S
     dtype: str = "bf16"
+    # CPU workers on one machine: every task's own work takes this factor longer (P workers
+    # computing at once on C cores: the calibrated contention at min(P, C), times P / C past C) ...
+    slowdown: float = 1.0
+    # ... and, once the workers fill every core, the driver's and Ray's CPU per task comes out of
+    # their time: CPU_SERVICE_S_PER_CALL x P / C per task
+    service_s: float = 0.0
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -147,8 +169,9 @@ def value_bytes(key, spec, spans) -> int:
     return m * d * b
 
 
-def task_seconds(t, hw: Hardware) -> float:
-    """The cost model of one task on one worker (module docstring)."""
+def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
+    """The cost model of one task on one worker (module docstring); the per-call costs (Ray's
+    dispatch, the driver's and Ray's CPU) only for a task that starts a Ray call."""
     dev, g = hw.device, hw.gpus_per_worker
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
@@ -160,7 +183,8 @@ def task_seconds(t, hw: Hardware) -> float:
     elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
-    return max(compute, memory) + t.calls * dev.call_overhead_s + hw.task_overhead_s
+    per_call = hw.task_overhead_s + hw.service_s if starts_call else 0.0
+    return (max(compute, memory) + t.calls * dev.call_overhead_s) * hw.slowdown + per_call
 
 
 @dataclass
@@ -177,9 +201,13 @@ class Schedule:
 
 def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Schedule:
     """Run `plan` (cluster.plan.Plan) on hw.workers simulated workers; see the module docstring."""
+    from cluster.plan import calls
+
     tasks = plan.tasks
     n, P = len(tasks), plan.workers
-    dur = [task_seconds(t, hw) for t in tasks]
+    # the executor runs consecutive tasks of a worker in one Ray call (cluster.plan.calls)
+    firsts = {c[0].index for c in calls(plan, tasks)}
+    dur = [task_seconds(t, hw, t.index in firsts) for t in tasks]
     size_of: dict = {}
 
     def size(key) -> int:
@@ -324,9 +352,23 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
         link, lat, over, dtype = GPU_LINK_GBPS * gpus_per_worker, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, "bf16"
     else:
         raise EmulateError(f"unknown device {device!r} (choose from cpu, {', '.join(DEVICES)})")
+    slowdown = service = 0.0
     if executor == "local":
         over = 0.0
-    return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype)
+    if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
+        cores = _cores()
+        slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
+        service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
+    return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
+                    slowdown or 1.0, service)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
@@ -416,8 +458,8 @@ def cpu_device(recalibrate: bool = False) -> Device:
         except (OSError, ValueError):
             data = {}
     entry = data.get(str(threads))
-    if entry is None:
-        entry = calibrate_cpu()
+    if entry is None or "contention" not in entry:  # none yet, or cached before contention was measured
+        entry = calibrate_cpu() if entry is None else {**entry, "contention": _contention()}
         data[str(threads)] = entry
         try:
             from graphs.files import write_file
@@ -430,7 +472,8 @@ def cpu_device(recalibrate: bool = False) -> Device:
                   entry["bandwidth"], entry["memory"], 1.0, entry["call_overhead_s"],
                   f"measured on this machine ({threads} thread(s), {entry['when']})",
                   attention_flops={f: r for f, r in entry["attention_flops"]},
-                  matmul_flops={f: r for f, r in entry["matmul_flops"]}, mask_factor=tuple(entry["mask_factor"]))
+                  matmul_flops={f: r for f, r in entry["matmul_flops"]}, mask_factor=tuple(entry["mask_factor"]),
+                  contention=tuple(entry["contention"]))
 
 
 def calibrate_cpu(budget_s: float = 8.0) -> dict:
@@ -477,9 +520,54 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
     big = torch.empty(2**25)  # 128 MiB
     copy = timed(lambda: big.clone())
     return {"matmul_flops": matmul, "attention_flops": attention, "mask_factor": factors,
-            "call_overhead_s": _call_overhead(matmul, attention),
+            "call_overhead_s": _call_overhead(matmul, attention), "contention": _contention(budget_s / 4),
             "bandwidth": 2 * big.numel() * 4 / copy, "memory": float(psutil.virtual_memory().total),
             "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _contention(budget_s: float = 2.0) -> list[float]:
+    """[1.0, f_2, ..., f_C]: how much longer a block-sized matmul loop takes on each of k threads
+    running it at once than on one thread alone, for k up to the cores this process may use (at
+    most 8). Threads of one process, each on one torch thread (torch releases the GIL inside the
+    kernel), share the cores as one-thread worker processes do: the factor holds what the machine
+    gives k workers at once (shared caches and memory bandwidth, and any other work running then)."""
+    import threading
+
+    import torch
+
+    cores = min(8, _cores())
+    if cores < 2:
+        return [1.0]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a @ b
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.05:
+            a @ b
+            reps += 1
+        reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1))))  # the budget over k = 1 .. C
+
+        def loop(out: list):
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            out.append(time.perf_counter() - start)
+
+        per_k = []
+        for k in range(1, cores + 1):
+            times: list[float] = []
+            threads = [threading.Thread(target=loop, args=(times,)) for _ in range(k)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            per_k.append(sum(times) / k)
+    finally:
+        torch.set_num_threads(before)
+    return [1.0] + [max(1.0, t / per_k[0]) for t in per_k[1:]]
 
 
 def _call_overhead(matmul, attention) -> float:

@@ -208,10 +208,15 @@ def test_ray_reports_plan_and_measured_transfers(causal_runs):
         s = runs[workers].stats
         assert s["executor"] == "ray"
         assert s["workers"] == workers and s["physical_tasks"] == len(make_plan(runs[workers].graph, workers).tasks)
-        assert 0 < s["bytes_transferred"] and 0 <= s["bytes_between_workers"] <= s["bytes_transferred"]
-        # every task reads at least one block-sized tensor, and nothing reads more than the whole layer's keys
-        assert s["bytes_transferred"] >= s["physical_tasks"] * 128 * 256 * 4
-    assert runs[1].stats["bytes_between_workers"] == 0  # one worker: nothing crosses
+        # only what another worker made goes through the object store into a task
+        assert 0 <= s["bytes_between_workers"] == s["bytes_transferred"]
+        # every task reads at least one block-sized tensor, from its worker's memory or the object store
+        assert s["bytes_transferred"] + s["bytes_held"] >= s["physical_tasks"] * 128 * 256 * 4
+        # the object store holds the outputs (hidden and log-probabilities) and the values that cross
+        outputs = runs[workers].hidden.numel() * 4 + runs[workers].logprobs.numel() * 4
+        assert outputs <= s["bytes_returned"] <= outputs + s["bytes_transferred"]
+        assert s["recoveries"] == 0 and s["tasks_rerun"] == 0
+    assert runs[1].stats["bytes_transferred"] == 0  # one worker: every value stays in its memory
     assert runs[2].stats["bytes_between_workers"] > 0
 
 
@@ -267,34 +272,63 @@ def test_cli_private_instance_starts_and_stops(tmp_path):
 # -- faults -----------------------------------------------------------------------------------
 
 def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
-    """SIGKILL one worker's process after the first output block: Ray restarts it, re-runs its tasks."""
+    """SIGKILL one worker's process once half the tasks have finished: Ray restarts it, re-runs its tasks."""
     p, runs = causal_runs
     watched = Watched(on_ray(2))
-    stream = emulate.stream(p.model, p.tokens, **options(p, watched))
-    hidden = []
-    for b, out in stream:
-        hidden.append(out.hidden)
-        if b == 0:
-            victim = watched.execution.figures["ray_workers"][-1]["pid"]  # the last worker holds the heavy late rows
-            os.kill(victim, signal.SIGKILL)
-    assert torch.equal(torch.cat(hidden), runs[2].hidden)
+    killed = []
+
+    def kill_once(stage, done, total):
+        if stage == "forward" and not killed and done >= total // 2:
+            killed.append(watched.execution.figures["ray_workers"][-1]["pid"])  # the last worker holds the heavy late rows
+            os.kill(killed[0], signal.SIGKILL)
+
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_once)
+    hidden = [out.hidden for _, out in stream]
+    assert killed and torch.equal(torch.cat(hidden), runs[2].hidden)
     assert stream.stats["worker_processes"] > 2  # the restarted process really ran tasks
+    # its residuals and queries were held only in its memory: the driver re-ran their producers
+    assert stream.stats["recoveries"] >= 1 and stream.stats["tasks_rerun"] > 0
+
+
+def test_values_held_only_by_a_killed_worker_are_recomputed(ray_cluster):
+    """One worker holds every intermediate value in its own memory (none goes through the object
+    store); SIGKILL it once its first call has finished: the restarted process has none of them, so
+    the driver re-runs their producers from the embeddings on, and the bits are the same."""
+    p = problem(tokens=4096, block=256)
+    want = run(p).hidden
+    watched = Watched(on_ray(1))
+    killed = []
+
+    def kill_once(stage, done, total):
+        if stage == "forward" and not killed:
+            killed.append(watched.execution.figures["ray_workers"][0]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_once)
+    hidden = torch.cat([out.hidden for _, out in stream])
+    s = stream.stats
+    assert killed and torch.equal(hidden, want)
+    assert s["bytes_transferred"] == 0 and s["worker_processes"] == 2
+    assert s["recoveries"] >= 1 and s["tasks_rerun"] > 0  # the embeddings it held were made again
 
 
 def test_all_workers_gone_fails_fast_with_a_clear_message(ray_cluster):
     import ray
 
-    p = problem(tokens=1024, block=128)
+    p = problem(tokens=4096, block=256)
     watched = Watched(on_ray(2))
-    blocks = iter(emulate.stream(p.model, p.tokens, **options(p, watched)))
-    next(blocks)
-    for w in watched.execution.figures["ray_workers"]:
-        ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
-    start = time.monotonic()
+    killed = []
+
+    def kill_all(stage, done, total):  # once the first call finished: most of the work is still to do
+        if stage == "forward" and not killed:
+            for w in watched.execution.figures["ray_workers"]:
+                ray.kill(ray.get_actor(w["name"], namespace="emulate"), no_restart=True)
+            killed.append(time.monotonic())
+
     with pytest.raises(EmulateError, match="died|dead"):
-        for _ in blocks:
+        for _ in emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_all):
             pass
-    assert time.monotonic() - start < 60
+    assert killed and time.monotonic() - killed[0] < 60
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def test_removing_a_worker_node_mid_run_gives_the_same_bits():
     assert result["removed_node_hosted"] >= 1
     assert result["same_bits"], result
     assert result["worker_processes"] > result["workers"]
+    assert result["recoveries"] >= 1  # the removed worker's held values were made again from lineage
 
 
 @pytest.mark.slow
@@ -124,7 +125,8 @@ def _node_kill() -> dict:
 
         faulty, stats = _forward(watched, remove_a_node)
         return {"same_bits": bool(torch.equal(clean, faulty)), "removed_node_hosted": removed["hosted"],
-                "workers": stats["workers"], "worker_processes": stats["worker_processes"]}
+                "workers": stats["workers"], "worker_processes": stats["worker_processes"],
+                "recoveries": stats["recoveries"], "tasks_rerun": stats["tasks_rerun"]}
     finally:
         ray.shutdown()
         cluster.shutdown()
