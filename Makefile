@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow check-gpu bench-gpu bench figures clean
+.PHONY: install run test test-slow check-gpu bench-gpu bench bench-long figures clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ bench: install
 	$(BIN)/python benchmarks/ray_vs_local.py
 	$(BIN)/python benchmarks/paper_numerics.py
 	$(BIN)/python benchmarks/thm41_sampling.py
+
+# The README's "Ten million tokens" table: the sink forward at 1M and 10M tokens (about 50 minutes).
+bench-long: install
+	$(BIN)/python benchmarks/long_run.py
 
 # The README's gallery, drawn by the tool itself (docs/gallery/, committed).
 GALLERY := docs/gallery
