@@ -216,7 +216,8 @@ def run_parallel(schedule: Schedule, runner, workers: int, on_node: Callable[[in
     Memory: the schedule is read only `look_ahead` places past the earliest unfinished node, a node
     runs once its inputs are done, and a value is dropped once all its readers have finished, so the
     live set is the sequential one plus at most `look_ahead` values, and nothing is held per node
-    of the whole graph.
+    of the whole graph; finished heads the caller has not taken yet hold the workers back at
+    `look_ahead` of them.
     The progress callback and the yield run in the calling thread (records are appended as nodes
     finish, each with its worker); on an exception, an interrupt or `close()` the workers finish the
     node they hold and end before this returns or raises.
@@ -263,7 +264,10 @@ def run_parallel(schedule: Schedule, runner, workers: int, on_node: Callable[[in
         while True:
             if state["stop"] or state["error"] is not None or over():
                 return None
-            if ready:
+            # back-pressure: a caller slower than the workers (an output file, a consumer of the
+            # stream) holds at most `look_ahead` finished heads; fewer than that can be out of
+            # order (they lie within look_ahead places), so the caller can always take one
+            if ready and len(heads) < look_ahead:
                 n, a = pending[heapq.heappop(ready)]
                 return n, a, [values[src] for src in a["inputs"]]
             cond.wait()
@@ -339,6 +343,8 @@ def run_parallel(schedule: Schedule, runner, workers: int, on_node: Callable[[in
                 while next_block in heads:
                     out.append((next_block, heads.pop(next_block)))
                     next_block += 1
+                if out:
+                    cond.notify_all()  # workers held back by unread heads may go on
             if on_node is not None:
                 for d in range(reported + 1, done + 1):
                     on_node(d)
