@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import resource
 
+from graphs.patterns import windowed
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MiB.
@@ -53,7 +55,7 @@ def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, c
     if not run:
         return parts
     per_token = (2 * w + qkv + config.heads * config.head_dim) * dtype_bytes
-    if all(p.kind in ("sliding", "sink") for p in patterns):
+    if windowed(p.kind for p in patterns):
         reach = max(p.window + (p.sinks or 0) for p in patterns) + 2 * block_size
         parts["live set"] = per_token * min(n, reach) * len(patterns)
     else:

@@ -5,8 +5,8 @@ from collections import Counter
 
 import networkx as nx
 
-from graphs.kinds import NodeKind, PatternKind
-from graphs.patterns import Pattern
+from graphs.kinds import NodeKind
+from graphs.patterns import Pattern, windowed
 
 
 def execution_order(g: nx.DiGraph) -> list[str]:
@@ -21,7 +21,7 @@ def execution_order(g: nx.DiGraph) -> list[str]:
     """
     stage = {"embed": 0, "project": 0, "attend": 1, "merge": 1, "mix": 1, "head": 1}
     within = {"project": 0, "attend": 1, "merge": 2, "mix": 3, "head": 4}
-    windowed = all(p["kind"] in (PatternKind.SLIDING, PatternKind.SINK) for p in g.graph["spec"]["patterns"])
+    wavefront_order = windowed(p["kind"] for p in g.graph["spec"]["patterns"])
 
     def layer_major(n):
         a = g.nodes[n]
@@ -31,7 +31,7 @@ def execution_order(g: nx.DiGraph) -> list[str]:
         a = g.nodes[n]
         return (a["block"], a["layer"], within.get(a["kind"], 0), a.get("key_block", 0))
 
-    return list(nx.lexicographical_topological_sort(g, key=wavefront if windowed else layer_major))
+    return list(nx.lexicographical_topological_sort(g, key=wavefront if wavefront_order else layer_major))
 
 
 def schedule(g: nx.DiGraph):

@@ -25,7 +25,7 @@ import numpy as np
 from graphs.builder import (attend_cost, embed_cost, head_cost, merge_cost, mix_cost, node_id, project_cost,
                             sample_permutation, sampled_keys)
 from graphs.kinds import MaskKind, NodeKind, PatternKind
-from graphs.patterns import Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask
+from graphs.patterns import Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask, windowed
 from graphs.spec import ForwardSpec
 
 MASKS = tuple(MaskKind)  # a template stores each pair's mask as its index here
@@ -256,12 +256,27 @@ class CompactGraph:
     @property
     def windowed(self) -> bool:
         """Every layer sliding or sink: block i's keys die once the windows of a few later blocks pass."""
-        return all(p.kind in (PatternKind.SLIDING, PatternKind.SINK) for p in self.spec.patterns)
+        return windowed(p.kind for p in self.spec.patterns)
 
     def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, dict]]:
         """(id, attributes) of every node in the order graphs/builder.py adds them; `inputs` among
         the attributes, edges are their distinct entries. on_layer(done, total) after each layer."""
+        return self._layer_major(_Nodes(self), on_layer)
+
+    def schedule(self) -> Iterator[tuple[str, dict, int]]:
+        """(id, attributes, readers) of every node in graphs.execution_order's order, generated lazily.
+
+        readers: the node's consumers (its out-degree), so an executor frees a value once that many
+        nodes have read it, without the graph. Windowed graphs run as a wavefront, block by block
+        through every layer (a block's keys die once the windows holding them have passed: memory
+        O(window x layers) whatever N is); the others layer by layer, which is the builder's order.
+        """
         nodes = _Nodes(self)
+        order = self._wavefront(nodes) if self.windowed else self._layer_major(nodes)
+        for nid, attrs in order:
+            yield nid, attrs, nodes.readers(attrs)
+
+    def _layer_major(self, nodes: _Nodes, on_layer=None) -> Iterator[tuple[str, dict]]:
         for i in range(self.blocks):
             yield nodes.embed(i)
         for layer in range(self.layers):
@@ -274,25 +289,13 @@ class CompactGraph:
         for i in range(self.blocks):
             yield nodes.head(i)
 
-    def schedule(self) -> Iterator[tuple[str, dict, int]]:
-        """(id, attributes, readers) of every node in graphs.execution_order's order, generated lazily.
-
-        readers: the node's consumers (its out-degree), so an executor frees a value once that many
-        nodes have read it, without the graph. Windowed graphs run as a wavefront, block by block
-        through every layer (a block's keys die once the windows holding them have passed: memory
-        O(window x layers) whatever N is); the others layer by layer, which is the builder's order.
-        """
-        if not self.windowed:
-            nodes = _Nodes(self)
-            for nid, attrs in self.iter_nodes():
-                yield nid, attrs, nodes.readers(attrs)
-            return
-        nodes = _Nodes(self)
+    def _wavefront(self, nodes: _Nodes) -> Iterator[tuple[str, dict]]:
         for i in range(self.blocks):
-            for nid, attrs in (nodes.embed(i), *(n for layer in range(self.layers) for n in
-                                                 (nodes.project(layer, i), *nodes.attention(layer, i))),
-                               nodes.head(i)):
-                yield nid, attrs, nodes.readers(attrs)
+            yield nodes.embed(i)
+            for layer in range(self.layers):
+                yield nodes.project(layer, i)
+                yield from nodes.attention(layer, i)
+            yield nodes.head(i)
 
     def iter_edges(self) -> Iterator[tuple[str, str]]:
         """(source, target) of every edge, grouped by target in node order."""

@@ -118,6 +118,12 @@ class KeyRange:
         return self.window_keys + np.maximum(0, np.minimum(self.sink_hi, self.lo) - k0)
 
 
+def windowed(kinds) -> bool:
+    """Every layer's pattern kind sliding or sink: a block's keys die once the few later blocks whose
+    windows hold it have passed, so the local executor runs block by block through all layers."""
+    return all(k in (PatternKind.SLIDING, PatternKind.SINK) for k in kinds)
+
+
 def block_spans(tokens: int, block_size: int) -> list[tuple[int, int]]:
     """Blocks S_t as half-open [start, end) spans; the last block is ragged when M does not divide N."""
     if block_size < 1:
