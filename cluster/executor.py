@@ -46,7 +46,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
     """
     if opts.trace:  # a bad trace path fails before any work
         check_trace_path(opts.trace)
-    g = job.graph
+    g = job.compact  # the plan's tasks carry their nodes, made row by row: no networkx graph of the run
     t0 = time.perf_counter()
     import ray
 
@@ -58,7 +58,7 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         with _no_native_signal_handler():
             owned = connect(opts.address)
         handlers.restore()
-        pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, dict(g.graph),
+        pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, g.graph_attrs(),
                           str(job.dtype).rsplit(".", 1)[-1])
         handlers.restore()
         plan = make_plan(g, pool.size)

@@ -222,18 +222,24 @@ def slice_size(partials: int, pieces: int) -> int:
     return 1 << ceil(log2(ceil(partials / pieces)))
 
 
-def make_plan(g: nx.DiGraph | CompactGraph, workers: int, split: bool | None = None) -> Plan:
+def make_plan(g: nx.DiGraph | CompactGraph, workers: int, split: bool | None = None, runnable: bool = True) -> Plan:
     """Group the logical graph `g` into tasks for `workers` workers and place them.
 
-    `g` is the networkx graph (what the Ray executor runs: every task lists its logical nodes and
-    their attributes) or the compact form (graphs/compact.py, what the planner reads: the same
-    tasks, reads, writes, FLOPs and placement, but a task names its pair calls by count, not one by
-    one, so a 1M-token plan holds thousands of tasks, not a million nodes).
+    `g` is the compact form (graphs/compact.py) or the networkx graph of the same nodes: the plan
+    is the same. runnable: every task lists its logical nodes and their attributes, what the Ray
+    executor runs. runnable=False (the planner, compact form only): the same tasks, reads, writes,
+    FLOPs and placement, but a task counts its pair calls instead of naming them one by one, so a
+    1M-token plan holds thousands of tasks, not a million nodes.
     `split`: cut rows into slices (default: only when blocks are fewer than workers).
     """
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
-    view = _CompactRows(g) if isinstance(g, CompactGraph) else _GraphRows(g)
+    if isinstance(g, CompactGraph):
+        view = _CompactRows(g, runnable)
+    elif runnable:
+        view = _GraphRows(g)
+    else:
+        raise ValueError("a counted plan (runnable=False) is read off the compact graph")
     layers, blocks = view.layers, view.blocks
     split = blocks < workers if split is None else split
     tasks: list[Task] = []
@@ -344,11 +350,15 @@ class _GraphRows:
 
 
 class _CompactRows:
-    """make_plan's view of a CompactGraph: pairs are index ranges into the layer's template, tasks
-    name only their non-pair nodes (and count their pairs), the prices come from the template."""
+    """make_plan's view of a CompactGraph: pairs are index ranges into the layer's template and the
+    prices come from the template. Runnable, tasks also name their pair nodes and carry every
+    node's attributes, made row by row (graphs/compact.py NodeSource); counted, they name only
+    their non-pair nodes and count their pairs."""
 
-    def __init__(self, c: CompactGraph):
+    def __init__(self, c: CompactGraph, runnable: bool):
         self.c = c
+        self.source = c.nodes() if runnable else None
+        self._row: tuple[tuple[int, int], dict] | None = None  # the last row's nodes: a row's slices come in turn
         self.layers, self.blocks = c.layers, c.blocks
         self.kinds = {k: c._prices(k) for k in (NodeKind.EMBED, NodeKind.PROJECT, NodeKind.MIX, NodeKind.HEAD)}
         self.per_template = {}
@@ -370,8 +380,24 @@ class _CompactRows:
         x_key = node_id(NodeKind.EMBED, None, i) if layer == 0 else node_id(NodeKind.MIX, layer - 1, i)
         return merge_id, pairs, node_id(NodeKind.MIX, layer, i), x_key
 
-    def ids(self, layer: int, pairs) -> list[str]:
-        return []
+    def ids(self, layer: int, pairs: range) -> list[str]:
+        if self.source is None:
+            return []
+        t = self.c.template(layer)
+        return [node_id(NodeKind.ATTEND, layer, int(t.row[p]), int(t.key_block[p])) for p in pairs]
+
+    def attrs(self, n: str) -> dict:
+        """The attributes of logical node `n`, as the networkx graph holds them."""
+        kind, layer, block = _parse(n)
+        if kind == NodeKind.EMBED:
+            return self.source.embed(block)[1]
+        if kind == NodeKind.PROJECT:
+            return self.source.project(layer, block)[1]
+        if kind == NodeKind.HEAD:
+            return self.source.head(block)[1]
+        if self._row is None or self._row[0] != (layer, block):
+            self._row = (layer, block), dict(self.source.attention(layer, block))
+        return self._row[1][n]
 
     def kv_reads(self, layer: int, pairs: range) -> list[ValueKey]:
         t = self.c.template(layer)
@@ -394,7 +420,11 @@ class _CompactRows:
             t.calls += len(pairs)
             t.pairs = len(pairs)
         for n in t.logical_nodes():
+            if self.source is not None:
+                t.attrs[n] = self.attrs(n)
             kind, node_layer, block = _parse(n)
+            if kind == NodeKind.ATTEND:
+                continue  # priced above, by range
             if kind == NodeKind.MERGE:
                 _, _, mf, mb, _ = self.per_template[self.c.layer_template[node_layer]]
                 f, b = mf[block], mb[block]
@@ -406,7 +436,7 @@ class _CompactRows:
 
 
 def _parse(n: str) -> tuple[NodeKind, int, int]:
-    """(kind, layer, block) of a non-pair node id (graphs.builder.node_id); layer -1 for embed and head."""
+    """(kind, layer, query block) of a node id (graphs.builder.node_id); layer -1 for embed and head."""
     parts = n.split("/")
     if len(parts) == 2:
         return NodeKind(parts[0]), -1, int(parts[1])

@@ -375,8 +375,9 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
 
 
 def graph_form(executor: Executor) -> str:
-    """The form of the logical graph a run holds: memory.estimate prices it."""
-    return "networkx" if executor.name == "ray" else "compact"
+    """The form of the logical graph a run holds: memory.estimate prices it. The Ray executor's
+    physical plan lists every node with its attributes; the local executor reads the compact form."""
+    return "plan" if executor.name == "ray" else "compact"
 
 
 @dataclass

@@ -17,10 +17,8 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Protocol
 
-import networkx as nx
 import torch
 
 from emulate.config import EmulateError
@@ -43,11 +41,6 @@ class Job:
     dtype: torch.dtype
     device: str
     oracle: Oracle
-
-    @cached_property
-    def graph(self) -> nx.DiGraph:
-        """The networkx graph, built on first use (the Ray executor's physical plan groups its nodes)."""
-        return self.compact.to_networkx()
 
 
 class Execution:

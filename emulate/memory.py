@@ -24,6 +24,7 @@ def peak_rss_mb() -> float:
 
 
 GRAPH_NODE_BYTES = 2048  # a networkx node with its attributes and ~3 edges: 1.5 KB measured at 2M nodes
+PLAN_NODE_BYTES = 1280  # a runnable physical plan (cluster/plan.py), per logical node: 1.1 KB measured at 135K nodes
 COMPACT_PAIR_BYTES = 512  # a compact graph's template, per pair of a distinct layer pattern: ~190 B measured
 
 
@@ -37,8 +38,10 @@ def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, c
     collected outputs, and the monolithic reference of `verify`, which holds every position at
     once (its MLP included).
 
-    run=False prices a compile alone (the graph, no live set); graph="compact" prices the compact
-    form (graphs/compact.py), one template per distinct layer pattern instead of every node.
+    run=False prices a compile alone (the graph, no live set). graph: the form the graph is held
+    in: "networkx" (every node), "compact" (graphs/compact.py: one template per distinct layer
+    pattern), or "plan" (the Ray executor's: the compact form and a physical plan whose tasks carry
+    every node's attributes).
     """
     from math import ceil
 
@@ -46,11 +49,10 @@ def estimate(config, tokens: int, block_size: int, patterns, dtype_bytes: int, c
     blocks = ceil(n / block_size)
     w, qkv = config.width, (config.heads + 2 * config.kv_heads) * config.head_dim
     pairs = sum(p.calls_bound(blocks, block_size) for p in patterns)
-    if graph == "compact":
-        templates = {p: p.calls_bound(blocks, block_size) for p in patterns}
-        graph_bytes = COMPACT_PAIR_BYTES * (sum(templates.values()) + blocks)
-    else:
-        graph_bytes = GRAPH_NODE_BYTES * (pairs + 5 * blocks * len(patterns) + 2 * blocks)
+    nodes = pairs + 5 * blocks * len(patterns) + 2 * blocks
+    templates = {p: p.calls_bound(blocks, block_size) for p in patterns}
+    compact = COMPACT_PAIR_BYTES * (sum(templates.values()) + blocks)
+    graph_bytes = {"compact": compact, "plan": compact + PLAN_NODE_BYTES * nodes}.get(graph, GRAPH_NODE_BYTES * nodes)
     parts = {"token ids": 16 * n, "graph": graph_bytes}
     if not run:
         return parts

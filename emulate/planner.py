@@ -411,7 +411,7 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         graph = CompactGraph.build(spec)
     except PatternError as err:
         raise EmulateError(str(err)) from None
-    plan = make_plan(graph, hw.workers)
+    plan = make_plan(graph, hw.workers, runnable=False)
     weights = parameters(config) * dtype_bytes
     sched = simulate(plan, spec, graph.spans, hw, weights)
     c = graph.counts()

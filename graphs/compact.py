@@ -258,10 +258,14 @@ class CompactGraph:
         """Every layer sliding or sink: block i's keys die once the windows of a few later blocks pass."""
         return windowed(p.kind for p in self.spec.patterns)
 
+    def nodes(self) -> NodeSource:
+        """The nodes one row at a time, by (layer, block), for readers that group them (cluster/plan.py)."""
+        return NodeSource(self)
+
     def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, dict]]:
         """(id, attributes) of every node in the order graphs/builder.py adds them; `inputs` among
         the attributes, edges are their distinct entries. on_layer(done, total) after each layer."""
-        return self._layer_major(_Nodes(self), on_layer)
+        return self._layer_major(self.nodes(), on_layer)
 
     def schedule(self) -> Iterator[tuple[str, dict, int]]:
         """(id, attributes, readers) of every node in graphs.execution_order's order, generated lazily.
@@ -271,12 +275,12 @@ class CompactGraph:
         through every layer (a block's keys die once the windows holding them have passed: memory
         O(window x layers) whatever N is); the others layer by layer, which is the builder's order.
         """
-        nodes = _Nodes(self)
+        nodes = self.nodes()
         order = self._wavefront(nodes) if self.windowed else self._layer_major(nodes)
         for nid, attrs in order:
             yield nid, attrs, nodes.readers(attrs)
 
-    def _layer_major(self, nodes: _Nodes, on_layer=None) -> Iterator[tuple[str, dict]]:
+    def _layer_major(self, nodes: NodeSource, on_layer=None) -> Iterator[tuple[str, dict]]:
         for i in range(self.blocks):
             yield nodes.embed(i)
         for layer in range(self.layers):
@@ -289,7 +293,7 @@ class CompactGraph:
         for i in range(self.blocks):
             yield nodes.head(i)
 
-    def _wavefront(self, nodes: _Nodes) -> Iterator[tuple[str, dict]]:
+    def _wavefront(self, nodes: NodeSource) -> Iterator[tuple[str, dict]]:
         for i in range(self.blocks):
             yield nodes.embed(i)
             for layer in range(self.layers):
@@ -313,8 +317,12 @@ class CompactGraph:
         return g
 
 
-class _Nodes:
-    """The nodes of a compact graph one at a time, with the networkx graph's ids and attributes."""
+class NodeSource:
+    """The nodes of a compact graph one at a time, with the networkx graph's ids and attributes.
+
+    Each call makes its nodes afresh (the networkx graph holds them all; this holds one template's
+    arrays as lists): `embed`, `project` and `head` one node, `attention` a query block's row.
+    """
 
     def __init__(self, g: CompactGraph):
         self.g, s, m = g, g.spec, g.block_tokens()

@@ -30,7 +30,7 @@ def toy_hardware(workers, call=1e-6, task=1e-4, link_gbps=8.0, latency=1e-3):
 
 def schedule(s, hw):
     c = CompactGraph.build(s)
-    plan = make_plan(c, hw.workers)
+    plan = make_plan(c, hw.workers, runnable=False)
     return plan, simulate(plan, s, c.spans, hw)
 
 
@@ -40,11 +40,21 @@ def schedule(s, hw):
 def test_the_compact_plan_is_the_executors_plan(N, M, patterns):
     s = spec(N, M, patterns)
     for workers, split in ((1, None), (2, None), (3, True), (16, None)):
-        a, b = make_plan(build_graph(s), workers, split), make_plan(CompactGraph.build(s), workers, split)
+        c = CompactGraph.build(s)
+        a, b = make_plan(build_graph(s), workers, split), make_plan(c, workers, split, runnable=False)
         fields = lambda t: (t.kind, t.layer, t.block, t.worker, t.flops, t.bytes, t.calls, t.pairs,  # noqa: E731
                             t.attend_flops, t.attend_blocks, t.reads, t.writes, [n for n in t.logical_nodes() if "attend" not in n])
         assert [fields(t) for t in a.tasks] == [fields(t) for t in b.tasks], workers
         assert a.split_blocks == b.split_blocks
+        # what the Ray executor runs: the same tasks to the last node attribute, with no networkx graph
+        runnable = make_plan(c, workers, split)
+        assert runnable.tasks == a.tasks and runnable.split_blocks == a.split_blocks, workers
+        assert all(t.attrs and set(t.attrs) == set(t.logical_nodes()) for t in runnable.tasks)
+
+
+def test_a_counted_plan_needs_the_compact_graph():
+    with pytest.raises(ValueError, match="compact"):
+        make_plan(build_graph(spec(32, 16, [Pattern("causal")])), 1, runnable=False)
 
 
 def test_one_worker_takes_the_sum_of_its_task_costs():
