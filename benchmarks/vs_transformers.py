@@ -10,11 +10,19 @@ forward_s, as `emulate run` reports it (the forward alone; loading and compiling
 Each is run `--repeat` times and the best time is kept.
 Prints a markdown table; every figure is measured in this run.
 
+--breakdown: where the causal Llama forward's time goes on each side, both on one torch thread (the
+same kernels then run the same way): the attention kernel's time (transformers: torch's profiler,
+self time of the CPU flash op; emulate: the attend nodes of the run's trace) and the rest, with the
+attention's rate in GFLOP/s beside an fp32 2048 x 2048 matmul's measured in the same run.
+
     .venv/bin/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024
+    .venv/bin/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024 --breakdown
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 
@@ -69,14 +77,76 @@ def time_backend(path: str, tokens: torch.Tensor, block_size: int, repeat: int):
     return best, run.hidden
 
 
+FLASH_OP = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def breakdown(path: str, tokens: torch.Tensor, block_size: int, repeat: int) -> list[tuple]:
+    """(side, forward s, attention kernel s, attention GFLOP) of the best of `repeat` forwards of each side."""
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                              dtype=torch.float32).eval()
+    hf = []
+    for _ in range(repeat):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            model(tokens[None])
+            total = time.perf_counter() - t0
+        kernel = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == FLASH_OP) / 1e6
+        hf.append((total, kernel))
+    em, flops = [], 0
+    loaded = emulate.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        for _ in range(repeat):
+            run = emulate.run(loaded, tokens, block_size=block_size, dtype="float32", threads=1, trace=trace)
+            with open(trace) as f:
+                events = json.load(f)
+            events = events["traceEvents"] if isinstance(events, dict) else events
+            kernel = sum(e["dur"] for e in events if e.get("ph") == "X" and e.get("cat") == "attend") / 1e6
+            em.append((run.stats["forward_s"], kernel))
+        flops = sum(a["flops"] for _, a in run.compact.iter_nodes() if a["kind"] == "attend")
+    return [("transformers (sdpa)", *min(hf), flops / 1e9), ("emulate graph", *min(em), flops / 1e9)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--window", type=int, default=4096, help="Mistral's sliding window (Hugging Face's sliding_window)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true", help="time in the attention kernel against the rest, "
+                    "causal Llama, both sides on one thread")
     args = ap.parse_args()
     tokens = torch.randint(0, 1024, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    if args.breakdown:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as path:
+            build_checkpoint("llama", path, args.window)
+            rows = breakdown(path, tokens, args.block_size, args.repeat)
+        mm = matmul_gflops()
+        print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, one torch thread, causal llama; "
+              f"fp32 2048 x 2048 matmul: {mm:.1f} GFLOP/s\n")
+        print("| side | forward s | attention kernel s | share | rest s | attention GFLOP/s | of matmul |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for side, total, kernel, gflop in rows:
+            print(f"| {side} | {total:.2f} | {kernel:.2f} | {kernel / total:.2f} | {total - kernel:.2f} "
+                  f"| {gflop / kernel:.1f} | {gflop / kernel / mm:.2f} |")
+        return
     print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, torch threads = {torch.get_num_threads()}\n")
     print("| model | attention | transformers (sdpa) s | emulate graph s | graph / sdpa | transformers backend s "
           "| backend / sdpa | max_rel_err graph, backend |")
