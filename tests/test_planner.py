@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,6 +51,30 @@ def test_the_compact_plan_is_the_executors_plan(N, M, patterns):
         runnable = make_plan(c, workers, split)
         assert runnable.tasks == a.tasks and runnable.split_blocks == a.split_blocks, workers
         assert all(t.attrs and set(t.attrs) == set(t.logical_nodes()) for t in runnable.tasks)
+
+
+def test_the_runnable_plan_fits_the_memory_estimate():
+    """The Ray executor's driver holds the runnable plan (every node's attributes): memory.estimate
+    prices it per node; 32,896 pair calls here, measured under tracemalloc."""
+    import tracemalloc
+
+    from emulate.memory import COMPACT_PAIR_BYTES, PLAN_NODE_BYTES, estimate
+
+    s = spec(65536, 256, [Pattern("causal")])
+    c = CompactGraph.build(s)
+    tracemalloc.start()
+    try:
+        plan = make_plan(c, 2)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    nodes = c.node_count()
+    assert sum(len(t.attrs) for t in plan.tasks) == nodes > 33_000
+    config = SimpleNamespace(width=32, heads=4, kv_heads=2, head_dim=8)
+    priced = estimate(config, 65536, 256, [Pattern("causal")], 4, run=False, graph="plan")["graph"]
+    assert held < PLAN_NODE_BYTES * nodes < priced
+    assert held > PLAN_NODE_BYTES * nodes / 2  # the price is not a loose bound either
+    assert priced - PLAN_NODE_BYTES * nodes < COMPACT_PAIR_BYTES * 2 * nodes
 
 
 def test_a_counted_plan_needs_the_compact_graph():
