@@ -193,10 +193,11 @@ def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[
       worker waits for (the latest in plan order of that reader's producers there): the reader
       gets its inputs when this task ends, as with a call per task. The producers before it feed
       that reader too, but it could not start before this one's value existed anyway;
-    - a task that reads a value made on another worker joins a run only when that value comes from
-      a producer no later (in plan order, on that worker) than the ones the run already waits for,
-      so the run does not wait any longer than its first tasks would alone. Otherwise it starts a
-      new run.
+    - a task that reads a value made on another worker joins a run only when the run already waits
+      for a producer there as late (in plan order, on that worker) as the one it waits for, so the run
+      waits no longer than its first task would alone; and a task that waits for no other worker
+      never joins a run that does, where it would wait for inputs it does not read. Otherwise it
+      starts a new run.
 
     Every value a call reads from another worker is thus made by a task earlier in plan order than
     the call's first task, and a call's other inputs come from earlier calls of its own worker: the
@@ -222,7 +223,8 @@ def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[
             if p is not None and p.worker != t.worker:
                 remote[p.worker] = max(remote.get(p.worker, -1), p.index)
         run = open_.get(t.worker)
-        if run is None or len(run[0]) >= limit or any(i > run[1].get(w, -1) for w, i in remote.items()):
+        if run is None or len(run[0]) >= limit or bool(remote) != bool(run[1]) or \
+                any(i > run[1].get(w, -1) for w, i in remote.items()):
             run = ([], remote)
             out.append(run[0])
             open_[t.worker] = run

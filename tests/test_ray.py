@@ -163,6 +163,9 @@ def test_calls_group_tasks_without_holding_work_back(attention, window):
                     remote = [made_by[k] for k in t.reads if k in made_by and made_by[k].worker != t.worker]
                     # what a call reads from other workers is made before the call begins: no cycle
                     assert all(p.index < first for p in remote), (workers, t.name)
+                    # a task that waits for no other worker shares no call with one that does
+                    assert bool(remote) == any(made_by.get(k) and made_by[k].worker != c[0].worker
+                                               for k in c[0].reads), (workers, t.name)
                     # the last producer a reader waits for on each other worker hands its value over at once
                     for w in {p.worker for p in remote}:
                         assert max(p.index for p in remote if p.worker == w) in ends, (workers, t.name)
