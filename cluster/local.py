@@ -32,10 +32,9 @@ STATE = Path(os.environ.get("EMULATE_CLUSTER_DIR", "/tmp/emulate-cluster"))
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0  # one `ray start`
 READY_TIMEOUT_S = 120.0  # from the last node started until the Jobs API has run a job
-# no Prometheus metrics export (an unauthenticated HTTP port per node), and worker processes at
-# niceness 0 rather than Ray's 15 (they do the compute; cluster/session.py SYSTEM_CONFIG); the worker
-# nodes take the head's system config from its GCS
-SYSTEM_CONFIG = {"enable_metrics_collection": False, "worker_niceness": 0}
+# no Prometheus metrics export (an unauthenticated HTTP port per node); the worker nodes take the
+# head's system config from its GCS
+SYSTEM_CONFIG = {"enable_metrics_collection": False}
 # `ray start` for a worker node: Ray refuses worker nodes in its single-machine mode (the one
 # that keeps 127.0.0.1 as the node's address), so this passes that check and keeps 127.0.0.1
 # as given; the node's processes inherit the mode from the environment (RAY_ENABLE_..._CLUSTER=0).

@@ -34,11 +34,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # server then binds the loopback interface only.
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 PROBE_TIMEOUT_S = 5.0
-# The private instance's Ray settings. Ray starts its worker processes at niceness 15 by default,
-# so the workers, which do all of the forward's compute, would yield their cores to the driver,
-# Ray's own services and every other process on the machine; at the driver's niceness (0) they
-# share the cores as the local executor's threads do.
-SYSTEM_CONFIG = {"enable_metrics_collection": False, "worker_niceness": 0}
 
 
 def connect(address: str | None) -> bool:
@@ -55,7 +50,7 @@ def connect(address: str | None) -> bool:
             ensure_token()
             with loopback_only():
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                         _system_config=SYSTEM_CONFIG, **quiet)
+                         _system_config={"enable_metrics_collection": False}, **quiet)
         except EmulateError as err:
             raise EmulateError(f"could not start a local Ray instance: {err}") from None
         except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; the user needs one line
