@@ -241,9 +241,17 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
         run.submit(plan.tasks)
         handlers.restore()
         heads = {t.block: t.index for t in plan.tasks if t.head}
+        # Outputs of later blocks, copied out of the object store as their calls finish: blocks are
+        # yielded in order, and a worker's later blocks often finish before another worker's last
+        # earlier one; taken then, while the workers compute, rather than all after that block.
+        early: dict[int, dict] = {}
         next_block = 0
         last_done = last_health = time.monotonic()
         while next_block < plan.blocks:
+            if next_block in early:
+                yield next_block, early.pop(next_block)
+                next_block += 1
+                continue
             if heads[next_block] in run.done:
                 try:
                     value = _fetch(ray, run.heads[next_block], f"the output of block {next_block}", pool, opts)
@@ -254,6 +262,17 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
                 yield next_block, from_wire(value, copy=True)
                 next_block += 1
                 continue
+            while run.heads_done:
+                block = run.heads_done.pop()
+                if block <= next_block or block not in run.heads or heads[block] not in run.done:
+                    continue  # its turn comes next anyway, or it was taken already
+                try:
+                    value = _fetch(ray, run.heads[block], f"the output of block {block}", pool, opts)
+                except _Lost:
+                    run.undo(plan.tasks[heads[block]])
+                    continue
+                del run.heads[block]
+                early[block] = from_wire(value, copy=True)
             if not run.in_flight:
                 if not run.lost:
                     raise EmulateError(f"every task finished but block {next_block}'s output never came")
@@ -327,7 +346,8 @@ class _Schedule:
             for key in t.reads:
                 self.readers_left.setdefault(key, set()).add(t.index)
         self.refs: dict = {}  # shipped values some unfinished task reads
-        self.heads: dict = {}  # block -> the ref of its head output
+        self.heads: dict = {}  # block -> the ref of its head output, until the driver takes it
+        self.heads_done: list[int] = []  # blocks whose head finished since the driver last looked
         self.in_flight: dict = {}  # figures ref of a call -> its tasks
         self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
@@ -386,6 +406,8 @@ class _Schedule:
             return
         for task, m in zip(call, metas):
             self.done[task.index] = m
+            if task.head:
+                self.heads_done.append(task.block)
             self.lost.discard(task.index)
             self.records.append(_record(task, m, self.producer))
             for key in task.reads:

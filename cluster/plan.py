@@ -183,35 +183,54 @@ CALL_TASKS = 8  # the most tasks one Ray call runs
 def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[Task]]:
     """`chosen` (in plan order) cut into Ray calls: runs of up to `limit` tasks of one worker, run
     one after the other inside a single call, so Ray's cost per call (dispatch, the driver's and
-    the raylet's bookkeeping) is paid once per run rather than once per task.
+    the raylet's bookkeeping, a round trip through the driver for each call that waits on another)
+    is paid once per run rather than once per task.
 
-    Only tasks that neither wait for nor feed another worker share a call: a task that reads a
-    value made on another worker, or makes one another worker reads, is a call of its own, so no
-    call holds back tasks that could run while it waits for its input, and no value another
-    worker waits for stays in a call until the call ends. A call of several tasks thus depends only
-    on calls of its own worker made earlier in plan order: no cycle, whatever the order in which
-    the workers run them.
+    A call's outputs appear when the whole call ends, and it starts once all its inputs exist, so
+    runs are cut where that would hold work back:
+
+    - a task ends its call when it is the last of its worker's tasks that some task on another
+      worker waits for (the latest in plan order of that reader's producers there): the reader
+      gets its inputs when this task ends, as with a call per task. The producers before it feed
+      that reader too, but it could not start before this one's value existed anyway;
+    - a task that reads a value made on another worker joins a run only when the run already waits
+      for a producer there as late (in plan order, on that worker) as the one it waits for, so the run
+      waits no longer than its first task would alone; and a task that waits for no other worker
+      never joins a run that does, where it would wait for inputs it does not read. Otherwise it
+      starts a new run.
+
+    Every value a call reads from another worker is thus made by a task earlier in plan order than
+    the call's first task, and a call's other inputs come from earlier calls of its own worker: the
+    unfinished call that begins earliest in plan order always has every input, so no set of calls
+    waits on itself, whatever the order in which the workers run them. Producers outside `chosen`
+    (a recovery's re-run) have finished and hold nothing back.
     """
-    made_on = {key: t.worker for t in plan.tasks for key in t.writes}
-    read_on: dict[Key, set[int]] = {}
-    for t in plan.tasks:
-        for key in t.reads:
-            read_on.setdefault(key, set()).add(t.worker)
-    out: list[list[Task]] = []
-    open_: dict[int, list[Task]] = {}
+    made_by = {key: t for t in chosen for key in t.writes}
+    last_awaited: set[int] = set()  # tasks that end their call: the last a reader on another worker waits for
     for t in chosen:
-        alone = any(made_on[key] != t.worker for key in t.reads) or \
-            any(read_on.get(key, set()) - {t.worker} for key in t.writes)
+        latest: dict[int, int] = {}
+        for key in t.reads:
+            p = made_by.get(key)
+            if p is not None and p.worker != t.worker:
+                latest[p.worker] = max(latest.get(p.worker, -1), p.index)
+        last_awaited.update(latest.values())
+    out: list[list[Task]] = []
+    open_: dict[int, tuple[list[Task], dict[int, int]]] = {}  # worker -> its open run, the latest producer it waits for per worker
+    for t in chosen:
+        remote: dict[int, int] = {}
+        for key in t.reads:
+            p = made_by.get(key)
+            if p is not None and p.worker != t.worker:
+                remote[p.worker] = max(remote.get(p.worker, -1), p.index)
         run = open_.get(t.worker)
-        if alone or run is None or len(run) >= limit:
-            run = [t]
-            out.append(run)
-            if alone:
-                open_.pop(t.worker, None)
-            else:
-                open_[t.worker] = run
-        else:
-            run.append(t)
+        if run is None or len(run[0]) >= limit or bool(remote) != bool(run[1]) or \
+                any(i > run[1].get(w, -1) for w, i in remote.items()):
+            run = ([], remote)
+            out.append(run[0])
+            open_[t.worker] = run
+        run[0].append(t)
+        if t.index in last_awaited:
+            del open_[t.worker]
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from conftest import Watched, record_error
 
 import emulate
-from cluster.plan import TaskKind, make_plan, slice_size
+from cluster.plan import CALL_TASKS, TaskKind, calls, make_plan, slice_size
 from cluster.worker import run_task
 from emulate import EmulateError
 from emulate.forward import row_errors
@@ -137,6 +137,49 @@ def test_plan_covers_the_graph_once_in_topological_order():
     plan = make_plan(g, 2)
     share = plan.describe()["flops_share_per_worker"]
     assert max(share) < 0.6  # a causal layer's heavy late rows are balanced by cost, not by count
+
+
+@pytest.mark.parametrize("attention, window", [("causal", None), ("sliding", 200)])
+def test_calls_group_tasks_without_holding_work_back(attention, window):
+    g = emulate.compile("tiny-llama", 1000, block_size=128, attention=attention, window=window)
+    for workers, split in ((2, None), (3, None), (5, None), (3, True), (16, None)):
+        plan = make_plan(g, workers, split)
+        tasks = plan.tasks
+        for chosen in (tasks, tasks[len(tasks) // 3:]):  # a whole run, and a recovery's re-run
+            made_by = {key: t for t in chosen for key in t.writes}
+            cut = calls(plan, chosen)
+            assert sorted(t.index for c in cut for t in c) == [t.index for t in chosen]  # each task once
+            assert all(len(c) <= CALL_TASKS and len({t.worker for t in c}) == 1 for c in cut)
+            # in the order of their first tasks, each worker's calls in plan order: a call is submitted
+            # after the calls that make its inputs
+            assert [c[0].index for c in cut] == sorted(c[0].index for c in cut)
+            for w in range(workers):
+                mine = [t.index for c in cut for t in c if t.worker == w]
+                assert mine == sorted(mine)
+            ends = {c[-1].index for c in cut}
+            for c in cut:
+                first = c[0].index
+                for t in c:
+                    remote = [made_by[k] for k in t.reads if k in made_by and made_by[k].worker != t.worker]
+                    # what a call reads from other workers is made before the call begins: no cycle
+                    assert all(p.index < first for p in remote), (workers, t.name)
+                    # a task that waits for no other worker shares no call with one that does
+                    assert bool(remote) == any(made_by.get(k) and made_by[k].worker != c[0].worker
+                                               for k in c[0].reads), (workers, t.name)
+                    # the last producer a reader waits for on each other worker hands its value over at once
+                    for w in {p.worker for p in remote}:
+                        assert max(p.index for p in remote if p.worker == w) in ends, (workers, t.name)
+            # any order of running ready calls finishes them all (the workers run them out of order)
+            call_of = {t.index: k for k, c in enumerate(cut) for t in c}
+            needs = [{call_of[made_by[key].index] for t in c for key in t.reads if key in made_by} - {k}
+                     for k, c in enumerate(cut)]
+            done: set[int] = set()
+            while len(done) < len(cut):
+                ready = [k for k in range(len(cut)) if k not in done and needs[k] <= done]
+                assert ready, (workers, "calls wait on each other")
+                done.add(ready[-1])
+    causal = make_plan(emulate.compile("tiny-llama", 2048, block_size=128), 2)
+    assert len(calls(causal, causal.tasks)) <= len(causal.tasks) / 3  # rows that feed the other worker share calls
 
 
 # -- choosing the executor ----------------------------------------------------------------------
