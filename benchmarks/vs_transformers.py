@@ -93,8 +93,9 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def breakdown(path: str, tokens: torch.Tensor, block_size: int, repeat: int) -> list[tuple]:
-    """(side, forward s, attention kernel s, attention GFLOP) of the best of `repeat` forwards of each side."""
+def breakdown(path: str, tokens: torch.Tensor, block_size: int, repeat: int) -> tuple[list[tuple], dict]:
+    """(side, forward s, attention kernel s, attention GFLOP) of the best of `repeat` forwards of each
+    side, and the seconds of that best emulated forward by node kind (its trace)."""
     import transformers
     from torch.profiler import ProfilerActivity, profile
 
@@ -117,10 +118,14 @@ def breakdown(path: str, tokens: torch.Tensor, block_size: int, repeat: int) -> 
             with open(trace) as f:
                 events = json.load(f)
             events = events["traceEvents"] if isinstance(events, dict) else events
-            kernel = sum(e["dur"] for e in events if e.get("ph") == "X" and e.get("cat") == "attend") / 1e6
-            em.append((run.stats["forward_s"], kernel))
+            kinds: dict[str, float] = {}
+            for e in events:
+                if e.get("ph") == "X":
+                    kinds[e["cat"]] = kinds.get(e["cat"], 0.0) + e["dur"] / 1e6
+            em.append((run.stats["forward_s"], kinds.get("attend", 0.0), kinds))
         flops = sum(a["flops"] for _, a in run.compact.iter_nodes() if a["kind"] == "attend")
-    return [("transformers (sdpa)", *min(hf), flops / 1e9), ("emulate graph", *min(em), flops / 1e9)]
+    total, kernel, kinds = min(em, key=lambda r: r[0])
+    return [("transformers (sdpa)", *min(hf), flops / 1e9), ("emulate graph", total, kernel, flops / 1e9)], kinds
 
 
 def main() -> None:
@@ -137,7 +142,7 @@ def main() -> None:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as path:
             build_checkpoint("llama", path, args.window)
-            rows = breakdown(path, tokens, args.block_size, args.repeat)
+            rows, kinds = breakdown(path, tokens, args.block_size, args.repeat)
         mm = matmul_gflops()
         print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, one torch thread, causal llama; "
               f"fp32 2048 x 2048 matmul: {mm:.1f} GFLOP/s\n")
@@ -146,6 +151,9 @@ def main() -> None:
         for side, total, kernel, gflop in rows:
             print(f"| {side} | {total:.2f} | {kernel:.2f} | {kernel / total:.2f} | {total - kernel:.2f} "
                   f"| {gflop / kernel:.1f} | {gflop / kernel / mm:.2f} |")
+        outside = rows[1][1] - sum(kinds.values())
+        print("\nemulate's forward by node kind (s): " + ", ".join(f"{k} {v:.2f}" for k, v in
+              sorted(kinds.items(), key=lambda kv: -kv[1])) + f", outside nodes {outside:.2f}")
         return
     print(f"N = {args.tokens}, M = {args.block_size}, float32, CPU, torch threads = {torch.get_num_threads()}\n")
     print("| model | attention | transformers (sdpa) s | emulate graph s | graph / sdpa | transformers backend s "
