@@ -206,22 +206,18 @@ def calls(plan: Plan, chosen: list[Task], limit: int = CALL_TASKS) -> list[list[
     (a recovery's re-run) have finished and hold nothing back.
     """
     made_by = {key: t for t in chosen for key in t.writes}
-    last_awaited: set[int] = set()  # tasks that end their call: the last a reader on another worker waits for
+    awaited: list[dict[int, int]] = []  # per task of `chosen`: other worker -> the latest producer it waits for there
     for t in chosen:
         latest: dict[int, int] = {}
         for key in t.reads:
             p = made_by.get(key)
             if p is not None and p.worker != t.worker:
                 latest[p.worker] = max(latest.get(p.worker, -1), p.index)
-        last_awaited.update(latest.values())
+        awaited.append(latest)
+    last_awaited = {i for latest in awaited for i in latest.values()}  # tasks that end their call
     out: list[list[Task]] = []
     open_: dict[int, tuple[list[Task], dict[int, int]]] = {}  # worker -> its open run, the latest producer it waits for per worker
-    for t in chosen:
-        remote: dict[int, int] = {}
-        for key in t.reads:
-            p = made_by.get(key)
-            if p is not None and p.worker != t.worker:
-                remote[p.worker] = max(remote.get(p.worker, -1), p.index)
+    for t, remote in zip(chosen, awaited):
         run = open_.get(t.worker)
         if run is None or len(run[0]) >= limit or bool(remote) != bool(run[1]) or \
                 any(i > run[1].get(w, -1) for w, i in remote.items()):
