@@ -140,13 +140,15 @@ class Route:
     held: positions in `reads` of values made earlier on the same worker, taken from its memory
     (the other reads arrive through the object store, as Ray arguments in `reads` order).
     keep: (position in `writes`, readers) for each write the worker keeps in its memory, readers
-    being the number of its tasks in this submission that read it. ship: positions in `writes` of
+    being the indices of its tasks in this submission that read it: each reader strikes itself
+    off, so a task run again (a recovery re-running a finished producer) cannot strike off a
+    reader that has yet to come. ship: positions in `writes` of
     the values returned through the object store (read on another worker, or a head read by the
     driver). Positions, not keys: a route travels with every call and small ints pickle fastest.
     """
 
     held: tuple[int, ...]
-    keep: tuple[tuple[int, int], ...]
+    keep: tuple[tuple[int, tuple[int, ...]], ...]
     ship: tuple[int, ...]
 
 
@@ -158,19 +160,19 @@ def routes(plan: Plan, chosen: list[Task]) -> dict[int, Route]:
     count: a write nobody in `chosen` reads is computed and dropped.
     """
     made_on = {key: t.worker for t in plan.tasks for key in t.writes}
-    readers: dict[Key, list[int]] = {}
+    readers: dict[Key, list[Task]] = {}
     for t in chosen:
         for key in t.reads:
-            readers.setdefault(key, []).append(t.worker)
+            readers.setdefault(key, []).append(t)
     out = {}
     for t in chosen:
         keep, ship = [], []
         for at, key in enumerate(t.writes):
             on = readers.get(key, [])
-            local = sum(w == t.worker for w in on)
+            local = tuple(r.index for r in on if r.worker == t.worker)
             if local:
                 keep.append((at, local))
-            if t.head or local < len(on):
+            if t.head or len(local) < len(on):
                 ship.append(at)
         held = tuple(at for at, key in enumerate(t.reads) if made_on[key] == t.worker)
         out[t.index] = Route(held, tuple(keep), tuple(ship))

@@ -372,7 +372,7 @@ class WorkerPool:
                 break
             on_wait(time.monotonic() - since)
         try:
-            return [set(info["held"]) for info in ray.get(asks)]
+            return [set(held) for held in ray.get(asks)]
         except ray.exceptions.RayError as err:
             raise EmulateError(f"a worker could not be reached to recover lost values: {error_line(err)}") from None
 

@@ -145,7 +145,7 @@ class Worker:
         self.index, self.config, self.graph_meta = index, config, graph_meta
         self.dtype, self.device = getattr(torch, dtype), device
         self.runner = None
-        self.held: dict[Key, list] = {}  # key -> [value, readers still to come]
+        self.held: dict[Key, tuple] = {}  # key -> (value, indices of the tasks still to read it)
         self.tasks: list[Task] | None = None  # the plan's tasks, fetched on the first run
         self.generation = 0  # the driver's latest submission this process has seen
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "node": _node_id()}
@@ -163,14 +163,14 @@ class Worker:
     def ping(self, shared: list) -> dict:
         runner = self.load(shared)
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
-                "device": str(runner.model.device), "held": len(self.held)}
+                "device": str(runner.model.device)}
 
     def holdings(self, generation: int, shared: list) -> dict:
         """Start submission `generation` (the driver's recovery): calls of earlier submissions are
-        refused from now on. Returns this process's id and the keys of the values it holds."""
+        refused from now on. Returns the keys of the values it holds."""
         self.load(shared)
         self.generation = max(self.generation, generation)
-        return {"pid": self.where["pid"], "held": list(self.held)}
+        return list(self.held)
 
     def run(self, generation: int, call: tuple[tuple[int, Route], ...], shared: list, *args):
         """Run the tasks of one call of submission `generation` in order: (index in the plan, its
@@ -231,12 +231,12 @@ class Worker:
         del inputs
         for at in route.held:  # the last local reader frees the value
             key = task.reads[at]
-            entry = self.held[key]
-            entry[1] -= 1
-            if entry[1] <= 0:
+            waiting = self.held[key][1]
+            waiting.discard(task.index)
+            if not waiting:
                 del self.held[key]
         for at, readers in route.keep:
-            self.held[task.writes[at]] = [out[at], readers]
+            self.held[task.writes[at]] = (out[at], set(readers))
         shipped = [to_wire(out[at]) for at in route.ship]
         meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
                 "start": start, "end": time.time(), "bytes_in": sum(shipped_bytes), "bytes_each": shipped_bytes,
@@ -248,6 +248,8 @@ def _node_id() -> str | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # outside Ray (a test running the class in-process): start nothing
+            return None
         return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (a test running the class in-process)
+    except Exception:  # noqa: BLE001 - a runtime context without a node
         return None

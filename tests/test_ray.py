@@ -121,6 +121,37 @@ def test_plan_edge_sizes(tokens, block):
         torch.set_num_threads(threads)
 
 
+def test_a_task_run_again_strikes_off_no_reader_still_to_come():
+    """A recovery re-runs finished producers (here block 1's start and its layer-0 row) on a
+    worker that still holds their other inputs (block 0's keys and values, read by every later
+    row): the re-run must not count as another of those readers, or the value would be freed
+    before the last row reads it. The worker runs in-process, one worker, the routes the driver
+    sends."""
+    from cluster.plan import routes
+    from cluster.worker import Worker, from_wire
+
+    torch.set_num_threads(1)
+    p = problem(tokens=700, block=96)
+    local = run(p)
+    plan = make_plan(local.compact, 1)
+    worker = Worker(0, p.model.config, {}, "float32", "cpu", 1)
+    worker.runner, worker.tasks = node_runner(p, local.graph), plan.tasks
+    row = next(t for t in plan.tasks if t.kind == TaskKind.ROW and t.layer == 0 and t.block == 1)
+    start = next(t for t in plan.tasks if t.kind == TaskKind.START and t.block == 1)
+    hidden = {}
+
+    def submit(chosen, generation, stop=None):
+        route = routes(plan, chosen)
+        for t in chosen[:stop]:
+            out = worker.run(generation, ((t.index, route[t.index]),), None)
+            if t.head:
+                hidden[t.block] = from_wire(out[0], copy=True)["hidden"]
+
+    submit(plan.tasks, 1, stop=row.index + 1)  # the run, up to the row, when the loss is found
+    submit([start, row] + plan.tasks[row.index + 1:], 2)  # what _Schedule.recover submits
+    assert torch.equal(torch.cat([hidden[b] for b in sorted(hidden)]), local.hidden)
+
+
 def test_plan_covers_the_graph_once_in_topological_order():
     g = emulate.compile("tiny-llama", 1000, block_size=128)
     for workers in (1, 3, 20):
