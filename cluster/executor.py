@@ -241,38 +241,28 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
         run.submit(plan.tasks)
         handlers.restore()
         heads = {t.block: t.index for t in plan.tasks if t.head}
-        # Outputs of later blocks, copied out of the object store as their calls finish: blocks are
-        # yielded in order, and a worker's later blocks often finish before another worker's last
-        # earlier one; taken then, while the workers compute, rather than all after that block.
-        early: dict[int, dict] = {}
+        # Outputs copied out of the object store as their calls finish, in whatever order: blocks
+        # are yielded in order, and a worker's later blocks often finish before another worker's
+        # last earlier one; taken then, while the workers compute, rather than all after that block.
+        outputs: dict[int, dict] = {}
         next_block = 0
         last_done = last_health = time.monotonic()
         while next_block < plan.blocks:
-            if next_block in early:
-                yield next_block, early.pop(next_block)
-                next_block += 1
-                continue
-            if heads[next_block] in run.done:
-                try:
-                    value = _fetch(ray, run.heads[next_block], f"the output of block {next_block}", pool, opts)
-                except _Lost:  # its node went with the value: run the head again
-                    run.undo(plan.tasks[heads[next_block]])
-                    continue
-                del run.heads[next_block]
-                yield next_block, from_wire(value, copy=True)
-                next_block += 1
-                continue
             while run.heads_done:
                 block = run.heads_done.pop()
-                if block <= next_block or block not in run.heads or heads[block] not in run.done:
-                    continue  # its turn comes next anyway, or it was taken already
+                if block not in run.heads or heads[block] not in run.done:
+                    continue  # taken already, or lost since and to be made again
                 try:
                     value = _fetch(ray, run.heads[block], f"the output of block {block}", pool, opts)
-                except _Lost:
+                except _Lost:  # its node went with the value: run the head again
                     run.undo(plan.tasks[heads[block]])
                     continue
                 del run.heads[block]
-                early[block] = from_wire(value, copy=True)
+                outputs[block] = from_wire(value, copy=True)
+            if next_block in outputs:
+                yield next_block, outputs.pop(next_block)
+                next_block += 1
+                continue
             if not run.in_flight:
                 if not run.lost:
                     raise EmulateError(f"every task finished but block {next_block}'s output never came")
