@@ -66,7 +66,7 @@ def time_emulate(path: str, tokens: torch.Tensor, block_size: int, repeat: int):
         run = emulate.run(model, tokens, block_size=block_size, dtype="float32")
         best = min(best, run.stats["forward_s"])
     attention = emulate.prepare(model, tokens).patterns[0].describe()
-    return best, run.hidden, attention, run.graph.number_of_nodes()
+    return best, run.hidden, attention, run.compact.node_count()
 
 
 def time_backend(path: str, tokens: torch.Tensor, block_size: int, repeat: int):

@@ -203,7 +203,7 @@ def compile(model=None, tokens=None, progress: StageProgress | None = None, *, c
     """
     problem = prepare(_shape_or_model(model), tokens, count_only=True, graph_form="compact" if compact else "networkx",
                       **options)
-    return problem.compact_graph() if compact else problem.graph(progress)
+    return problem.compact_graph(progress) if compact else problem.graph(progress)
 
 
 def _shape_or_model(model):

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from emulate.threads import cores as usable_cores
 from emulate.config import EmulateError, ModelConfig
 
 GB = 1e9
@@ -352,23 +353,15 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
         link, lat, over, dtype = GPU_LINK_GBPS * gpus_per_worker, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, "bf16"
     else:
         raise EmulateError(f"unknown device {device!r} (choose from cpu, {', '.join(DEVICES)})")
-    slowdown = service = 0.0
+    slowdown, service = 1.0, 0.0
     if executor == "local":
         over = 0.0
     if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
-        cores = _cores()
+        cores = usable_cores()
         slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
         service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
     return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
-                    slowdown or 1.0, service)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+                    slowdown, service)
 
 
 def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
@@ -535,7 +528,7 @@ def _contention(budget_s: float = 2.0) -> list[float]:
 
     import torch
 
-    cores = min(8, _cores())
+    cores = min(8, usable_cores())
     if cores < 2:
         return [1.0]
     g = torch.Generator().manual_seed(0)
@@ -551,6 +544,7 @@ def _contention(budget_s: float = 2.0) -> list[float]:
         reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1))))  # the budget over k = 1 .. C
 
         def loop(out: list):
+            torch.set_num_threads(1)  # OpenMP's count is per thread: each loop is one worker of one thread
             start = time.perf_counter()
             for _ in range(reps):
                 a @ b
