@@ -34,7 +34,7 @@ import networkx as nx
 import numpy as np
 
 from graphs import CompactGraph, NodeKind, Pattern, node_id
-from graphs.builder import attend_cost
+from graphs.builder import attend_cost, residual_id
 from graphs.compact import MASKS
 from graphs.patterns import kernel_entries
 
@@ -394,7 +394,7 @@ class _CompactRows:
         t = self.c.template(layer)
         pairs = range(int(t.starts[i]), int(t.starts[i + 1]))
         merge_id = node_id(NodeKind.MERGE, layer, i) if len(pairs) > 1 else None
-        x_key = node_id(NodeKind.EMBED, None, i) if layer == 0 else node_id(NodeKind.MIX, layer - 1, i)
+        x_key = residual_id(layer, i)
         return merge_id, pairs, node_id(NodeKind.MIX, layer, i), x_key
 
     def ids(self, layer: int, pairs: range) -> list[str]:

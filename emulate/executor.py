@@ -285,7 +285,7 @@ def run_parallel(schedule: Schedule, runner, workers: int, on_node: Callable[[in
                 heapq.heappush(ready, position[dst])
         if a["kind"] == NodeKind.HEAD:
             heads[a["block"]] = value
-        if remaining[n] and a["kind"] != NodeKind.HEAD:
+        if remaining[n]:  # a head has no reader
             values[n] = value
         else:
             del remaining[n], position[n]

@@ -37,6 +37,11 @@ def node_id(kind: NodeKind, layer: int | None, block: int, key_block: int | None
     return "/".join(parts)
 
 
+def residual_id(layer: int, block: int) -> str:
+    """The node whose value is block `block`'s residual stream entering `layer`: the embedding, or the last mix."""
+    return node_id(NodeKind.EMBED, None, block) if layer == 0 else node_id(NodeKind.MIX, layer - 1, block)
+
+
 def sample_permutation(tokens: int, seed: int) -> np.ndarray:
     """The random permutation tau of [N] of Thm 4.1, drawn once per graph (PCG64: stable bits)."""
     return np.random.default_rng(seed).permutation(tokens)

@@ -23,7 +23,7 @@ import networkx as nx
 import numpy as np
 
 from graphs.builder import (attend_cost, embed_cost, head_cost, merge_cost, mix_cost, node_id, project_cost,
-                            sample_permutation, sampled_keys)
+                            residual_id, sample_permutation, sampled_keys)
 from graphs.kinds import MaskKind, NodeKind, PatternKind
 from graphs.patterns import Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask, windowed
 from graphs.spec import ForwardSpec
@@ -350,10 +350,6 @@ class NodeSource:
                                       reads=t.reads.tolist(), attend=(af, ab), merge=(mf, mb), readers=readers)
         return self._templates[k]
 
-    def _residual(self, layer: int, i: int) -> str:
-        """The id of block i's residual stream entering `layer` (the embedding, or the last mix)."""
-        return node_id(NodeKind.EMBED, None, i) if layer == 0 else node_id(NodeKind.MIX, layer - 1, i)
-
     def embed(self, i: int) -> tuple[str, dict]:
         f, b = self.embed_cost
         return node_id(NodeKind.EMBED, None, i), dict(inputs=[], kind=NodeKind.EMBED, layer=-1, block=i,
@@ -361,7 +357,7 @@ class NodeSource:
 
     def project(self, layer: int, i: int) -> tuple[str, dict]:
         f, b = self.project_cost
-        return node_id(NodeKind.PROJECT, layer, i), dict(inputs=[self._residual(layer, i)], kind=NodeKind.PROJECT,
+        return node_id(NodeKind.PROJECT, layer, i), dict(inputs=[residual_id(layer, i)], kind=NodeKind.PROJECT,
                                                         layer=layer, block=i, span=self.g.spans[i],
                                                         tokens=self.m[i], flops=f[i], bytes=b[i])
 
@@ -371,12 +367,12 @@ class NodeSource:
         span = spans[i]
         (af, ab), (mf, mb) = t["attend"], t["merge"]
         partials = []
+        queries = node_id(NodeKind.PROJECT, layer, i)
         for p in range(t["starts"][i], t["starts"][i + 1]):
             j = t["keys"][p]
             sources = t["reads"][t["read_starts"][p]:t["read_starts"][p + 1]]
             nid = node_id(NodeKind.ATTEND, layer, i, j)
-            attrs = dict(inputs=[node_id(NodeKind.PROJECT, layer, i)] + [node_id(NodeKind.PROJECT, layer, k)
-                                                                          for k in sources],
+            attrs = dict(inputs=[queries] + [node_id(NodeKind.PROJECT, layer, k) for k in sources],
                          kind=NodeKind.ATTEND, layer=layer, block=i, key_block=j)
             if j < 0:
                 attrs.update(key_blocks=sources, span=span, key_span=None)
@@ -393,13 +389,13 @@ class NodeSource:
         else:
             attention = partials[0]
         f, b = self.mix_cost
-        yield node_id(NodeKind.MIX, layer, i), dict(inputs=[self._residual(layer, i), attention], kind=NodeKind.MIX,
+        yield node_id(NodeKind.MIX, layer, i), dict(inputs=[residual_id(layer, i), attention], kind=NodeKind.MIX,
                                                    layer=layer, block=i, span=span, tokens=m[i], flops=f[i],
                                                    bytes=b[i])
 
     def head(self, i: int) -> tuple[str, dict]:
         f, b = self.head_cost
-        return node_id(NodeKind.HEAD, None, i), dict(inputs=[self._residual(self.g.layers, i)], kind=NodeKind.HEAD,
+        return node_id(NodeKind.HEAD, None, i), dict(inputs=[residual_id(self.g.layers, i)], kind=NodeKind.HEAD,
                                                     layer=self.g.layers, block=i, span=self.g.spans[i],
                                                     tokens=self.m[i], flops=f[i], bytes=b[i])
 
@@ -412,7 +408,7 @@ class NodeSource:
             return 1  # its block's merge, or its mix
         if kind == NodeKind.PROJECT:
             return self._template(attrs["layer"])["readers"][attrs["block"]]
-        last = attrs["layer"] == self.g.layers - 1 or (kind == NodeKind.EMBED and self.g.layers == 0)
+        last = attrs["layer"] == self.g.layers - 1  # an embed's layer is -1: the last with no layers
         return 1 if last else 2  # the next layer's projection and mix, or the head
 
 
