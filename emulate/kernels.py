@@ -23,6 +23,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     mask: 'none' (all visible), 'causal' (aligned diagonal block) or 'explicit' with `visible`
     a boolean [mq, mk] matrix. GQA: each KV head serves H / Hkv consecutive query heads.
     """
+    bias = None
+    if mask == MaskKind.EXPLICIT:
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
+    if q.device.type != "cpu":
+        # fused CUDA kernels that return the lse (math where none applies); GQA and rows with no
+        # visible key are handled there, without a host sync
+        from emulate.kernels_cuda import attend_cuda
+
+        return attend_cuda(q, k, v, scale, mask, bias)
     H, Hkv = q.shape[0], k.shape[0]
     if Hkv != H and mask == MaskKind.NONE:
         # GQA without a mask: fold each KV head's query heads into its rows (a view for contiguous q); every
@@ -32,17 +41,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=0)
         v = v.repeat_interleave(H // Hkv, dim=0)
-    bias = None
-    if mask == MaskKind.EXPLICIT:
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
-    if q.device.type == "cpu":
-        # torch's CPU flash kernel returns the lse and runs at ~75% of this machine's matmul rate
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, mask == MaskKind.CAUSAL, attn_mask=bias, scale=scale)[:2]
-        o, lse = o[0], lse[0]
-    else:
-        from emulate.kernels_cuda import attend_cuda  # fused CUDA kernels that return the lse (math where none applies)
-        o, lse = attend_cuda(q, k, v, scale, mask, bias)
+    # torch's CPU flash kernel returns the lse and runs at ~75% of this machine's matmul rate
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], 0.0, mask == MaskKind.CAUSAL, attn_mask=bias, scale=scale)[:2]
+    o, lse = o[0], lse[0]
     if mask == MaskKind.EXPLICIT:
         # the flash kernel returns (0, 0) for a fully masked row; e^0 would weigh it as one key
         empty = ~visible.any(dim=1)
