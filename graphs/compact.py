@@ -68,11 +68,16 @@ class LayerTemplate:
             return self.reads[self.read_starts[a]:self.read_starts[a + 1]].tolist()
         return self.key_block[a:b].tolist()
 
+    def attend_inputs(self) -> np.ndarray:
+        """(pair, projection block) of each distinct input of the layer's attend nodes, one row per
+        edge into them: an attend node reads its own queries' projection and its key blocks', each once."""
+        pair = np.repeat(np.arange(self.pairs), np.diff(self.read_starts))
+        return np.unique(np.concatenate([np.stack([np.arange(self.pairs), self.row], 1),
+                                         np.stack([pair, self.reads], 1)]), axis=0)
+
     def edges(self) -> int:
-        """Distinct inputs of the layer's attend nodes: their edges in the graph."""
-        own = np.repeat(self.row, np.diff(self.read_starts))
-        same = np.add.reduceat((self.reads == own).astype(np.int64), self.read_starts[:-1])
-        return int(np.diff(self.read_starts).sum() + self.pairs - same.sum())
+        """The edges into the layer's attend nodes."""
+        return len(self.attend_inputs())
 
 
 def _template(pattern: Pattern, spans: list[tuple[int, int]], block_size: int, tau: np.ndarray | None) -> LayerTemplate:
@@ -161,9 +166,7 @@ class CompactGraph:
         """graphs.analysis.counts of the networkx graph, worked out from the templates."""
         B, L = self.blocks, self.layers
         per_layer = [self.template(layer).pairs for layer in range(L)]
-        merges = sum(int((self.template(layer).partials > 1).sum()) for layer in range(L))
-        by_kind = {NodeKind.EMBED: B, NodeKind.PROJECT: B * L, NodeKind.ATTEND: sum(per_layer),
-                   NodeKind.MERGE: merges, NodeKind.MIX: B * L, NodeKind.HEAD: B}
+        by_kind = self._nodes_by_kind()
         nodes = sum(by_kind.values())
         m = self.block_tokens()
         longest = max(int(m.max()), max(int(np.maximum(m[t.row], t.key_tokens).max()) for t in self.templates))
@@ -183,9 +186,15 @@ class CompactGraph:
         }
 
     def node_count(self) -> int:
+        return sum(self._nodes_by_kind().values())
+
+    def _nodes_by_kind(self) -> dict[NodeKind, int]:
         B, L = self.blocks, self.layers
-        return 2 * B + 2 * B * L + sum(self.template(layer).pairs + int((self.template(layer).partials > 1).sum())
-                                       for layer in range(L))
+        per_template = [(t.pairs, int((t.partials > 1).sum())) for t in self.templates]
+        return {NodeKind.EMBED: B, NodeKind.PROJECT: B * L,
+                NodeKind.ATTEND: sum(per_template[k][0] for k in self.layer_template),
+                NodeKind.MERGE: sum(per_template[k][1] for k in self.layer_template), NodeKind.MIX: B * L,
+                NodeKind.HEAD: B}
 
     def edges(self) -> int:
         B = self.blocks
@@ -340,11 +349,7 @@ class NodeSource:
             t = self.g.templates[k]
             af, ab = (v.tolist() for v in self.g._prices(NodeKind.ATTEND, t))
             mf, mb = (v.tolist() for v in self.g._prices(NodeKind.MERGE, t))
-            # an attend node reads its own queries' projection and its key blocks', each once
-            pair = np.repeat(np.arange(t.pairs), np.diff(t.read_starts))
-            distinct = np.unique(np.concatenate([np.stack([np.arange(t.pairs), t.row], 1),
-                                                 np.stack([pair, t.reads], 1)]), axis=0)
-            readers = np.bincount(distinct[:, 1], minlength=self.g.blocks).tolist()
+            readers = np.bincount(t.attend_inputs()[:, 1], minlength=self.g.blocks).tolist()
             self._templates[k] = dict(starts=t.starts.tolist(), keys=t.key_block.tolist(), masks=t.mask.tolist(),
                                       key_tokens=t.key_tokens.tolist(), read_starts=t.read_starts.tolist(),
                                       reads=t.reads.tolist(), attend=(af, ab), merge=(mf, mb), readers=readers)
