@@ -453,18 +453,17 @@ class _Schedule:
 
 
 def _record(task, m: dict, producer: dict) -> dict:
-    """One finished task, with its input bytes split by whether they crossed between workers.
+    """One finished task.
 
     deps: the indices of the tasks it read from, so the trace holds the schedule's dependency DAG.
-    bytes_in: what it received through the object store; bytes_held: what it read from its
-    worker's own memory.
+    bytes_in: what it received through the object store, all of it made on other workers (values
+    made on its own stay in its memory, cluster/plan.py `routes`); bytes_held: what it read from
+    its worker's own memory.
     """
-    shipped = [key for key in task.reads if producer[key].worker != task.worker]
-    crossed = sum(m["bytes_each"][:len(shipped)])
     return {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
             "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(),
             "deps": sorted({producer[key].index for key in task.reads}), "bytes_in": m["bytes_in"],
-            "bytes_held": m["bytes_held"], "bytes_out": m["bytes_out"], "bytes_crossed": crossed}
+            "bytes_held": m["bytes_held"], "bytes_out": m["bytes_out"]}
 
 
 def _figures(run: _Schedule, pool: WorkerPool) -> dict:
@@ -475,9 +474,10 @@ def _figures(run: _Schedule, pool: WorkerPool) -> dict:
     pids = {}
     for r in records:
         pids.setdefault(r["worker"], set()).add(r["pid"])
+    shipped = sum(r["bytes_in"] for r in records)
     return {
-        "bytes_transferred": sum(r["bytes_in"] for r in records),
-        "bytes_between_workers": sum(r["bytes_crossed"] for r in records),
+        "bytes_transferred": shipped,
+        "bytes_between_workers": shipped,  # the same bytes: only values read on another worker are shipped in
         "bytes_returned": sum(r["bytes_out"] for r in records),
         "bytes_held": sum(r["bytes_held"] for r in records),
         "worker_busy_s": [round(b, 3) for b in busy],

@@ -217,14 +217,14 @@ class Worker:
         start = time.time()
         device = runner.model.device
         held = set(route.held)
-        inputs, shipped_bytes, held_bytes = [], [], 0
+        inputs, arrived_bytes, held_bytes = [], 0, 0
         for at, key in enumerate(task.reads):
             if at in held:
                 value = self.held[key][0]
                 held_bytes += tensor_bytes(value)
             else:
                 value = from_wire(next(arrived), device)
-                shipped_bytes.append(tensor_bytes(value))
+                arrived_bytes += tensor_bytes(value)
             inputs.append(value)
         with torch.no_grad():
             out = run_task(runner, task, inputs)
@@ -239,7 +239,7 @@ class Worker:
             self.held[task.writes[at]] = (out[at], set(readers))
         shipped = [to_wire(out[at]) for at in route.ship]
         meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
-                "start": start, "end": time.time(), "bytes_in": sum(shipped_bytes), "bytes_each": shipped_bytes,
+                "start": start, "end": time.time(), "bytes_in": arrived_bytes,
                 "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship)}
         return shipped, meta
 
