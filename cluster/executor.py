@@ -399,7 +399,7 @@ class _Schedule:
             if task.head:
                 self.heads_done.append(task.block)
             self.lost.discard(task.index)
-            self.records.append(_record(task, m, self.producer))
+            self.records.append(_record(task, m, self.producer, traced=bool(self.opts.trace)))
             for key in task.reads:
                 left = self.readers_left[key]
                 left.discard(task.index)
@@ -452,18 +452,20 @@ class _Schedule:
         self.submit([tasks[i] for i in sorted(todo)])
 
 
-def _record(task, m: dict, producer: dict) -> dict:
-    """One finished task.
+def _record(task, m: dict, producer: dict, traced: bool) -> dict:
+    """One finished task; with `traced`, also what only the trace shows: nodes, the logical nodes
+    it ran, and deps, the indices of the tasks it read from (the schedule's dependency DAG).
 
-    deps: the indices of the tasks it read from, so the trace holds the schedule's dependency DAG.
     bytes_in: what it received through the object store, all of it made on other workers (values
     made on its own stay in its memory, cluster/plan.py `routes`); bytes_held: what it read from
     its worker's own memory.
     """
-    return {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
-            "start": m["start"], "end": m["end"], "nodes": task.logical_nodes(),
-            "deps": sorted({producer[key].index for key in task.reads}), "bytes_in": m["bytes_in"],
-            "bytes_held": m["bytes_held"], "bytes_out": m["bytes_out"]}
+    record = {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
+              "start": m["start"], "end": m["end"], "bytes_in": m["bytes_in"], "bytes_held": m["bytes_held"],
+              "bytes_out": m["bytes_out"]}
+    if traced:
+        record.update(nodes=task.logical_nodes(), deps=sorted({producer[key].index for key in task.reads}))
+    return record
 
 
 def _figures(run: _Schedule, pool: WorkerPool) -> dict:
