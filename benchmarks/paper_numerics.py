@@ -20,7 +20,7 @@ import math
 import torch
 
 import emulate
-from emulate.reference import reference_attention
+from emulate.models.reference import reference_attention
 
 CASES = [  # (pattern label, preset, attention, window, sinks)
     ("full", "tiny-bert", "full", None, None),

@@ -5,12 +5,12 @@ own task timings and the processes' CPU times while the forward runs:
 
 - gap per call: (K x forward_s - the workers' busy seconds) / Ray calls, the wall time a worker
   is not inside a task (Ray's dispatch of the next call, its inputs and outputs, waits for
-  inputs); with one worker nothing waits for inputs: emulate.planner's CPU_TASK_OVERHEAD_S;
+  inputs); with one worker nothing waits for inputs: CPU_TASK_OVERHEAD_S in emulate/planner/costs.py;
 - service CPU per call: CPU seconds of the driver and Ray's own processes (raylet, GCS, agents)
   during the forward, per Ray call: the share of the cores they take from the workers when the
-  workers fill every core; emulate.planner's CPU_SERVICE_S_PER_CALL.
+  workers fill every core; CPU_SERVICE_S_PER_CALL in emulate/planner/costs.py.
 
-A Ray call runs up to 8 consecutive tasks of one worker (cluster.plan.calls).
+A Ray call runs up to 8 consecutive tasks of one worker (graphs.plan.calls).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_overheads.py            # ~1 minute
 """

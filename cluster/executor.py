@@ -8,12 +8,12 @@ their tasks out of order as inputs arrive, one at a time each.
 Values stay where they are made: a value read only on the worker that made it stays in that
 worker's memory (its readers wait on the producer's small figures object instead), and only values
 read on another worker, and the outputs, go through the object store, as zero-copy numpy arrays
-(cluster/plan.py `routes`, cluster/worker.py). The driver keeps the refs of shipped values until
+(graphs/plan.py `routes`, cluster/worker.py). The driver keeps the refs of shipped values until
 their last reader finished.
 
 Faults: worker actors restart (max_restarts) and Ray re-runs their interrupted tasks
 (max_task_retries, lineage reconstruction for values lost with a node). A restarted worker has
-lost the values it held, so the driver re-runs their producers from lineage (`_Schedule.recover`);
+lost the values it held, so the driver re-runs their producers from lineage (`_Dispatch.recover`);
 tasks are pure functions of their inputs, so a re-run gives the same bits. A run that cannot go on
 stops with one line.
 """
@@ -26,20 +26,20 @@ import sys
 import threading
 import time
 
-from cluster.plan import Plan, calls, make_plan, routes
+from graphs.plan import Plan, calls, make_plan, routes
 from cluster.session import WorkerPool, capacity, connect, disconnect
 from cluster.worker import LostLocal, from_wire
-from emulate.config import EmulateError, Interrupted, error_line
-from emulate.executor import Execution, Job, Progress, Ray
-from emulate.trace import check_trace_path
+from emulate.errors import EmulateError, Interrupted, error_line
+from emulate.runtime.contract import CallCounts, Execution, Job, Progress, combine_summaries
+from emulate.runtime.trace import check_trace_path
 
 HEALTH_EVERY_S = 5.0
 RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
 NO_ROOM_GRACE_S = 15.0  # ... sooner when no live node has room for one (an autoscaler may still add some)
 
 
-def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
-    """Start (or join) Ray and the workers, then return the run's Execution.
+def start(job: Job, opts, progress: Progress | None = None) -> Execution:
+    """Start (or join) Ray and the workers, then return the run's Execution (opts: cluster.options.Ray).
 
     Set-up happens here, before the first value is asked for; the execution's figures hold the
     plan's (physical_tasks, workers, bytes_transferred, ...) by the time its iteration ends.
@@ -58,15 +58,16 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         with _no_native_signal_handler():
             owned = connect(opts.address)
         handlers.restore()
+        _pickle_by_value(job.oracle)
         pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, g.graph_attrs(),
-                          str(job.dtype).rsplit(".", 1)[-1])
+                          str(job.dtype).rsplit(".", 1)[-1], job.oracle)
         handlers.restore()
         plan = make_plan(g, pool.size)
     except BaseException as err:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
             if pool is not None:
                 pool.close()
-            _disconnect(owned or private, linger_s=3.0)
+            disconnect(owned or private, linger_s=3.0)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM) from None  # ray.init's own handler: sys.exit(SIGTERM)
         raise
@@ -78,94 +79,8 @@ def start(job: Job, opts: Ray, progress: Progress | None = None) -> Execution:
         "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)],
         "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
     }
-    return Execution(_execute(plan, pool, owned, opts, figures, progress, handlers), figures)
-
-
-def _disconnect(owned: bool, linger_s: float = 0.0) -> None:
-    """Leave Ray; a private instance is stopped with every process it started.
-
-    ray.shutdown stops the processes the driver started itself (GCS, raylet, monitors); those a
-    raylet was still starting when it was stopped (its agents, under load) can outlive it. Ray
-    names the instance's session directory session_<date>_<time>_<driver pid> and every process of
-    the instance carries that path on its command line, so what carries it afterwards is stopped
-    too; no other process is touched.
-    """
-    mark = f"_{os.getpid()}/"
-    ours = _instance_processes(mark) if owned else []
-    disconnect(owned)
-    if owned:
-        _stop_leftovers(mark, ours, linger_s=linger_s)
-
-
-def _instance_processes(mark: str) -> list:
-    """This process's descendants that belong to its Ray instance, found while the tree is whole:
-    Ray renames its agents' command lines (ray::DashboardAgent), dropping the session path."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = proc.cmdline()
-        except psutil.Error:
-            continue
-        if any(mark in a or a.startswith("ray::") for a in cmd):
-            found.append(proc)
-    return found
-
-
-def _stop_leftovers(mark: str, known: list, linger_s: float = 0.0, settle_s: float = 15.0) -> None:
-    """Kill what is left of the instance (`known`, and whatever carries its session path), its
-    raylets and GCS first: a raylet that outlives its agents starts them again."""
-    import psutil
-
-    def left():
-        found = [p for p in known if _running(p)]
-        seen = {p.pid for p in found}
-        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-            if proc.info["pid"] in seen or proc.info["pid"] == os.getpid():
-                continue
-            if any("session_" in a and mark in a for a in proc.info["cmdline"] or []):
-                found.append(proc)
-        # the processes that start others go first
-        return sorted(found, key=lambda p: 0 if any(k in _name(p) for k in ("raylet", "gcs_server")) else 1)
-
-    deadline = time.monotonic() + settle_s
-    quiet_since = None
-    while True:
-        procs = left()
-        if not procs:
-            # a raylet stopped while it started its agents leaves them to come up a moment later
-            now = time.monotonic()
-            quiet_since = now if quiet_since is None else quiet_since
-            if now - quiet_since >= linger_s or now > deadline:
-                return
-            time.sleep(0.2)
-            continue
-        quiet_since = None
-        for proc in procs:
-            try:
-                proc.kill()  # ray.shutdown had its graceful turn
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=2)
-        if time.monotonic() > deadline:
-            return
-
-
-def _running(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _name(proc) -> str:
-    try:
-        return proc.name()
-    except Exception:  # noqa: BLE001 - gone meanwhile
-        return ""
+    counts = CallCounts()
+    return Execution(_execute(plan, pool, owned, opts, figures, counts, progress, handlers), figures, counts)
 
 
 @contextlib.contextmanager
@@ -231,13 +146,24 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict, progress: Progress | None,
-             handlers: _SignalHandlers):
+def _pickle_by_value(oracle) -> None:
+    """A user's oracle travels to the workers as code, not as a module name to import: its module (a
+    script, a test file, a notebook's) is often not on the workers' path. The package's own travel by name."""
+    module = sys.modules.get(type(oracle).__module__)
+    if module is None or module.__name__ == "__main__" or module.__name__.split(".")[0] in ("emulate", "cluster", "graphs"):
+        return  # __main__ always travels by value
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)
+
+
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, figures: dict, counts: CallCounts,
+             progress: Progress | None, handlers: _SignalHandlers):
     import ray
 
     try:
         t0 = time.time()
-        run = _Schedule(plan, pool, opts)
+        run = _Dispatch(plan, pool, opts)
         run.submit(plan.tasks)
         handlers.restore()
         heads = {t.block: t.index for t in plan.tasks if t.head}
@@ -286,8 +212,11 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
         for ref in list(run.in_flight):  # finished, but not yet seen when the last head came in
             run.finished(ref)
         figures.update(_figures(run, pool))
+        counts.add(_counts(run))
+        figures.update(combine_summaries(_get(ray, [a.summary.remote(pool.shared) for a in pool.actors],
+                                              "the oracle's figures", pool)))
         if opts.trace:
-            from cluster.trace import write_trace
+            from emulate.runtime.trace import write_trace
 
             write_trace(opts.trace, run.records, pool.info, t0)
             figures["trace"] = opts.trace
@@ -301,20 +230,20 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts: Ray, figures: dict
     if owned:
         import atexit
 
-        atexit.register(_disconnect, True)
+        atexit.register(disconnect, True)
 
 
 def _teardown(pool: WorkerPool, owned: bool, linger_s: float = 0.0) -> None:
     pool.close()
-    _disconnect(owned, linger_s)
+    disconnect(owned, linger_s)
 
 
 class _Lost(Exception):
     """A task or a value that a worker or node took with it when it died: the driver runs the
-    lost work again (`_Schedule.recover`) rather than failing."""
+    lost work again (`_Dispatch.recover`) rather than failing."""
 
 
-class _Schedule:
+class _Dispatch:
     """The driver's side of one run: what is in flight, what is done and where each value lives.
 
     Values a worker made and reads again stay in that worker's memory (cluster/worker.py); only
@@ -328,7 +257,7 @@ class _Schedule:
     inputs, so a re-run gives the same bits.
     """
 
-    def __init__(self, plan: Plan, pool: WorkerPool, opts: Ray):
+    def __init__(self, plan: Plan, pool: WorkerPool, opts):
         self.plan, self.pool, self.opts = plan, pool, opts
         self.producer = {key: t for t in plan.tasks for key in t.writes}
         self.readers_left: dict = {}  # key -> indices of its readers not yet finished
@@ -351,7 +280,7 @@ class _Schedule:
         self.shared = [*pool.shared, ray.put(plan.tasks)]
 
     def submit(self, chosen: list) -> None:
-        """Submit `chosen` (in plan order) as calls (cluster.plan.calls) with the refs of their
+        """Submit `chosen` (in plan order) as calls (graphs.plan.calls) with the refs of their
         shipped inputs and, for inputs held in a worker's memory, the figures refs of the calls
         that make them in this submission, so Ray starts a call only once those ran."""
         route = routes(self.plan, chosen)
@@ -457,18 +386,18 @@ def _record(task, m: dict, producer: dict, traced: bool) -> dict:
     it ran, and deps, the indices of the tasks it read from (the schedule's dependency DAG).
 
     bytes_in: what it received through the object store, all of it made on other workers (values
-    made on its own stay in its memory, cluster/plan.py `routes`); bytes_held: what it read from
+    made on its own stay in its memory, graphs/plan.py `routes`); bytes_held: what it read from
     its worker's own memory.
     """
     record = {"task": task.index, "name": task.name, "kind": task.kind, "worker": task.worker, "pid": m["pid"],
               "start": m["start"], "end": m["end"], "bytes_in": m["bytes_in"], "bytes_held": m["bytes_held"],
-              "bytes_out": m["bytes_out"]}
+              "bytes_out": m["bytes_out"], "counts": m["counts"]}
     if traced:
         record.update(nodes=task.logical_nodes(), deps=sorted({producer[key].index for key in task.reads}))
     return record
 
 
-def _figures(run: _Schedule, pool: WorkerPool) -> dict:
+def _figures(run: _Dispatch, pool: WorkerPool) -> dict:
     records = run.records
     busy = [0.0] * pool.size
     for r in records:
@@ -478,8 +407,7 @@ def _figures(run: _Schedule, pool: WorkerPool) -> dict:
         pids.setdefault(r["worker"], set()).add(r["pid"])
     shipped = sum(r["bytes_in"] for r in records)
     return {
-        "bytes_transferred": shipped,
-        "bytes_between_workers": shipped,  # the same bytes: only values read on another worker are shipped in
+        "bytes_transferred": shipped,  # all of it between workers: only values read on another worker are shipped in
         "bytes_returned": sum(r["bytes_out"] for r in records),
         "bytes_held": sum(r["bytes_held"] for r in records),
         "worker_busy_s": [round(b, 3) for b in busy],
@@ -487,6 +415,16 @@ def _figures(run: _Schedule, pool: WorkerPool) -> dict:
         "ray_calls": run.calls, "recoveries": run.recoveries,
         "tasks_rerun": len(records) - len(run.plan.tasks),
     }
+
+
+def _counts(run: _Dispatch) -> CallCounts:
+    """The calls that made the outputs: each task's counts from its last run (a task run again by a
+    recovery replaced the values of its earlier run; tasks_rerun says how many ran twice)."""
+    last = {r["task"]: r["counts"] for r in run.records}
+    total = CallCounts()
+    for c in last.values():
+        total.add(c)
+    return total
 
 
 def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout: float | None = None):
@@ -512,7 +450,7 @@ def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout
         raise EmulateError(f"{what}: {type(err).__name__}: {error_line(err, last=True)}") from None
 
 
-def _fetch(ray, ref, what: str, pool: WorkerPool, opts: Ray):
+def _fetch(ray, ref, what: str, pool: WorkerPool, opts):
     """ray.get of a value that may need rebuilding (its node died): wait, but never past the health checks."""
     since = time.monotonic()
     while True:
@@ -522,7 +460,7 @@ def _fetch(ray, ref, what: str, pool: WorkerPool, opts: Ray):
             _check_health(pool, opts, time.monotonic() - since)
 
 
-def _check_health(pool: WorkerPool, opts: Ray, idle_s: float) -> None:
+def _check_health(pool: WorkerPool, opts, idle_s: float) -> None:
     """Fail, rather than wait forever, when no worker can make progress."""
     states = pool.states()
     if all(s == "DEAD" for s in states):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from emulate.config import EmulateError, error_line
+from emulate.errors import EmulateError, error_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PATH_OPTIONS = ("--input", "--output", "-o", "--trace", "--model")

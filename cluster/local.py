@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from emulate.config import EmulateError, error_line
+from emulate.errors import EmulateError, error_line
 
 NODE_BYTES = 2**29  # the budget per node: a raylet, its two agents and its idle workers
 STATE = Path(os.environ.get("EMULATE_CLUSTER_DIR", "/tmp/emulate-cluster"))

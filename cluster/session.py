@@ -24,8 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from emulate.config import EmulateError, error_line
-from emulate.executor import Ray
+from emulate.errors import EmulateError, error_line
 
 NAMESPACE = "emulate"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -274,11 +273,94 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise EmulateError(f"no Ray cluster reachable at {address}: {why}")
 
 
-def disconnect(owned: bool) -> None:
+def disconnect(owned: bool, linger_s: float = 0.0) -> None:
+    """Leave Ray; a private instance is stopped with every process it started.
+
+    ray.shutdown stops the processes the driver started itself (GCS, raylet, monitors); those a
+    raylet was still starting when it was stopped (its agents, under load) can outlive it. Ray
+    names the instance's session directory session_<date>_<time>_<driver pid> and every process of
+    the instance carries that path on its command line, so what carries it afterwards is stopped
+    too; no other process is touched.
+    """
     import ray
 
+    mark = f"_{os.getpid()}/"
+    ours = _instance_processes(mark) if owned else []
     if owned and ray.is_initialized():
         ray.shutdown()
+    if owned:
+        _stop_leftovers(mark, ours, linger_s=linger_s)
+
+
+def _instance_processes(mark: str) -> list:
+    """This process's descendants that belong to its Ray instance, found while the tree is whole:
+    Ray renames its agents' command lines (ray::DashboardAgent), dropping the session path."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any(mark in a or a.startswith("ray::") for a in cmd):
+            found.append(proc)
+    return found
+
+
+def _stop_leftovers(mark: str, known: list, linger_s: float = 0.0, settle_s: float = 15.0) -> None:
+    """Kill what is left of the instance (`known`, and whatever carries its session path), its
+    raylets and GCS first: a raylet that outlives its agents starts them again."""
+    import psutil
+
+    def left():
+        found = [p for p in known if _running(p)]
+        seen = {p.pid for p in found}
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            if proc.info["pid"] in seen or proc.info["pid"] == os.getpid():
+                continue
+            if any("session_" in a and mark in a for a in proc.info["cmdline"] or []):
+                found.append(proc)
+        # the processes that start others go first
+        return sorted(found, key=lambda p: 0 if any(k in _name(p) for k in ("raylet", "gcs_server")) else 1)
+
+    deadline = time.monotonic() + settle_s
+    quiet_since = None
+    while True:
+        procs = left()
+        if not procs:
+            # a raylet stopped while it started its agents leaves them to come up a moment later
+            now = time.monotonic()
+            quiet_since = now if quiet_since is None else quiet_since
+            if now - quiet_since >= linger_s or now > deadline:
+                return
+            time.sleep(0.2)
+            continue
+        quiet_since = None
+        for proc in procs:
+            try:
+                proc.kill()  # ray.shutdown had its graceful turn
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=2)
+        if time.monotonic() > deadline:
+            return
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return ""
 
 
 def capacity(cpus: float, gpus: float) -> tuple[int, str]:
@@ -310,7 +392,9 @@ def _available() -> str:
 class WorkerPool:
     """K worker actors, each holding the model once; restartable, tasks retried after a restart."""
 
-    def __init__(self, opts: Ray, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str):
+    def __init__(self, opts, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str, oracle):
+        """opts: the run's cluster.options.Ray (its workers, their CPUs, GPUs and threads, restarts, start
+        timeout); oracle: the run's oracle description, bound in each worker."""
         import ray
 
         from cluster.worker import Worker
@@ -338,7 +422,7 @@ class WorkerPool:
                          scheduling_strategy="SPREAD", namespace=NAMESPACE)
         self.names = [f"emulate-{self.run_id}-worker-{k}" for k in range(want)]
         self.actors = [actor.options(name=name, **placement).remote(k, config, graph_meta, dtype,
-                                                        device, opts.threads)
+                                                        device, opts.threads, oracle)
                        for k, name in enumerate(self.names)]
         self.info = self._wait_ready(shape, nodes)
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.plan import Key, Part, Route, SliceKey, Task, ValueKey
-from emulate.merge import TreeMerge, merge
-from emulate.model import Transformer
-from emulate.ops import NodeRunner
-from emulate.oracles import KernelOracle
+from graphs.plan import Key, Part, Route, SliceKey, Task, ValueKey
+from emulate.runtime.merge import TreeMerge, merge
+from emulate.models.block import Transformer
+from emulate.runtime.runner import NodeRunner
 
 
 def tensor_bytes(value) -> int:
@@ -43,12 +42,14 @@ def run_task(runner: NodeRunner, task: Task, inputs: list) -> list:
             fold = folds.pop(key)
             sources = task.merges[key]
             if all(s in values for s in sources):  # partials made elsewhere: the top of the tree
-                values[key] = merge([values.pop(s) for s in sources])
+                values[key] = runner.merge([values.pop(s) for s in sources])
             else:
                 values[key] = fold.result()
+                if not isinstance(key, SliceKey):  # a whole merge node, folded as its partials came
+                    runner.counts.call(values[key][0].shape[-2])
             continue
         a = task.attrs[n]
-        value = runner.run(a, [_lookup(values, src) for src in a["inputs"]])
+        value = runner.run(a, [_lookup(values, src) for src in a.inputs])
         if key in feeds:
             folds[feeds[key]].push(value)  # a pair's partial lives only until its merge takes it
         else:
@@ -140,9 +141,9 @@ class Worker:
     driver reads are returned through the object store (`Route`).
     """
 
-    def __init__(self, index: int, config, graph_meta: dict, dtype: str, device: str, threads: int):
+    def __init__(self, index: int, config, graph_meta: dict, dtype: str, device: str, threads: int, oracle):
         torch.set_num_threads(max(1, threads))
-        self.index, self.config, self.graph_meta = index, config, graph_meta
+        self.index, self.config, self.graph_meta, self.oracle = index, config, graph_meta, oracle
         self.dtype, self.device = getattr(torch, dtype), device
         self.runner = None
         self.held: dict[Key, tuple] = {}  # key -> (value, indices of the tasks still to read it)
@@ -157,13 +158,19 @@ class Worker:
             weights, tokens = ray.get(shared[:2])
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
-            self.runner = NodeRunner(model, tokens, self.graph_meta, KernelOracle())
+            # the run's oracle description, bound here: its counts are this process's (summary())
+            bound = self.oracle.bind(self.graph_meta["spec"]["block_size"], self.config.heads)
+            self.runner = NodeRunner(model, tokens, self.graph_meta, bound)
         return self.runner
 
     def ping(self, shared: list) -> dict:
         runner = self.load(shared)
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
                 "device": str(runner.model.device)}
+
+    def summary(self, shared: list) -> dict:
+        """The bound oracle's summary in this process (contract.combine_summaries adds the workers' up)."""
+        return self.load(shared).oracle.summary()
 
     def holdings(self, generation: int, shared: list) -> dict:
         """Start submission `generation` (the driver's recovery): calls of earlier submissions are
@@ -226,6 +233,7 @@ class Worker:
                 value = from_wire(next(arrived), device)
                 arrived_bytes += tensor_bytes(value)
             inputs.append(value)
+        before = runner.counts.copy()
         with torch.no_grad():
             out = run_task(runner, task, inputs)
         del inputs
@@ -240,7 +248,8 @@ class Worker:
         shipped = [to_wire(out[at]) for at in route.ship]
         meta = {"task": task.index, "worker": self.index, "pid": self.where["pid"], "node": self.where["node"],
                 "start": start, "end": time.time(), "bytes_in": arrived_bytes,
-                "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship)}
+                "bytes_held": held_bytes, "bytes_out": sum(tensor_bytes(out[at]) for at in route.ship),
+                "counts": runner.counts.since(before)}
         return shipped, meta
 
 

@@ -1,6 +1,6 @@
 """The pictures, one call each from Python: the task graph, the pairs a layer computes, a schedule.
 
-The drawing itself lives in graphs/ (draw.py and html.py for the graph, coverage.py for the pair
+The drawing itself lives in graphs/pictures/ (draw.py and html.py for the graph, coverage.py for the pair
 grid, gantt.py for schedules), which knows nothing of torch; this module turns a model and a problem
 into graphs, and the drawing's refusals into EmulateError, as the rest of the API does.
 """
@@ -10,16 +10,16 @@ import dataclasses
 
 import networkx as nx
 
-from emulate.config import EmulateError
+from emulate.errors import EmulateError
 
 
 def draw(graph: nx.DiGraph, path, format: str | None = None, layers=None, blocks=None):
     """The logical graph as svg, png, html, dot or json (format from the suffix when None).
 
     layers / blocks: (start, stop) or "A:B" to draw part of it; past a few hundred nodes the
-    picture collapses to one box per layer and kind. Returns graphs.draw.Drawing.
+    picture collapses to one box per layer and kind. Returns graphs.pictures.draw.Drawing.
     """
-    from graphs.draw import DrawError, render
+    from graphs.pictures.draw import DrawError, render
 
     try:
         return render(graph, path, format=format, layers=layers, blocks=blocks)
@@ -29,7 +29,7 @@ def draw(graph: nx.DiGraph, path, format: str | None = None, layers=None, blocks
 
 def draw_coverage(graph: nx.DiGraph, path, layer: int = 0) -> dict:
     """The B x B grid of (query block, key block) pairs `layer` computes, shaded by mask (.png, .svg)."""
-    from graphs.coverage import DrawError, draw_coverage as coverage
+    from graphs.pictures.coverage import DrawError, draw_coverage as coverage
 
     try:
         return coverage(graph, path, layer=layer)
@@ -44,10 +44,11 @@ def draw_comparison(model, patterns: list[str], path, window: int | None = None,
     window defaults to M and sinks to 4 for the patterns that take them; full and sampled attention on
     a causal model are drawn for its bidirectional twin (the grid depends on the mask alone).
     """
-    from emulate.api import DEFAULT_BLOCK, compile
-    from emulate.loaders import Model, load
+    from emulate.api import compile
+    from emulate.problem import DEFAULT_BLOCK
+    from emulate.models.loaders import Model, load
     from graphs import PATTERNS
-    from graphs.coverage import DrawError, draw_comparison as comparison
+    from graphs.pictures.coverage import DrawError, draw_comparison as comparison
 
     unknown = [p for p in patterns if p not in PATTERNS]
     if unknown or not patterns:
@@ -71,9 +72,9 @@ def draw_comparison(model, patterns: list[str], path, window: int | None = None,
 
 def draw_trace(trace_path, path) -> dict:
     """A schedule recorded with --trace (trace=) as a Gantt chart: .png, .svg or .html."""
-    from emulate.trace import read_trace
-    from graphs.coverage import DrawError
-    from graphs.gantt import draw_gantt
+    from emulate.runtime.trace import read_trace
+    from graphs.pictures.coverage import DrawError
+    from graphs.pictures.gantt import draw_gantt
 
     events = read_trace(trace_path)
     try:

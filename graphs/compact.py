@@ -7,12 +7,12 @@ numpy arrays over that layer's pairs, and derives every layer from it:
 - the analysis (`counts`, `depth`, `span_flops`, `work_flops`, `work_bytes`) in
   O(layers x pairs per layer) numpy steps, with no node materialised;
 - the nodes themselves, lazily (`iter_nodes`), with the ids and attributes of the networkx graph,
-  in the order graphs/builder.py adds them; `to_networkx` collects them for graphs small enough to
+  in build order; `to_networkx` collects them for graphs small enough to
   hold (`build_graph` is exactly that).
 
 A 1M-token forward of a 32-layer causal model at M = 4096 (256 blocks, 1.05M attend nodes) holds
 one template of 32,896 pairs: well under a megabyte, analysed in a fraction of a second. Node
-prices come from graphs/builder.py's `*_cost` functions, the one place they are written.
+prices come from graphs/costs.py's `*_cost` functions, the one place they are written.
 """
 from __future__ import annotations
 
@@ -22,16 +22,17 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from graphs.builder import (attend_cost, embed_cost, head_cost, merge_cost, mix_cost, node_id, project_cost,
-                            residual_id, sample_permutation, sampled_keys)
+from graphs.costs import attend_cost, embed_cost, head_cost, merge_cost, mix_cost, project_cost
+from graphs.nodes import Node, node_id, residual_id
 from graphs.kinds import MaskKind, NodeKind, PatternKind
-from graphs.patterns import Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask, windowed
+from graphs.patterns import (Pattern, PatternError, block_spans, kernel_entries, key_blocks, pair_mask, sample_permutation,
+                             sampled_keys, windowed)
 from graphs.spec import ForwardSpec
 
 MASKS = tuple(MaskKind)  # a template stores each pair's mask as its index here
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class LayerTemplate:
     """The pairs of one layer pattern, as flat arrays over the layer's attend nodes in build order.
 
@@ -55,6 +56,9 @@ class LayerTemplate:
     @property
     def pairs(self) -> int:
         return len(self.row)
+
+    def __repr__(self) -> str:
+        return f"<LayerTemplate {self.pattern.describe()}: {self.pairs} pairs over {len(self.starts) - 1} blocks>"
 
     @property
     def partials(self) -> np.ndarray:
@@ -115,6 +119,12 @@ class CompactGraph:
     spans: tuple[tuple[int, int], ...]
     templates: tuple[LayerTemplate, ...]
     layer_template: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        kinds = sorted({str(p.kind) for p in self.spec.patterns})
+        return (f"<CompactGraph {self.spec.tokens} tokens in {self.blocks} blocks of M = {self.spec.block_size}, "
+                f"{self.layers} layers ({'/'.join(kinds)}), {len(self.templates)} template(s), "
+                f"{self.node_count()} nodes>")
 
     @classmethod
     def build(cls, spec: ForwardSpec, on_layer=None) -> CompactGraph:
@@ -268,16 +278,16 @@ class CompactGraph:
         return windowed(p.kind for p in self.spec.patterns)
 
     def nodes(self) -> NodeSource:
-        """The nodes one row at a time, by (layer, block), for readers that group them (cluster/plan.py)."""
+        """The nodes one row at a time, by (layer, block), for readers that group them (graphs/plan.py)."""
         return NodeSource(self)
 
-    def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, dict]]:
-        """(id, attributes) of every node in the order graphs/builder.py adds them; `inputs` among
-        the attributes, edges are their distinct entries. on_layer(done, total) after each layer."""
+    def iter_nodes(self, on_layer=None) -> Iterator[tuple[str, Node]]:
+        """(id, Node) of every node in build order, layer by layer; edges are the distinct entries of each
+        node's `inputs`. on_layer(done, total) after each layer."""
         return self._layer_major(self.nodes(), on_layer)
 
-    def schedule(self) -> Iterator[tuple[str, dict, int]]:
-        """(id, attributes, readers) of every node in graphs.execution_order's order, generated lazily.
+    def schedule(self) -> Iterator[tuple[str, Node, int]]:
+        """(id, Node, readers) of every node in graphs.execution_order's order, generated lazily.
 
         readers: the node's consumers (its out-degree), so an executor frees a value once that many
         nodes have read it, without the graph. Windowed graphs run as a wavefront, block by block
@@ -286,10 +296,10 @@ class CompactGraph:
         """
         nodes = self.nodes()
         order = self._wavefront(nodes) if self.windowed else self._layer_major(nodes)
-        for nid, attrs in order:
-            yield nid, attrs, nodes.readers(attrs)
+        for nid, node in order:
+            yield nid, node, nodes.readers(node)
 
-    def _layer_major(self, nodes: NodeSource, on_layer=None) -> Iterator[tuple[str, dict]]:
+    def _layer_major(self, nodes: NodeSource, on_layer=None) -> Iterator[tuple[str, Node]]:
         for i in range(self.blocks):
             yield nodes.embed(i)
         for layer in range(self.layers):
@@ -302,7 +312,7 @@ class CompactGraph:
         for i in range(self.blocks):
             yield nodes.head(i)
 
-    def _wavefront(self, nodes: NodeSource) -> Iterator[tuple[str, dict]]:
+    def _wavefront(self, nodes: NodeSource) -> Iterator[tuple[str, Node]]:
         for i in range(self.blocks):
             yield nodes.embed(i)
             for layer in range(self.layers):
@@ -312,22 +322,22 @@ class CompactGraph:
 
     def iter_edges(self) -> Iterator[tuple[str, str]]:
         """(source, target) of every edge, grouped by target in node order."""
-        for nid, a in self.iter_nodes():
-            for src in dict.fromkeys(a["inputs"]):
+        for nid, node in self.iter_nodes():
+            for src in dict.fromkeys(node.inputs):
                 yield src, nid
 
     def to_networkx(self, on_layer=None) -> nx.DiGraph:
         """The networkx graph users get (graphs.build_graph): hold it only for graphs of modest size."""
         g = nx.DiGraph(**self.graph_attrs())
-        for nid, attrs in self.iter_nodes(on_layer):
-            g.add_node(nid, **attrs)
-            for src in dict.fromkeys(attrs["inputs"]):
+        for nid, node in self.iter_nodes(on_layer):
+            g.add_node(nid, **node.attrs())
+            for src in dict.fromkeys(node.inputs):
                 g.add_edge(src, nid)
         return g
 
 
 class NodeSource:
-    """The nodes of a compact graph one at a time, with the networkx graph's ids and attributes.
+    """The nodes of a compact graph one at a time, typed (graphs/nodes.py), with the networkx graph's ids.
 
     Each call makes its nodes afresh (the networkx graph holds them all; this holds one template's
     arrays as lists): `embed`, `project` and `head` one node, `attention` a query block's row.
@@ -357,14 +367,12 @@ class NodeSource:
 
     def embed(self, i: int) -> tuple[str, dict]:
         f, b = self.embed_cost
-        return node_id(NodeKind.EMBED, None, i), dict(inputs=[], kind=NodeKind.EMBED, layer=-1, block=i,
-                                                     span=self.g.spans[i], tokens=self.m[i], flops=f[i], bytes=b[i])
+        return node_id(NodeKind.EMBED, None, i), Node(NodeKind.EMBED, -1, i, (), self.g.spans[i], self.m[i], f[i], b[i])
 
     def project(self, layer: int, i: int) -> tuple[str, dict]:
         f, b = self.project_cost
-        return node_id(NodeKind.PROJECT, layer, i), dict(inputs=[residual_id(layer, i)], kind=NodeKind.PROJECT,
-                                                        layer=layer, block=i, span=self.g.spans[i],
-                                                        tokens=self.m[i], flops=f[i], bytes=b[i])
+        return node_id(NodeKind.PROJECT, layer, i), Node(NodeKind.PROJECT, layer, i, (residual_id(layer, i),),
+                                                        self.g.spans[i], self.m[i], f[i], b[i])
 
     def attention(self, layer: int, i: int) -> Iterator[tuple[str, dict]]:
         """Query block i's attend nodes in one layer, its merge when it has several, and its mix."""
@@ -377,43 +385,36 @@ class NodeSource:
             j = t["keys"][p]
             sources = t["reads"][t["read_starts"][p]:t["read_starts"][p + 1]]
             nid = node_id(NodeKind.ATTEND, layer, i, j)
-            attrs = dict(inputs=[queries] + [node_id(NodeKind.PROJECT, layer, k) for k in sources],
-                         kind=NodeKind.ATTEND, layer=layer, block=i, key_block=j)
-            if j < 0:
-                attrs.update(key_blocks=sources, span=span, key_span=None)
-            else:
-                attrs.update(span=span, key_span=spans[j])
-            attrs.update(mask=MASKS[t["masks"][p]], tokens=max(m[i], t["key_tokens"][p]), flops=af[p], bytes=ab[p])
-            yield nid, attrs
+            inputs = (queries, *(node_id(NodeKind.PROJECT, layer, k) for k in sources))
+            yield nid, Node(NodeKind.ATTEND, layer, i, inputs, span, max(m[i], t["key_tokens"][p]), af[p], ab[p],
+                            key_block=j, key_span=None if j < 0 else spans[j],
+                            key_blocks=tuple(sources) if j < 0 else None, mask=MASKS[t["masks"][p]])
             partials.append(nid)
         if len(partials) > 1:
             nid = node_id(NodeKind.MERGE, layer, i)
-            yield nid, dict(inputs=partials, kind=NodeKind.MERGE, layer=layer, block=i, span=span, tokens=m[i],
-                            flops=mf[i], bytes=mb[i])
+            yield nid, Node(NodeKind.MERGE, layer, i, tuple(partials), span, m[i], mf[i], mb[i])
             attention = nid
         else:
             attention = partials[0]
         f, b = self.mix_cost
-        yield node_id(NodeKind.MIX, layer, i), dict(inputs=[residual_id(layer, i), attention], kind=NodeKind.MIX,
-                                                   layer=layer, block=i, span=span, tokens=m[i], flops=f[i],
-                                                   bytes=b[i])
+        yield node_id(NodeKind.MIX, layer, i), Node(NodeKind.MIX, layer, i, (residual_id(layer, i), attention), span,
+                                                   m[i], f[i], b[i])
 
     def head(self, i: int) -> tuple[str, dict]:
         f, b = self.head_cost
-        return node_id(NodeKind.HEAD, None, i), dict(inputs=[residual_id(self.g.layers, i)], kind=NodeKind.HEAD,
-                                                    layer=self.g.layers, block=i, span=self.g.spans[i],
-                                                    tokens=self.m[i], flops=f[i], bytes=b[i])
+        return node_id(NodeKind.HEAD, None, i), Node(NodeKind.HEAD, self.g.layers, i, (residual_id(self.g.layers, i),),
+                                                    self.g.spans[i], self.m[i], f[i], b[i])
 
-    def readers(self, attrs: dict) -> int:
+    def readers(self, node: Node) -> int:
         """The node's out-degree in the networkx graph."""
-        kind = attrs["kind"]
+        kind = node.kind
         if kind == NodeKind.HEAD:
             return 0
         if kind in (NodeKind.ATTEND, NodeKind.MERGE):
             return 1  # its block's merge, or its mix
         if kind == NodeKind.PROJECT:
-            return self._template(attrs["layer"])["readers"][attrs["block"]]
-        last = attrs["layer"] == self.g.layers - 1  # an embed's layer is -1: the last with no layers
+            return self._template(node.layer)["readers"][node.block]
+        last = node.layer == self.g.layers - 1  # an embed's layer is -1: the last with no layers
         return 1 if last else 2  # the next layer's projection and mix, or the head
 
 
@@ -425,3 +426,11 @@ def _sum(values) -> int:
 def compact_graph(spec: ForwardSpec, on_layer=None) -> CompactGraph:
     """The compact logical graph of `spec` (graphs.build_graph gives the same nodes in networkx)."""
     return CompactGraph.build(spec, on_layer)
+
+
+def build_graph(spec: ForwardSpec, on_layer=None) -> nx.DiGraph:
+    """The logical graph of one forward pass (Thm 1.1 / 3.5 / 4.1 / 5.1 depending on the patterns).
+
+    on_layer(done, total) is called as each layer's nodes are in (progress for large graphs).
+    """
+    return CompactGraph.build(spec).to_networkx(on_layer)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 from graphs.files import AtomicFile
-from graphs.kinds import MaskKind, NodeKind
+from graphs.kinds import NodeKind
+from graphs.nodes import Node, scan_nodes
 
 if TYPE_CHECKING:
     from graphs.compact import CompactGraph
@@ -35,8 +36,8 @@ def write_json(graph: CompactGraph, path, on_layer=None) -> tuple[int, int]:
     with AtomicFile(path) as out, open(out.tmp, "w", encoding="utf-8") as f:
         head = dump({"directed": True, "multigraph": False, "graph": graph.graph_attrs()})
         f.write(head[:-1] + ',"nodes":[')
-        for nid, attrs in graph.iter_nodes(on_layer):
-            f.write(("," if nodes else "") + dump(attrs)[:-1] + f',"id":{dump(nid)}}}')
+        for nid, node in graph.iter_nodes(on_layer):
+            f.write(("," if nodes else "") + dump(node.attrs())[:-1] + f',"id":{dump(nid)}}}')
             nodes += 1
         f.write('],"edges":[')
         for src, dst in graph.iter_edges():
@@ -49,12 +50,7 @@ def write_json(graph: CompactGraph, path, on_layer=None) -> tuple[int, int]:
 def from_json(text: str) -> nx.DiGraph:
     g = nx.node_link_graph(json.loads(text), directed=True, edges="edges")
     for _, a in g.nodes(data=True):
-        a["kind"] = NodeKind(a["kind"])
-        if "mask" in a:
-            a["mask"] = MaskKind(a["mask"])
-        for key in ("span", "key_span"):
-            if isinstance(a.get(key), list):
-                a[key] = tuple(a[key])
+        Node.restore(a)
     g.graph["block_spans"] = [tuple(s) for s in g.graph["block_spans"]]
     return g
 
@@ -62,19 +58,21 @@ def from_json(text: str) -> nx.DiGraph:
 def to_dot(g: nx.DiGraph) -> str:
     """DOT with one cluster per layer, nodes coloured by kind and labelled with their call size."""
     lines = ["digraph emulate {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontsize=10];']
+    # each node's line made in the one pass that groups it by layer: a second pass looking nodes up by
+    # id cost more than the typed reads
     by_layer: dict[int, list[str]] = {}
-    for n, a in g.nodes(data=True):
-        by_layer.setdefault(a["layer"], []).append(n)
+    for n, node in scan_nodes(g):
+        kind = node.kind
+        label = f"{kind} {node.block}"
+        if kind == NodeKind.ATTEND:
+            key_block = node.key_block
+            label += f"x{'tau' if key_block < 0 else key_block}\\n{node.mask}"
+        label += f"\\n{node.tokens} tok"
+        by_layer.setdefault(node.layer, []).append(f'    "{n}" [label="{label}", fillcolor="{COLOURS[kind]}"];')
     for layer in sorted(by_layer):
         name = "embed" if layer < 0 else ("head" if layer >= len(g.graph["spec"]["patterns"]) else f"layer {layer}")
         lines.append(f'  subgraph "cluster_{layer}" {{ label="{name}"; color="#9e9e9e";')
-        for n in by_layer[layer]:
-            a = g.nodes[n]
-            label = f"{a['kind']} {a['block']}"
-            if a["kind"] == "attend":
-                label += f"x{'tau' if a['key_block'] < 0 else a['key_block']}\\n{a['mask']}"
-            label += f"\\n{a['tokens']} tok"
-            lines.append(f'    "{n}" [label="{label}", fillcolor="{COLOURS[a["kind"]]}"];')
+        lines.extend(by_layer[layer])
         lines.append("  }")
     for u, v in g.edges():
         lines.append(f'  "{u}" -> "{v}";')

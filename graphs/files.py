@@ -3,7 +3,7 @@
 A target is checked before any work (an existing path must be a regular file; a symlink writes the
 file it points to), the data is written under a temporary name beside it with the mode a plain
 open() would give, and renamed over it when complete; a failure or an interrupt leaves nothing.
-graphs/ writes its pictures with it and emulate/io.py its run outputs, graphs and plots.
+graphs/ writes its pictures with it and emulate/inputs.py its run outputs, graphs and plots.
 """
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def pair_mask(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]
 
 # Query rows per tile of a windowed pair. A window or sink pair shows each row a band of keys, but a
 # whole-block call with an additive mask computes every (query, key) score; cut into tiles of this
-# many rows, each tile reads only the keys its rows see (emulate/kernels.py, attend_intervals). 128
+# many rows, each tile reads only the keys its rows see (emulate/runtime/kernels.py, attend_intervals). 128
 # rows was the fastest of 128, 256 and 512 on this project's CPU (M = 2048, r = 1020: 33 ms for
 # the diagonal pair against 70 ms whole, 12 ms against 71 ms for the previous block, 1.8 ms
 # against 68 ms for the sinks).
@@ -198,7 +198,7 @@ def relative_range(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int,
 
 def kernel_entries(pattern: Pattern, mask: MaskKind, q_span: tuple[int, int], k_span: tuple[int, int]) -> int:
     """(query, key) scores the kernel oracle computes for a pair: the whole block, or for an
-    explicit mask each tile's rows times its box (emulate/kernels.py, attend_intervals)."""
+    explicit mask each tile's rows times its box (emulate/runtime/kernels.py, attend_intervals)."""
     m, mk = q_span[1] - q_span[0], k_span[1] - k_span[0]
     if mask != MaskKind.EXPLICIT:
         return m * mk
@@ -224,3 +224,13 @@ def key_blocks(pattern: Pattern, spans: list[tuple[int, int]], i: int) -> list[i
     if int(ends.sink_hi[1]) > 0:
         wanted |= set(range(0, min(i, (int(ends.sink_hi[1]) - 1) // M) + 1))
     return [j for j in sorted(wanted) if pair_mask(pattern, spans[i], spans[j]).visible > 0]
+
+
+def sample_permutation(tokens: int, seed: int) -> np.ndarray:
+    """The random permutation tau of [N] of Thm 4.1, drawn once per graph (PCG64: stable bits)."""
+    return np.random.default_rng(seed).permutation(tokens)
+
+
+def sampled_keys(tau: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Key positions tau(S_t) for the query block spanning `span`, sorted for memory locality."""
+    return np.sort(tau[span[0] : span[1]])

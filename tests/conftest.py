@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import emulate
-from emulate.forward import row_errors
-from emulate.presets import preset
-from emulate.reference import reference_forward
+from emulate.runtime.verify import row_errors
+from emulate.models.presets import preset
+from emulate.models.reference import reference_forward
 
 torch.set_num_threads(2)
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import emulate
+import emulate.runtime.oracles
+import emulate.runtime.verify
 from emulate.cli import main
-from emulate.reference import reference_forward
+from emulate.models.reference import reference_forward
 from graphs import Pattern, counts
 
 TOKENS = np.random.default_rng(0).integers(0, 1024, size=700)
@@ -24,7 +26,7 @@ def llama():
 
 
 def reference(model: emulate.Model, tokens, attention="auto", dtype=torch.float64, **pattern):
-    from emulate.forward import resolve_patterns
+    from emulate.problem import resolve_patterns
 
     patterns = resolve_patterns(model.config, attention, pattern.get("window"), pattern.get("sinks"))
     with torch.no_grad():
@@ -163,9 +165,9 @@ def test_verify_reports_a_failure_and_never_passes_nan(llama):
     assert run.stats["verified"] is False and run.stats["tolerance"] == 1e-30
     # approximate modes state their own tolerance
     sampled = emulate.run("tiny-bert", random_tokens=256, block_size=64, attention="sampled", verify=True)
-    assert sampled.stats["tolerance"] == emulate.api.SAMPLED_TOLERANCE
+    assert sampled.stats["tolerance"] == emulate.runtime.verify.SAMPLED_TOLERANCE
     raw = emulate.run(llama, TOKENS[:64], block_size=16, oracle="paper", verify=True)
-    assert raw.stats["tolerance"] == emulate.api.RAW_PAPER_TOLERANCE[torch.float32] and raw.stats["verified"]
+    assert raw.stats["tolerance"] == emulate.runtime.oracles.RAW_PAPER_TOLERANCE[torch.float32] and raw.stats["verified"]
 
 
 def test_verify_failure_exits_1_with_one_line(capsys):
@@ -280,7 +282,7 @@ def test_version_and_public_names():
 def test_threads_fixed_and_auto_and_put_back(llama):
     import os
 
-    from emulate.threads import cores
+    from emulate.runtime.threads import cores
 
     before = torch.get_num_threads()
     one = emulate.run(llama, TOKENS[:200], block_size=64, threads=1)
@@ -296,8 +298,8 @@ def test_threads_fixed_and_auto_and_put_back(llama):
 @pytest.mark.parametrize("keywords, words", [
     (dict(threads=0), "--threads must be an integer >= 1 or auto"),
     (dict(threads="many"), "--threads must be an integer >= 1 or auto"),
-    (dict(threads=2, executor="ray"), "--threads is the local executor's"),
-    (dict(threads=2, executor=emulate.Local()), "--threads is the local executor's"),
+    (dict(threads=2, executor="ray"), "--threads is not an option of the ray executor: add --executor local"),
+    (dict(threads=2, executor=emulate.Local()), r"threads goes inside emulate.Local\(\.\.\.\)"),
 ])
 def test_threads_refusals(llama, keywords, words):
     with pytest.raises(emulate.EmulateError, match=words):
@@ -310,7 +312,7 @@ def test_auto_sees_a_busy_process():
     import sys
     import time
 
-    from emulate.threads import running_elsewhere
+    from emulate.runtime.threads import running_elsewhere
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -319,3 +321,29 @@ def test_auto_sees_a_busy_process():
     finally:
         busy.kill()
         busy.wait()
+
+
+# -- the API's own shape ------------------------------------------------------------------------
+
+def test_run_spells_out_every_keyword_and_stream_takes_the_same():
+    import inspect
+
+    run_keys = set(inspect.signature(emulate.run).parameters) - {"unknown"}
+    stream_keys = set(inspect.signature(emulate.stream).parameters) - {"unknown"}
+    assert {"block_size", "attention", "executor", "oracle", "workers", "threads", "verify", "output"} <= run_keys
+    assert stream_keys == run_keys - {"output", "hidden", "verify", "tolerance", "collect"}
+
+
+@pytest.mark.parametrize("function", ["run", "stream", "compile", "monolithic"])
+def test_a_misspelt_keyword_names_the_function_and_the_closest_keyword(function):
+    with pytest.raises(TypeError, match=rf"emulate\.{function}\(\) got an unexpected keyword argument 'dtyp'; "
+                                        r"did you mean 'dtype'\?") as err:
+        getattr(emulate, function)("tiny-llama", [1, 2], dtyp="float64")
+    assert isinstance(err.value, emulate.EmulateError)  # the CLI's one line, too
+
+
+def test_reprs_are_short():
+    run = emulate.run("tiny-llama", random_tokens=300, block_size=64)
+    for thing in (run, run.compact, emulate.load("tiny-llama"), emulate.stream("tiny-llama", random_tokens=64)):
+        text = repr(thing)
+        assert len(text) < 200 and "tensor(" not in text, text

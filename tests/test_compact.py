@@ -13,7 +13,8 @@ import pytest
 
 import emulate
 from emulate.cli import main
-from graphs import CompactGraph, ForwardSpec, Pattern, build_graph, counts, execution_order, from_json, to_json
+from graphs import (CompactGraph, ForwardSpec, Node, NodeKind, Pattern, build_graph, counts, execution_order, from_json,
+                    to_json)
 from graphs.export import write_json
 
 
@@ -57,7 +58,7 @@ def test_iter_nodes_and_to_networkx_equal_the_networkx_graph(N, M):
         g = build_graph(spec(N, M, patterns))
         nodes = list(c.iter_nodes())
         assert [n for n, _ in nodes] == list(g.nodes), name  # the builder's order
-        assert all(a == g.nodes[n] for n, a in nodes), name
+        assert all(node == Node.of(g.nodes[n]) and node.attrs() == g.nodes[n] for n, node in nodes), name
         assert sorted(c.iter_edges()) == sorted(g.edges), name
         h = c.to_networkx()
         assert nx.utils.graphs_equal(h, g) and list(h.edges) == list(g.edges), name
@@ -73,7 +74,7 @@ def test_the_schedule_is_the_execution_order_with_each_node_s_readers(N, M):
         g = build_graph(spec(N, M, patterns))
         scheduled = list(c.schedule())
         assert [n for n, _, _ in scheduled] == execution_order(g), name
-        assert all(a == g.nodes[n] and readers == g.out_degree(n) for n, a, readers in scheduled), name
+        assert all(node == Node.of(g.nodes[n]) and readers == g.out_degree(n) for n, node, readers in scheduled), name
         assert c.node_count() == g.number_of_nodes(), name
 
 
@@ -86,9 +87,9 @@ def test_a_ten_million_token_windowed_schedule_is_read_in_constant_memory():
     try:
         c = CompactGraph.build(s)
         count, attends = 0, 0
-        for _, a, _ in c.schedule():
+        for _, node, _ in c.schedule():
             count += 1
-            attends += a["kind"] == "attend"
+            attends += node.kind == NodeKind.ATTEND
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -157,8 +158,8 @@ def test_compile_compact_from_the_api_and_a_shape():
 
 
 def test_compile_only_paths_price_the_graph_not_a_run():
-    from emulate.memory import estimate
-    from emulate.shapes import shape_config
+    from emulate.runtime.memory import estimate
+    from emulate.models.shapes import shape_config
 
     config = shape_config("llama3-8b")
     patterns = [Pattern("causal")] * 32
@@ -193,7 +194,7 @@ def test_graph_json_from_the_cli_is_streamed_and_reloads(capsys, tmp_path):
 @pytest.mark.parametrize("pattern", [Pattern("sliding", window=150), Pattern("sink", window=70, sinks=3),
                                      Pattern("sink", window=300, sinks=200)], ids=str)
 def test_kernel_entries_are_each_tile_s_rows_times_its_box(pattern):
-    """What the planner prices for an explicit pair: the tiles the kernel runs (emulate/kernels.py,
+    """What the planner prices for an explicit pair: the tiles the kernel runs (emulate/runtime/kernels.py,
     attend_intervals), worked out here from the visibility matrix itself."""
     from graphs import MaskKind
     from graphs.patterns import TILE_ROWS, kernel_entries

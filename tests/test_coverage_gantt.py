@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import emulate
-from emulate.trace import TraceError, read_trace, write_trace
+from emulate.runtime.trace import TraceError, read_trace, write_trace
 from graphs import Pattern
-from graphs.coverage import CAUSAL, CODES, EMPTY, EXPLICIT, NONE, SAMPLE, DrawError, draw_comparison, draw_coverage
-from graphs.gantt import draw_gantt
+from graphs.pictures.coverage import CAUSAL, CODES, EMPTY, EXPLICIT, NONE, SAMPLE, DrawError, draw_comparison, draw_coverage
+from graphs.pictures.gantt import draw_gantt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,13 +137,13 @@ def test_drawing_refuses_bad_requests(five, tmp_path):
 
 
 def test_draw_error_is_the_graph_drawings():
-    import graphs.draw
+    import graphs.pictures.draw
 
-    assert DrawError is graphs.draw.DrawError and issubclass(DrawError, ValueError)
+    assert DrawError is graphs.pictures.draw.DrawError and issubclass(DrawError, ValueError)
 
 
 def test_graphs_drawing_modules_import_neither_torch_nor_emulate():
-    code = ("import sys, graphs.coverage, graphs.gantt; "
+    code = ("import sys, graphs.pictures.coverage, graphs.pictures.gantt; "
             "bad = [m for m in ('torch', 'ray', 'emulate', 'matplotlib') if m in sys.modules]; print(bad)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -274,11 +274,3 @@ def test_read_trace_refuses_missing_and_binary_files(tmp_path):
         read_trace(tmp_path / "bin.json")
     with pytest.raises(TraceError, match="directory"):
         read_trace(tmp_path)
-
-
-def test_cluster_trace_reexports_the_shared_writer():
-    import cluster.trace
-    import emulate.trace
-
-    assert cluster.trace.write_trace is emulate.trace.write_trace
-    assert cluster.trace.trace_events is emulate.trace.trace_events

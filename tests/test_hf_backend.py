@@ -1,6 +1,6 @@
 """Route 1 of "bring your own model": transformers models with attn_implementation="emulate".
 
-Every attention call runs as the graph's pair calls (emulate/hf.py); the rest of the model is
+Every attention call runs as the graph's pair calls (emulate/hf/attention.py); the rest of the model is
 transformers' own. Each family's seeded small model is compared with itself under sdpa on N = 300
 tokens in blocks of M = 64 (five blocks, the last one ragged), in float32 (<= 2e-5) and float64
 (<= 1e-10; the fixture below makes transformers' float32 RMSNorm upcasts follow float64, since both
@@ -17,7 +17,7 @@ from hf_models import FAMILIES, SMALL, VOCAB, checkpoint, seeded
 
 import emulate
 import emulate.hf as hf
-from emulate.config import EmulateError
+from emulate.errors import EmulateError
 from graphs import Pattern, counts
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}

@@ -18,8 +18,8 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
-from emulate.checkpoints import load_checkpoint
-from emulate.forward import resolve_patterns
+from emulate.models.checkpoints import load_checkpoint
+from emulate.problem import resolve_patterns
 from graphs import Pattern
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
@@ -206,7 +206,7 @@ def minilm():
 
 def minilm_tokens(path, n=512) -> torch.Tensor:
     """Exactly n tokens of real text: the first n - 1 of [CLS] prose... and the closing [SEP]."""
-    from emulate.io import tokenizer_tokens
+    from emulate.inputs import tokenizer_tokens
 
     ids = tokenizer_tokens(path / "tokenizer.json", PROSE)
     assert len(ids) > n, len(ids)  # the prose is long enough, and nothing truncated it to 128

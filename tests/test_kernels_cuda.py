@@ -1,4 +1,4 @@
-"""The CUDA pair call (emulate/kernels_cuda.py): the rule, the code around the fused ops, and the ops themselves.
+"""The CUDA pair call (emulate/runtime/kernels_cuda.py): the rule, the code around the fused ops, and the ops themselves.
 
 On a machine without a GPU: the rule is a pure function; `run_kernel` runs on CPU with stand-ins
 that keep each CUDA op's conventions (flash's grouped KV heads and square-only causal flag, the
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emulate import kernels, kernels_cuda
-from emulate.kernels import _attend_math
-from emulate.kernels_cuda import EFFICIENT, FLASH, MATH, aligned_bias, choose_kernel, run_kernel
+from emulate.runtime import kernels, kernels_cuda
+from emulate.runtime.kernels_cuda import attend_math as _attend_math
+from emulate.runtime.kernels_cuda import EFFICIENT, FLASH, MATH, aligned_bias, choose_kernel, run_kernel
 from graphs import MaskKind
 
 NONE, CAUSAL, EXPLICIT = MaskKind.NONE, MaskKind.CAUSAL, MaskKind.EXPLICIT

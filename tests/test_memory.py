@@ -23,8 +23,8 @@ import dataclasses, json, sys, time
 import torch
 torch.set_num_threads(1)
 import emulate
-from emulate.memory import peak_rss_mb
-from emulate.presets import PRESETS, weight_names
+from emulate.runtime.memory import peak_rss_mb
+from emulate.models.presets import PRESETS, weight_names
 
 N, M, r = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 # a narrow one-layer llama: the block structure of tiny-llama at a width that runs in seconds

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import emulate_and_reference, record_error, row_errors
-from emulate.forward import resolve_patterns
-from emulate.kernels import TILE_ROWS, attend, attend_intervals
-from emulate.merge import merge, merge_pair
+from emulate.problem import resolve_patterns
+from emulate.runtime.kernels import TILE_ROWS, attend, attend_intervals
+from emulate.runtime.merge import merge, merge_pair
 from graphs import Pattern
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}

@@ -15,11 +15,11 @@ import torch
 from conftest import record_error, row_errors
 
 import emulate
-from emulate.api import RAW_PAPER_TOLERANCE
+from emulate.runtime.oracles import RAW_PAPER_TOLERANCE
 from emulate.cli import main as emulate_cli
-from emulate.forward import resolve_patterns
-from emulate.kernels import attend
-from emulate.oracles import PairCall
+from emulate.problem import resolve_patterns
+from emulate.runtime.kernels import attend
+from emulate.runtime.contract import PairCall
 from emulate.paper import CapacityError, PaperAttention, SmallTransformer
 from emulate.paper.layouts import plan_pair, window_pair
 from emulate.paper.sampling import bounded_inputs, exact_attention, row_rel_err, sampled_estimate

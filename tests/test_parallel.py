@@ -1,6 +1,6 @@
 """The local executor's call workers: independent nodes run side by side, with the one-thread run's bits.
 
-Each worker runs one node at a time on one torch thread (emulate/executor.py, run_parallel); a
+Each worker runs one node at a time on one torch thread (emulate/runtime/local.py, run_parallel); a
 node's value depends on its inputs alone and every merge order is fixed by the graph, so any
 number of workers gives exactly the sequential run's hidden states and log-probabilities.
 """
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import emulate
-from emulate.executor import run_local, run_parallel
-from emulate.ops import NodeRunner
+from emulate.runtime.local import run_local, run_parallel
+from emulate.runtime.runner import NodeRunner
 from graphs import CompactGraph, ForwardSpec, Pattern, schedule
 
 TOKENS = np.random.default_rng(1).integers(0, 1024, size=1000)
@@ -68,7 +68,7 @@ def test_run_parallel_yields_blocks_in_order_and_counts_every_node(models):
     runner = NodeRunner(model.transformer(torch.float32), torch.from_numpy(TOKENS[:300]), g.graph,
                         emulate.KernelOracle())
     seen, records = [], []
-    from emulate.threads import ThreadPolicy
+    from emulate.runtime.threads import ThreadPolicy
 
     with torch.no_grad(), ThreadPolicy(1):  # the one-thread run (more intra-op threads may round differently)
         sequential = list(run_local(schedule(g), runner))

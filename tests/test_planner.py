@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.plan import make_plan
+from graphs.plan import make_plan
 from emulate.cli import main
 from emulate.planner import (DEVICES, Device, Hardware, calibrate_cpu, cpu_device, predict, simulate, task_seconds,
                              value_bytes)
@@ -58,7 +58,7 @@ def test_the_runnable_plan_fits_the_memory_estimate():
     prices it per node; 32,896 pair calls here, measured under tracemalloc."""
     import tracemalloc
 
-    from emulate.memory import COMPACT_PAIR_BYTES, PLAN_NODE_BYTES, estimate
+    from emulate.runtime.memory import COMPACT_PAIR_BYTES, PLAN_NODE_BYTES, estimate
 
     s = spec(65536, 256, [Pattern("causal")])
     c = CompactGraph.build(s)
@@ -164,7 +164,7 @@ FAKE = {"matmul_flops": [[1e6, 1e9], [1e9, 2e10]], "attention_flops": [[1e6, 5e8
 def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr("emulate.planner.calibrate_cpu", lambda: calls.append(1) or FAKE)
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda: calls.append(1) or FAKE)
     a = cpu_device()
     b = cpu_device()
     assert len(calls) == 1 and a == b and a.call_overhead_s == 2e-5
@@ -199,7 +199,7 @@ def test_plan_json_has_the_figures_and_the_inputs(capsys):
 
 def test_plan_summary_on_a_calibrated_cpu(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr("emulate.planner.calibrate_cpu", lambda: FAKE)
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda: FAKE)
     assert main(["plan", "--random-tokens", "4096", "-M", "256", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "predicted" in out and "critical path" in out and "peak" in out

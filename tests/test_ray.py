@@ -19,12 +19,12 @@ import torch
 from conftest import Watched, record_error
 
 import emulate
-from cluster.plan import CALL_TASKS, TaskKind, calls, make_plan, slice_size
+from graphs.plan import CALL_TASKS, TaskKind, calls, make_plan, slice_size
 from cluster.worker import run_task
 from emulate import EmulateError
-from emulate.forward import row_errors
-from emulate.merge import TreeMerge, merge
-from emulate.ops import NodeRunner
+from emulate.runtime.verify import row_errors
+from emulate.runtime.merge import TreeMerge, merge
+from emulate.runtime.runner import NodeRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATE = [sys.executable, "-m", "emulate.cli"]
@@ -127,14 +127,14 @@ def test_a_task_run_again_strikes_off_no_reader_still_to_come():
     row): the re-run must not count as another of those readers, or the value would be freed
     before the last row reads it. The worker runs in-process, one worker, the routes the driver
     sends."""
-    from cluster.plan import routes
+    from graphs.plan import routes
     from cluster.worker import Worker, from_wire
 
     torch.set_num_threads(1)
     p = problem(tokens=700, block=96)
     local = run(p)
     plan = make_plan(local.compact, 1)
-    worker = Worker(0, p.model.config, {}, "float32", "cpu", 1)
+    worker = Worker(0, p.model.config, {}, "float32", "cpu", 1, emulate.KernelOracle())
     worker.runner, worker.tasks = node_runner(p, local.graph), plan.tasks
     row = next(t for t in plan.tasks if t.kind == TaskKind.ROW and t.layer == 0 and t.block == 1)
     start = next(t for t in plan.tasks if t.kind == TaskKind.START and t.block == 1)
@@ -148,7 +148,7 @@ def test_a_task_run_again_strikes_off_no_reader_still_to_come():
                 hidden[t.block] = from_wire(out[0], copy=True)["hidden"]
 
     submit(plan.tasks, 1, stop=row.index + 1)  # the run, up to the row, when the loss is found
-    submit([start, row] + plan.tasks[row.index + 1:], 2)  # what _Schedule.recover submits
+    submit([start, row] + plan.tasks[row.index + 1:], 2)  # what _Dispatch.recover submits
     assert torch.equal(torch.cat([hidden[b] for b in sorted(hidden)]), local.hidden)
 
 
@@ -216,9 +216,9 @@ def test_calls_group_tasks_without_holding_work_back(attention, window):
 # -- choosing the executor ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("keywords, message", [
-    (dict(workers=2), "--workers is a Ray option"),
-    (dict(executor="local", workers=2, stall_timeout=5.0), "are Ray options"),
-    (dict(executor=emulate.Local(), workers=2), r"go inside emulate\.Ray"),
+    (dict(workers=2), "--workers is not an option of the local executor: add --executor ray"),
+    (dict(executor="local", workers=2, stall_timeout=5.0), "are not options of the local executor"),
+    (dict(executor=emulate.Local(), workers=2), r"workers goes inside emulate\.Ray"),
 ])
 def test_a_ray_keyword_on_a_local_run_is_refused(keywords, message):
     with pytest.raises(EmulateError, match=message):
@@ -283,7 +283,7 @@ def test_ray_reports_plan_and_measured_transfers(causal_runs):
         assert s["executor"] == "ray"
         assert s["workers"] == workers and s["physical_tasks"] == len(make_plan(runs[workers].graph, workers).tasks)
         # only what another worker made goes through the object store into a task
-        assert 0 <= s["bytes_between_workers"] == s["bytes_transferred"]
+        assert 0 <= s["bytes_transferred"] and "bytes_between_workers" not in s  # the same bytes: one key
         # every task reads at least one block-sized tensor, from its worker's memory or the object store
         assert s["bytes_transferred"] + s["bytes_held"] >= s["physical_tasks"] * 128 * 256 * 4
         # the object store holds the outputs (hidden and log-probabilities) and the values that cross
@@ -291,7 +291,49 @@ def test_ray_reports_plan_and_measured_transfers(causal_runs):
         assert outputs <= s["bytes_returned"] <= outputs + s["bytes_transferred"]
         assert s["recoveries"] == 0 and s["tasks_rerun"] == 0
     assert runs[1].stats["bytes_transferred"] == 0  # one worker: every value stays in its memory
-    assert runs[2].stats["bytes_between_workers"] > 0
+    assert runs[2].stats["bytes_transferred"] > 0
+
+
+class DistributedCountingOracle:
+    """A user's oracle for Ray: it pickles, binds in each worker, and its counts add up across them."""
+
+    name = "counting"
+    distributed = True
+
+    def bind(self, block_size: int, heads: int):
+        return _CountingKernel(emulate.KernelOracle().bind(block_size, heads))
+
+
+class _CountingKernel:
+    def __init__(self, kernel):
+        self.kernel, self.calls, self.widest = kernel, 0, 0
+
+    def attend(self, pair, q, k, v, scale):
+        self.calls += 1
+        self.widest = max(self.widest, q.shape[1], k.shape[1])
+        return self.kernel.attend(pair, q, k, v, scale)
+
+    def summary(self) -> dict:
+        return {"oracle_pair_calls": self.calls, "max_oracle_keys": self.widest}
+
+
+def test_a_user_s_oracle_runs_on_ray_workers_and_its_counts_add_up(ray_cluster):
+    local = emulate.run("tiny-llama", random_tokens=1024, block_size=128)
+    on_ray = emulate.run("tiny-llama", random_tokens=1024, block_size=128, workers=2, executor="ray",
+                         oracle=DistributedCountingOracle())
+    s = on_ray.stats
+    assert torch.equal(on_ray.hidden, local.hidden) and s["oracle"] == "counting"
+    assert s["oracle_pair_calls"] == s["attention_calls"] == local.stats["attention_calls"]
+    assert s["max_oracle_keys"] == s["max_call_tokens"] == 128
+
+
+def test_ray_counts_the_calls_its_workers_ran(causal_runs):
+    p, runs = causal_runs
+    compiled = runs[1].compact.counts()
+    for workers in (1, 2, 3):
+        s = runs[workers].stats
+        assert s["attention_calls_per_layer"] == compiled["attention_calls_per_layer"]
+        assert s["small_calls"] == compiled["small_calls"] and s["max_call_tokens"] == 128
 
 
 def test_ray_splits_rows_when_blocks_are_fewer_than_workers(ray_cluster):

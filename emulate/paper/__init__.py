@@ -5,7 +5,7 @@
     calls      inputs, padded weights and head packing (Lemma 3.1, Lemma 3.3) for one layout
     aggregate  adding and subtracting partials (weights A, averages B/A)
     oracle     PaperAttention: a pair call in, (o, lse) out, like the kernel oracle
-               (the user-facing description is emulate.PaperOracle, emulate/oracles.py)
+               (the user-facing description is emulate.PaperOracle, emulate/runtime/oracles.py)
     sampling   Thm 4.1's estimator on inputs meeting its assumption
     theorems   the call counts and errors of each theorem, measured from runs
 

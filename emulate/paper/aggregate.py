@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from emulate.merge import merge_pair
+from emulate.runtime.merge import merge_pair
 
 
 def add(a, b):

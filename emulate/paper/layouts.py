@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulate.oracles import PairCall
+from emulate.runtime.contract import PairCall
 from graphs import MaskKind, Pattern
 
 SYNTHETIC = -2  # the synthetic token z = (0, ..., 0, 1) of Lemma 3.1: score 1 (or 0), value 0

@@ -1,6 +1,6 @@
 """The paper oracle: each attend node of the graph realised by literal small-transformer calls.
 
-It plays the kernel oracle's role (emulate.kernels.attend) in the same graph and executors: for a
+It plays the kernel oracle's role (emulate.runtime.kernels.attend) in the same graph and executors: for a
 pair (query block, key block) it returns (o, lse), o the block average B/A and lse = log A, A read
 from the oracle's own output through Lemma 3.1's synthetic token (log A = log(p / (1 - p)), plus
 the stabilised variant's shift c). Which layouts a pair needs is emulate.paper.layouts' job; how a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from emulate.oracles import PairCall, Partial
+from emulate.runtime.contract import PairCall, Partial
 from emulate.paper import aggregate
 from emulate.paper.calls import Calls
 from emulate.paper.layouts import plan_pair
@@ -24,7 +24,7 @@ from graphs import MaskKind
 class PaperAttention:
     """Realises attend nodes with a SmallTransformer of capacity block_size + 1 and counts its calls.
 
-    The running form of `emulate.PaperOracle` for one forward (emulate/oracles.py, AttentionOracle).
+    The running form of `emulate.PaperOracle` for one forward (emulate/runtime/oracles.py, AttentionOracle).
     stable: the stabilised variant (same calls, the A call's scores shifted by a norm bound).
     pack_heads: Lemma 3.3, that many single-head instances per call (1: one head per call).
     literal_exp: the module computes softmax as raw exp sums (to measure where they overflow).

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from emulate.oracles import PairCall
+from emulate.runtime.contract import PairCall
 from emulate.paper.oracle import PaperAttention
 from graphs import MaskKind, Pattern, block_spans, sample_permutation, sampled_keys
 

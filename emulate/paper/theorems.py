@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from emulate.config import EmulateError
+from emulate.errors import EmulateError
 
 RESULTS = {  # result -> (label, preset, attention)
     "full": ("Thm 1.1 full", "tiny-bert", "full"),
@@ -49,13 +49,14 @@ def paper_count(result: str, tokens: int, block: int, window: int | None, heads:
 def measure(result: str, tokens: int, block: int, window: int | None, sinks: int | None, stable: bool = False,
             pack_heads: int | str = 1, seed: int = 0) -> dict:
     """One verified run of the paper oracle: counted invocations, the paper's count, the error."""
-    import emulate
+    from emulate.api import run
+    from emulate.runtime.oracles import PaperOracle
 
     label, model_name, attention = RESULTS[result]
     windowed = attention in ("sliding", "sink")
-    r = emulate.run(model_name, random_tokens=tokens, seed=seed, block_size=block, attention=attention,
+    r = run(model_name, random_tokens=tokens, seed=seed, block_size=block, attention=attention,
                     window=window if windowed else None, sinks=sinks if attention == "sink" else None,
-                    dtype="float64", oracle=emulate.PaperOracle(stable=stable, pack_heads=pack_heads), verify=True,
+                    dtype="float64", oracle=PaperOracle(stable=stable, pack_heads=pack_heads), verify=True,
                     collect=False)
     s = r.stats
     pack = s["oracle_pack_heads"]
@@ -119,7 +120,7 @@ def plot(rows: list[dict], path: str, block: int) -> None:
     ax.set_title("Oracle calls per forward, measured")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    from emulate.io import AtomicOutput
+    from emulate.outputs import AtomicOutput
 
     try:
         with AtomicOutput(path) as out:

@@ -1,0 +1,100 @@
+"""`emulate plan`: a forward's predicted time on P workers, nothing run; the options and the printed
+summary over the planner's prediction (emulate/planner/, docs/planner.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from emulate.cli.options import preset_names
+from emulate.cli.parser import Help
+from emulate.errors import EmulateError
+
+
+def add_plan_command(sub) -> None:
+    sub.add_parser(
+        "plan", formatter_class=Help, help="predict a forward's time on P workers (nothing runs)",
+        options=plan_options,
+        description="Compile the graph in compact form, group and place its tasks as the Ray executor would, and "
+                    "schedule them on P simulated workers with a cost model (device FLOP/s and memory bandwidth, "
+                    "link bandwidth and latency, per-task and per-call overheads, memory per worker). Prints the "
+                    "predicted time, each worker's peak memory, the bytes moved, utilisation and the critical path. "
+                    "The cpu device is measured on this machine once (a few seconds) and cached; docs/planner.md "
+                    "explains the model.",
+        epilog="examples:\n"
+               "  emulate plan --random-tokens 16384 -M 1024 --workers 2\n"
+               "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
+               "  emulate plan --shape llama3-405b --tokens 1048576 -M 4096 --attention causal --workers 16 "
+               "--gpus-per-worker 8 --device h100 --json\n"
+               "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
+
+
+def plan_options(p: argparse.ArgumentParser) -> None:
+    """The options of `emulate plan`, added once the command is chosen (cli/parser.py, Parser)."""
+    from emulate.models.shapes import SHAPES
+    from emulate.planner.costs import DEVICES
+
+    p.add_argument("--model", default=None, help=f"a preset ({preset_names()}) or a checkpoint directory "
+                   "(default tiny-llama)")
+    p.add_argument("--shape", default=None, choices=tuple(SHAPES), help="a published model shape instead of --model")
+    p.add_argument("--tokens", "--random-tokens", dest="tokens", type=int, default=4096, metavar="N",
+                   help="N, the tokens of the forward")
+    p.add_argument("--block-size", "-M", type=int, default=256, help="M: the most tokens a small call sees")
+    p.add_argument("--attention", default="auto", help="auto, full, causal, sliding, sink or sampled")
+    p.add_argument("--window", type=int, default=None, help="sliding window r")
+    p.add_argument("--sinks", type=int, default=None, help="attention sinks s")
+    p.add_argument("--workers", type=int, default=1, help="P, the workers the tasks are placed on")
+    p.add_argument("--device", choices=("cpu", *DEVICES), default="cpu",
+                   help="cpu (this machine, measured) or a GPU from the datasheet table")
+    p.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker, tensor parallel inside it")
+    p.add_argument("--link-gbps", type=float, default=None,
+                   help="each worker's network link in Gb/s (default 400 per GPU; 40 for cpu, Ray's object store)")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor (1 worker)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU again (about 10 s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw predicted time against workers and against N, exact causal beside an O(N/M) pattern")
+    p.set_defaults(handler=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from emulate.planner.prediction import predict
+
+    if args.shape is not None and args.model is not None:
+        raise EmulateError("give --model or --shape, not both")
+    model = args.shape or args.model
+    if args.plot:
+        from graphs.pictures.coverage import DrawError, figure_format
+
+        try:
+            figure_format(args.plot)  # refused before any work
+        except DrawError as err:
+            raise EmulateError(str(err)) from None
+    p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
+                sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
+                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor)
+    if args.plot:
+        from emulate.planner.plot import plot_scaling
+
+        plot_scaling(args.plot, model, args.tokens, block_size=args.block_size, workers=args.workers,
+                     device=args.device, gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps,
+                     window=args.window)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    d = p.to_dict()
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    path = d["critical_path"]
+    shown = path if len(path) <= 6 else path[:3] + ["..."] + path[-2:]
+    print(f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
+          f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
+          f"{d['physical_tasks']} physical tasks\n"
+          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}), link "
+          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor\n"
+          f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
+          f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
+          f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
+          + ("" if d["fits"] else ", MORE than the worker's devices hold") + f"; {d['bytes_moved'] / 1e9:.3g} GB moved "
+          "between workers")
+    return 0

@@ -1,0 +1,314 @@
+"""The transformers backend: a checkpoint's own transformers model with its attention run as pair calls.
+
+    emulate.run("path/to/checkpoint", backend="transformers", block_size=256, verify=True)
+    emulate run --model path/to/checkpoint --backend transformers -M 256 --verify
+
+The checkpoint (a directory with config.json, a .gguf file, or a transformers model already in
+memory) loads with transformers itself, so every family whose attention goes through its
+AttentionInterface runs, whatever emulate's own loader (emulate/models/loaders.py) knows. emulate/hf/attention.py's
+attention is registered with M and the oracle, the model's attention is switched to it, and one
+forward computes every attention call as the graph's pair calls; the position-wise parts (norms,
+RoPE, MLPs, the head) are transformers' own, run over all N tokens at once. No task graph runs, so
+the graph's figures (graph_nodes, graph_edges, graph_depth, small_calls) are None; the pair calls
+are counted as they happen, and each layer's must be exactly the calls its pattern plans, none wider
+than M (layer_figures).
+
+`TransformersBackend` is a Backend of the one run loop (emulate/runtime/loop.py): it runs the
+forward, cuts its outputs into blocks and names its reference; the loop writes, collects, verifies
+and reports, as for the graph.
+
+verify runs the same model, same weights, under transformers' sdpa attention (eager where the
+family has no sdpa path) and compares hidden states and log-probabilities as the graph backend's
+verify does (docs/numerics.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emulate.errors import EmulateError, OptionError, error_line
+from emulate.models.presets import FILE_PRESETS, PRESETS
+from emulate.runtime.contract import BlockOutput
+from emulate.runtime.loop import Reference, describe, window_of
+from emulate.runtime.verify import tolerance_for
+from graphs import block_spans, key_blocks
+
+# what the reference forward runs, in order of preference
+REFERENCE_ATTENTION = ("sdpa", "eager")
+
+
+def source(model) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) of a checkpoint given by path or file preset."""
+    name = str(model)
+    if name in PRESETS:
+        raise EmulateError(f"preset {name} has no transformers checkpoint (its weights are emulate's own); run it "
+                           "with the graph backend, or give a checkpoint directory or .gguf file")
+    path = Path(FILE_PRESETS[name]()) if name in FILE_PRESETS else Path(name)
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return path.parent, path.name
+        if (path / "config.json").is_file():
+            return path, None
+    except OSError:  # a name too long for the file system, say
+        pass
+    raise EmulateError(f"{name} is not a checkpoint directory with a config.json, nor a .gguf file")
+
+
+def load(model, dtype: torch.dtype, device: str):
+    """(transformers model in eval mode, name, tokenizer or None) for a path, a file preset or a loaded model."""
+    if isinstance(model, torch.nn.Module):
+        if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+            raise EmulateError(f"{type(model).__name__} is not a transformers model (it has no set_attn_implementation)")
+        return model.to(device=device, dtype=dtype).eval(), type(model).__name__, None
+    from emulate.hf import require_transformers
+
+    require_transformers()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    directory, gguf = source(model)
+    extra = {"gguf_file": gguf} if gguf else {}
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # emulate reports its own progress (and --quiet means quiet)
+    try:
+        config = AutoConfig.from_pretrained(directory, **extra)
+        causal = gguf is not None or any(a.endswith("ForCausalLM") for a in config.architectures or ())
+        cls = AutoModelForCausalLM if causal else AutoModel
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own bar, which no switch turns off
+            loaded = cls.from_pretrained(directory, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise EmulateError(f"{directory}: transformers cannot load this checkpoint ({error_line(err)})") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    return loaded.to(device).eval(), str(model), _tokenizer(directory, gguf)
+
+
+def _tokenizer(directory: Path, gguf: str | None):
+    if gguf is not None:
+        from emulate.models.gguf import read_tokenizer
+
+        return read_tokenizer(directory / gguf)
+    file = directory / "tokenizer.json"
+    return file if file.is_file() else None
+
+
+def switch(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as err:
+        raise EmulateError(f"{type(model).__name__} cannot run attention {name!r} ({error_line(err)})") from None
+
+
+def forward(model, ids: torch.Tensor, attention: str, block_size: int) -> dict:
+    """One forward under `attention`: last hidden states [N, d], log p(next) [N - 1] (None for encoders), seconds."""
+    switch(model, attention)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+        seconds = time.perf_counter() - t0
+        logits = getattr(out, "logits", None)
+        hidden = (out.hidden_states[-1] if logits is not None else out.last_hidden_state)[0]
+        logprobs = None if logits is None else next_logprobs(logits[0], ids, block_size)
+    return {"hidden": hidden, "logprobs": logprobs, "seconds": seconds}
+
+
+def next_logprobs(logits: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """log p(ids[t + 1] | ids <= t), normalised a block of rows at a time (one [M, vocab] temporary)."""
+    n = logits.shape[0]
+    out = torch.empty(n - 1, dtype=logits.dtype, device=logits.device)
+    for a, b in block_spans(n - 1, block_size) if n > 1 else ():
+        out[a:b] = torch.log_softmax(logits[a:b], dim=-1).gather(1, ids[a + 1:b + 1, None].to(logits.device))[:, 0]
+    return out
+
+
+def pick_reference(model) -> str:
+    """sdpa where the family supports it, eager otherwise (soft-capping families, for example)."""
+    for name in REFERENCE_ATTENTION:
+        try:
+            model.set_attn_implementation(name)
+            return name
+        except (ValueError, ImportError):
+            continue
+    raise EmulateError(f"{type(model).__name__} runs neither sdpa nor eager attention; nothing to verify against")
+
+
+def layer_figures(counted: dict, patterns: dict, layers: int, tokens: int, block_size: int) -> dict:
+    """The pair-call figures of the summary, from emulate.hf's counts and each layer's pattern.
+
+    Each layer must have run its attention once, as exactly the pair calls its pattern plans over
+    the blocks (graphs.patterns.key_blocks), none wider than M: else the forward is not the one the
+    figures describe, and it is refused.
+    """
+    sites = [s for s in counted["attention_calls_per_layer"]]
+    if set(sites) != set(range(layers)):
+        ran = len(sites)
+        raise EmulateError(f"the model ran attention at {ran} call sites, not once in each of its {layers} layers; "
+                           "emulate counts a forward only when every layer's attention is its own")
+    ordered = [patterns[layer] for layer in range(layers)]
+    spans = block_spans(tokens, block_size)
+    ran = [counted["attention_calls_per_layer"][layer] for layer in range(layers)]
+    planned = [sum(len(key_blocks(p, spans, i)) for i in range(len(spans))) for p in ordered]
+    if ran != planned:
+        layer = next(k for k, (r, w) in enumerate(zip(ran, planned)) if r != w)
+        raise EmulateError(f"layer {layer} ran {ran[layer]} pair calls where its {ordered[layer].describe()} pattern "
+                           f"plans {planned[layer]} (a batch, or a layer called more than once per forward)")
+    if counted["max_call_tokens"] > block_size:
+        raise EmulateError(f"a pair call saw {counted['max_call_tokens']} tokens, more than M = {block_size}")
+    return {
+        "patterns": ordered,
+        "attention_calls": counted["attention_calls"],
+        "attention_calls_per_layer": ran,
+        "attention_calls_bound": sum(p.calls_bound(len(spans), block_size) for p in ordered),
+        "max_call_tokens": counted["max_call_tokens"],
+    }
+
+
+def shape(config) -> dict:
+    """layers, heads and KV heads of a transformers config (text_config for multimodal wrappers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    return {"family": text.model_type, "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer"),
+            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "width": getattr(text, "hidden_size", None) or getattr(text, "n_embd", None),
+            "vocab": getattr(text, "vocab_size", None)}
+
+
+def check_ids(ids: np.ndarray, vocab: int | None, name: str) -> None:
+    if len(ids) == 0:
+        raise EmulateError("the input has no tokens")
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.max() if ids.max() >= vocab else ids.min())
+        raise EmulateError(f"token id {bad} is outside {name}'s vocabulary of {vocab}")
+
+
+class TransformersBackend:
+    """One forward of a transformers model with emulate's attention: a Backend of the one run loop."""
+
+    def __init__(self, net, name: str, dims: dict, ids: np.ndarray, oracle, block_size: int, dtype: torch.dtype,
+                 device: str, threads, source: str, progress=None):
+        self.net, self.name, self.dims, self.oracle = net, name, dims, oracle
+        self.block_size, self.dtype, self.device, self.threads = block_size, dtype, device, threads
+        self.source, self.progress = source, progress
+        self.tokens = ids
+        self.ids = torch.from_numpy(ids).to(device)
+        self.compact = None
+        self.width = dims["width"]
+        self.lm_head = net.get_output_embeddings() is not None  # a causal LM's logits give log-probabilities
+        self.metadata: dict | None = None  # the output file's, known once the forward ran (its layers' patterns)
+        self._stats: dict = {}
+
+    @classmethod
+    def prepare(cls, model, tokens=None, *, text=None, input=None, random_tokens=None, seed: int = 0,
+                block_size: int = 256, attention="auto", dtype="float32", device: str = "cpu", executor=None,
+                oracle="kernel", pack_heads=None, threads=None, progress=None, **rest) -> TransformersBackend:
+        """Check the options, load the model and the ids: everything a bad argument can fail on, before the forward."""
+        from emulate.inputs import TEXT_SUFFIXES
+        from emulate.problem import DEFAULT_MODEL, float_dtype, input_source, positive_int, token_ids
+        from emulate.runtime.registry import ORACLES
+
+        given = [flag for key, flag in NOT_FOR_THIS_BACKEND.items() if rest.get(key) is not None]
+        unknown = sorted(set(rest) - set(NOT_FOR_THIS_BACKEND))
+        if unknown:
+            raise OptionError(f"emulate.run() got an unexpected keyword argument {unknown[0]!r}")
+        if given:
+            raise EmulateError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to the transformers "
+                               "backend (it runs in-process, with each layer's own mask)")
+        if executor is not None:
+            raise EmulateError("the transformers backend runs in-process only, as transformers' own forward: it takes no "
+                               "executor (drop --executor, or use the graph backend)")
+        if attention != "auto":
+            raise EmulateError("the transformers backend reads each layer's mask off the model: --attention must be auto")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EmulateError("device cuda asked for, but torch sees no CUDA device here")
+        block_size = positive_int("--block-size", block_size)
+        seed = positive_int("--seed", seed, 0)
+        dt = float_dtype(dtype)
+        chosen = ORACLES.resolve(oracle, {"pack_heads": pack_heads})
+        if threads is not None:
+            from emulate.runtime.threads import check_threads
+
+            threads = check_threads(threads)
+        net, name, tokenizer = load(DEFAULT_MODEL if model is None else model, dt, device)
+        dims = shape(net.config)
+        if tokenizer is None and (text is not None or (input is not None and Path(input).suffix.lower() in TEXT_SUFFIXES)):
+            raise EmulateError(f"{name} comes without a tokenizer: give token ids (tokens, --input ids.npy or --random-tokens)")
+        ids = token_ids(tokenizer, dims["vocab"], tokens, text, input, random_tokens, seed)
+        check_ids(ids, dims["vocab"], name)
+        chosen.bind(block_size, dims["heads"])  # an oracle refuses what it cannot run before the forward
+        return cls(net, name, dims, ids, chosen, block_size, dt, device, threads,
+                   input_source(tokenizer, tokens, text, input, random_tokens, seed), progress)
+
+    def start(self) -> None:
+        pass  # the model is loaded (prepare); the forward is the first block's
+
+    def blocks(self):
+        import emulate.hf as hf
+        from emulate.runtime.threads import ThreadPolicy
+
+        hf.register(block_size=self.block_size, oracle=self.oracle)
+        if self.progress is not None:
+            self.progress("forward", 0, 1)
+        with ThreadPolicy(self.threads) as policy:  # "auto" is chosen once, for the whole forward
+            got = forward(self.net, self.ids, hf.NAME, self.block_size)
+        if self.progress is not None:
+            self.progress("forward", 1, 1)
+        n = len(self.tokens)
+        blocks = len(block_spans(n, self.block_size))
+        figures = layer_figures(hf.counts(), hf.layer_patterns(), self.dims["layers"], n, self.block_size)
+        self._oracle_figures = hf.oracle_summary()
+        hf.reset()
+        self.patterns = figures.pop("patterns")
+        self._seconds, self._threads, self._figures, self._blocks = got["seconds"], policy.used, figures, blocks
+        self.metadata = {"model": self.name, "block_size": self.block_size, "attention": describe(self.patterns),
+                         "dtype": str(self.dtype).removeprefix("torch."), "backend": "transformers"}
+        yield from block_outputs(got["hidden"], got["logprobs"], self.block_size)
+
+    def close(self) -> None:
+        pass
+
+    def summary(self, forward_s: float) -> dict:
+        d = self.dims
+        return {
+            "model": self.name, "family": d["family"], "layers": d["layers"], "heads": d["heads"],
+            "kv_heads": d["kv_heads"], "input": self.source, "tokens": len(self.tokens), "block_size": self.block_size,
+            "blocks": self._blocks, "attention": describe(self.patterns), "window": window_of(self.patterns),
+            "sinks": None, "oracle": self.oracle.name, "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device, "executor": "local", "backend": "transformers", **self._figures,
+            "small_calls": None, "graph_nodes": None, "graph_edges": None, "graph_depth": None,
+            "forward_s": round(self._seconds, 4), "threads": self._threads, **self._oracle_figures,
+        }
+
+    def reference(self, progress=None) -> Reference:
+        """The same model, same weights, under sdpa (eager where the family has no sdpa path)."""
+        reference = pick_reference(self.net)
+        if progress is not None:
+            progress("reference", 0, 1)
+        want = forward(self.net, self.ids, reference, self.block_size)
+        if progress is not None:
+            progress("reference", 1, 1)
+        return Reference(want["hidden"], want["logprobs"], {"reference": reference,
+                                                            "reference_s": round(want["seconds"], 4)})
+
+    def tolerance(self) -> float:
+        return tolerance_for(self.patterns, self.oracle, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"<TransformersBackend {self.name}: {len(self.tokens)} tokens, M = {self.block_size}>"
+
+
+def block_outputs(hidden: torch.Tensor, logprobs: torch.Tensor | None, block_size: int):
+    """The outputs cut into the blocks the graph backend streams."""
+    n = hidden.shape[0]
+    for i, (a, b) in enumerate(block_spans(n, block_size)):
+        yield BlockOutput(i, (a, b), hidden[a:b], None if logprobs is None else logprobs[a:min(b, n - 1)])
+
+
+NOT_FOR_THIS_BACKEND = {"window": "--window", "sinks": "--sinks", "trace": "--trace", "address": "--address",
+                        "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
+                        "gpus_per_worker": "--gpus-per-worker", "stall_timeout": "--stall-timeout"}

@@ -1,0 +1,129 @@
+"""The planner's library call: `predict`, one forward's time on P workers of a named device, nothing
+run. It compiles the logical graph in compact form (graphs/compact.py), groups and places it as the
+Ray executor does (graphs/plan.py, `make_plan`), prices and schedules it (emulate/planner/costs.py,
+emulate/planner/simulation.py) and returns a `Prediction`. `hardware` turns a device name into the
+cost model's Hardware: a datasheet GPU, or this machine's CPU, measured (emulate/planner/calibrate.py)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from emulate.errors import EmulateError
+from emulate.models.config import ModelConfig
+from emulate.planner.calibrate import cpu_device
+from emulate.planner.costs import (CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_SERVICE_S_PER_CALL, CPU_TASK_OVERHEAD_S, DEVICES,
+                                   GB, GPU_LINK_GBPS, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, Hardware)
+from emulate.planner.simulation import simulate
+
+
+@dataclass
+class Prediction:
+    """What `predict` returns: the schedule's figures and the inputs they were computed from."""
+
+    predicted_s: float
+    attention_calls: int
+    physical_tasks: int
+    bytes_moved: int
+    peak_worker_memory_gb: float
+    utilisation: float
+    critical_path_s: float
+    critical_path: list[str]
+    worker_busy_s: list[float]
+    weights_gb_per_worker: float
+    fits: bool  # every worker's peak within its devices' memory
+    inputs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        return {**out.pop("inputs"), **out}
+
+
+def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, link_gbps: float | None = None,
+             calibrate: bool = False, executor: str = "ray") -> Hardware:
+    """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached)."""
+    from emulate.runtime.threads import cores as usable_cores  # it imports torch: only a plan needs it
+
+    if device == "cpu":
+        dev = cpu_device(recalibrate=calibrate)
+        link, lat, over, dtype = CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_TASK_OVERHEAD_S, "fp32"
+    elif device in DEVICES:
+        dev = DEVICES[device]
+        link, lat, over, dtype = GPU_LINK_GBPS * gpus_per_worker, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, "bf16"
+    else:
+        raise EmulateError(f"unknown device {device!r} (choose from cpu, {', '.join(DEVICES)})")
+    slowdown, service = 1.0, 0.0
+    if executor == "local":
+        over = 0.0
+    if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
+        cores = usable_cores()
+        slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
+        service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
+    return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
+                    slowdown, service)
+
+
+def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
+            sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
+            link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray",
+            hw: Hardware | None = None) -> Prediction:
+    """Predict one forward's time on `workers` workers of `device` (nothing runs).
+
+    model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
+    The graph is priced in the device's dtype (bf16 on GPUs, float32 on the CPU). executor="local"
+    predicts the in-process executor (one worker, no per-task cost). `hw` overrides the hardware.
+    """
+    from graphs.plan import make_plan
+    from emulate.problem import resolve_patterns
+    from emulate.models.shapes import parameters
+    from graphs import CompactGraph, ForwardSpec, PatternError
+
+    config = _config(model)
+    for name, value, low in (("--tokens", tokens, 1), ("--block-size", block_size, 1), ("--workers", workers, 1),
+                             ("--gpus-per-worker", gpus_per_worker, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
+    if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
+        raise EmulateError(f"--link-gbps must be a finite number > 0, got {link_gbps}")
+    if executor not in ("ray", "local"):
+        raise EmulateError(f"executor must be ray or local, got {executor!r}")
+    if executor == "local" and workers != 1:
+        raise EmulateError("the local executor is one worker")
+    if hw is None:
+        hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor)
+    patterns = resolve_patterns(config, attention, window, sinks)
+    if config.max_positions is not None and tokens > config.max_positions:
+        raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
+    dtype_bytes = 2 if hw.dtype == "bf16" else 4
+    try:
+        spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
+                           kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
+                           mlp_width=config.mlp_width, vocab=config.vocab if config.lm_head else 0,
+                           dtype_bytes=dtype_bytes)
+        graph = CompactGraph.build(spec)
+    except PatternError as err:
+        raise EmulateError(str(err)) from None
+    plan = make_plan(graph, hw.workers, runnable=False)
+    weights = parameters(config) * dtype_bytes
+    sim = simulate(plan, spec, graph.spans, hw, weights)
+    c = graph.counts()
+    capacity = hw.device.memory * hw.gpus_per_worker
+    names = [plan.tasks[i].name for i in sim.critical_path]
+    return Prediction(
+        predicted_s=sim.makespan, attention_calls=c["attention_calls"], physical_tasks=len(plan.tasks),
+        bytes_moved=sim.bytes_moved, peak_worker_memory_gb=max(sim.peak_memory) / GB,
+        utilisation=sum(sim.busy) / (hw.workers * sim.makespan) if sim.makespan else 0.0,
+        critical_path_s=sim.critical_path_s, critical_path=names, worker_busy_s=sim.busy,
+        weights_gb_per_worker=weights / GB, fits=max(sim.peak_memory) <= capacity,
+        inputs={"model": config.name, "tokens": tokens, "block_size": block_size, "blocks": graph.blocks,
+                "layers": config.layers, "attention": sorted({str(p.describe()) for p in patterns}),
+                "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
+                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "executor": executor,
+                "work_flops": c["work_flops"]})
+
+
+def _config(model) -> ModelConfig:
+    from emulate.problem import IDS_MODEL, shape_or_model as _shape_or_model
+    from emulate.models.loaders import load
+
+    # a plan is for a count of tokens, not a text: the default model of token ids
+    return load(_shape_or_model(IDS_MODEL if model is None else model)).config

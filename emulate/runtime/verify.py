@@ -1,0 +1,56 @@
+"""The numerics contract a run is checked against (docs/numerics.md), and the comparison `verify` makes."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from emulate.errors import EmulateError
+from emulate.runtime.contract import capability
+from graphs import PatternKind
+
+# The numerics contract of the exact modes (docs/numerics.md): max per-row relative error.
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
+# The approximate modes state their own (docs/numerics.md, measured on the presets):
+# sampled attention (Thm 4.1) estimates full attention from M keys per block; its error is the
+# estimate's, and the theorem bounds it only for bounded scores, so the stated figure is loose.
+SAMPLED_TOLERANCE = 0.5
+
+
+def tolerance_for(patterns, oracle, dtype: torch.dtype) -> float:
+    """The error a run's mode promises: the dtype's contract, or what an approximate mode states
+    (the sampled pattern; an oracle whose `tolerance(dtype)` is looser, as the raw paper oracle's)."""
+    if any(pat.kind == PatternKind.SAMPLED for pat in patterns):
+        return SAMPLED_TOLERANCE
+    own = capability(oracle, "tolerance", None)
+    stated = None if own is None else own(dtype)
+    return TOLERANCE[dtype] if stated is None else max(float(stated), TOLERANCE[dtype])
+
+
+def check_tolerance(tolerance) -> None:
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not math.isfinite(tolerance) or tolerance <= 0):
+        raise EmulateError(f"--tolerance must be a finite number > 0, got {tolerance!r}")
+
+
+def row_errors(hidden: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(max |y - t|, max_i ||y_i - t_i|| / ||t_i||): the paper's per-row relative error."""
+    diff = hidden.double() - reference.double()
+    rel = diff.norm(dim=1) / reference.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(diff.abs().max()), float(rel.max())
+
+
+def compare(hidden: torch.Tensor, logprobs: torch.Tensor | None, want_hidden: torch.Tensor,
+            want_logprobs: torch.Tensor | None, tolerance: float) -> dict:
+    """verify's figures: per-row errors of the hidden states (and log-probabilities) against a reference."""
+    out = {}
+    out["max_abs_err"], out["max_rel_err"] = row_errors(hidden, want_hidden.to(hidden.device))
+    finite = math.isfinite(out["max_rel_err"])
+    if logprobs is not None:
+        err = float((logprobs.double() - want_logprobs.double().to(logprobs.device)).abs().max()) \
+            if logprobs.numel() else 0.0
+        out["max_logprob_err"] = err
+        finite = finite and math.isfinite(err)
+    out["tolerance"] = tolerance
+    out["verified"] = bool(finite and out["max_rel_err"] <= tolerance)  # NaN never passes
+    return out
