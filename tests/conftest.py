@@ -24,7 +24,7 @@ def emulate_and_reference(config, weights, tokens, block_size, patterns, dtype, 
     return got, ref, run.graph
 
 
-# the worst max_rel_err per (model, pattern, compared with, dtype), printed after the run: the README's error table
+# the worst max_rel_err per (model, pattern, compared with, dtype), printed after the run: the error table of docs/numerics.md
 MEASURED: dict[tuple[str, str, str, str], float] = {}
 
 

@@ -6,7 +6,7 @@ keeps every other thread of the call waiting for it: on a 2-core machine with on
 process, two threads made a 16K-token causal run slower than one thread did. So the local executor
 on CPU runs independent calls side by side instead (emulate/runtime/local.py, run_parallel): `threads`
 is its number of call workers, each running one call at a time on one torch thread, and a worker
-whose core is taken delays only its own call (README, "On a shared machine: threads").
+whose core is taken delays only its own call (docs/benchmarks.md, "On a shared machine: threads").
 `worker_count`: a number as given; None (the default) torch's own setting (OMP_NUM_THREADS or the
 cores); "auto" every core this process may use, never more than torch's setting. "auto" does not
 drop workers when another process is busy: with no barrier between workers, a busy neighbour takes
