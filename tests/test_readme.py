@@ -15,10 +15,13 @@ def section(title: str, page: str = "README.md") -> str:
     return text[start:end]
 
 
-def test_the_use_from_python_example_runs():
+def test_the_use_from_python_example_is_short_and_run_by_the_suite():
+    """tests/test_doc_examples.py runs it (every python block of the README and docs/ that is not marked)."""
+    from test_doc_examples import BLOCKS
+
     first = re.search(r"```python\n(.*?)```", section("Use from Python"), re.S).group(1)
     assert len(first.strip().splitlines()) <= 10
-    exec(compile(first, "README.md: Use from Python", "exec"), {})
+    assert any(code == first and reason is None for _, _, code, reason in BLOCKS)
 
 
 def test_the_python_page_shows_the_pytest_example_the_suite_runs():
