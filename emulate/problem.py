@@ -106,6 +106,8 @@ def token_ids(tokenizer, vocab: int, tokens, text, input, random_tokens, seed: i
     if isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
         raise EmulateError(f"tokens={tokens} is a count: give token ids, or random_tokens={tokens} for random ones")
     if isinstance(tokens, torch.Tensor):
+        if tokens.device.type == "meta":
+            raise EmulateError("tokens are on the meta device: they hold no values (give ids on cpu or cuda)")
         tokens = tokens.detach().cpu().numpy()
     ids = np.asarray(tokens)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != np.bool_):

@@ -8,6 +8,7 @@ chunks, the paper oracle's layouts) reads it.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from math import ceil
 
@@ -36,6 +37,12 @@ class Pattern:
     sinks: int | None = None
 
     def __post_init__(self):
+        for name in ("window", "sinks"):  # a str, a float or a bool would pass the comparisons below, or fail deep
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise PatternError(f"--{name} must be an integer, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, int(value))
         if self.kind not in PATTERNS:
             raise PatternError(f"unknown attention pattern {self.kind!r} (choose from {', '.join(PATTERNS)})")
         object.__setattr__(self, "kind", PatternKind(self.kind))

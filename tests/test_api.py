@@ -264,6 +264,12 @@ def test_bad_arguments_raise_the_line_the_cli_prints(capsys, keywords, flags):
     (lambda: emulate.run("tiny-llama", [1, 2], attention=[Pattern("causal")]), "one Pattern per layer"),
     (lambda: emulate.run("tiny-llama", [1, 2], block_size=True), "--block-size must be an integer"),
     (lambda: emulate.run(42, [1, 2]), "model must be"),
+    (lambda: emulate.run("tiny-llama", [1, 2], executor=emulate.Local), r"is a class: pass an instance, emulate\.Local\(\)"),
+    (lambda: emulate.run("tiny-llama", [1, 2], oracle=emulate.KernelOracle), "is a class: pass an instance"),
+    (lambda: emulate.run("tiny-llama", [1, 2], attention="sliding", window="8"), "--window must be an integer, got '8'"),
+    (lambda: emulate.run("tiny-llama", [1, 2], attention="sliding", window=8.5), "--window must be an integer, got 8.5"),
+    (lambda: emulate.run("tiny-llama", [1, 2], attention="sink", window=8, sinks=2.0), "--sinks must be an integer"),
+    (lambda: emulate.run("tiny-llama", torch.zeros(4, dtype=torch.long, device="meta")), "meta device"),
 ])
 def test_bad_python_arguments_are_one_line_errors(call, message):
     with pytest.raises(emulate.EmulateError, match=message) as err:

@@ -311,3 +311,18 @@ def test_a_temporary_file_no_owner_removed_is_removed_by_the_interrupt_clean_up(
     assert Path(orphan.tmp).exists() and orphan.tmp in PENDING
     remove_pending()
     assert list(tmp_path.iterdir()) == [] and orphan.tmp not in PENDING
+
+
+# -- reading a trace that is not a file ---------------------------------------------------------
+
+def test_a_trace_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    """A FIFO would wait for a writer forever and /dev/zero would fill the memory: both are one line."""
+    fifo = tmp_path / "trace.json"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        start = time.monotonic()
+        done = emulate_child("trace", source, "-o", tmp_path / "gantt.png", timeout=60)
+        assert done.returncode == 2 and time.monotonic() - start < 30, done.stderr
+        assert "not a regular file" in one_error_line(done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]  # nothing written
+

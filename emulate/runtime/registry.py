@@ -90,6 +90,8 @@ class Registry:
 
     def check(self, part: Any) -> Any:
         """An object passed in place of a name: it must have what the protocol asks (never a class test)."""
+        if isinstance(part, type):  # the class itself has the methods, unbound: it would fail deep inside
+            raise EmulateError(f"{self.kind} {public_name(part)} is a class: pass an instance, {public_name(part)}()")
         missing = [m for m in self.required if not hasattr(part, m)]
         if missing:
             raise EmulateError(f"{self.kind} must be a registered name ({', '.join(self._entries)}) or an object with "

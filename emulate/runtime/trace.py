@@ -76,7 +76,7 @@ def read_trace(path) -> list[dict]:
     """
     where = f"trace {path}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_bounded(Path(path), where)
     except FileNotFoundError:
         raise TraceError(f"{where}: no such file") from None
     except IsADirectoryError:
@@ -107,6 +107,36 @@ def read_trace(path) -> list[dict]:
         if e["dur"] < 0:
             raise TraceError(f"{where}: complete event {k} ({e['name']!r}) has a negative duration")
     return events
+
+
+# A trace of the ten-million-token run (133,104 nodes) is about 40 MB; ten times that is no trace of ours
+# and would be read into memory whole.
+MAX_TRACE_BYTES = 512 * 2**20
+
+
+def _read_bounded(path: Path, where: str) -> str:
+    """The file's text, read only from a regular file and never past MAX_TRACE_BYTES: a FIFO would wait
+    for a writer forever, and a device or an endless file would fill the memory."""
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise TraceError(f"{where}: not a regular file (a FIFO, socket or device); give the trace file itself")
+        if st.st_size > MAX_TRACE_BYTES:
+            raise TraceError(f"{where}: {st.st_size / 2**20:.0f} MiB, more than a trace of this tool's "
+                             f"({MAX_TRACE_BYTES / 2**20:.0f} MiB at most)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_TRACE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TRACE_BYTES:  # grew while it was read
+        raise TraceError(f"{where}: more than {MAX_TRACE_BYTES / 2**20:.0f} MiB, more than a trace of this tool's")
+    return data.decode("utf-8")
 
 
 def _finite(x) -> bool:
