@@ -1,6 +1,7 @@
 """Inputs: token ids from .npy, Arrow IPC, Parquet or text, the embedded default text, and seeded random ids."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +15,41 @@ ARROW_SUFFIXES = (".arrow", ".feather", ".ipc", ".arrows")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
-def read_tokens(path: str) -> np.ndarray:
-    """Token ids from .npy (1-D integers) or an Arrow IPC / Parquet table with an integer `token` column."""
+def read_tokens(path: str, fits: Callable[[int], None] | None = None) -> np.ndarray:
+    """Token ids from .npy (1-D integers) or an Arrow IPC / Parquet table with an integer `token` column.
+
+    fits(n), when given, is told the number of ids from the file's own metadata (the .npy header,
+    Parquet's row count, the Arrow batches' lengths, memory-mapped) before any id is read, so a small
+    compressed file that holds 10^8 ids is refused before it is decompressed.
+    """
     p = Path(path)
     if not p.is_file():
         raise EmulateError(f"input file {path} does not exist or is not a file")
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            _check_npy_size(p)
+            shape = _check_npy_size(p)
+            if fits is not None and len(shape) == 1:
+                fits(int(shape[0]))
             ids = np.load(p, allow_pickle=False)
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
                 raise EmulateError(f"{path}: expected a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
             return ids.astype(np.int64)
         if suffix in ARROW_SUFFIXES or suffix == ".parquet":
-            table = pq.read_table(p) if suffix == ".parquet" else _read_arrow(p)
-            if "token" not in table.column_names:
-                raise EmulateError(f"{path}: no `token` column (columns: {', '.join(table.column_names) or 'none'})")
+            if suffix == ".parquet":
+                parquet = pq.ParquetFile(p)
+                names = parquet.schema_arrow.names
+                if "token" not in names:
+                    raise EmulateError(f"{path}: no `token` column (columns: {', '.join(names) or 'none'})")
+                if fits is not None:
+                    fits(parquet.metadata.num_rows)
+                table = parquet.read(columns=["token"])
+            else:
+                table = _read_arrow(p)  # memory-mapped: its batches are counted before anything is copied
+                if "token" not in table.column_names:
+                    raise EmulateError(f"{path}: no `token` column (columns: {', '.join(table.column_names) or 'none'})")
+                if fits is not None:
+                    fits(table.num_rows)
             column = table.column("token")
             if not pa.types.is_integer(column.type):
                 raise EmulateError(f"{path}: column `token` must hold integers, not {column.type}")
@@ -45,7 +64,7 @@ def read_tokens(path: str) -> np.ndarray:
                        "or --text / a .txt file for text")
 
 
-def _check_npy_size(p: Path) -> None:
+def _check_npy_size(p: Path) -> tuple[int, ...]:
     """Refuse an .npy whose header promises more data than the file holds, before numpy allocates it."""
     with open(p, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
@@ -56,14 +75,16 @@ def _check_npy_size(p: Path) -> None:
     if promised != held:
         raise EmulateError(f"{p}: the header promises {promised} bytes of data ({dtype} {shape}) but the file "
                            f"holds {held}; the file is truncated or not what it says")
+    return shape
 
 
 def _read_arrow(p: Path) -> pa.Table:
     with open(p, "rb") as f:
         magic = f.read(6)
+    source = pa.memory_map(str(p))  # uncompressed batches are read in place, not copied
     if magic == b"ARROW1":
-        return pa.ipc.open_file(p).read_all()
-    return pa.ipc.open_stream(p).read_all()
+        return pa.ipc.open_file(source).read_all()
+    return pa.ipc.open_stream(source).read_all()
 
 
 def read_text(path: str) -> str:

@@ -78,11 +78,13 @@ def positive_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
-def token_ids(tokenizer, vocab: int, tokens, text, input, random_tokens, seed: int) -> np.ndarray:
+def token_ids(tokenizer, vocab: int, tokens, text, input, random_tokens, seed: int,
+              fits: Callable[[int], None] | None = None) -> np.ndarray:
     """The run's token ids from exactly one source; the embedded default when none is given.
 
     tokenizer: a model's (emulate.models.loaders.tokenize), or None for byte-level ids; with no source the
     default text where there is a tokenizer, DEFAULT_TOKENS random ids below `vocab` otherwise.
+    fits(n): told an input file's id count from its metadata before the ids are read (read_tokens).
     """
     from emulate.inputs import TEXT_SUFFIXES, check_text, default_text, random_ids, read_text, read_tokens
 
@@ -102,7 +104,7 @@ def token_ids(tokenizer, vocab: int, tokens, text, input, random_tokens, seed: i
     if input is not None:
         if Path(input).suffix.lower() in TEXT_SUFFIXES:
             return tokenize(tokenizer, read_text(input))
-        return read_tokens(input)
+        return read_tokens(input, fits)
     if isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
         raise EmulateError(f"tokens={tokens} is a count: give token ids, or random_tokens={tokens} for random ones")
     if isinstance(tokens, torch.Tensor):
@@ -165,7 +167,7 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
     else:
         if random_tokens is not None and isinstance(random_tokens, (int, np.integer)) and random_tokens > 0:
             fits(int(random_tokens))  # before a single id is drawn
-        ids = token_ids(m.tokenizer, m.config.vocab, tokens, text, input, random_tokens, seed)
+        ids = token_ids(m.tokenizer, m.config.vocab, tokens, text, input, random_tokens, seed, fits)
         length = len(ids)
         check_tokens(m.config, ids)
         fits(length)

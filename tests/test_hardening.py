@@ -326,3 +326,23 @@ def test_a_trace_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
         assert "not a regular file" in one_error_line(done.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]  # nothing written
 
+
+
+def test_a_small_file_of_many_ids_is_refused_before_its_ids_are_read(tmp_path):
+    """10^8 zero ids compress to under a megabyte of Parquet; reading them would take 800 MB before the
+    size check. The file's own row count is checked first (emulate/inputs.py, read_tokens)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"token": np.zeros(10**8, dtype=np.int64)}), path, compression="zstd")
+    assert path.stat().st_size < 2**20
+    code = ("import resource, emulate\n"
+            f"try:\n    emulate.run('tiny-llama', input={str(path)!r}, block_size=256)\n"
+            "except emulate.EmulateError as err:\n    print(err)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=CHILD_ENV)
+    message, peak_mb = done.stdout.strip().splitlines()
+    assert "100000000 tokens at M = 256 would hold" in message, done.stderr
+    assert int(peak_mb) < 700, peak_mb  # torch and the model, not the 800 MB of ids
