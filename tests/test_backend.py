@@ -109,6 +109,7 @@ def test_an_encoder_has_no_perplexity(tmp_path):
     (["--model", "{llama}", "--text", "hello"], "comes without a tokenizer"),
     (["--model", "{llama}/nothing-here"], "is not a checkpoint directory"),
     (["--model", "{llama}", "--random-tokens", "8", "-M", "0"], "--block-size must be an integer >= 1"),
+    (["--model", "{llama}", "--random-tokens", "1000000000"], "through the transformers backend would hold about"),
 ])
 def test_refusals(llama, capsys, args, words):
     args = [a.replace("{llama}", str(llama)) for a in args]

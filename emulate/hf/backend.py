@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,23 @@ def shape(config) -> dict:
             "vocab": getattr(text, "vocab_size", None)}
 
 
+def check_forward_fits(dims: dict, dtype: torch.dtype, n: int, verify_too: bool = True) -> None:
+    """Refuse, before the ids are drawn or read, a forward transformers would run out of memory on.
+
+    transformers' forward over N tokens holds, at once, every layer's hidden states (it is asked for
+    them: output_hidden_states), the logits of every position ([N, vocab]), and the ids; the
+    reference of verify, run after it, holds the same again while the first outputs are kept.
+    """
+    from emulate.runtime.memory import check_fits
+
+    b = dtype.itemsize
+    width, layers, vocab = dims.get("width") or 0, dims.get("layers") or 0, dims.get("vocab") or 0
+    parts = {"token ids": 8 * n, "hidden states": (layers + 1) * n * width * b, "logits": n * vocab * b}
+    if verify_too:
+        parts["kept outputs"] = n * (width + 1) * b
+    check_fits(parts, f"{n} tokens through the transformers backend")
+
+
 def check_ids(ids: np.ndarray, vocab: int | None, name: str) -> None:
     if len(ids) == 0:
         raise EmulateError("the input has no tokens")
@@ -238,8 +256,12 @@ class TransformersBackend:
         dims = shape(net.config)
         if tokenizer is None and (text is not None or (input is not None and Path(input).suffix.lower() in TEXT_SUFFIXES)):
             raise EmulateError(f"{name} comes without a tokenizer: give token ids (tokens, --input ids.npy or --random-tokens)")
-        ids = token_ids(tokenizer, dims["vocab"], tokens, text, input, random_tokens, seed)
+        fits = partial(check_forward_fits, dims, dt, verify_too=True)
+        if isinstance(random_tokens, int) and not isinstance(random_tokens, bool) and random_tokens > 0:
+            fits(random_tokens)  # before a single id is drawn
+        ids = token_ids(tokenizer, dims["vocab"], tokens, text, input, random_tokens, seed, fits)
         check_ids(ids, dims["vocab"], name)
+        fits(len(ids))
         chosen.bind(block_size, dims["heads"])  # an oracle refuses what it cannot run before the forward
         return cls(net, name, dims, ids, chosen, block_size, dt, device, threads,
                    input_source(tokenizer, tokens, text, input, random_tokens, seed), progress)
