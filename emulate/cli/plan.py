@@ -50,15 +50,23 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=float, default=None,
                    help="each worker's network link in Gb/s (default 400 per GPU; 40 for cpu, Ray's object store)")
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor (1 worker)")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU again (about 10 s)")
+                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor")
+    p.add_argument("--threads", default=None, type=_threads, metavar="N|auto",
+                   help="the local executor's call workers, as `emulate run --threads` (default torch's setting)")
+    p.add_argument("--recalibrate", "--calibrate", dest="calibrate", action="store_true",
+                   help="measure this machine's CPU again (about 15 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw predicted time against workers and against N, exact causal beside an O(N/M) pattern")
     p.set_defaults(handler=cmd_plan)
 
 
+def _threads(text: str):
+    return text if text == "auto" else int(text)
+
+
 def cmd_plan(args) -> int:
+    from emulate.planner.costs import Calibration
     from emulate.planner.prediction import predict
 
     if args.shape is not None and args.model is not None:
@@ -73,7 +81,15 @@ def cmd_plan(args) -> int:
             raise EmulateError(str(err)) from None
     p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
                 sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
-                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor)
+                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads)
+    if p.inputs.get("calibration"):
+        import time
+
+        from emulate.planner.calibrate import calibration_warnings, current_settings
+
+        cal = Calibration(**p.inputs["calibration"])
+        for warning in calibration_warnings(cal, now=time.time(), settings=current_settings()):
+            print(f"emulate: warning: {warning}", file=sys.stderr)
     if args.plot:
         from emulate.planner.plot import plot_scaling
 
@@ -91,7 +107,9 @@ def cmd_plan(args) -> int:
           f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
           f"{d['physical_tasks']} physical tasks\n"
           f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}), link "
-          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor\n"
+          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor"
+          + (f" ({d['call_workers']} call workers of one thread)" if d.get("call_workers") else "") + "\n"
+          + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else "") +
           f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
           f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
           f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"

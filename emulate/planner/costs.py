@@ -17,9 +17,33 @@ assumptions and compares the model with a published run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import time
+from dataclasses import asdict, dataclass, replace
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """When, under what load and under which settings this machine's CPU was measured
+    (emulate/planner/calibrate.py); printed with every plan on the cpu device."""
+
+    when: float  # seconds since the epoch, when the measurement began
+    load: float  # the 1-minute load average then (os.getloadavg)
+    load_after: float  # ... and when it ended (the measurement's own threads count in it)
+    cores: int  # cores the measuring process might use (its CPU affinity)
+    torch: str  # torch.__version__
+    torch_threads: int  # torch's thread setting of the measuring process (OMP_NUM_THREADS or the cores)
+    call_threads: int = 1  # threads each measured call ran on: the executors' calls on a CPU run on one
+    seconds: float = 0.0  # how long the measurement took
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.when))
+        return (f"calibrated {when} at load average {self.load:.2f} on {self.cores} cores, torch {self.torch}, "
+                f"calls on {self.call_threads} thread (torch's setting {self.torch_threads})")
 
 
 @dataclass(frozen=True)
@@ -41,14 +65,16 @@ class Device:
     source: str = ""
     attention_flops: dict | None = None  # measured rates (fp32) by FLOPs per call, calibrated CPUs only
     matmul_flops: dict | None = None
-    # calibrated CPUs: an attend call costs the scores its kernel computes (the whole block, or an
-    # explicit pair's tiles: graphs.patterns.kernel_entries) times this factor per mask (none, causal,
-    # explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
-    mask_factor: tuple | None = None
+    # calibrated CPUs: the measured rates of the masked kernels ("causal", "explicit": the tiled calls
+    # of windows and sinks), by FLOPs of the scores the kernel computes per call (the whole block, or
+    # an explicit pair's tiles: graphs.patterns.kernel_entries); None: an attend call costs its
+    # visible entries at the attention rate (flash kernels skip masked tiles)
+    masked_attention: dict | None = None
     # calibrated CPUs: how much longer the same work takes on each of k one-thread workers computing
     # at once than on one alone, for k = 1, 2, ... up to the cores (shared caches, memory bandwidth,
     # other work on the machine); None: workers never slow each other (one device each)
     contention: tuple | None = None
+    calibration: Calibration | None = None  # calibrated CPUs: when and how
 
     def slowdown(self, busy: int) -> float:
         """The contention factor with `busy` workers computing at once (1.0 when not measured)."""
@@ -108,6 +134,8 @@ class Hardware:
     # ... and, once the workers fill every core, the driver's and Ray's CPU per task comes out of
     # their time: CPU_SERVICE_S_PER_CALL x P / C per task
     service_s: float = 0.0
+    # the local executor: P call workers of one process, no links, one queue (emulate/planner/simulation.py)
+    shared: bool = False
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -158,10 +186,14 @@ def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
     compute = other / (g * dev.rate(hw.dtype, "matmul", other / other_calls))
-    if t.attend_flops and dev.mask_factor:
-        whole = sum(t.attend_blocks)
-        rate = dev.rate(hw.dtype, "attention", whole / max(1, t.pairs))
-        compute += sum(f * b for f, b in zip(dev.mask_factor, t.attend_blocks)) / (g * rate)
+    if t.attend_flops and dev.masked_attention is not None:
+        from graphs.compact import MASKS
+
+        per_call = sum(t.attend_blocks) / max(1, t.pairs)
+        for mask, flops in zip(MASKS, t.attend_blocks):
+            if flops:  # a sample's call is an unmasked one over the gathered keys
+                table = dev.masked_attention.get(mask.value) or dev.attention_flops
+                compute += flops / (g * _interpolate(table, per_call))
     elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
