@@ -11,7 +11,7 @@ import pytest
 
 from graphs.plan import make_plan
 from emulate.cli import main
-from emulate.planner import (DEVICES, Device, Hardware, calibrate_cpu, cpu_device, predict, simulate, task_seconds,
+from emulate.planner import (DEVICES, Device, Hardware, cpu_device, predict, simulate, task_seconds,
                              value_bytes)
 from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
 

@@ -93,7 +93,7 @@ def test_every_cpu_plan_prints_its_calibration_and_warns_on_stderr(tmp_path):
     (tmp_path / "emulate" / "cpu-calibration.json").write_text(json.dumps(cached))
     env = dict(CHILD_ENV, XDG_CACHE_HOME=str(tmp_path))
     done = subprocess.run([str(EMULATE), "plan", "--random-tokens", "2048", "-M", "256", "--executor", "local"],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stderr
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("cpu ")]
     assert "calibrated 2001-09-09" in line and "load average 3.90 on 2 cores" in line and "torch x" in line

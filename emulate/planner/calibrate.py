@@ -98,7 +98,7 @@ def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> lis
         out.append(f"the CPU calibration is {age / 86400:.0f} days old; `emulate plan --recalibrate` measures again")
     then = {"torch": cal.torch, "cores": cal.cores}
     if then != {k: settings[k] for k in then}:
-        shown = lambda s: f"torch {s['torch']}, {s['cores']} cores"  # noqa: E731
+        shown = lambda s: f"torch {s['torch']}, {s['cores']} cores"
         out.append(f"the CPU calibration was made under other settings ({shown(then)}; now {shown(settings)}); "
                    "`emulate plan --recalibrate` measures again")
     return out
@@ -146,14 +146,14 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
         matmul = []
         for m, k, n in ((64, 256, 256), (256, 256, 512), (512, 1024, 1024), (1024, 2048, 2048)):
             a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-            matmul.append((2 * m * k * n, 2 * m * k * n / _fastest(lambda: a @ b, per)))
+            matmul.append((2 * m * k * n, 2 * m * k * n / _fastest(lambda a=a, b=b: a @ b, per)))
         tables: dict[str, list] = {"none": [], "causal": [], "explicit": []}
         shapes = ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64))
         for h, m, dh in shapes:
             q, k, v = (torch.randn(h, m, dh, generator=g) for _ in range(3))
             block = 4 * h * dh * m * m
             for mask in (MaskKind.NONE, MaskKind.CAUSAL):
-                tables[mask.value].append((block, block / _fastest(lambda: attend(q, k, v, 0.1, mask), per)))
+                tables[mask.value].append((block, block / _fastest(lambda q=q, k=k, v=v, mask=mask: attend(q, k, v, 0.1, mask), per)))
         oracle = KernelOracle()
         for h, m, dh, r in ((8, 256, 32, 64), (8, 1024, 32, 256), (8, 2048, 32, 512), (16, 2048, 64, 1024)):
             # a sliding window's two explicit pairs of block 1: the diagonal band and the block before
@@ -166,7 +166,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
                     continue
                 pair = PairCall(0, span, keys, mask, window)
                 flops = 4 * h * dh * kernel_entries(window, mask, span, keys)
-                tables["explicit"].append((flops, flops / _fastest(lambda: oracle.attend(pair, q, k, v, 0.1), per)))
+                tables["explicit"].append((flops, flops / _fastest(lambda p=pair, q=q, k=k, v=v: oracle.attend(p, q, k, v, 0.1), per)))
         tables["explicit"].sort()
         big = torch.empty(2**25)  # 128 MiB
         copy = _fastest(lambda: big.clone(), per)
