@@ -135,21 +135,25 @@ def test_memory_holds_the_weights_and_what_is_alive():
     assert sum(sched.busy) / (2 * sched.makespan) <= 1.0
 
 
+@pytest.mark.slow
 def test_the_published_anchor_shape_is_predicted_in_seconds():
-    """Llama-3 405B, 1M tokens, 16 workers of 8 H100 (arXiv 2411.01783 reports 77 s): docs/planner.md."""
+    """Llama-3 405B, 1M tokens, 16 workers of 8 H100 with fp8 feed-forward weights, as arXiv
+    2411.01783 deployed it (it reports 77 s): docs/planner.md. It fits: 482 GB of weights per node."""
     t0 = time.perf_counter()
     p = predict("llama3-405b", 2**20, block_size=4096, attention="causal", workers=16, gpus_per_worker=8,
-                device="h100")
-    assert time.perf_counter() - t0 < 120
+                device="h100", weight_dtype="fp8-ffn")
+    assert time.perf_counter() - t0 < 240  # about 30 s on a quiet core
     assert p.attention_calls == 126 * 256 * 257 // 2 and p.physical_tasks == 256 * 127
     assert 30 < p.predicted_s < 200 and p.critical_path_s < p.predicted_s and 0.5 < p.utilisation <= 1
+    assert p.fits and 450 < p.peak_worker_memory_gb < 640 and 480 < p.weights_gb_per_worker < 485
     windowed = predict("llama3-405b", 2**20, block_size=4096, attention="sliding", window=4096, workers=16,
-                       gpus_per_worker=8, device="h100")
+                       gpus_per_worker=8, device="h100", weight_dtype="fp8-ffn")
     assert windowed.predicted_s < p.predicted_s / 3
 
 
 def test_datasheet_figures():
     assert DEVICES["a100"].flops == {"bf16": 312e12, "fp32": 19.5e12}
+    assert DEVICES["h100"].flops["fp8"] == DEVICES["h200"].flops["fp8"] == 1979e12
     assert DEVICES["h100"].flops["bf16"] == DEVICES["h200"].flops["bf16"] == 989e12
     assert DEVICES["h200"].bandwidth == 4.8e12 and DEVICES["h100"].bandwidth == 3.35e12
 

@@ -69,17 +69,20 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
 def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
             sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
             link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray", threads=None,
+            weight_dtype: str = "bf16", tp_link: str = "nvlink", allow_overcommit: bool = False,
             hw: Hardware | None = None) -> Prediction:
     """Predict one forward's time on `workers` workers of `device` (nothing runs).
 
     model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
     The graph is priced in the device's dtype (bf16 on GPUs, float32 on the CPU). executor="local"
     predicts the in-process executor (no per-task cost; on the cpu its call workers as `threads`
-    gives them, emulate/runtime/threads.py). `hw` overrides the hardware.
+    gives them, emulate/runtime/threads.py). weight_dtype "fp8-ffn": the feed-forward weights in fp8;
+    tp_link: the GPUs of a worker all-reduce over "nvlink" or "pcie" (emulate/planner/deployment.py).
+    A layout whose peak does not fit a worker's memory is refused (EmulateError, naming what would
+    fit) unless allow_overcommit. `hw` overrides the hardware.
     """
     from graphs.plan import make_plan
     from emulate.problem import resolve_patterns
-    from emulate.models.shapes import parameters
     from graphs import CompactGraph, ForwardSpec, PatternError
 
     config = _config(model)
@@ -99,6 +102,11 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
     if config.max_positions is not None and tokens > config.max_positions:
         raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
     dtype_bytes = 2 if hw.dtype == "bf16" else 4
+    from dataclasses import replace
+
+    from emulate.planner.deployment import deployment, fit_refusal, weights_bytes
+
+    hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
     try:
         spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
                            kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
@@ -107,9 +115,16 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         graph = CompactGraph.build(spec)
     except PatternError as err:
         raise EmulateError(str(err)) from None
-    plan = make_plan(graph, 1 if hw.shared else hw.workers, runnable=False)
-    weights = parameters(config) * dtype_bytes
-    sim = simulate(plan, spec, graph.spans, hw, weights)
+    weights = weights_bytes(config, weight_dtype, dtype_bytes)
+    fp8 = weights_bytes(config, "fp8-ffn", dtype_bytes) if "fp8" in hw.device.flops else None
+    for peak in (weights, None):  # the weights alone, before the schedule; then with the values alive
+        if peak is None:
+            plan = make_plan(graph, 1 if hw.shared else hw.workers, runnable=False)
+            sim = simulate(plan, spec, graph.spans, hw, weights)
+            peak = max(sim.peak_memory)
+        refusal = fit_refusal(peak, weights, fp8, hw.device, hw.gpus_per_worker)
+        if refusal and not allow_overcommit:
+            raise EmulateError(refusal)
     c = graph.counts()
     capacity = hw.device.memory * hw.gpus_per_worker
     names = [plan.tasks[i].name for i in sim.critical_path]
@@ -122,7 +137,8 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         inputs={"model": config.name, "tokens": tokens, "block_size": block_size, "blocks": graph.blocks,
                 "layers": config.layers, "attention": sorted({str(p.describe()) for p in patterns}),
                 "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
-                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "executor": executor,
+                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": weight_dtype,
+                "tp_link": tp_link if hw.gpus_per_worker > 1 else None, "executor": executor,
                 "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
                 "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
 
