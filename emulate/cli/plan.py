@@ -25,7 +25,7 @@ def add_plan_command(sub) -> None:
                "  emulate plan --random-tokens 16384 -M 1024 --workers 2\n"
                "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
                "  emulate plan --shape llama3-405b --tokens 1048576 -M 4096 --attention causal --workers 16 "
-               "--gpus-per-worker 8 --device h100 --json\n"
+               "--gpus-per-worker 8 --weight-dtype fp8-ffn --device h100 --json\n"
                "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
 
 
@@ -46,7 +46,14 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="P, the workers the tasks are placed on")
     p.add_argument("--device", choices=("cpu", *DEVICES), default="cpu",
                    help="cpu (this machine, measured) or a GPU from the datasheet table")
-    p.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker, tensor parallel inside it")
+    p.add_argument("--gpus-per-worker", type=int, default=1,
+                   help="GPUs per worker, tensor parallel inside it (an all-reduce per layer's attention and MLP)")
+    p.add_argument("--tp-link", choices=("nvlink", "pcie"), default="nvlink",
+                   help="the link the GPUs of a worker all-reduce over")
+    p.add_argument("--weight-dtype", choices=("bf16", "fp8-ffn"), default="bf16",
+                   help="bf16 weights, or the feed-forward weights in fp8 at the fp8 GEMM rate (h100, h200)")
+    p.add_argument("--allow-overcommit", action="store_true",
+                   help="predict a layout whose weights and values do not fit a worker's memory (refused otherwise)")
     p.add_argument("--link-gbps", type=float, default=None,
                    help="each worker's network link in Gb/s (default 400 per GPU; 40 for cpu, Ray's object store)")
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
@@ -81,7 +88,8 @@ def cmd_plan(args) -> int:
             raise EmulateError(str(err)) from None
     p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
                 sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
-                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads)
+                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads,
+                weight_dtype=args.weight_dtype, tp_link=args.tp_link, allow_overcommit=args.allow_overcommit)
     if p.inputs.get("calibration"):
         import time
 
@@ -95,7 +103,7 @@ def cmd_plan(args) -> int:
 
         plot_scaling(args.plot, model, args.tokens, block_size=args.block_size, workers=args.workers,
                      device=args.device, gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps,
-                     window=args.window)
+                     window=args.window, weight_dtype=args.weight_dtype, tp_link=args.tp_link)
         print(f"wrote {args.plot}", file=sys.stderr)
     d = p.to_dict()
     if args.json:
@@ -106,7 +114,9 @@ def cmd_plan(args) -> int:
     print(f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
           f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
           f"{d['physical_tasks']} physical tasks\n"
-          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}), link "
+          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}"
+          + (", fp8 feed-forward" if d["weight_dtype"] == "fp8-ffn" else "")
+          + (f", tensor parallel over {d['tp_link']}" if d.get("tp_link") else "") + "), link "
           f"{d['link_gbps']:g} Gb/s, {d['executor']} executor"
           + (f" ({d['call_workers']} call workers of one thread)" if d.get("call_workers") else "") + "\n"
           + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else "") +
