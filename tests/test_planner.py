@@ -212,7 +212,9 @@ def test_plan_summary_on_a_calibrated_cpu(capsys, tmp_path, monkeypatch):
     ["--workers", "0"], ["--tokens", "0"], ["--block-size", "-1"], ["--device", "tpu"],
     ["--shape", "llama3-8b", "--model", "tiny-llama"], ["--attention", "sliding"], ["--link-gbps", "-1"],
     ["--model", "tiny-gpt9"], ["--gpus-per-worker", "0"], ["--shape", "gpt5"], ["--plot", "p.txt"],
-    ["--executor", "local", "--workers", "2"],
+    ["--executor", "local", "--workers", "2"], ["--threads", "0"], ["--threads", "x"], ["--weight-dtype", "fp4"],
+    ["--weight-dtype", "fp8-ffn", "--device", "a100"], ["--tp-link", "infiniband"],
+    ["--shape", "llama3-70b", "--tokens", "8192", "-M", "4096"],
 ])
 def test_plan_bad_input_is_one_line_and_exit_2(capsys, args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -92,6 +92,9 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
             raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
     if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
         raise EmulateError(f"--link-gbps must be a finite number > 0, got {link_gbps}")
+    from emulate.runtime.threads import check_threads
+
+    check_threads(threads)
     if executor not in ("ray", "local"):
         raise EmulateError(f"executor must be ray or local, got {executor!r}")
     if executor == "local" and workers != 1:
