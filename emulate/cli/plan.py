@@ -16,11 +16,13 @@ def add_plan_command(sub) -> None:
         "plan", formatter_class=Help, help="predict a forward's time on P workers (nothing runs)",
         options=plan_options,
         description="Compile the graph in compact form, group and place its tasks as the Ray executor would, and "
-                    "schedule them on P simulated workers with a cost model (device FLOP/s and memory bandwidth, "
-                    "link bandwidth and latency, per-task and per-call overheads, memory per worker). Prints the "
-                    "predicted time, each worker's peak memory, the bytes moved, utilisation and the critical path. "
-                    "The cpu device is measured on this machine once (a few seconds) and cached; docs/planner.md "
-                    "explains the model.",
+                    "schedule them on P simulated workers with a cost model (GEMM and attention FLOP/s, memory "
+                    "bandwidth, tensor-parallel all-reduces, link bandwidth and latency, per-task and per-call "
+                    "overheads, memory per worker). Prints the predicted time, each worker's peak memory, the bytes "
+                    "moved, utilisation and the critical path; a layout that does not fit a worker's memory is "
+                    "refused, naming what would. The cpu device is measured on this machine (15 to 30 s) and cached "
+                    "with when and under what load it was measured, printed with every plan; docs/planner.md "
+                    "explains the model and the source of every constant.",
         epilog="examples:\n"
                "  emulate plan --random-tokens 16384 -M 1024 --workers 2\n"
                "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
