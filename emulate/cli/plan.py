@@ -120,7 +120,8 @@ def cmd_plan(args) -> int:
           + (", fp8 feed-forward" if d["weight_dtype"] == "fp8-ffn" else "")
           + (f", tensor parallel over {d['tp_link']}" if d.get("tp_link") else "") + "), link "
           f"{d['link_gbps']:g} Gb/s, {d['executor']} executor"
-          + (f" ({d['call_workers']} call workers of one thread)" if d.get("call_workers") else "") + "\n"
+          + (f" ({d['call_workers']} call worker{'s' if d['call_workers'] > 1 else ''} of one thread each)"
+             if d.get("call_workers") else "") + "\n"
           + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else "") +
           f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
           f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
