@@ -11,7 +11,7 @@ import pytest
 
 from graphs.plan import make_plan
 from emulate.cli import main
-from emulate.planner import (DEVICES, Device, Hardware, calibrate_cpu, cpu_device, predict, simulate, task_seconds,
+from emulate.planner import (DEVICES, Device, Hardware, cpu_device, predict, simulate, task_seconds,
                              value_bytes)
 from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
 
@@ -135,36 +135,46 @@ def test_memory_holds_the_weights_and_what_is_alive():
     assert sum(sched.busy) / (2 * sched.makespan) <= 1.0
 
 
+@pytest.mark.slow
 def test_the_published_anchor_shape_is_predicted_in_seconds():
-    """Llama-3 405B, 1M tokens, 16 workers of 8 H100 (arXiv 2411.01783 reports 77 s): docs/planner.md."""
+    """Llama-3 405B, 1M tokens, 16 workers of 8 H100 with fp8 feed-forward weights, as arXiv
+    2411.01783 deployed it (it reports 77 s): docs/planner.md. It fits: 482 GB of weights per node."""
     t0 = time.perf_counter()
     p = predict("llama3-405b", 2**20, block_size=4096, attention="causal", workers=16, gpus_per_worker=8,
-                device="h100")
-    assert time.perf_counter() - t0 < 120
+                device="h100", weight_dtype="fp8-ffn")
+    assert time.perf_counter() - t0 < 240  # about 30 s on a quiet core
     assert p.attention_calls == 126 * 256 * 257 // 2 and p.physical_tasks == 256 * 127
     assert 30 < p.predicted_s < 200 and p.critical_path_s < p.predicted_s and 0.5 < p.utilisation <= 1
+    assert p.fits and 450 < p.peak_worker_memory_gb < 640 and 480 < p.weights_gb_per_worker < 485
     windowed = predict("llama3-405b", 2**20, block_size=4096, attention="sliding", window=4096, workers=16,
-                       gpus_per_worker=8, device="h100")
+                       gpus_per_worker=8, device="h100", weight_dtype="fp8-ffn")
     assert windowed.predicted_s < p.predicted_s / 3
 
 
 def test_datasheet_figures():
     assert DEVICES["a100"].flops == {"bf16": 312e12, "fp32": 19.5e12}
+    assert DEVICES["h100"].flops["fp8"] == DEVICES["h200"].flops["fp8"] == 1979e12
     assert DEVICES["h100"].flops["bf16"] == DEVICES["h200"].flops["bf16"] == 989e12
     assert DEVICES["h200"].bandwidth == 4.8e12 and DEVICES["h100"].bandwidth == 3.35e12
 
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"matmul_flops": [[1e6, 1e9], [1e9, 2e10]], "attention_flops": [[1e6, 5e8], [1e9, 1e10]],
-        "mask_factor": [1.0, 1.0, 1.5, 1.0], "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "threads": 1,
-        "contention": [1.0, 1.2], "when": "test"}
+FAKE = {"format": 2, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+        "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
+                            "explicit": [[1e6, 2e8], [1e9, 5e9]]},
+        "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
+        "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
+
+
+def fake_calibration(**_):
+    return {k: v for k, v in FAKE.items() if k != "format"}
 
 
 def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda: calls.append(1) or FAKE)
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda **kw: calls.append(1) or fake_calibration())
     a = cpu_device()
     b = cpu_device()
     assert len(calls) == 1 and a == b and a.call_overhead_s == 2e-5
@@ -172,14 +182,7 @@ def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
     cpu_device(recalibrate=True)
     assert len(calls) == 2
     assert a.rate("fp32", "matmul", 1e6) == 1e9 and 1e9 < a.rate("fp32", "matmul", 3e7) < 2e10
-
-
-def test_calibration_measures_in_seconds():
-    t0 = time.perf_counter()
-    m = calibrate_cpu(budget_s=1.0)
-    assert time.perf_counter() - t0 < 10
-    assert all(rate > 0 for _, rate in m["matmul_flops"] + m["attention_flops"])
-    assert 0 < m["call_overhead_s"] < 0.01 and m["bandwidth"] > 1e8
+    assert a.calibration.load == 0.1 and a.masked_attention["explicit"] == {1e6: 2e8, 1e9: 5e9}
 
 
 # -- emulate plan ----------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def test_plan_json_has_the_figures_and_the_inputs(capsys):
 
 def test_plan_summary_on_a_calibrated_cpu(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda: FAKE)
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", fake_calibration)
     assert main(["plan", "--random-tokens", "4096", "-M", "256", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "predicted" in out and "critical path" in out and "peak" in out
@@ -209,7 +212,9 @@ def test_plan_summary_on_a_calibrated_cpu(capsys, tmp_path, monkeypatch):
     ["--workers", "0"], ["--tokens", "0"], ["--block-size", "-1"], ["--device", "tpu"],
     ["--shape", "llama3-8b", "--model", "tiny-llama"], ["--attention", "sliding"], ["--link-gbps", "-1"],
     ["--model", "tiny-gpt9"], ["--gpus-per-worker", "0"], ["--shape", "gpt5"], ["--plot", "p.txt"],
-    ["--executor", "local", "--workers", "2"],
+    ["--executor", "local", "--workers", "2"], ["--threads", "0"], ["--threads", "x"], ["--weight-dtype", "fp4"],
+    ["--weight-dtype", "fp8-ffn", "--device", "a100"], ["--tp-link", "infiniband"],
+    ["--shape", "llama3-70b", "--tokens", "8192", "-M", "4096"],
 ])
 def test_plan_bad_input_is_one_line_and_exit_2(capsys, args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

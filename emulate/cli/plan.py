@@ -16,16 +16,18 @@ def add_plan_command(sub) -> None:
         "plan", formatter_class=Help, help="predict a forward's time on P workers (nothing runs)",
         options=plan_options,
         description="Compile the graph in compact form, group and place its tasks as the Ray executor would, and "
-                    "schedule them on P simulated workers with a cost model (device FLOP/s and memory bandwidth, "
-                    "link bandwidth and latency, per-task and per-call overheads, memory per worker). Prints the "
-                    "predicted time, each worker's peak memory, the bytes moved, utilisation and the critical path. "
-                    "The cpu device is measured on this machine once (a few seconds) and cached; docs/planner.md "
-                    "explains the model.",
+                    "schedule them on P simulated workers with a cost model (GEMM and attention FLOP/s, memory "
+                    "bandwidth, tensor-parallel all-reduces, link bandwidth and latency, per-task and per-call "
+                    "overheads, memory per worker). Prints the predicted time, each worker's peak memory, the bytes "
+                    "moved, utilisation and the critical path; a layout that does not fit a worker's memory is "
+                    "refused, naming what would. The cpu device is measured on this machine (15 to 30 s) and cached "
+                    "with when and under what load it was measured, printed with every plan; docs/planner.md "
+                    "explains the model and the source of every constant.",
         epilog="examples:\n"
                "  emulate plan --random-tokens 16384 -M 1024 --workers 2\n"
                "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
                "  emulate plan --shape llama3-405b --tokens 1048576 -M 4096 --attention causal --workers 16 "
-               "--gpus-per-worker 8 --device h100 --json\n"
+               "--gpus-per-worker 8 --weight-dtype fp8-ffn --device h100 --json\n"
                "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
 
 
@@ -46,19 +48,34 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="P, the workers the tasks are placed on")
     p.add_argument("--device", choices=("cpu", *DEVICES), default="cpu",
                    help="cpu (this machine, measured) or a GPU from the datasheet table")
-    p.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker, tensor parallel inside it")
+    p.add_argument("--gpus-per-worker", type=int, default=1,
+                   help="GPUs per worker, tensor parallel inside it (an all-reduce per layer's attention and MLP)")
+    p.add_argument("--tp-link", choices=("nvlink", "pcie"), default="nvlink",
+                   help="the link the GPUs of a worker all-reduce over")
+    p.add_argument("--weight-dtype", choices=("bf16", "fp8-ffn"), default="bf16",
+                   help="bf16 weights, or the feed-forward weights in fp8 at the fp8 GEMM rate (h100, h200)")
+    p.add_argument("--allow-overcommit", action="store_true",
+                   help="predict a layout whose weights and values do not fit a worker's memory (refused otherwise)")
     p.add_argument("--link-gbps", type=float, default=None,
                    help="each worker's network link in Gb/s (default 400 per GPU; 40 for cpu, Ray's object store)")
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor (1 worker)")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU again (about 10 s)")
+                   help="ray: the physical plan with Ray's per-task cost; local: the in-process executor")
+    p.add_argument("--threads", default=None, type=_threads, metavar="N|auto",
+                   help="the local executor's call workers, as `emulate run --threads` (default torch's setting)")
+    p.add_argument("--recalibrate", "--calibrate", dest="calibrate", action="store_true",
+                   help="measure this machine's CPU again (about 15 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw predicted time against workers and against N, exact causal beside an O(N/M) pattern")
     p.set_defaults(handler=cmd_plan)
 
 
+def _threads(text: str):
+    return text if text == "auto" else int(text)
+
+
 def cmd_plan(args) -> int:
+    from emulate.planner.costs import Calibration
     from emulate.planner.prediction import predict
 
     if args.shape is not None and args.model is not None:
@@ -73,13 +90,22 @@ def cmd_plan(args) -> int:
             raise EmulateError(str(err)) from None
     p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
                 sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
-                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor)
+                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads,
+                weight_dtype=args.weight_dtype, tp_link=args.tp_link, allow_overcommit=args.allow_overcommit)
+    if p.inputs.get("calibration"):
+        import time
+
+        from emulate.planner.calibrate import calibration_warnings, current_settings
+
+        cal = Calibration(**p.inputs["calibration"])
+        for warning in calibration_warnings(cal, now=time.time(), settings=current_settings()):
+            print(f"emulate: warning: {warning}", file=sys.stderr)
     if args.plot:
         from emulate.planner.plot import plot_scaling
 
         plot_scaling(args.plot, model, args.tokens, block_size=args.block_size, workers=args.workers,
                      device=args.device, gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps,
-                     window=args.window)
+                     window=args.window, weight_dtype=args.weight_dtype, tp_link=args.tp_link)
         print(f"wrote {args.plot}", file=sys.stderr)
     d = p.to_dict()
     if args.json:
@@ -90,8 +116,13 @@ def cmd_plan(args) -> int:
     print(f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
           f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
           f"{d['physical_tasks']} physical tasks\n"
-          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}), link "
-          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor\n"
+          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}"
+          + (", fp8 feed-forward" if d["weight_dtype"] == "fp8-ffn" else "")
+          + (f", tensor parallel over {d['tp_link']}" if d.get("tp_link") else "") + "), link "
+          f"{d['link_gbps']:g} Gb/s, {d['executor']} executor"
+          + (f" ({d['call_workers']} call worker{'s' if d['call_workers'] > 1 else ''} of one thread each)"
+             if d.get("call_workers") else "") + "\n"
+          + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else "") +
           f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
           f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
           f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"

@@ -1,6 +1,7 @@
 """The planner: how long a forward would take on P workers, before anything runs (docs/planner.md).
 
-    costs.py       the cost model: Device, Hardware, the datasheet constants, task_seconds, value_bytes
+    costs.py       the cost model: Device, Hardware, Calibration, the sourced constants, task_seconds, value_bytes
+    deployment.py  tensor parallelism, fp8 feed-forward weights, and the memory fit of a worker
     calibrate.py   this machine's CPU, measured once and cached: cpu_device, calibrate_cpu
     simulation.py  the discrete-event simulation of a physical plan (graphs/plan.py): simulate -> Simulation
     prediction.py  the library call: predict -> Prediction, and hardware() from a device name
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 from emulate.planner.calibrate import cache_path, calibrate_cpu, cpu_device
 from emulate.planner.costs import (CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_SERVICE_S_PER_CALL, CPU_TASK_OVERHEAD_S, DEVICES,
-                                   EFFICIENCY, GB, GPU_CALL_OVERHEAD_S, GPU_LINK_GBPS, GPU_LINK_LATENCY_S,
-                                   GPU_TASK_OVERHEAD_S, Device, Hardware, task_seconds, value_bytes, with_device)
+                                   ATTENTION_FLOPS, GB, GEMM_EFFICIENCY, GPU_CALL_OVERHEAD_S, GPU_LINK_GBPS, GPU_LINK_LATENCY_S,
+                                   GPU_TASK_OVERHEAD_S, Calibration, Device, Hardware, ring_allreduce_s,
+                                   task_seconds, value_bytes, with_device)
 from emulate.planner.plot import plot_scaling
 from emulate.planner.prediction import Prediction, hardware, predict
 from emulate.planner.simulation import Simulation, simulate
 
-__all__ = ["CPU_LINK_GBPS", "CPU_LINK_LATENCY_S", "CPU_SERVICE_S_PER_CALL", "CPU_TASK_OVERHEAD_S", "DEVICES",
-           "EFFICIENCY", "GB", "GPU_CALL_OVERHEAD_S", "GPU_LINK_GBPS", "GPU_LINK_LATENCY_S", "GPU_TASK_OVERHEAD_S",
-           "Device", "Hardware", "Prediction", "Simulation", "cache_path", "calibrate_cpu", "cpu_device", "hardware",
-           "plot_scaling", "predict", "simulate", "task_seconds", "value_bytes", "with_device"]
+__all__ = ["ATTENTION_FLOPS", "CPU_LINK_GBPS", "CPU_LINK_LATENCY_S", "CPU_SERVICE_S_PER_CALL", "CPU_TASK_OVERHEAD_S", "DEVICES",
+           "GB", "GEMM_EFFICIENCY", "GPU_CALL_OVERHEAD_S", "GPU_LINK_GBPS", "GPU_LINK_LATENCY_S", "GPU_TASK_OVERHEAD_S",
+           "Calibration", "Device", "Hardware", "Prediction", "Simulation", "cache_path", "calibrate_cpu", "cpu_device", "hardware",
+           "plot_scaling", "predict", "ring_allreduce_s", "simulate", "task_seconds", "value_bytes", "with_device"]

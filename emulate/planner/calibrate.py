@@ -1,56 +1,131 @@
 """This machine's CPU as the planner's cost model sees it (emulate/planner/costs.py, Device):
-matmul and attention FLOP/s by call size, the per-call cost of the local executor, memory bandwidth
-and how much one-thread workers slow each other, measured once per torch thread count and cached
-as JSON (`cache_path`, under $XDG_CACHE_HOME)."""
+matmul and attention FLOP/s by call size (the attention kernels the executor runs, per mask: none,
+causal, and the tiled explicit calls of windows and sinks), the per-call cost of the local executor,
+memory bandwidth and how much one-thread workers slow each other, measured once and cached as JSON
+(`cache_path`, under $XDG_CACHE_HOME) with when, under what load and under which settings it was
+taken (`Calibration`, emulate/planner/costs.py).
+
+Every call the executors run on a CPU runs on one torch thread: the local executor's call workers
+(emulate/runtime/local.py, run_parallel; one worker runs in the calling thread at one thread) and
+each Ray worker of one CPU. So the rates are measured on one thread, and what k workers at once
+cost each other is the contention curve. Each size is measured in ROUNDS short rounds and the
+fastest kept: on a shared machine a round that another process interrupted is slower, never
+faster, so the minimum is the machine's own rate. `calibration_warnings` says when the cache is
+not to be trusted: taken on a busy machine, older than a week, or under another torch or core count.
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from emulate.models.config import ModelConfig
-from emulate.planner.costs import Device
+from emulate.planner.costs import Calibration, Device
+
+CACHE_FORMAT = 2  # caches of another format (older releases) are measured again
+ROUNDS = 5  # short rounds per size; the fastest is kept
+BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
+STALE_S = 7 * 86400  # a calibration older than a week is flagged
+
 
 def cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "emulate" / "cpu-calibration.json"
 
 
-def cpu_device(recalibrate: bool = False) -> Device:
-    """This machine's CPU, measured once at torch's thread count and cached (cache_path())."""
+def current_settings() -> dict:
+    """What a calibration depends on besides the machine: torch's version, the cores this process
+    may use, and torch's own thread setting (OMP_NUM_THREADS or the cores)."""
     import torch
 
-    threads = torch.get_num_threads()
+    from emulate.runtime.threads import cores
+
+    return {"torch": torch.__version__, "cores": cores(), "torch_threads": torch.get_num_threads()}
+
+
+def cpu_device(recalibrate: bool = False, *, clock=time.time, loadavg=os.getloadavg, note=None) -> Device:
+    """This machine's CPU, measured once and cached (cache_path()); measured again on request, when
+    the cache is missing, unreadable or of an older format (with a note on stderr)."""
+    note = note or (lambda text: print(f"emulate: {text}", file=sys.stderr))
     path = cache_path()
-    data = {}
+    entry = None
     if path.exists() and not recalibrate:
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-    entry = data.get(str(threads))
-    if entry is None or "contention" not in entry:  # none yet, or cached before contention was measured
-        entry = calibrate_cpu() if entry is None else {**entry, "contention": _contention()}
-        data[str(threads)] = entry
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+                note(f"the CPU calibration at {path} is of an older format: measuring again (about 15 s)")
+            else:
+                entry = data
+                _device(entry)  # a cache missing a field is as unreadable as a corrupt one
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            note(f"the CPU calibration at {path} is unreadable: measuring again (about 15 s)")
+            entry = None
+    if entry is None:
+        entry = {"format": CACHE_FORMAT, **calibrate_cpu(clock=clock, loadavg=loadavg)}
         try:
             from graphs.files import write_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_file(path, json.dumps(data, indent=1))
+            write_file(path, json.dumps(entry, indent=1))
         except (OSError, ValueError):
             pass  # an unwritable cache costs a re-measurement next time, nothing else
-    return Device("cpu", {"fp32": entry["matmul_flops"][-1][1], "bf16": entry["matmul_flops"][-1][1]},
-                  entry["bandwidth"], entry["memory"], 1.0, entry["call_overhead_s"],
-                  f"measured on this machine ({threads} thread(s), {entry['when']})",
-                  attention_flops={f: r for f, r in entry["attention_flops"]},
-                  matmul_flops={f: r for f, r in entry["matmul_flops"]}, mask_factor=tuple(entry["mask_factor"]),
-                  contention=tuple(entry["contention"]))
+    return _device(entry)
 
 
-def calibrate_cpu(budget_s: float = 8.0) -> dict:
-    """Measure matmul and attention FLOP/s at block-call sizes, the per-call cost of a small
-    attention call, and memory bandwidth; a few seconds in all."""
+def _device(entry: dict) -> Device:
+    cal = Calibration(**entry["calibration"])
+    tables = {mask: {float(f): float(r) for f, r in rows} for mask, rows in entry["attention_flops"].items()}
+    matmul = {float(f): float(r) for f, r in entry["matmul_flops"]}
+    peak = max(matmul.values())
+    return Device("cpu", {"fp32": peak, "bf16": peak}, float(entry["bandwidth"]), float(entry["memory"]), 1.0,
+                  float(entry["call_overhead_s"]), f"measured on this machine ({cal.describe()})",
+                  attention_flops=tables["none"], matmul_flops=matmul,
+                  masked_attention={m: t for m, t in tables.items() if m != "none"},
+                  contention=tuple(float(c) for c in entry["contention"]), calibration=cal)
+
+
+def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> list[str]:
+    """Why a cached calibration may mislead: taken while the machine was busy, older than a week,
+    or under other settings than `settings` (current_settings())."""
+    out = []
+    if cal.load > cal.cores - BUSY_MARGIN:
+        out.append(f"the CPU calibration was measured while the machine was busy (load average {cal.load:.2f} on "
+                   f"{cal.cores} cores): predictions carry that load; `emulate plan --recalibrate` on a quiet machine")
+    age = now - cal.when
+    if age > STALE_S:
+        out.append(f"the CPU calibration is {age / 86400:.0f} days old; `emulate plan --recalibrate` measures again")
+    then = {"torch": cal.torch, "cores": cal.cores}
+    if then != {k: settings[k] for k in then}:
+        shown = lambda s: f"torch {s['torch']}, {s['cores']} cores"
+        out.append(f"the CPU calibration was made under other settings ({shown(then)}; now {shown(settings)}); "
+                   "`emulate plan --recalibrate` measures again")
+    return out
+
+
+def _fastest(fn, per: float) -> float:
+    """Seconds per call of fn: ROUNDS rounds of about `per` / ROUNDS seconds each, the fastest kept."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, min(200, int(per / ROUNDS / once)))
+    best = float("inf")
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getloadavg) -> dict:
+    """Measure, on one torch thread: matmul FLOP/s at block-call sizes; attention FLOP/s of the
+    executor's own kernels by mask (emulate/runtime/kernels.py: unmasked and causal block calls,
+    and a window's explicit pairs through the kernel oracle, which cuts them into tiles) per score
+    the kernel computes (graphs.patterns.kernel_entries); the local executor's per-call cost;
+    memory bandwidth; and the contention of k one-thread workers. About budget_s + 4 seconds."""
     import psutil
     import torch
 
@@ -58,51 +133,62 @@ def calibrate_cpu(budget_s: float = 8.0) -> dict:
     from emulate.runtime.kernels import attend
     from emulate.runtime.oracles import KernelOracle
     from graphs import MaskKind, Pattern
-    from graphs.patterns import kernel_entries
+    from graphs.patterns import kernel_entries, pair_mask
 
-    per = budget_s / 12
-
-    def timed(fn) -> float:
-        fn()
-        reps, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            reps += 1
-            spent = time.perf_counter() - t0
-            if spent >= per or reps >= 200:
-                return spent / reps
-
-    g = torch.Generator().manual_seed(0)
-    matmul = []
-    for m, k, n in ((64, 256, 256), (256, 256, 512), (512, 1024, 1024), (1024, 2048, 2048)):
-        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-        matmul.append((2 * m * k * n, 2 * m * k * n / timed(lambda: a @ b)))
-    attention = []
-    for h, m, dh in ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64)):
-        q, k, v = (torch.randn(h, m, dh, generator=g) for _ in range(3))
-        attention.append((4 * h * dh * m * m, 4 * h * dh * m * m / timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))))
-    q, k, v = torch.randn(8, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g)
-    window, pair = Pattern("sliding", window=512), ((512, 1024), (0, 512))
-    plain = timed(lambda: attend(q, k, v, 0.1, MaskKind.NONE))
-    # an explicit pair runs in tiles (emulate/runtime/kernels.py, attend_intervals); its factor is per score computed
-    tiled = timed(lambda: KernelOracle().attend(PairCall(0, *pair, MaskKind.EXPLICIT, window), q, k, v, 0.1))
-    computed = kernel_entries(window, MaskKind.EXPLICIT, *pair)
-    factors = [1.0, timed(lambda: attend(q, k, v, 0.1, MaskKind.CAUSAL)) / plain, tiled / plain * 512 * 512 / computed,
-               1.0]
-    big = torch.empty(2**25)  # 128 MiB
-    copy = timed(lambda: big.clone())
-    return {"matmul_flops": matmul, "attention_flops": attention, "mask_factor": factors,
-            "call_overhead_s": _call_overhead(matmul, attention), "contention": _contention(budget_s / 4),
-            "bandwidth": 2 * big.numel() * 4 / copy, "memory": float(psutil.virtual_memory().total),
-            "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M")}
+    settings = current_settings()
+    load = float(loadavg()[0])
+    began = clock()
+    per = budget_s / 20
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        matmul = []
+        for m, k, n in ((64, 256, 256), (256, 256, 512), (512, 1024, 1024), (1024, 2048, 2048)):
+            a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+            matmul.append((2 * m * k * n, 2 * m * k * n / _fastest(lambda a=a, b=b: a @ b, per)))
+        tables: dict[str, list] = {"none": [], "causal": [], "explicit": []}
+        shapes = ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64))
+        for h, m, dh in shapes:
+            q, k, v = (torch.randn(h, m, dh, generator=g) for _ in range(3))
+            block = 4 * h * dh * m * m
+            for mask in (MaskKind.NONE, MaskKind.CAUSAL):
+                tables[mask.value].append((block, block / _fastest(lambda q=q, k=k, v=v, mask=mask: attend(q, k, v, 0.1, mask), per)))
+        oracle = KernelOracle()
+        for h, m, dh, r in ((8, 256, 32, 64), (8, 1024, 32, 256), (8, 2048, 32, 512), (16, 2048, 64, 1024)):
+            # a sliding window's two explicit pairs of block 1: the diagonal band and the block before
+            window = Pattern("sliding", window=r)
+            q = torch.randn(h, m, dh, generator=g)
+            k, v = torch.randn(h, m, dh, generator=g), torch.randn(h, m, dh, generator=g)
+            for span, keys in (((m, 2 * m), (m, 2 * m)), ((m, 2 * m), (0, m))):
+                mask = pair_mask(window, span, keys).kind
+                if mask != MaskKind.EXPLICIT:
+                    continue
+                pair = PairCall(0, span, keys, mask, window)
+                flops = 4 * h * dh * kernel_entries(window, mask, span, keys)
+                tables["explicit"].append((flops, flops / _fastest(lambda p=pair, q=q, k=k, v=v: oracle.attend(p, q, k, v, 0.1), per)))
+        tables["explicit"].sort()
+        big = torch.empty(2**25)  # 128 MiB
+        copy = _fastest(lambda: big.clone(), per)
+        call = _call_overhead()
+    finally:
+        torch.set_num_threads(before)
+    contention = _contention(budget_s / 4)
+    cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
+                      torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
+                      seconds=clock() - began)
+    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables,
+            "call_overhead_s": call, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
+            "memory": float(psutil.virtual_memory().total)}
 
 
 def _contention(budget_s: float = 2.0) -> list[float]:
     """[1.0, f_2, ..., f_C]: how much longer a block-sized matmul loop takes on each of k threads
     running it at once than on one thread alone, for k up to the cores this process may use (at
     most 8). Threads of one process, each on one torch thread (torch releases the GIL inside the
-    kernel), share the cores as one-thread worker processes do: the factor holds what the machine
-    gives k workers at once (shared caches and memory bandwidth, and any other work running then)."""
+    kernel), share the cores as the local executor's call workers and one-thread Ray workers do:
+    the factor holds what the machine gives k workers at once (shared caches and memory
+    bandwidth, and any other work running then). The fastest of ROUNDS rounds per k."""
     import threading
 
     import torch
@@ -122,7 +208,7 @@ def _contention(budget_s: float = 2.0) -> list[float]:
         while time.perf_counter() - t0 < 0.05:
             a @ b
             reps += 1
-        reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1))))  # the budget over k = 1 .. C
+        reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1)) / ROUNDS))
 
         def loop(out: list):
             torch.set_num_threads(1)  # OpenMP's count is per thread: each loop is one worker of one thread
@@ -133,21 +219,25 @@ def _contention(budget_s: float = 2.0) -> list[float]:
 
         per_k = []
         for k in range(1, cores + 1):
-            times: list[float] = []
-            threads = [threading.Thread(target=loop, args=(times,)) for _ in range(k)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            per_k.append(sum(times) / k)
+            best = float("inf")
+            for _ in range(ROUNDS):
+                times: list[float] = []
+                threads = [threading.Thread(target=loop, args=(times,)) for _ in range(k)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                best = min(best, sum(times) / k)
+            per_k.append(best)
     finally:
         torch.set_num_threads(before)
     return [1.0] + [max(1.0, t / per_k[0]) for t in per_k[1:]]
 
 
-def _call_overhead(matmul, attention) -> float:
+def _call_overhead() -> float:
     """Seconds per logical call beyond its FLOPs: a forward of a model so narrow that the calls
-    are all overhead (node dispatch, mask building, merges), run by the local executor."""
+    are all overhead (node dispatch, mask building, merges), run by the local executor on one
+    call worker; the fastest of three forwards."""
     import torch
 
     from emulate.api import run
@@ -160,7 +250,9 @@ def _call_overhead(matmul, attention) -> float:
     weights = {name: torch.randn(shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
                for name, shape in weight_names(config).items()}
     model = Model(config, weights)
-    # one call worker: the local executor's per-call cost, as the planner's one local worker pays it
     run(model, random_tokens=64, block_size=8, attention="causal", collect=False, threads=1)  # warm-up
-    probe = run(model, random_tokens=256, block_size=8, attention="causal", collect=False, threads=1)
-    return probe.stats["forward_s"] / probe.stats["graph_nodes"]
+    best = float("inf")
+    for _ in range(3):
+        probe = run(model, random_tokens=256, block_size=8, attention="causal", collect=False, threads=1)
+        best = min(best, probe.stats["forward_s"] / probe.stats["graph_nodes"])
+    return best

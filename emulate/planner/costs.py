@@ -10,24 +10,50 @@ constant, and what one task and one value cost (`task_seconds`, `value_bytes`).
 
 A task's FLOPs and bytes are the logical graph's own node prices (graphs/costs.py), summed over the
 physical task (graphs/plan.py). A worker of G GPUs is one device with G times the FLOP/s, bandwidth
-and memory (tensor parallel inside the worker, its communication not priced). This machine's CPU
+and memory, plus the ring all-reduces tensor parallelism costs inside it (`ring_allreduce_s`, sized
+by emulate/planner/deployment.py); fp8 feed-forward weights run that share of the GEMMs at the fp8
+rate. This machine's CPU
 is measured rather than looked up (emulate/planner/calibrate.py); docs/planner.md states the
 assumptions and compares the model with a published run.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import time
+from dataclasses import asdict, dataclass, replace
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """When, under what load and under which settings this machine's CPU was measured
+    (emulate/planner/calibrate.py); printed with every plan on the cpu device."""
+
+    when: float  # seconds since the epoch, when the measurement began
+    load: float  # the 1-minute load average then (os.getloadavg)
+    load_after: float  # ... and when it ended (the measurement's own threads count in it)
+    cores: int  # cores the measuring process might use (its CPU affinity)
+    torch: str  # torch.__version__
+    torch_threads: int  # torch's thread setting of the measuring process (OMP_NUM_THREADS or the cores)
+    call_threads: int = 1  # threads each measured call ran on: the executors' calls on a CPU run on one
+    seconds: float = 0.0  # how long the measurement took
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.when))
+        return (f"calibrated {when} at load average {self.load:.2f} on {self.cores} cores, torch {self.torch}, "
+                f"calls on {self.call_threads} thread (torch's setting {self.torch_threads})")
 
 
 @dataclass(frozen=True)
 class Device:
     """One accelerator (or this machine's CPU) as the cost model sees it.
 
-    flops: peak dense FLOP/s per dtype ("bf16", "fp32"); bandwidth: memory bytes/s; memory: bytes;
-    efficiency: the fraction of peak a block-sized call reaches (GEMM and flash attention alike);
+    flops: peak dense FLOP/s per dtype ("bf16", "fp8", "fp32"); bandwidth: memory bytes/s; memory: bytes;
+    efficiency: the fraction of peak a GEMM reaches (attention has its own rate, attention_rate);
     call_overhead_s: per logical call (kernel launches, Python dispatch). A calibrated CPU gives
     measured rates instead (attention_flops, and matmul rates by call size) and efficiency 1.
     """
@@ -40,15 +66,18 @@ class Device:
     call_overhead_s: float
     source: str = ""
     attention_flops: dict | None = None  # measured rates (fp32) by FLOPs per call, calibrated CPUs only
+    attention_rate: dict | None = None  # GPUs: flash attention's published FLOP/s by dtype
     matmul_flops: dict | None = None
-    # calibrated CPUs: an attend call costs the scores its kernel computes (the whole block, or an
-    # explicit pair's tiles: graphs.patterns.kernel_entries) times this factor per mask (none, causal,
-    # explicit, sample); None: its visible entries only (flash kernels skip masked tiles)
-    mask_factor: tuple | None = None
+    # calibrated CPUs: the measured rates of the masked kernels ("causal", "explicit": the tiled calls
+    # of windows and sinks), by FLOPs of the scores the kernel computes per call (the whole block, or
+    # an explicit pair's tiles: graphs.patterns.kernel_entries); None: an attend call costs its
+    # visible entries at the attention rate (flash kernels skip masked tiles)
+    masked_attention: dict | None = None
     # calibrated CPUs: how much longer the same work takes on each of k one-thread workers computing
     # at once than on one alone, for k = 1, 2, ... up to the cores (shared caches, memory bandwidth,
     # other work on the machine); None: workers never slow each other (one device each)
     contention: tuple | None = None
+    calibration: Calibration | None = None  # calibrated CPUs: when and how
 
     def slowdown(self, busy: int) -> float:
         """The contention factor with `busy` workers computing at once (1.0 when not measured)."""
@@ -60,35 +89,78 @@ class Device:
         table = self.attention_flops if kind == "attention" else self.matmul_flops
         if table and per_call:
             return _interpolate(table, per_call)
+        if kind == "attention" and self.attention_rate and dtype in self.attention_rate:
+            return self.attention_rate[dtype]
         return self.flops[dtype] * self.efficiency
 
 
-# Vendor datasheets: NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB: 312 TFLOP/s dense BF16,
-# 19.5 TFLOP/s FP32, 2,039 GB/s HBM2e); NVIDIA H100 datasheet (SXM5: 989 TFLOP/s dense BF16 -- the
-# 1,979 figure is with sparsity -- 67 TFLOP/s FP32, 3.35 TB/s HBM3, 80 GB); NVIDIA H200 datasheet
-# (SXM: 989 TFLOP/s dense BF16, 67 TFLOP/s FP32, 4.8 TB/s HBM3e, 141 GB).
-# EFFICIENCY: block-sized GEMMs and flash attention at M in the thousands reach roughly 60-75% of
-# dense peak on these parts (FlashAttention-2/3 papers report 50-75% forward); 0.7 is assumed.
-EFFICIENCY = 0.7
-GPU_CALL_OVERHEAD_S = 20e-6  # a logical call is a few kernel launches of ~5 us each
+# Every constant below has its source beside it; docs/planner.md ("Where every constant comes
+# from") lists them again. None is taken from a figure the planner is validated against.
+#
+# Peaks, NVIDIA datasheets: A100 SXM4 80GB (312 TFLOP/s dense BF16, 19.5 FP32, 2,039 GB/s HBM2e,
+# NVLink 600 GB/s); H100 SXM5 (989 TFLOP/s dense BF16 -- 1,979 is with sparsity --, 1,979 dense
+# FP8, 67 FP32, 3.35 TB/s HBM3, 80 GB, NVLink 900 GB/s); H200 SXM (the H100's compute and NVLink,
+# 4.8 TB/s HBM3e, 141 GB). NVLink's figure is both directions together: a ring all-reduce moves
+# data one way per step, so half of it is the bandwidth each step sees.
+#
+# GEMM efficiency: measured maximum achievable BF16 matmul FLOP/s over peak, from the "Maximum
+# Achievable Matmul FLOPS comparison table" of S. Bekman, Machine Learning Engineering
+# (github.com/stas00/ml-engineering, compute/accelerator/README.md, mamf-finder.py): H100 SXM
+# 792.1 of 989 TFLOP/s (80.1%, CUDA 12.1), A100 SXM 267.9 of 312 (85.9%). H200: the H100's (same
+# compute die and clocks). FP8 GEMMs are taken at the same fraction of the FP8 peak (no published
+# FP8 MAMF figure was found; an assumption, stated in docs/planner.md).
+GEMM_EFFICIENCY = {"a100": 267.9 / 312, "h100": 792.1 / 989, "h200": 792.1 / 989}
+# Attention throughput, forward, BF16/FP16, long sequences, as the FlashAttention papers report:
+# FlashAttention-3 (Shah et al., arXiv 2407.08608, abstract) up to 740 TFLOP/s on H100 (75% of
+# peak); FlashAttention-2 (Dao, arXiv 2307.08691, abstract) 50-73% of peak on A100, the top of
+# that range for long-sequence forward: 0.73 x 312. H200: the H100's (FA3 is Hopper's kernel).
+ATTENTION_FLOPS = {"a100": 0.73 * 312e12, "h100": 740e12, "h200": 740e12}
+# A logical call's fixed cost on a GPU: a few kernel launches. Assumed (about 5 us a launch, four
+# launches a call); no measurement on a GPU backs it yet (docs/planner.md says so).
+GPU_CALL_OVERHEAD_S = 20e-6
+NVLINK_BYTES_PER_S = {"a100": 600e9 / 2, "h100": 900e9 / 2, "h200": 900e9 / 2}  # datasheets, one direction
+# PCIe between GPUs of one worker without NVLink: PCIe 4.0 x16 (A100) 32 GB/s and 5.0 x16 (H100,
+# H200) 64 GB/s per direction, the PCI-SIG figures the NVIDIA datasheets quote (64 and 128 GB/s both ways)
+PCIE_BYTES_PER_S = {"a100": 32e9, "h100": 64e9, "h200": 64e9}
+
+
+def _gpu(name: str, peaks: dict, bandwidth: float, memory_gb: float, source: str) -> Device:
+    return Device(name, peaks, bandwidth, memory_gb * GB, GEMM_EFFICIENCY[name], GPU_CALL_OVERHEAD_S, source,
+                  attention_rate={"bf16": ATTENTION_FLOPS[name]})
+
+
 DEVICES = {
-    "a100": Device("a100", {"bf16": 312e12, "fp32": 19.5e12}, 2.039e12, 80 * GB, EFFICIENCY, GPU_CALL_OVERHEAD_S,
-                   "NVIDIA A100 SXM4 80GB datasheet"),
-    "h100": Device("h100", {"bf16": 989e12, "fp32": 67e12}, 3.35e12, 80 * GB, EFFICIENCY, GPU_CALL_OVERHEAD_S,
-                   "NVIDIA H100 SXM5 datasheet"),
-    "h200": Device("h200", {"bf16": 989e12, "fp32": 67e12}, 4.8e12, 141 * GB, EFFICIENCY, GPU_CALL_OVERHEAD_S,
-                   "NVIDIA H200 SXM datasheet"),
+    "a100": _gpu("a100", {"bf16": 312e12, "fp32": 19.5e12}, 2.039e12, 80, "NVIDIA A100 SXM4 80GB datasheet"),
+    "h100": _gpu("h100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12}, 3.35e12, 80, "NVIDIA H100 SXM5 datasheet"),
+    "h200": _gpu("h200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12}, 4.8e12, 141, "NVIDIA H200 SXM datasheet"),
 }
-GPU_LINK_GBPS = 400.0  # one 400 Gb/s NIC per GPU (InfiniBand NDR / RoCE), the usual H100 cluster
+# One 400 Gb/s NIC per GPU: the Llama 3 paper (arXiv 2407.21783, section 3.3.1) describes Meta's
+# H100 clusters with 400 Gb/s RoCE or InfiniBand between GPUs. Latency 10 us: assumed (an RDMA
+# message's order of magnitude); it weighs a few microseconds per transfer.
+GPU_LINK_GBPS = 400.0
 GPU_LINK_LATENCY_S = 10e-6
-GPU_TASK_OVERHEAD_S = 1e-3  # Ray's cost per task (docs/design.md)
-CPU_LINK_GBPS = 40.0  # Ray's object store between processes of one machine: a copy and a pickle
+# Ray's cost per task with GPUs: assumed half of what benchmarks/ray_overheads.py measured per call
+# on this project's CPU workers (2 ms, where the worker's own CPU also runs Ray's side of the call).
+GPU_TASK_OVERHEAD_S = 1e-3
+# Ray's object store between processes of one machine: a copy and a pickle. Assumed; on this
+# project's validation rows values are small (M x width floats) and these weigh under 1%.
+CPU_LINK_GBPS = 40.0
 CPU_LINK_LATENCY_S = 200e-6
 # Measured with benchmarks/ray_overheads.py (one worker, N = 8192 causal and 16384 sliding, 80
-# tasks each): a worker spends 1.9 to 2.6 ms per task outside it (Ray's dispatch of the next call,
-# the returns), and the driver and Ray's processes spend 2.2 to 3.1 ms of CPU per task.
+# tasks each; problems that are not validation rows, benchmarks/plan_validation.py): a worker spends
+# 1.9 to 2.6 ms per call outside it (Ray's dispatch of the next call, the returns), and the driver
+# and Ray's processes spend 2.2 to 3.1 ms of CPU per call.
 CPU_TASK_OVERHEAD_S = 2e-3  # a Ray actor call: submit, schedule, fetch the inputs, return
 CPU_SERVICE_S_PER_CALL = 2.5e-3  # CPU of the driver and Ray's services per task, on the workers' cores
+
+
+def ring_allreduce_s(nbytes: float, parties: int, bytes_per_s: float) -> float:
+    """A ring all-reduce of `nbytes` over `parties` GPUs: each sends and receives 2 (p - 1) / p of
+    the bytes, one direction of each link at a time (Patarasuk and Yuan, J. Parallel Distrib.
+    Comput. 69(2), 2009, the bandwidth-optimal all-reduce NCCL's ring implements)."""
+    if parties <= 1:
+        return 0.0
+    return 2 * (parties - 1) / parties * nbytes / bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -108,6 +180,18 @@ class Hardware:
     # ... and, once the workers fill every core, the driver's and Ray's CPU per task comes out of
     # their time: CPU_SERVICE_S_PER_CALL x P / C per task
     service_s: float = 0.0
+    # the local executor: P call workers of one process, no links, one queue (emulate/planner/simulation.py)
+    shared: bool = False
+    # tensor parallel inside a worker of G GPUs: each layer of each block ends its attention and
+    # its MLP with an all-reduce of the block's activations (m x width values) over this link
+    tp_bytes_per_s: float = 0.0
+    # the share of a task's non-attention FLOPs that are the feed-forward's, run at ffn_speedup x the
+    # GEMM rate (fp8 feed-forward weights: the fp8 peak over the bf16 one); and the bytes of one
+    # token-layer's all-reduced activations (2 all-reduces x width x the activation dtype's bytes),
+    # over the FLOPs of one token-layer's GEMMs: turns a task's GEMM FLOPs into its all-reduced bytes
+    ffn_share: float = 0.0
+    ffn_speedup: float = 1.0
+    allreduce_bytes_per_flop: float = 0.0
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -157,13 +241,21 @@ def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
     dev, g = hw.device, hw.gpus_per_worker
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
-    compute = other / (g * dev.rate(hw.dtype, "matmul", other / other_calls))
-    if t.attend_flops and dev.mask_factor:
-        whole = sum(t.attend_blocks)
-        rate = dev.rate(hw.dtype, "attention", whole / max(1, t.pairs))
-        compute += sum(f * b for f, b in zip(dev.mask_factor, t.attend_blocks)) / (g * rate)
+    gemm = dev.rate(hw.dtype, "matmul", other / other_calls)
+    compute = other * (1 - hw.ffn_share + hw.ffn_share / hw.ffn_speedup) / (g * gemm)
+    if t.attend_flops and dev.masked_attention is not None:
+        from graphs.compact import MASKS
+
+        per_call = sum(t.attend_blocks) / max(1, t.pairs)
+        for mask, flops in zip(MASKS, t.attend_blocks):
+            if flops:  # a sample's call is an unmasked one over the gathered keys
+                table = dev.masked_attention.get(mask.value) or dev.attention_flops
+                compute += flops / (g * _interpolate(table, per_call))
     elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
     per_call = hw.task_overhead_s + hw.service_s if starts_call else 0.0
-    return (max(compute, memory) + t.calls * dev.call_overhead_s) * hw.slowdown + per_call
+    allreduce = 0.0
+    if g > 1 and hw.tp_bytes_per_s:  # not overlapped with compute: the next GEMM needs the sum
+        allreduce = ring_allreduce_s(other * hw.allreduce_bytes_per_flop, g, hw.tp_bytes_per_s)
+    return (max(compute, memory) + allreduce + t.calls * dev.call_overhead_s) * hw.slowdown + per_call

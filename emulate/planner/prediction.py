@@ -39,9 +39,11 @@ class Prediction:
 
 
 def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, link_gbps: float | None = None,
-             calibrate: bool = False, executor: str = "ray") -> Hardware:
-    """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached)."""
-    from emulate.runtime.threads import cores as usable_cores  # it imports torch: only a plan needs it
+             calibrate: bool = False, executor: str = "ray", threads=None) -> Hardware:
+    """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached).
+    executor="local" on the cpu: the local executor's call workers as a run with `threads` would
+    have them (emulate/runtime/threads.py, worker_count: None is torch's setting), sharing one process."""
+    from emulate.runtime.threads import cores as usable_cores, worker_count  # they import torch: only a plan needs it
 
     if device == "cpu":
         dev = cpu_device(recalibrate=calibrate)
@@ -51,30 +53,36 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
         link, lat, over, dtype = GPU_LINK_GBPS * gpus_per_worker, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, "bf16"
     else:
         raise EmulateError(f"unknown device {device!r} (choose from cpu, {', '.join(DEVICES)})")
-    slowdown, service = 1.0, 0.0
+    slowdown, service, shared = 1.0, 0.0, False
     if executor == "local":
         over = 0.0
+        if device == "cpu":
+            workers, shared = worker_count(threads), True
     if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
         cores = usable_cores()
         slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
         service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
     return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
-                    slowdown, service)
+                    slowdown, service, shared=shared)
 
 
 def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
             sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
-            link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray",
+            link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray", threads=None,
+            weight_dtype: str = "bf16", tp_link: str = "nvlink", allow_overcommit: bool = False,
             hw: Hardware | None = None) -> Prediction:
     """Predict one forward's time on `workers` workers of `device` (nothing runs).
 
     model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
     The graph is priced in the device's dtype (bf16 on GPUs, float32 on the CPU). executor="local"
-    predicts the in-process executor (one worker, no per-task cost). `hw` overrides the hardware.
+    predicts the in-process executor (no per-task cost; on the cpu its call workers as `threads`
+    gives them, emulate/runtime/threads.py). weight_dtype "fp8-ffn": the feed-forward weights in fp8;
+    tp_link: the GPUs of a worker all-reduce over "nvlink" or "pcie" (emulate/planner/deployment.py).
+    A layout whose peak does not fit a worker's memory is refused (EmulateError, naming what would
+    fit) unless allow_overcommit. `hw` overrides the hardware.
     """
     from graphs.plan import make_plan
     from emulate.problem import resolve_patterns
-    from emulate.models.shapes import parameters
     from graphs import CompactGraph, ForwardSpec, PatternError
 
     config = _config(model)
@@ -84,16 +92,24 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
             raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
     if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
         raise EmulateError(f"--link-gbps must be a finite number > 0, got {link_gbps}")
+    from emulate.runtime.threads import check_threads
+
+    check_threads(threads)
     if executor not in ("ray", "local"):
         raise EmulateError(f"executor must be ray or local, got {executor!r}")
     if executor == "local" and workers != 1:
         raise EmulateError("the local executor is one worker")
     if hw is None:
-        hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor)
+        hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor, threads)
     patterns = resolve_patterns(config, attention, window, sinks)
     if config.max_positions is not None and tokens > config.max_positions:
         raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
     dtype_bytes = 2 if hw.dtype == "bf16" else 4
+    from dataclasses import replace
+
+    from emulate.planner.deployment import deployment, fit_refusal, weights_bytes
+
+    hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
     try:
         spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
                            kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
@@ -102,9 +118,16 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         graph = CompactGraph.build(spec)
     except PatternError as err:
         raise EmulateError(str(err)) from None
-    plan = make_plan(graph, hw.workers, runnable=False)
-    weights = parameters(config) * dtype_bytes
-    sim = simulate(plan, spec, graph.spans, hw, weights)
+    weights = weights_bytes(config, weight_dtype, dtype_bytes)
+    fp8 = weights_bytes(config, "fp8-ffn", dtype_bytes) if "fp8" in hw.device.flops else None
+    for peak in (weights, None):  # the weights alone, before the schedule; then with the values alive
+        if peak is None:
+            plan = make_plan(graph, 1 if hw.shared else hw.workers, runnable=False)
+            sim = simulate(plan, spec, graph.spans, hw, weights)
+            peak = max(sim.peak_memory)
+        refusal = fit_refusal(peak, weights, fp8, hw.device, hw.gpus_per_worker)
+        if refusal and not allow_overcommit:
+            raise EmulateError(refusal)
     c = graph.counts()
     capacity = hw.device.memory * hw.gpus_per_worker
     names = [plan.tasks[i].name for i in sim.critical_path]
@@ -117,8 +140,10 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         inputs={"model": config.name, "tokens": tokens, "block_size": block_size, "blocks": graph.blocks,
                 "layers": config.layers, "attention": sorted({str(p.describe()) for p in patterns}),
                 "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
-                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "executor": executor,
-                "work_flops": c["work_flops"]})
+                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": weight_dtype,
+                "tp_link": tp_link if hw.gpus_per_worker > 1 else None, "executor": executor,
+                "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
+                "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
 
 
 def _config(model) -> ModelConfig:

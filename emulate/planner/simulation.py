@@ -8,6 +8,11 @@ that made it crosses once per worker (it then stays in that worker's object stor
 at a time per worker (its inbound link is a queue): link latency + bytes / link bandwidth. Memory
 per worker: the weights (split over its G GPUs) plus every value alive on it (made there or
 fetched, until its last reader has run) plus the running task's MLP intermediate.
+
+Hardware with `shared` set is the local executor: P call workers of one process. Its values never
+cross a link, and a free worker takes the first ready task of the whole plan (the executor's
+workers take their next node themselves, emulate/runtime/local.py, run_parallel); memory is the
+process's, one figure.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
     from graphs.plan import calls
 
     tasks = plan.tasks
-    n, P = len(tasks), plan.workers
+    shared = hw.shared
+    n, P = len(tasks), (hw.workers if shared else plan.workers)
     # the executor runs consecutive tasks of a worker in one Ray call (graphs.plan.calls)
     firsts = {c[0].index for c in calls(plan, tasks)}
     dur = [task_seconds(t, hw, t.index in firsts) for t in tasks]
@@ -68,6 +74,8 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
 
     def ready_time(t, now: float) -> float:
         nonlocal moved
+        if shared:
+            return now
         w, latest = t.worker, now
         for key in t.reads:
             p = tasks[producer[key]]
@@ -87,6 +95,7 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
     events: list = []  # (time, order, kind, task): kind 0 finish, 1 inputs arrived
     queues: list[list[int]] = [[] for _ in range(P)]
     free = [True] * P
+    ran_on = [t.worker for t in tasks]  # shared: the worker that took it
     order = 0
 
     def push(at: float, kind: int, index: int):
@@ -95,6 +104,13 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
         order += 1
 
     def try_start(w: int, now: float):
+        if shared:  # one queue: every free worker takes the first ready task
+            while queues[0] and True in free:
+                w = free.index(True)
+                i = heapq.heappop(queues[0])
+                free[w], ran_on[i], start[i] = False, w, now
+                push(now + dur[i], 0, i)
+            return
         if free[w] and queues[w]:
             i = heapq.heappop(queues[w])
             free[w] = False
@@ -106,7 +122,7 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
             push(ready_time(t, 0.0), 1, t.index)
     while events:
         now, _, kind, i = heapq.heappop(events)
-        w = tasks[i].worker
+        w = 0 if shared and kind == 1 else ran_on[i]
         if kind == 1:
             heapq.heappush(queues[w], i)
             try_start(w, now)
@@ -121,7 +137,8 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
     makespan = max(end, default=0.0)
     busy = [0.0] * P
     for t in tasks:
-        busy[t.worker] += dur[t.index]
+        busy[ran_on[t.index]] += dur[t.index]
+    home = (lambda t: 0) if shared else (lambda t: t.worker)  # whose memory a value occupies
 
     # memory: values live from when they are made (or arrive) until their last reader ends
     last_read: dict = {}
@@ -131,15 +148,15 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
     for t in tasks:
         for key in t.writes:
             s = size(key)
-            mem_events[t.worker].append((end[t.index], s))
-            mem_events[t.worker].append((last_read.get(key, end[t.index]), -s))
+            mem_events[home(t)].append((end[t.index], s))
+            mem_events[home(t)].append((last_read.get(key, end[t.index]), -s))
         scratch = _scratch_bytes(t, spec, spans)
-        mem_events[t.worker].append((start[t.index], scratch))
-        mem_events[t.worker].append((end[t.index], -scratch))
+        mem_events[home(t)].append((start[t.index], scratch))
+        mem_events[home(t)].append((end[t.index], -scratch))
     for (w, key), at in arrived.items():
         mem_events[w].append((max(at, last_read.get(key, at)), -size(key)))
     peak = []
-    for ev in mem_events:
+    for ev in (mem_events[:1] if shared else mem_events):
         level = top = 0.0
         for _, delta in sorted(ev, key=lambda e: (e[0], -e[1])):  # what arrives at an instant before what leaves
             level += delta
@@ -153,7 +170,7 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
         best, arg = 0.0, -1
         for key in t.reads:
             p = producer[key]
-            c = cp[p] + (lat + size(key) / bw if tasks[p].worker != t.worker else 0.0)
+            c = cp[p] + (lat + size(key) / bw if not shared and tasks[p].worker != t.worker else 0.0)
             if c > best:
                 best, arg = c, p
         cp[t.index], via[t.index] = best + dur[t.index], arg

@@ -1,0 +1,102 @@
+"""The CPU calibration: one-thread rates of the executor's own kernels, the fastest of several
+rounds, recorded with when, under what load and which settings; its warnings (busy, old, other
+settings), a corrupt cache measured again, and the line every cpu plan prints."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from emulate.planner import cpu_device, predict
+from emulate.planner.calibrate import (BUSY_MARGIN, CACHE_FORMAT, STALE_S, cache_path, calibrate_cpu,
+                                       calibration_warnings, current_settings)
+from emulate.planner.costs import Calibration
+from tests.test_hardening import CHILD_ENV, EMULATE
+from tests.test_planner import FAKE, fake_calibration
+
+NOW = 1.8e9
+
+
+def calibration(**changes) -> Calibration:
+    base = dict(when=NOW - 3600, load=0.2, load_after=0.3, cores=2, torch="2.0", torch_threads=2)
+    return Calibration(**{**base, **changes})
+
+
+SETTINGS = {"torch": "2.0", "cores": 2, "torch_threads": 2}
+
+
+def test_a_quiet_recent_calibration_under_these_settings_has_no_warning():
+    assert calibration_warnings(calibration(), now=NOW, settings=SETTINGS) == []
+    # the threshold: the cores less BUSY_MARGIN
+    assert calibration_warnings(calibration(load=2 - BUSY_MARGIN), now=NOW, settings=SETTINGS) == []
+
+
+def test_a_busy_old_or_foreign_calibration_is_flagged():
+    (busy,) = calibration_warnings(calibration(load=4.0), now=NOW, settings=SETTINGS)
+    assert "busy" in busy and "load average 4.00 on 2 cores" in busy and "--recalibrate" in busy
+    (old,) = calibration_warnings(calibration(when=NOW - STALE_S - 86400), now=NOW, settings=SETTINGS)
+    assert "8 days old" in old
+    (other,) = calibration_warnings(calibration(), now=NOW, settings={**SETTINGS, "torch": "2.1"})
+    assert "other settings" in other and "torch 2.0" in other and "torch 2.1" in other
+    assert len(calibration_warnings(calibration(load=9, when=0, cores=8), now=NOW, settings=SETTINGS)) == 3
+
+
+def test_the_real_calibration_records_the_clock_load_and_settings_it_ran_under():
+    ticks = iter(range(100, 200))
+    t0 = time.perf_counter()
+    m = calibrate_cpu(budget_s=1.0, clock=lambda: float(next(ticks)), loadavg=lambda: (3.5, 0.0, 0.0))
+    assert time.perf_counter() - t0 < 30
+    cal = Calibration(**m["calibration"])
+    assert cal.when == 100.0 and cal.load == 3.5 and cal.load_after == 3.5 and cal.seconds == 1.0
+    assert (cal.torch, cal.cores, cal.torch_threads) == tuple(current_settings()[k] for k in
+                                                              ("torch", "cores", "torch_threads"))
+    assert cal.call_threads == 1
+    for mask in ("none", "causal", "explicit"):
+        assert len(m["attention_flops"][mask]) >= 3 and all(r > 0 for _, r in m["attention_flops"][mask])
+    assert 0 < m["call_overhead_s"] < 0.01 and m["bandwidth"] > 1e8 and m["contention"][0] == 1.0
+
+
+def test_a_corrupt_or_old_cache_is_measured_again_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", fake_calibration)
+    notes = []
+    for text in ("{not json", json.dumps({"4": {"matmul_flops": []}}), json.dumps({"format": CACHE_FORMAT})):
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        cache_path().write_text(text)
+        dev = cpu_device(note=notes.append)
+        assert dev.call_overhead_s == FAKE["call_overhead_s"]
+        assert json.loads(cache_path().read_text())["format"] == CACHE_FORMAT  # rewritten whole
+    assert len(notes) == 3 and "unreadable" in notes[0] and "older format" in notes[1] and "unreadable" in notes[2]
+    cpu_device(note=notes.append)
+    assert len(notes) == 3  # a good cache is read silently
+
+
+def test_the_local_executor_is_its_call_workers_sharing_one_process(tmp_path, monkeypatch):
+    """--threads 2: two call workers on one queue, nothing moved between them; faster than one,
+    by less than 2x (the calibrated contention of two workers at once, 1.2, and the critical path)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", fake_calibration)
+    one = predict("tiny-llama", 8192, block_size=512, attention="causal", executor="local", threads=1)
+    two = predict("tiny-llama", 8192, block_size=512, attention="causal", executor="local", threads=2)
+    assert one.inputs["call_workers"] == 1 and two.inputs["call_workers"] == 2
+    assert two.bytes_moved == 0 and len(two.worker_busy_s) == 2
+    assert one.predicted_s / 2 < two.predicted_s < one.predicted_s
+    assert sum(two.worker_busy_s) == pytest.approx(1.2 * sum(one.worker_busy_s), rel=1e-9)
+
+
+def test_every_cpu_plan_prints_its_calibration_and_warns_on_stderr(tmp_path):
+    """A real child: the cache says load 3.9 on this machine's cores and an old torch."""
+    cached = {**FAKE, "calibration": {**FAKE["calibration"], "load": 3.9}}
+    (tmp_path / "emulate").mkdir()
+    (tmp_path / "emulate" / "cpu-calibration.json").write_text(json.dumps(cached))
+    env = dict(CHILD_ENV, XDG_CACHE_HOME=str(tmp_path))
+    done = subprocess.run([str(EMULATE), "plan", "--random-tokens", "2048", "-M", "256", "--executor", "local"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("cpu ")]
+    assert "calibrated 2001-09-09" in line and "load average 3.90 on 2 cores" in line and "torch x" in line
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 3 and "busy" in warnings[0] and "days old" in warnings[1] and "other settings" in warnings[2]
+    assert all(w.startswith("emulate: warning: ") for w in warnings)
