@@ -13,6 +13,8 @@ import sys
 
 from emulate.cli.parser import Help
 
+DEFAULT_PORT = 6380  # `cluster up`'s GCS port
+
 
 def add_submit_command(sub) -> None:
     submit = sub.add_parser("submit", formatter_class=Help,
@@ -21,8 +23,8 @@ def add_submit_command(sub) -> None:
                                         "status. A job server that is still starting its agent (\"No available "
                                         "agent\") is retried for up to 60 s.",
                             epilog="example:\n  emulate submit -- run --random-tokens 16384 -M 1024 --json")
-    submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
-                        "or http://127.0.0.1:8265)")
+    submit.add_argument("--address", default=None, help="the job server (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, "
+                        "the cluster `emulate cluster up` started, or http://127.0.0.1:8265)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
     submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- run <run options>")
     submit.set_defaults(handler=cmd_submit)
@@ -46,7 +48,8 @@ def add_cluster_command(sub) -> None:
     cluster.add_argument("action", choices=("up", "down", "status"))
     cluster.add_argument("--worker-nodes", type=int, default=2, help="nodes besides the head")
     cluster.add_argument("--cpus-per-node", type=float, default=None, help="CPUs each node offers (default: this machine's)")
-    cluster.add_argument("--port", type=int, default=6380, help="the head's GCS port")
+    cluster.add_argument("--port", type=int, default=None, help="the head's GCS port (up: default 6380; down and "
+                         "status: the cluster started with it, needed when several are up)")
     cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port on 127.0.0.1")
     cluster.set_defaults(handler=cmd_cluster)
 
@@ -55,18 +58,19 @@ def cmd_cluster(args) -> int:
     from cluster import local
 
     if args.action == "down":
-        return local.down()
+        return local.down(args.port)
     if args.action == "status":
-        state = local.status()
-        if state is None:
+        record = local.status(args.port)
+        if record is None:
             print("no local cluster is up", file=sys.stderr)
             return 1
-        print(json.dumps(state))
+        print(json.dumps(record.summary()))
         return 0
-    state = local.up(args.worker_nodes, args.cpus_per_node, args.port, args.dashboard_port)
-    print(f"local Ray cluster up: head + {state['worker_nodes']} worker node(s), {state['cpus_per_node']:g} CPU each\n"
-          f"  run on it:    emulate run --executor ray --address {state['address']} ...\n"
-          f"  submit a job: emulate submit --address {state['dashboard']} -- run ...\n"
-          f"  stop it:      emulate cluster down", file=sys.stderr)
-    print(json.dumps(state))
+    port = args.port if args.port is not None else DEFAULT_PORT
+    record = local.up(args.worker_nodes, args.cpus_per_node, port, args.dashboard_port)
+    print(f"local Ray cluster up: head + {record.worker_nodes} worker node(s), {record.cpus_per_node:g} CPU each\n"
+          f"  run on it:    emulate run --executor ray --address {record.address} ...\n"
+          f"  submit a job: emulate submit -- run ...   (or --address {record.dashboard})\n"
+          f"  stop it:      emulate cluster down --port {record.port}", file=sys.stderr)
+    print(json.dumps(record.summary()))
     return 0

@@ -54,6 +54,8 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
     owned, pool = False, None
     # what connect() will start when it is given no cluster: to be stopped even if interrupted inside
     private = not ray.is_initialized() and not (opts.address or os.environ.get("RAY_ADDRESS"))
+    if private and progress is not None:  # ray.init takes seconds, in silence
+        print("emulate: starting a private Ray instance ...", file=sys.stderr, flush=True)
     try:
         with _no_native_signal_handler():
             owned = connect(opts.address)

@@ -1,7 +1,11 @@
 """`emulate submit`: run `emulate run ...` on a Ray cluster as a job, through the Ray Jobs API.
 
-Prints the job id, follows the job's logs, and exits with the job's status (0 when it
-succeeded). Ray's token authentication stays on: the token is read where Ray keeps it
+Follows the job's logs and exits with the job's status (0 when it succeeded): the run's own
+stdout on stdout, nothing else (the job runs under cluster/job_entry.py, which marks its stdout
+lines), and Ray's lines, the run's stderr and submit's own (the job id, the final status) on
+stderr; with --no-wait, the job id on stdout. Without --address (or $RAY_API_SERVER_ADDRESS, an
+http $RAY_ADDRESS) the job goes to the cluster `emulate cluster up` recorded (cluster/state.py),
+else to the default job server address. Ray's token authentication stays on: the token is read where Ray keeps it
 ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and sent with every request; with
 no token the command stops with one line rather than trying without. A job server that is up
 but has no job agent yet (a cluster just started or busy: Ray answers "No available agent to
@@ -28,13 +32,16 @@ TRANSIENT = ("No available agent",)
 
 
 def job_server(address: str | None) -> str:
-    """The job server's URL: --address, then $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, the default."""
+    """The job server's URL: --address, then $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, the
+    cluster `emulate cluster up` recorded, the default."""
     for candidate in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
         if candidate and candidate.startswith(("http://", "https://")):
             return candidate.rstrip("/")
         if candidate and candidate is address:
             raise EmulateError(f"--address for submit is the job server's URL, like {DEFAULT_ADDRESS}; got {address!r}")
-    return DEFAULT_ADDRESS
+    from cluster.local import job_server as recorded
+
+    return recorded() or DEFAULT_ADDRESS
 
 
 def auth_headers() -> dict:
@@ -62,7 +69,7 @@ def entrypoint(run_args: list[str], local: bool) -> str:
         python = sys.executable
     else:
         python = "python"
-    return " ".join(shlex.quote(x) for x in [python, "-m", "emulate.cli", *args])
+    return " ".join(shlex.quote(x) for x in [python, "-m", "cluster.job_entry", *args])
 
 
 def submit(run_args: list[str], address: str | None = None, wait: bool = True) -> int:
@@ -90,17 +97,17 @@ def submit(run_args: list[str], address: str | None = None, wait: bool = True) -
     except Exception as err:  # noqa: BLE001 - connection, auth and version errors all end here
         raise EmulateError(f"cannot reach the Ray job server at {url}: {error_line(err)}") from None
     job_id = _submit_with_retry(client, url, entrypoint(run_args, local))
-    print(f"job {job_id} submitted to {url}", file=sys.stderr, flush=True)
-    print(job_id, file=sys.stderr if "--json" in run_args else sys.stdout, flush=True)
+    print(f"emulate: job {job_id} submitted to {url}", file=sys.stderr, flush=True)
     if not wait:
+        print(job_id, flush=True)
         return 0
     try:
         asyncio.run(_follow(client, job_id))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"emulate: stopped following job {job_id}; it keeps running (ray job stop {job_id})", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", 2)
     status = client.get_job_status(job_id)
-    print(f"job {job_id} {status.value.lower()}", file=sys.stderr)
+    print(f"emulate: job {job_id} {status.value.lower()}", file=sys.stderr)
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
@@ -129,6 +136,22 @@ def _reason(err: BaseException) -> str:
 
 
 async def _follow(client, job_id: str) -> None:
-    async for lines in client.tail_job_logs(job_id):
-        sys.stdout.write(lines)
-        sys.stdout.flush()
+    """The job's log as it grows: the run's stdout lines (marked by cluster/job_entry.py) on stdout,
+    every other line on stderr. A line cut between two chunks waits for its end."""
+    from cluster.job_entry import split
+
+    pending = ""
+    async for text in client.tail_job_logs(job_id):
+        pending += text
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            _route(split(line + "\n"))
+    if pending:
+        _route(split(pending))
+
+
+def _route(part: tuple[bool, str]) -> None:
+    ours, text = part
+    stream = sys.stdout if ours else sys.stderr
+    stream.write(text)
+    stream.flush()

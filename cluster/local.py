@@ -1,19 +1,20 @@
 """`emulate cluster up|down|status`: a multi-node Ray cluster on this machine, for trying things.
 
 `up` starts a head and K worker nodes with `ray start`, each a raylet of its own with its own
-CPUs, all under one temporary directory and all on 127.0.0.1: every Ray server of the cluster
-listens on the loopback interface only, token authentication is on, and the dashboard and job
-server listen on 127.0.0.1 (cluster/README.md, Security, lists every port). It returns once the
-Jobs API runs a job (a no-op `true`, submitted, waited for and deleted), within
-READY_TIMEOUT_S; a failed `up`, at any step or interrupted, stops everything it started and
-leaves no state behind. `down` stops exactly the processes of that cluster (found by its
-directory and address, and their children), never another Ray instance on the machine.
+CPUs, all under one directory and all on 127.0.0.1: every Ray server of the cluster listens on
+the loopback interface only, token authentication is on, and the dashboard and job server listen
+on 127.0.0.1 (cluster/README.md, Security, lists every port). It returns once the Jobs API runs a
+job (a no-op `true`, submitted, waited for and deleted), within READY_TIMEOUT_S; a failed `up`, at
+any step or interrupted, stops everything it started and leaves no state behind. What it starts
+is recorded in a directory of this user's own (cluster/state.py), one record per head port, and
+`down` stops only the recorded processes that are still the ones recorded, with their
+descendants, never another Ray instance on the machine.
 """
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import re
 import shutil
@@ -25,11 +26,23 @@ import time
 import uuid
 from pathlib import Path
 
+from cluster.state import (
+    HOST,
+    ClusterRecord,
+    forget,
+    load,
+    own_dir,
+    recorded_ports,
+    save,
+    snapshot,
+    state_dir,
+    still_ours,
+    temp_dir_for,
+)
 from emulate.errors import EmulateError, error_line
 
 NODE_BYTES = 2**29  # the budget per node: a raylet, its two agents and its idle workers
-STATE = Path(os.environ.get("EMULATE_CLUSTER_DIR", "/tmp/emulate-cluster"))
-HOST = "127.0.0.1"
+SOCKET_PATH_MAX = 107  # bytes in an AF_UNIX socket path (ray/_private/utils.py, validate_socket_filepath)
 START_TIMEOUT_S = 180.0  # one `ray start`
 READY_TIMEOUT_S = 120.0  # from the last node started until the Jobs API has run a job
 # no Prometheus metrics export (an unauthenticated HTTP port per node); the worker nodes take the
@@ -52,24 +65,6 @@ _RAY_START_ON_LOOPBACK = (
 def _ray() -> list[str]:
     exe = Path(sys.executable).with_name("ray")
     return [str(exe) if exe.exists() else (shutil.which("ray") or "ray")]
-
-
-def _state_file() -> Path:
-    return STATE / "cluster.json"
-
-
-def _load() -> dict | None:
-    try:
-        return json.loads(_state_file().read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _save(state: dict) -> None:
-    STATE.mkdir(parents=True, exist_ok=True)
-    tmp = _state_file().with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(_state_file())
 
 
 def _reachable(address: str) -> bool:
@@ -114,23 +109,29 @@ _CAUSE = re.compile(r"Error|Exception|Check failed|[Ff]ailed to|refused|already|
 
 
 def _start(cmd: list[str], env: dict, what: str) -> None:
-    """Run one `ray start`; a failure or a hang (START_TIMEOUT_S) is one line."""
+    """Run one `ray start`; a failure or a hang (START_TIMEOUT_S) is one line. An interrupt kills
+    it and goes on up: the caller stops what it had started."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=START_TIMEOUT_S)
-    except BaseException:
+    except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
         raise EmulateError(f"`ray start` for the {what} did not finish within {START_TIMEOUT_S:g} s") from None
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
         lines = [_ANSI.sub("", s).strip() for s in out.strip().splitlines() if s.strip()] or ["no output"]
         why = next((s for s in reversed(lines) if _CAUSE.search(s)), lines[-1])
         raise EmulateError(f"`ray start` for the {what} failed (exit {proc.returncode}): {why[:400]}")
 
 
-def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int) -> dict:
-    """Start the cluster and return its state once it runs jobs; on any failure, nothing is left."""
+def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int, announce: bool = True) -> ClusterRecord:
+    """Start the cluster and return its record once it runs jobs; on any failure, interrupts
+    included, nothing is left. `announce`: one line on stderr before the seconds of `ray start`."""
     if worker_nodes < 0:
         raise EmulateError(f"--worker-nodes must be >= 0, got {worker_nodes}")
     import psutil
@@ -146,41 +147,62 @@ def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int) ->
             raise EmulateError(f"{flag} must be a port in 1024..65535, got {p}")
     if port == dashboard_port:
         raise EmulateError(f"--port and --dashboard-port must differ, both are {port}")
-    state = _load()
-    if state is not None:
-        if _reachable(state["address"]) or _processes_of(state):
-            raise EmulateError(f"a cluster is already up at {state['address']} (emulate cluster down first)")
-        _forget(state)  # the record of a cluster that is gone
+    directory = own_dir(create=True)
+    old = load(directory, port)
+    if old is not None:
+        if _reachable(old.address) or _live(old):
+            raise EmulateError(f"a cluster is already up at {old.address} (emulate cluster down --port {port} first)")
+        forget(directory, old)  # the record of a cluster that is gone
     for flag, p in (("--port", port), ("--dashboard-port", dashboard_port)):
         if _port_in_use(p):
             raise EmulateError(f"port {p} ({flag}) is already in use on this machine; choose another with {flag}")
+    temp = temp_dir_for(directory, port)
+    # Ray puts its sockets at TEMP/session_<date>_<time>_<pid>/sockets/plasma_store and refuses
+    # one past 107 bytes (AF_UNIX), after seconds of starting; say it before
+    longest = temp / "session_2026-01-01_00-00-00_000000_4194304" / "sockets" / "plasma_store"
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        raise EmulateError(f"the cluster's directory {temp} is too long for Ray's socket paths ({SOCKET_PATH_MAX} "
+                           f"bytes at most, {len(os.fsencode(longest))} here); set EMULATE_CLUSTER_DIR to a shorter "
+                           "directory of your own (mode 0700)")
     cpus = cpus if cpus is not None else float(os.cpu_count() or 1)
     env = _env()
-    temp = STATE / f"ray-{port}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    client_port = _free_port()
-    state = {"address": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard_port}",
-             "client_server": f"ray://{HOST}:{client_port}", "temp_dir": str(temp),
-             "worker_nodes": worker_nodes, "cpus_per_node": cpus}
-    _save(state)  # first: a killed `up` leaves what `down` needs to find the processes
+    record = ClusterRecord(port=port, dashboard_port=dashboard_port, client_port=_free_port(), temp_dir=str(temp),
+                           worker_nodes=worker_nodes, cpus_per_node=cpus)
     try:
+        shutil.rmtree(temp, ignore_errors=True)  # a leftover of a cluster whose record is gone; ours (own_dir)
+        temp.mkdir(mode=0o700)
+        save(directory, record)  # first: a killed `up` leaves what `down` needs to find the processes
+        if announce:
+            print(f"emulate: starting a Ray head and {worker_nodes} worker node(s) on {HOST} ...", file=sys.stderr,
+                  flush=True)
         node = [f"--num-cpus={cpus:g}", f"--node-ip-address={HOST}", "--dashboard-agent-listen-port=0",
                 "--disable-usage-stats"]
         _start([*_ray(), "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
                 f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={client_port}", f"--system-config={json.dumps(SYSTEM_CONFIG)}", *node],
+                f"--ray-client-server-port={record.client_port}", f"--system-config={json.dumps(SYSTEM_CONFIG)}", *node],
                env, "head")
+        record = _recorded(directory, record)
         for k in range(worker_nodes):
-            _start([sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start", f"--address={state['address']}", *node],
+            _start([sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start", f"--address={record.address}", *node],
                    env, f"worker node {k + 1}")
-        _wait_for_jobs(state["dashboard"])
+            record = _recorded(directory, record)
+        _wait_for_jobs(record.dashboard)
+        record = _recorded(directory, record)
     except BaseException as err:
-        _stop(state)
+        _stop_started(directory, record)
         if isinstance(err, EmulateError):
             raise EmulateError(f"{err} (stopped everything `cluster up` had started)") from None
         raise
-    return state
+    return record
+
+
+def _recorded(directory: Path, record: ClusterRecord) -> ClusterRecord:
+    """The record with every process of the cluster as it runs now, saved."""
+    from dataclasses import replace
+
+    record = replace(record, processes=snapshot(_processes_of(record)))
+    save(directory, record)
+    return record
 
 
 def _wait_for_jobs(url: str) -> None:
@@ -231,11 +253,13 @@ def _wait_for_jobs(url: str) -> None:
         pass
 
 
-def _processes_of(state: dict) -> list[int]:
-    """Pids of this cluster's processes and their descendants (workers, job drivers)."""
+def _processes_of(record: ClusterRecord) -> list[int]:
+    """Pids of this user's processes that name the cluster's directory, or its address as
+    `--flag=ADDRESS` in a Ray program, and their descendants (workers, job drivers). Used by `up`
+    alone, on the directory it has just made: `down` trusts only the processes recorded."""
     import psutil
 
-    temp, address = state["temp_dir"], state["address"]
+    temp, address = record.temp_dir, record.address
 
     def ours(args: list[str]) -> bool:
         # Ray's processes name the cluster's directory, or its address as `--flag=ADDRESS`; a
@@ -249,22 +273,37 @@ def _processes_of(state: dict) -> list[int]:
 
     own: set[int] = set()
     skip = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
         args = proc.info["cmdline"] or []
-        if args and proc.info["pid"] not in skip and ours(args):
+        uids = proc.info["uids"]
+        if args and proc.info["pid"] not in skip and uids is not None and uids.real == os.getuid() and ours(args):
             own.add(proc.info["pid"])
-    for pid in list(own):
+    return sorted(_with_descendants(own) - skip)
+
+
+def _with_descendants(pids) -> set[int]:
+    import psutil
+
+    out = set(pids)
+    for pid in list(out):
         try:
-            own.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+            out.update(child.pid for child in psutil.Process(pid).children(recursive=True)
+                       if child.uids().real == os.getuid())
         except psutil.Error:  # gone meanwhile
             pass
-    return sorted(own - skip)
+    return out
 
 
-def _stop(state: dict) -> None:
-    """Stop every process of the cluster (SIGTERM, then SIGKILL after 5 s), then forget it."""
-    for _ in range(3):  # a raylet may start a worker while the others stop: look again
-        pids = _processes_of(state)
+def _live(record: ClusterRecord) -> list[int]:
+    """The recorded processes that are still the ones recorded, with their descendants."""
+    return sorted(_with_descendants(p.pid for p in record.processes if still_ours(p) is not None) - {os.getpid()})
+
+
+def _kill(find) -> None:
+    """Stop what `find()` names (SIGTERM, then SIGKILL after 5 s); a raylet may start a worker while
+    the others stop, so it is asked again."""
+    for _ in range(3):
+        pids = find()
         if not pids:
             break
         for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
@@ -279,22 +318,39 @@ def _stop(state: dict) -> None:
             pids = [p for p in pids if _alive(p)]
             if not pids:
                 break
-    _forget(state)
 
 
-def _forget(state: dict) -> None:
-    _state_file().unlink(missing_ok=True)
-    _state_file().with_suffix(".tmp").unlink(missing_ok=True)
-    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+def _stop_started(directory: Path, record: ClusterRecord) -> None:
+    """A failed `up`: stop what it started (found by the directory it made a moment ago and by its
+    records) and forget it."""
+    recorded = set(_live(record))
+    _kill(lambda: sorted(set(_processes_of(record)) | {p for p in recorded if _alive(p)}))
+    forget(directory, record)
 
 
-def down() -> int:
-    state = _load()
-    if state is None:
-        print("no local cluster is up (nothing recorded in " + str(_state_file()) + ")", file=sys.stderr)
+def _select(directory: Path | None, port: int | None) -> ClusterRecord | None:
+    """The record `--port` names; without it, the only one (several are one line asking for --port)."""
+    if directory is None:
+        return None
+    if port is not None:
+        return load(directory, port)
+    ports = recorded_ports(directory)
+    if len(ports) > 1:
+        raise EmulateError(f"several local clusters are recorded (ports {', '.join(map(str, ports))}); "
+                           "name one with --port")
+    return load(directory, ports[0]) if ports else None
+
+
+def down(port: int | None = None) -> int:
+    directory = own_dir(create=False)
+    record = _select(directory, port)
+    if record is None:
+        where = f"for port {port} " if port is not None else ""
+        print(f"no local cluster is up (nothing recorded {where}in {directory or state_dir()})", file=sys.stderr)
         return 0
-    _stop(state)
-    print(f"stopped the local cluster at {state['address']}", file=sys.stderr)
+    _kill(lambda: _live(record))
+    forget(directory, record)
+    print(f"stopped the local cluster at {record.address}", file=sys.stderr)
     return 0
 
 
@@ -307,7 +363,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def status() -> dict | None:
-    """The recorded state of the local cluster when it is up and reachable, else None."""
-    state = _load()
-    return state if state is not None and _reachable(state["address"]) else None
+def status(port: int | None = None) -> ClusterRecord | None:
+    """The record of the local cluster (the one at `port`) when it is up and reachable, else None."""
+    record = _select(own_dir(create=False), port)
+    return record if record is not None and _reachable(record.address) else None
+
+
+def job_server() -> str | None:
+    """The dashboard URL of the one local cluster recorded (for `emulate submit`), else None;
+    several are one line asking for --address."""
+    directory = own_dir(create=False)
+    if directory is None:
+        return None
+    ports = recorded_ports(directory)
+    if len(ports) > 1:
+        raise EmulateError(f"several local clusters are recorded (ports {', '.join(map(str, ports))}); "
+                           "name the job server with --address http://127.0.0.1:DASHBOARD_PORT")
+    record = load(directory, ports[0]) if ports else None
+    return record.dashboard if record is not None else None

@@ -294,9 +294,6 @@ CLUSTER_ABSURD = [["--worker-nodes", "-1"], ["--worker-nodes", str(10**11)], ["-
 @pytest.mark.parametrize("args", CLUSTER_ABSURD, ids=[" ".join(a) for a in CLUSTER_ABSURD])
 def test_absurd_cluster_options_are_refused_before_starting_anything(capsys, tmp_path, monkeypatch, args):
     monkeypatch.setenv("EMULATE_CLUSTER_DIR", str(tmp_path))
-    import cluster.local
-
-    monkeypatch.setattr(cluster.local, "STATE", tmp_path)
     assert main(["cluster", "up", *args]) == 2
     one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []

@@ -383,6 +383,7 @@ def test_cli_private_instance_starts_and_stops(tmp_path):
     s = json.loads(done.stdout)
     assert s["ray_cluster"].startswith("private local instance") and s["workers"] == 1
     assert "dashboard" not in done.stderr.lower()
+    assert "emulate: starting a private Ray instance ..." in done.stderr.splitlines()
 
 
 # -- faults -----------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ and prints. pyproject.toml's script is `emulate.cli:entry`; `python -m emulate.c
     graph.py     emulate graph, emulate trace
     plan.py      emulate plan
     theorems.py  emulate theorems
+    interrupts.py the program's signal handlers, set before anything else loads
     cluster/commands.py (the cluster package's): emulate submit, emulate cluster
 """
 from __future__ import annotations
 
+from emulate.cli.interrupts import hold_until_entry
+
+hold_until_entry()  # first: a Ctrl-C while the modules below load is answered by entry(), in one line
 from emulate.cli.program import entry, main
 from emulate.cli.progress import ProgressReport
 

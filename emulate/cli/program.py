@@ -3,23 +3,21 @@ statuses, and the signal handling around a command.
 
 Every bad input is one line on stderr and exit 2 (the API's EmulateError); a verified run whose
 error exceeds its tolerance exits 1; SIGINT, SIGTERM and SIGHUP clean up (temporary files, Ray
-workers, a private Ray instance) and exit 128 + the signal's number with one line.
+workers, a private Ray instance) and exit 128 + the signal's number with one line, wherever they
+arrive: `entry` sets the handlers before anything else is imported (this module imports nothing
+but the standard library's signal basics and emulate/errors.py; the commands' modules are imported
+when the parser is built), and an interrupt while the parser is built or the options are read is
+reported as one inside the command; one during the imports themselves is noted and answered
+by `entry` (emulate/cli/interrupts.py).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import signal
 import sys
 import threading
 
-from emulate.cli.graph import add_graph_command, add_trace_command
-from emulate.cli.options import preset_names
-from emulate.cli.parser import Help, Parser
-from emulate.cli.plan import add_plan_command
-from emulate.cli.run import add_run_command
-from emulate.cli.theorems import add_theorems_command
+from emulate.cli import interrupts
 from emulate.errors import EmulateError, Interrupted
 
 DESCRIPTION = """\
@@ -31,28 +29,17 @@ M tokens, in-process or on a Ray cluster, and measure it against the monolithic 
 # resolved with importlib when the parser is built, because emulate never imports cluster, not even
 # inside a function (graphs <- emulate <- cluster, docs/design.md; tests/test_layout.py checks it).
 # emulate/runtime/registry.py finds the Ray executor (cluster/options.py) by the same device.
-COMMANDS = (add_run_command, add_graph_command, add_trace_command, add_plan_command, add_theorems_command,
+# All are named by string so that importing this module is quick (entry's handlers come first).
+COMMANDS = ("emulate.cli.run:add_run_command", "emulate.cli.graph:add_graph_command",
+            "emulate.cli.graph:add_trace_command", "emulate.cli.plan:add_plan_command",
+            "emulate.cli.theorems:add_theorems_command",
             "cluster.commands:add_submit_command", "cluster.commands:add_cluster_command")
-
-INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-_received: list[int] = []  # the signal behind an interrupt; Ray re-raises ours as a bare KeyboardInterrupt
-
-
-def _interrupt(signum, frame):
-    for sig in INTERRUPTS:  # one interrupt is enough: let the clean-up it starts finish
-        signal.signal(sig, signal.SIG_IGN)
-    _received.append(signum)
-    raise Interrupted(signum)
-
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status. Signal handlers are set for the call and restored."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         return _main(argv)
-    _received.clear()
-    before = {sig: signal.signal(sig, _interrupt) for sig in INTERRUPTS}
+    before = interrupts.catch()
     try:
         return _main(argv)
     finally:
@@ -61,29 +48,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help or --version (0), or a usage error already reported on one line (2)
-        return stop.code if isinstance(stop.code, int) else 2
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # --help or --version (0), or a usage error already reported on one line (2)
+            return stop.code if isinstance(stop.code, int) else 2
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
         return args.handler(args)
     except EmulateError as err:
         print(f"emulate: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
+        return _interrupted(err)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """Clean up after an interrupt, say which signal it was, and return 128 + its number."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in interrupts.INTERRUPTS:  # the clean-up below is not to be cut short by a second signal
+            signal.signal(sig, signal.SIG_IGN)
+    if "graphs.files" in sys.modules:  # nothing can be pending before that module is imported
         from graphs.files import remove_pending
 
         remove_pending()  # a temporary output the interrupt reached before its owner could remove it
-        signum = getattr(err, "signum", None) or (_received[0] if _received else signal.SIGINT)
-        print(f"emulate: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+    received = interrupts.received
+    signum = getattr(err, "signum", None) or (received[0] if received else signal.SIGINT)
+    print(f"emulate: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    """The top-level argparse parser with every command's subparser."""
+    import importlib
+
+    from emulate.cli.options import preset_names
+    from emulate.cli.parser import Help, Parser
     from emulate.version import version
 
     parser = Parser(prog="emulate", description=DESCRIPTION, formatter_class=Help, epilog=(
@@ -96,20 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
         "`emulate COMMAND --help` lists a command's options."))
     parser.add_argument("--version", action="version", version=f"emulate {version()}")
     sub = parser.add_subparsers(dest="command", title="commands")
-    for add_command in COMMANDS:
-        if isinstance(add_command, str):
-            module, _, function = add_command.partition(":")
-            add_command = getattr(importlib.import_module(module), function)
-        add_command(sub)
+    for name in COMMANDS:
+        module, _, function = name.partition(":")
+        getattr(importlib.import_module(module), function)(sub)
     return parser
 
 
 def entry() -> None:
-    """The `emulate` executable. After an interrupt the clean-up has run inside main(); the
-    process then ends at once, skipping interpreter teardown, where Ray's native threads, cut
-    short, can still crash (a segfault after the one line would turn 143 into 139)."""
-    code = main()
+    """The `emulate` executable. The interrupt handlers are set first, so a signal during the
+    imports and the parser's construction is one line and 128 + signum like any other. After an
+    interrupt the clean-up has run inside main(); the process then ends at once, skipping
+    interpreter teardown, where Ray's native threads, cut short, can still crash (a segfault after
+    the one line would turn 143 into 139)."""
+    held = list(interrupts.received)  # noted while the modules loaded (emulate/cli/interrupts.py)
+    try:
+        interrupts.catch()
+        if held:
+            raise Interrupted(held[0])
+        code = main()
+    except KeyboardInterrupt as err:  # between the handlers' setting and main's own guard
+        code = _interrupted(err)
     if code >= 128:
+        for sig in interrupts.INTERRUPTS:  # main() restored the handlers; a second signal now would print a traceback
+            signal.signal(sig, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
