@@ -173,3 +173,50 @@ def test_without_transformers_the_backend_says_how_to_get_it(llama, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(emulate.EmulateError, match=r"pip install 'emulate\[transformers\]'"):
         emulate.run(str(llama), random_tokens=16, block_size=8, backend="transformers")
+
+
+# -- families emulate's own loader does not read --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unread(tmp_path_factory):
+    """Seeded phi3 and gemma2 checkpoints (gemma2: layer 0 sliding with a window of 40, layer 1 full; no
+    soft-capping, which the pair calls refuse)."""
+    root = tmp_path_factory.mktemp("unread")
+    phi3 = transformers.Phi3Config(**{**SMALL, "pad_token_id": None})
+    seeded(transformers.Phi3ForCausalLM._from_config(phi3, attn_implementation="sdpa")).save_pretrained(root / "phi3")
+    gemma2 = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=40, attn_logit_softcapping=None)
+    seeded(transformers.Gemma2ForCausalLM._from_config(gemma2, attn_implementation="eager")).save_pretrained(
+        root / "gemma2")
+    return root
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_run_of_a_family_the_loader_does_not_read_names_the_backend_that_does(unread, family):
+    from test_hardening import emulate_child, one_error_line
+
+    child = emulate_child("run", "--model", unread / family, "--random-tokens", 64, "-M", 16)
+    line = one_error_line(child.stderr)
+    assert child.returncode == 2 and child.stdout == ""
+    assert f"does not read model_type '{family}'" in line and "--backend transformers runs" in line, line
+    # and it does
+    s = emulate.run(str(unread / family), random_tokens=64, block_size=16, backend="transformers", verify=True).stats
+    assert s["verified"] and s["family"] == family
+
+
+def test_graph_draws_any_family_from_its_config(unread, tmp_path):
+    from test_hardening import emulate_child
+
+    out = tmp_path / "gemma2.svg"
+    child = emulate_child("graph", "--model", unread / "gemma2", "--random-tokens", 320, "-M", 32, "-o", out)
+    assert child.returncode == 0 and out.stat().st_size > 0, child.stderr
+    # its own masks, as the transformers backend runs them: layer 0 slides over 40 keys, layer 1 is causal
+    for given in (unread / "gemma2", unread / "gemma2" / "config.json"):
+        g = emulate.compile(str(given), 320, block_size=32, compact=True)
+        assert [p.describe() for p in g.spec.patterns] == ["sliding(r=40)", "causal"]
+        per_layer = g.counts()["attention_calls_per_layer"]
+        assert per_layer[1] == 10 * 11 // 2 and per_layer[0] < per_layer[1]
+    run = emulate.run(str(unread / "gemma2"), random_tokens=320, block_size=32, backend="transformers")
+    assert run.stats["attention_calls_per_layer"] == per_layer
+    child = emulate_child("graph", "--model", unread / "phi3" / "config.json", "--random-tokens", 320, "-M", 32, "--json")
+    s = json.loads(child.stdout)
+    assert child.returncode == 0 and s["layers"] == 2 and s["attention"] == ["causal"] and s["blocks"] == 10
