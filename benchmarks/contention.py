@@ -6,8 +6,9 @@ process, first on the machine as it is, then with one other CPU-bound process ru
 busy loop, started here and killed at the end): transformers' forward (sdpa) on torch's default
 threads; emulate's local run with --threads auto, 1 and the machine's core count (call workers of
 one torch thread each); and, for comparison, the calls run in turn with the machine's core count
-as torch intra-op threads (what the local executor did before it had call workers). Each figure is
-the median of --repeat runs; the ratios are to transformers in the same condition.
+as torch intra-op threads (what the local executor did before it had call workers). Both sides get
+the same warm-up (one forward of the first 2048 tokens each) before anything is timed. Each figure
+is the median of --repeat runs; the ratios are to transformers in the same condition.
 
     .venv/bin/python benchmarks/contention.py --tokens 16384 --block-size 1024
 """
@@ -81,7 +82,10 @@ def main() -> None:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
                                                                      dtype=torch.float32).eval()
         em_model = emulate.load(path)
-        emulate.run(em_model, tokens[:2048], block_size=args.block_size)  # warm-up: build the modules once
+        # warm-up, the same on both sides: one forward of the first 2048 tokens each (modules built, the
+        # allocator and thread pools primed) before anything is timed
+        transformers_forward(hf_model, tokens[:2048])
+        emulate.run(em_model, tokens[:2048], block_size=args.block_size)
         results = {"idle": measure(hf_model, em_model, tokens, args.block_size, args.repeat)}
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:

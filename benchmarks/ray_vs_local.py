@@ -1,10 +1,13 @@
-"""forward_s of the local executor against the Ray executor with 1 and 2 workers, from one run each.
+"""forward_s of the local executor against the Ray executor with 1 and 2 workers, min and median of repeats.
 
-Every row is one `emulate.run` in a fresh process (the `emulate run --json` listed at the end),
-one after the other on this machine: the local executor (torch's own thread count), then Ray with
-a private local instance and K workers of one CPU (one torch thread) each. forward_s is the run's
-own (run.stats): it excludes Ray's start-up and the workers' weight loading, which the summary
-reports as ray_setup_s.
+Every run is one `emulate.run` in a fresh process (the `emulate run --json` listed at the end): the
+local executor (torch's own thread count), then Ray with a private local instance and K workers of
+one CPU (one torch thread) each. The executors run --repeats rounds, the order reversed every other
+round, so a drift in the machine's load (or a first run's cold caches) does not fall on one row; each
+row reports the min and median forward_s over its runs, and the ratios are of the medians.
+forward_s is the run's own (run.stats): it excludes Ray's start-up and the workers' weight loading,
+which the summary reports as ray_setup_s (that column and the task and byte columns are the last
+round's).
 
     .venv/bin/python benchmarks/ray_vs_local.py            # N = 65536 sliding, N = 16384 causal
     .venv/bin/python benchmarks/ray_vs_local.py --quick    # small sizes, to check the script
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import statistics
 import traceback
 
 CASES = [
@@ -102,28 +106,37 @@ def command(model: str, tokens: int, block: int, pattern: dict, ray: dict | None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    cases = QUICK if parser.parse_args().quick else CASES
-    print(f"{os.cpu_count()} CPUs; float32; forward_s from one run each; ratio = forward_s / local forward_s; "
-          "vs same cores = a Ray row's forward_s / the local run's on as many cores as it has workers; "
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the executors, alternating their order")
+    args = parser.parse_args()
+    cases = QUICK if args.quick else CASES
+    print(f"{os.cpu_count()} CPUs; float32; forward_s: min and median of {args.repeats} runs each, the executors' "
+          "order reversed every other round; ratio = median forward_s / the local run's median; "
+          "vs same cores = a Ray row's median / the local run's on as many cores as it has workers; "
           "into tasks = bytes tasks received through the object store; out of tasks = bytes tasks put there "
           "(outputs and values read on another worker); "
-          "load = 1-minute load average before the run (other work on the machine skews the figures)\n")
-    print("| model | N | M | attention | executor | forward_s | ratio to local | vs same cores | ray_setup_s "
-          "| physical tasks | object store: into tasks | out of tasks | bytes between workers | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "load = 1-minute load average before each run, lowest to highest (other work skews the figures)\n")
+    print("| model | N | M | attention | executor | forward_s min | median | ratio to local | vs same cores "
+          "| ray_setup_s | physical tasks | object store: into tasks | out of tasks | bytes between workers | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, tokens, block, pattern in cases:
-        seen: dict[str, float] = {}
-        for name, ray, threads, against in EXECUTORS:
-            load = os.getloadavg()[0]
-            s = run(model, tokens, block, pattern, ray, threads)
-            seen[name] = s["forward_s"]
-            base = next(iter(seen.values()))
-            same = f"{s['forward_s'] / seen[against]:.2f}" if against in seen else "-"
+        times: dict[str, list[float]] = {name: [] for name, *_ in EXECUTORS}
+        loads: dict[str, list[float]] = {name: [] for name, *_ in EXECUTORS}
+        last: dict[str, dict] = {}
+        for round_ in range(args.repeats):
+            for name, ray, threads, _ in (EXECUTORS if round_ % 2 == 0 else EXECUTORS[::-1]):
+                loads[name].append(os.getloadavg()[0])
+                last[name] = run(model, tokens, block, pattern, ray, threads)
+                times[name].append(last[name]["forward_s"])
+        median = {name: statistics.median(t) for name, t in times.items()}
+        base = median[EXECUTORS[0][0]]
+        for name, _, _, against in EXECUTORS:
+            s = last[name]
+            same = f"{median[name] / median[against]:.2f}" if against else "-"
             attention = s["attention"] + (f" r={s['window']}" if s["window"] else "")
-            print(f"| {model} | {tokens} | {block} | {attention} | {name} | {s['forward_s']:.2f} | "
-                  f"{s['forward_s'] / base:.2f} | {same} | {s.get('ray_setup_s', '-')} | {s.get('physical_tasks', '-')} | "
+            print(f"| {model} | {tokens} | {block} | {attention} | {name} | {min(times[name]):.2f} | {median[name]:.2f} | "
+                  f"{median[name] / base:.2f} | {same} | {s.get('ray_setup_s', '-')} | {s.get('physical_tasks', '-')} | "
                   f"{_mb(s.get('bytes_transferred'))} | {_mb(s.get('bytes_returned'))} | "
-                  f"{_mb(s.get('bytes_transferred'))} | {load:.1f} |", flush=True)
+                  f"{_mb(s.get('bytes_transferred'))} | {min(loads[name]):.1f} to {max(loads[name]):.1f} |", flush=True)
     print("\ncommands:")
     for model, tokens, block, pattern in cases:
         for _, ray, threads, _ in EXECUTORS:

@@ -180,14 +180,22 @@ def prepare(model=None, tokens=None, *, text: str | None = None, input: str | No
 
 
 def shape_or_model(model):
-    """A published shape's name as a weightless Model (compile and plan only); anything else as given."""
+    """A published shape's name, or a checkpoint directory or config.json (of any transformers family:
+    its config alone is read, emulate/models/shapes.py), as a weightless Model (compile and plan
+    only); anything else as given."""
     from emulate.models.presets import FILE_PRESETS, PRESETS
-    from emulate.models.shapes import SHAPES, shape_config
+    from emulate.models.shapes import SHAPES, config_file, config_shape, shape_config
 
     if isinstance(model, str) and model in SHAPES and model not in PRESETS and model not in FILE_PRESETS:
         from emulate.models.loaders import Model
 
         return Model(shape_config(model), {})
+    file = config_file(model) if not (isinstance(model, str) and model in PRESETS) else None
+    if file is not None:
+        from emulate.models.loaders import Model
+
+        tokenizer = file.parent / "tokenizer.json"
+        return Model(config_shape(file), {}, tokenizer if tokenizer.is_file() else None)
     return model
 
 

@@ -165,7 +165,7 @@ def test_verify_reports_a_failure_and_never_passes_nan(llama):
     assert run.stats["verified"] is False and run.stats["tolerance"] == 1e-30
     # approximate modes state their own tolerance
     sampled = emulate.run("tiny-bert", random_tokens=256, block_size=64, attention="sampled", verify=True)
-    assert sampled.stats["tolerance"] == emulate.runtime.verify.SAMPLED_TOLERANCE
+    assert sampled.stats["tolerance"] == emulate.runtime.verify.sampled_tolerance(256, 64, torch.float32)
     raw = emulate.run(llama, TOKENS[:64], block_size=16, oracle="paper", verify=True)
     assert raw.stats["tolerance"] == emulate.runtime.oracles.RAW_PAPER_TOLERANCE[torch.float32] and raw.stats["verified"]
 
@@ -207,10 +207,20 @@ def test_stream_yields_blocks_in_order_with_the_bits_of_run(llama):
 
 def test_stream_stopped_early_is_fine(llama):
     s = emulate.stream(llama, TOKENS, block_size=64)
-    for block, _ in s:
+    seen = []
+    for block, out in s:
+        seen.append(out)
         if block == 2:
             break
     s.close()
+    # the blocks it gave are the full run's, and a forward that did not finish claims no figures
+    assert [out.block for out in seen] == [0, 1, 2] and s.stats == {}
+    run = emulate.run(llama, TOKENS, block_size=64)
+    for out in seen:
+        assert torch.equal(out.hidden, run.hidden[out.span[0]:out.span[1]])
+        assert torch.equal(out.logprobs, run.logprobs[out.span[0]:out.span[1]])
+    with pytest.raises(emulate.EmulateError, match="runs once"):
+        list(s)
 
 
 # -- bad arguments: EmulateError with the CLI's line ----------------------------------------------

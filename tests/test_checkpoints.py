@@ -185,8 +185,9 @@ BAD = {  # case -> (family, damage, the message's telling part)
     "invalid JSON": ("llama", lambda p: (p / "config.json").write_text("{'model_type': llama"), "cannot read JSON"),
     "not an object": ("llama", lambda p: (p / "config.json").write_text("[1, 2]"), "expected a JSON object"),
     "unsupported model_type": ("llama", lambda p: edit_config(p, model_type="t5"),
-                               "unsupported model_type 't5' (supported: llama, mistral, qwen2, gpt2, bert)"),
-    "no model_type": ("llama", lambda p: edit_config(p, model_type=None), "unsupported model_type None"),
+                               ("does not read model_type 't5' (it reads llama, mistral, qwen2, gpt2, bert); "
+                                "--backend transformers runs any family transformers reads")),
+    "no model_type": ("llama", lambda p: edit_config(p, model_type=None), "does not read model_type None"),
     "bad size": ("llama", lambda p: edit_config(p, hidden_size="64"), "'hidden_size' must be a positive integer"),
     "bad eps": ("llama", lambda p: edit_config(p, rms_norm_eps="tiny"), "'rms_norm_eps' must be a positive number"),
     "unsupported rope": ("llama", lambda p: edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0}),

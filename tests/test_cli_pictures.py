@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import matplotlib.image as mpimg
@@ -30,8 +31,12 @@ def test_graph_writes_each_format_from_its_suffix(tmp_path, capsys, suffix):
         picture(out)
     elif suffix == "json":
         assert len(json.loads(out.read_text())["nodes"]) == 92
+    elif suffix == "dot":  # a digraph with every node and edge, positions pinned
+        text = out.read_text()
+        assert "digraph emulate {" in text and text.rstrip().endswith("}")
+        assert len(re.findall(r'^\s+"[^"]+" \[pos=', text, re.MULTILINE)) == 92 and text.count(" -> ") == 152
     else:
-        assert "http://" not in out.read_text().replace("http://www.w3.org", "") or suffix == "dot"
+        assert "http://" not in out.read_text().replace("http://www.w3.org", "")
 
 
 def test_large_graphs_collapse_and_narrow(tmp_path, capsys):

@@ -87,3 +87,35 @@ def test_the_faithful_runner_passes_the_same_check():
     run = emulate.run("tiny-llama", random_tokens=200, block_size=64, attention="causal",
                       executor=Unfaithful(NodeRunner))
     assert run.stats["executor"] == "unfaithful" and run.stats["small_calls"] == run.stats["graph_nodes"]
+
+
+class Recording:
+    """An oracle that records every pair call it answers (layer, query rows, keys) and lets the kernel
+    compute it: an account of what ran kept apart from the runner's counters."""
+
+    name = "recording"
+    concurrent = False
+
+    def __init__(self):
+        self.calls: list[tuple[int, int, int]] = []
+
+    def bind(self, block_size: int, heads: int):
+        self.kernel = emulate.KernelOracle().bind(block_size, heads)
+        return self
+
+    def attend(self, pair, q, k, v, scale):
+        self.calls.append((pair.layer, q.shape[1], k.shape[1]))
+        return self.kernel.attend(pair, q, k, v, scale)
+
+    def summary(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("model,pattern", [("tiny-llama", {"attention": "sliding", "window": 70}),
+                                           ("tiny-bert", {"attention": "sampled"})])
+def test_the_summary_counts_what_the_oracle_answered(model, pattern):
+    oracle = Recording()
+    s = emulate.run(model, random_tokens=150, block_size=32, oracle=oracle, **pattern).stats
+    per_layer = [sum(1 for layer, _, _ in oracle.calls if layer == at) for at in range(s["layers"])]
+    assert s["attention_calls_per_layer"] == per_layer and s["attention_calls"] == len(oracle.calls) > 0
+    assert s["max_call_tokens"] == max(max(rows, keys) for _, rows, keys in oracle.calls) == 32

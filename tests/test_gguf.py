@@ -225,3 +225,20 @@ def test_smollm2_through_the_transformers_backend(smollm2, transformers_smollm2)
                  s["max_rel_err"])
     assert s["attention_calls"] == graph.stats["attention_calls"] == 30 * 10  # 4 blocks, causal: 10 pairs a layer
     assert float((backend.logprobs.double() - graph.logprobs.double()).abs().max()) <= LOGPROB_TOL
+
+
+def test_the_transformers_gguf_load_says_what_it_is_doing(tmp_path, capsys):
+    """transformers reads and dequantises a GGUF file with no progress of its own (a minute for
+    SmolLM2): one line on stderr before it, so the wait is not silence."""
+    pytest.importorskip("accelerate", reason="transformers loads a GGUF file only with accelerate installed")
+    from emulate.cli import main
+
+    write_tiny(tmp_path / "tiny.gguf")
+    assert main(["run", "--model", str(tmp_path / "tiny.gguf"), "--backend", "transformers", "--random-tokens", "40",
+                 "-M", "16", "--json"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("emulate: loading the GGUF file with transformers: it dequantises every tensor, with no "
+                      "progress of its own"), err
+    assert main(["run", "--model", str(tmp_path / "tiny.gguf"), "--backend", "transformers", "--random-tokens", "40",
+                 "-M", "16", "--json", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -198,7 +198,9 @@ def test_paper_oracle_runs_the_pairs():
     ids = tokens(130)
     want = forward(model, ids, "sdpa")
     got = forward(model, ids, "emulate")
-    assert row_errors(got["logits"], want["logits"])[1] <= 1e-4
+    # paper-stable keeps the exact modes' contract (docs/numerics.md): float32's 2e-5, per row
+    assert row_errors(got["hidden"], want["hidden"])[1] <= TOL[torch.float32]
+    assert row_errors(got["logits"], want["logits"])[1] <= TOL[torch.float32]
 
 
 # -- refusals: one EmulateError line each --------------------------------------------------------

@@ -16,6 +16,7 @@ from conftest import emulate_and_reference, record_error, row_errors
 from emulate.problem import resolve_patterns
 from emulate.runtime.kernels import TILE_ROWS, attend, attend_intervals
 from emulate.runtime.merge import merge, merge_pair
+from emulate.runtime.verify import SAMPLED_CONSTANT, sampled_tolerance
 from graphs import Pattern
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -122,11 +123,20 @@ def sampled_error(presets, N, M, seed, dtype=torch.float64):
     return row_errors(got["hidden"], ref["hidden"])[1]
 
 
-def test_sampled_error_is_measured_and_falls_as_m_grows(presets):
+def test_sampled_error_falls_as_one_over_sqrt_m_under_its_bound(presets):
+    """Thm 4.1: eps ~ sqrt(log(40 N) / M). Each seed's error stays under verify's bound for its N and M
+    (sampled_tolerance), and the mean falls with M, by about the theorem's factor of 2 per 4x M."""
     N, seeds = 512, (0, 1, 2)
-    mean = {M: sum(sampled_error(presets, N, M, s) for s in seeds) / len(seeds) for M in (8, 32, 128)}
-    assert all(math.isfinite(e) and e > 1e-6 for e in mean.values())
-    assert mean[8] > mean[32] > mean[128]
+    errors = {M: [sampled_error(presets, N, M, s) for s in seeds] for M in (8, 32, 128)}
+    for M, errs in errors.items():
+        bound = sampled_tolerance(N, M, torch.float64)
+        assert all(1e-6 < e <= bound for e in errs), (M, errs, bound)
+        # the constant of the theorem's form, measured: far under the stated one, and not near 0 either
+        fpc = math.sqrt((N - M) / (N - 1))
+        assert 0.1 < max(errs) / (math.sqrt(math.log(40 * N) / M) * fpc) < 0.5 * SAMPLED_CONSTANT
+    mean = {M: sum(errs) / len(errs) for M, errs in errors.items()}
+    for small, big in ((8, 32), (32, 128)):
+        assert 1.5 < mean[small] / mean[big] < 2.7, mean  # sqrt(4) = 2, within the sample's spread
 
 
 def test_sampled_with_one_block_is_exact(presets):
@@ -134,8 +144,20 @@ def test_sampled_with_one_block_is_exact(presets):
     assert sampled_error(presets, 40, 64, seed=5) <= TOLERANCE[torch.float64]
 
 
-def test_sampled_float32_error_is_finite(presets):
-    assert 0 < sampled_error(presets, 100, 16, seed=1, dtype=torch.float32) < 1
+def test_sampled_float32_error_is_under_its_bound(presets):
+    # N = 100, M = 16: a ragged last block of 4 keys, the one the bound is set by
+    assert 0 < sampled_error(presets, 100, 16, seed=1, dtype=torch.float32) <= sampled_tolerance(100, 16, torch.float32)
+
+
+def test_sampled_bound_is_the_theorem_s_form():
+    assert sampled_tolerance(4096, 256, torch.float64) == pytest.approx(
+        SAMPLED_CONSTANT * math.sqrt(math.log(40 * 4096) / 256 * (4096 - 256) / 4095))
+    # ragged: the last block's 4 keys set it; one block samples every key: exact, the dtype's contract
+    assert sampled_tolerance(100, 16, torch.float64) == pytest.approx(
+        SAMPLED_CONSTANT * math.sqrt(math.log(4000) / 4 * 96 / 99))
+    assert sampled_tolerance(40, 64, torch.float64) == TOLERANCE[torch.float64]
+    assert sampled_tolerance(64, 64, torch.float32) == TOLERANCE[torch.float32]
+    assert sampled_tolerance(4096, 64, torch.float64) > sampled_tolerance(4096, 256, torch.float64)
 
 
 # -- determinism -----------------------------------------------------------------------------

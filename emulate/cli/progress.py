@@ -11,7 +11,10 @@ class ProgressReport:
     plain line every 10% or 10 s once a stage has run for 5 s (quick runs stay quiet). --json
     governs stdout only; --quiet turns this off."""
 
-    LABELS = {"graph": "building the graph (layers)", "forward": "forward (calls)", "reference": "monolithic reference (layers)"}
+    LABELS = {"graph": "building the graph (layers)", "forward": "forward (calls)", "reference": "monolithic reference (layers)",
+              "load": "loading the GGUF file with transformers: it dequantises every tensor, with no progress of its own"}
+    # stages that give no progress while they run: one line as they begin, whatever their length
+    ANNOUNCED = frozenset({"load"})
     QUIET_FOR_S, EVERY_S, EVERY_PERCENT = 5.0, 10.0, 10
 
     def __init__(self, terminal: bool | None = None):
@@ -26,6 +29,10 @@ class ProgressReport:
             self.close()
             self.stage, self.start, self.last_line, self.last_percent = stage, now, now, 0
         label = self.LABELS.get(stage, stage)
+        if stage in self.ANNOUNCED:
+            if done == 0:
+                print(f"emulate: {label}", file=sys.stderr, flush=True)
+            return
         if self.terminal:
             if self.bar is None:
                 from tqdm import tqdm

@@ -175,6 +175,8 @@ def human_summary(s: dict) -> str:
         reference = "monolithic reference" if s["backend"] == "graph" else f"the same model under {s['reference']}"
         lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
+        if "reference_note" in s:
+            lines.append(f"           {s['reference_note']}")
     if "output" in s:
         lines.append(f"output     {s['output']}")
     return "\n".join(lines)

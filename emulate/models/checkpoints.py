@@ -55,7 +55,9 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], P
     hf = read_config(path)
     family = hf.get("model_type")
     if family not in FAMILIES:
-        raise EmulateError(f"{path}: unsupported model_type {family!r} (supported: {', '.join(FAMILIES)})")
+        raise EmulateError(f"{path}: emulate's own loader does not read model_type {family!r} (it reads "
+                           f"{', '.join(FAMILIES)}); --backend transformers runs any family transformers reads "
+                           "(backend=\"transformers\" in Python), and emulate graph draws it from its config.json")
     config = (bert_config if family == "bert" else gpt2_config if family == "gpt2" else decoder_config)(hf, str(path))
     weights = canonical_weights(read_tensors(path), config, hf, path)
     tokenizer = path / "tokenizer.json"

@@ -75,7 +75,8 @@ class GraphBackend:
         return monolithic_reference(self.problem, device, progress)
 
     def tolerance(self) -> float:
-        return tolerance_for(self.problem.patterns, self.oracle, self.problem.dtype)
+        p = self.problem
+        return tolerance_for(p.patterns, self.oracle, p.dtype, p.length, p.block_size)
 
     def __repr__(self) -> str:
         return (f"<GraphBackend {self.problem.model.config.name}: {self.problem.length} tokens, M = "
