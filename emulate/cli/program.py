@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from emulate.cli.generate import add_generate_command
 from emulate.cli.graph import add_graph_command, add_trace_command
 from emulate.cli.options import preset_names
 from emulate.cli.parser import Help, Parser
@@ -31,7 +32,7 @@ M tokens, in-process or on a Ray cluster, and measure it against the monolithic 
 # resolved with importlib when the parser is built, because emulate never imports cluster, not even
 # inside a function (graphs <- emulate <- cluster, docs/design.md; tests/test_layout.py checks it).
 # emulate/runtime/registry.py finds the Ray executor (cluster/options.py) by the same device.
-COMMANDS = (add_run_command, add_graph_command, add_trace_command, add_plan_command, add_theorems_command,
+COMMANDS = (add_run_command, add_generate_command, add_graph_command, add_trace_command, add_plan_command, add_theorems_command,
             "cluster.commands:add_submit_command", "cluster.commands:add_cluster_command")
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

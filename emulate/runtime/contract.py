@@ -20,6 +20,8 @@ with a safe default, never from its class or name:
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)
+    executor.keeps_kv  (False)  it keeps each block's keys and values in the Job's `kv` store,
+                                where they were made (generation decodes on them, emulate/generation.py)
 
 docs/extending.md shows a user's oracle and executor built on this page alone.
 """
@@ -100,6 +102,7 @@ class Job:
     dtype: torch.dtype
     device: str
     oracle: AttentionOracle
+    kv: Any = None  # a KV store to keep each block's keys and values in (emulate/runtime/decode.py, KVCache)
 
 
 class Execution:

@@ -1,0 +1,126 @@
+"""Decoding on the block KV cache: one new token through every layer as small calls of at most M keys.
+
+    KVCache     each block's keys and values (after RoPE), kept where the prefill made them; new
+                tokens go to a tail block that becomes an ordinary block once it holds M tokens
+    Decoder     step(token, position) -> logits: per layer, the new query attends each key block
+                its pattern lets it see in one call (the query and at most M keys), the partials
+                merged by the prefill's merger (emulate/runtime/merge.py, TreeMerge)
+
+Block j holds positions [j M, (j + 1) M), prompt and generated tokens alike, so the pairs of a
+decode step are the prefill's pairs for a query block of one row (graphs/patterns.py, pair_mask):
+a causal layer reads every block (O(N / M) calls per token), a sliding window or sinks only the
+blocks the window and the sinks reach (O(1)). Every call is counted as it runs (contract.CallCounts).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from emulate.models.block import Transformer
+from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
+from emulate.runtime.merge import merge
+from graphs import Pattern, pair_mask
+
+
+class KVCache:
+    """Keys and values [Hkv, m, dh] per layer and block; the last block of each layer is the tail.
+
+    keep(layer, block, k, v) is the prefill's store (emulate/runtime/runner.py calls it for every
+    projection); append(layer, position, k, v) adds one decoded token.
+    """
+
+    def __init__(self, layers: int, block_size: int):
+        self.block_size = block_size
+        self.blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
+        self.filled: list[dict[int, int]] = [{} for _ in range(layers)]  # tokens held by each block
+
+    def keep(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.blocks[layer][block] = (k, v)
+        self.filled[layer][block] = k.shape[1]
+
+    def append(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token's k, v [Hkv, 1, dh] at `position` (the next one): into the tail block, or a new one."""
+        M = self.block_size
+        block, row = divmod(position, M)
+        have = self.filled[layer].get(block, 0)
+        if have != row:
+            raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
+        if row == 0:
+            shape = (k.shape[0], M, k.shape[2])
+            kb, vb = k.new_empty(shape), v.new_empty(shape)
+        else:
+            kb, vb = self.blocks[layer][block]
+            if kb.shape[1] < M:  # the prompt's ragged last block becomes a tail with room for M tokens
+                grown_k, grown_v = kb.new_empty((kb.shape[0], M, kb.shape[2])), vb.new_empty((vb.shape[0], M, vb.shape[2]))
+                grown_k[:, :row], grown_v[:, :row] = kb[:, :row], vb[:, :row]
+                kb, vb = grown_k, grown_v
+        kb[:, row:row + 1], vb[:, row:row + 1] = k, v
+        self.blocks[layer][block] = (kb, vb)
+        self.filled[layer][block] = row + 1
+
+    def keys(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's keys and values, the tokens it holds so far."""
+        k, v = self.blocks[layer][block]
+        n = self.filled[layer][block]
+        return k[:, :n], v[:, :n]
+
+    def tokens(self, layer: int = 0) -> int:
+        return sum(self.filled[layer].values())
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (the tail's room for M tokens included)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for layer in self.blocks for k, v in layer.values())
+
+
+def visible_blocks(pattern: Pattern, position: int, block_size: int) -> list[int]:
+    """The key blocks a query at `position` sees under `pattern`, ascending (the window's and the sinks')."""
+    r = pattern.key_range(np.array([position]))
+    lo, hi, sink_hi = int(r.lo[0]), int(r.hi[0]), int(r.sink_hi[0])
+    wanted = set(range(lo // block_size, (hi - 1) // block_size + 1)) if hi > lo else set()
+    if sink_hi > 0:
+        wanted |= set(range((sink_hi - 1) // block_size + 1))
+    return sorted(wanted)
+
+
+class Decoder:
+    """One token at a time through the model, reading and extending `cache`; every call counted in `counts`."""
+
+    def __init__(self, model: Transformer, patterns: list[Pattern], cache: KVCache, oracle: BoundOracle):
+        self.model, self.patterns, self.cache, self.oracle = model, patterns, cache, oracle
+        self.block_size = cache.block_size
+        self.counts = CallCounts()
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """The logits [vocab] after `token` at `position` (every earlier position already in the cache)."""
+        m, M = self.model, self.block_size
+        pos = torch.tensor([position], device=m.device)
+        self.counts.call(1)
+        x = m.embed(torch.tensor([token], device=m.device), pos)
+        for layer, pattern in enumerate(self.patterns):
+            self.counts.call(1)
+            q, k, v = m.project(layer, x, pos)
+            self.cache.append(layer, position, k, v)
+            partials = []
+            for j in visible_blocks(pattern, position, M):
+                k0 = j * M
+                kb, vb = self.cache.keys(layer, j)
+                span = (k0, k0 + kb.shape[1])
+                pm = pair_mask(pattern, (position, position + 1), span)
+                if pm.visible == 0:
+                    continue
+                self.counts.call(max(1, kb.shape[1]), layer, attention=True)
+                partials.append(self.oracle.attend(PairCall(layer, (position, position + 1), span, pm.kind, pattern),
+                                                   q, kb, vb, m.scale))
+            if len(partials) > 1:
+                self.counts.call(1)
+            o, _ = merge(partials)
+            self.counts.call(1)
+            x = m.mix(layer, x, o)
+        self.counts.call(1)
+        return logits(m, m.final(x))[0]
+
+
+def logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's scores [rows, vocab] for final-norm hidden states [rows, width]."""
+    return hidden @ model.w["lm_head.weight"].T
