@@ -137,8 +137,7 @@ class _Generator:
         from emulate.runtime.sampling import Sampler, Sampling
 
         self.max_new = positive_int("max_new_tokens", max_new_tokens)
-        self.sampling = Sampling(float(temperature) if isinstance(temperature, int) and not isinstance(
-            temperature, bool) else temperature, top_p, seed)
+        self.sampling = Sampling(temperature, top_p, seed)
         check_device(device)
         ex = EXECUTORS.resolve("local" if executor is None else executor, {"threads": threads})
         if not capability(ex, "keeps_kv"):
@@ -178,7 +177,6 @@ class _Generator:
         self.detok = Detokenizer(p.model.tokenizer)
         self.new: list[int] = []
         self.scores: list[torch.Tensor] = []
-        self.stats: dict = {}
         self.decoder = None
         self._times = {"prefill": None, "first": None, "decode": 0.0}
 
