@@ -13,6 +13,8 @@ blocks the window and the sinks reach (O(1)). Every call is counted as it runs (
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -93,25 +95,22 @@ class Decoder:
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """The logits [vocab] after `token` at `position` (every earlier position already in the cache)."""
-        m, M = self.model, self.block_size
+        m = self.model
         pos = torch.tensor([position], device=m.device)
         self.counts.call(1)
         x = m.embed(torch.tensor([token], device=m.device), pos)
+        plans: dict[Pattern, list[tuple[int, PairCall]]] = {}  # layers of one pattern share the step's pairs
         for layer, pattern in enumerate(self.patterns):
             self.counts.call(1)
             q, k, v = m.project(layer, x, pos)
             self.cache.append(layer, position, k, v)
+            if pattern not in plans:
+                plans[pattern] = self.pairs(pattern, position, layer)
             partials = []
-            for j in visible_blocks(pattern, position, M):
-                k0 = j * M
+            for j, pair in plans[pattern]:
                 kb, vb = self.cache.keys(layer, j)
-                span = (k0, k0 + kb.shape[1])
-                pm = pair_mask(pattern, (position, position + 1), span)
-                if pm.visible == 0:
-                    continue
                 self.counts.call(max(1, kb.shape[1]), layer, attention=True)
-                partials.append(self.oracle.attend(PairCall(layer, (position, position + 1), span, pm.kind, pattern),
-                                                   q, kb, vb, m.scale))
+                partials.append(self.oracle.attend(replace(pair, layer=layer), q, kb, vb, m.scale))
             if len(partials) > 1:
                 self.counts.call(1)
             o, _ = merge(partials)
@@ -119,6 +118,17 @@ class Decoder:
             x = m.mix(layer, x, o)
         self.counts.call(1)
         return logits(m, m.final(x))[0]
+
+    def pairs(self, pattern: Pattern, position: int, layer: int) -> list[tuple[int, PairCall]]:
+        """(key block, pair call) of the query at `position` against each block it sees (the cache as
+        filled for `layer`, the same for every layer once the step's key is appended)."""
+        M, out = self.block_size, []
+        for j in visible_blocks(pattern, position, M):
+            span = (j * M, j * M + self.cache.filled[layer][j])
+            pm = pair_mask(pattern, (position, position + 1), span)
+            if pm.visible:
+                out.append((j, PairCall(layer, (position, position + 1), span, pm.kind, pattern)))
+        return out
 
 
 def logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
