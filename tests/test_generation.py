@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hf_models import VOCAB, checkpoint
+from hf_models import VOCAB, as_transformers, checkpoint
 from test_hf_parity import float64_hf  # noqa: F401 - the fixture
 
 import emulate
@@ -104,6 +104,14 @@ def test_window_calls_stay_flat_while_causal_grows():
     assert calls(96, "causal") == 4 * 4 and calls(480, "causal") == 4 * 16
 
 
+def test_the_cache_holds_little_more_than_the_sequence():
+    """kv_bytes as held: every block's keys and values, the tail's room doubling as it fills."""
+    prompt = np.random.default_rng(0).integers(0, 1024, 1000)
+    g = emulate.generate("tiny-llama", prompt, max_new_tokens=8, block_size=256)
+    exact = 2 * 4 * 2 * 32 * (1000 + 7) * 4  # K and V, 4 layers, 2 KV heads of 32, the positions that ran, float32
+    assert exact <= g.stats["kv_bytes"] <= 1.1 * exact
+
+
 def test_stream_yields_tokens_as_they_come_and_stops_early():
     prompt = np.arange(50) % 1024
     stream = emulate.generate_iter("tiny-llama", prompt, max_new_tokens=10, block_size=16)
@@ -122,8 +130,6 @@ def smollm2_against_transformers(prompt_tokens: int, new: int, block_size: int):
     """The real SmolLM2-135M (Q4_1 GGUF weights, dequantized) on real text in float32: the greedy
     tokens of transformers' generate on the same weights (a LlamaForCausalLM built from ours), and
     every step's logits within the float32 contract of the monolithic reference."""
-    import transformers
-
     from emulate.inputs import default_text
 
     model = emulate.load("smollm2-135m")
@@ -133,40 +139,12 @@ def smollm2_against_transformers(prompt_tokens: int, new: int, block_size: int):
     s = g.stats
     assert s["verified"] and s["reference_tokens_match"], s
     assert s["max_call_tokens"] <= block_size and isinstance(g.text, str) and g.text
-    hf = transformers.LlamaForCausalLM(llama_config(model.config)).eval()
-    hf.load_state_dict(hf_state(model), strict=True)
+    hf = as_transformers(model)
     x = torch.from_numpy(ids)[None]
     with torch.no_grad():
         out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, pad_token_id=0)
     assert g.tokens == out[0, len(ids):].tolist()
-
-
-def llama_config(c):
-    import transformers
-
-    return transformers.LlamaConfig(
-        vocab_size=c.vocab, hidden_size=c.width, intermediate_size=c.mlp_width, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, attn_implementation="sdpa")
-
-
-def hf_state(model) -> dict:
-    """Our canonical weight names (emulate/models/presets.py, weight_names) as LlamaForCausalLM's."""
-    names = {"embed.tokens.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    inner = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "q": "self_attn.q_proj",
-             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj",
-             "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    out = {}
-    for key, w in model.weights.items():
-        if key in names:
-            out[names[key]] = w.float()
-            continue
-        _, layer, part, _ = key.split(".")
-        out[f"model.layers.{layer}.{inner[part]}.weight"] = w.float()
-    return out
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
 from emulate.runtime.merge import merge
 from graphs import Pattern, pair_mask
 
+TAIL_START = 16  # rows a new tail block is given; it doubles from there up to M
+
 
 class KVCache:
     """Keys and values [Hkv, m, dh] per layer and block; the last block of each layer is the tail.
@@ -48,14 +50,17 @@ class KVCache:
         if have != row:
             raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
         if row == 0:
-            shape = (k.shape[0], M, k.shape[2])
-            kb, vb = k.new_empty(shape), v.new_empty(shape)
+            kb, vb = k.new_empty((k.shape[0], 0, k.shape[2])), v.new_empty((v.shape[0], 0, v.shape[2]))
         else:
             kb, vb = self.blocks[layer][block]
-            if kb.shape[1] < M:  # the prompt's ragged last block becomes a tail with room for M tokens
-                grown_k, grown_v = kb.new_empty((kb.shape[0], M, kb.shape[2])), vb.new_empty((vb.shape[0], M, vb.shape[2]))
-                grown_k[:, :row], grown_v[:, :row] = kb[:, :row], vb[:, :row]
-                kb, vb = grown_k, grown_v
+        if kb.shape[1] <= row:
+            # the tail's room doubles as it fills (at most M): the cache holds at most twice the
+            # tail's tokens beyond the sequence, never a whole block of empty rows
+            room = min(M, max(TAIL_START, 2 * row))
+            grown_k = kb.new_empty((kb.shape[0], room, kb.shape[2]))
+            grown_v = vb.new_empty((vb.shape[0], room, vb.shape[2]))
+            grown_k[:, :row], grown_v[:, :row] = kb[:, :row], vb[:, :row]
+            kb, vb = grown_k, grown_v
         kb[:, row:row + 1], vb[:, row:row + 1] = k, v
         self.blocks[layer][block] = (kb, vb)
         self.filled[layer][block] = row + 1
@@ -70,7 +75,7 @@ class KVCache:
         return sum(self.filled[layer].values())
 
     def nbytes(self) -> int:
-        """Bytes the cache holds (the tail's room for M tokens included)."""
+        """Bytes the cache holds (the tail's unused room included)."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                    for layer in self.blocks for k, v in layer.values())
 
