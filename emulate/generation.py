@@ -123,6 +123,27 @@ def generate_iter(model=None, prompt=None, *, max_new_tokens: int = 16, temperat
     return GenerationStream(run)
 
 
+def decode_step(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
+                random_tokens: int | None = None, seed: int = 0, block_size: int = 256, attention="auto",
+                window: int | None = None, sinks: int | None = None, dtype="float32"):
+    """The logical graph of one decode step after the input (the token at position N, N the input's
+    length; `tokens` may be a count): its calls and merges, nothing runs (emulate/runtime/decode.py,
+    decode_graph). emulate.draw draws it; a causal layer has ceil((N + 1) / M) pair calls, a window O(1)."""
+    from emulate.problem import prepare, shape_or_model
+    from emulate.runtime.decode import decode_graph
+
+    p = prepare(shape_or_model(model), tokens, count_only=True, graph_form="compact", text=text, input=input,
+                random_tokens=random_tokens, seed=seed, block_size=block_size, attention=attention, window=window,
+                sinks=sinks, dtype=dtype)
+    config = p.model.config
+    if not config.lm_head or not config.causal:
+        raise EmulateError(f"{config.name} has no language-model head (an encoder): it has no decode step")
+    if not all(pat.causal for pat in p.patterns):
+        raise EmulateError(f"a decode step needs a causal mask on every layer (causal, sliding or sink), "
+                           f"not {p.patterns[0].describe()}")
+    return decode_graph(config, list(p.patterns), p.length, p.block_size, p.dtype)
+
+
 class _Generator:
     """One generation, resolved and checked: the prefill's backend, the cache, the sampler, the figures."""
 

@@ -104,3 +104,18 @@ def test_ctrl_c_prints_what_was_generated_and_exits_130():
     printed = (first + rest).decode().split()
     told = json.loads(lines[0].split(": ", 2)[2])
     assert printed == [str(t) for t in told] and len(told) > 1
+
+
+def test_graph_decode_counts_and_draws_one_step(tmp_path):
+    """emulate graph --decode: a causal layer reads ceil((N + 1) / M) key blocks, a window the same few at any N."""
+    def counts(n, *extra):
+        r = emulate_child("graph", "--decode", "--random-tokens", n, "-M", "256", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["attention_calls_per_layer"]
+
+    assert counts(1000) == [4] * 4 and counts(4000) == [16] * 4
+    assert counts(1000, "--attention", "sliding", "--window", "300") == [2] * 4
+    assert counts(4000, "--attention", "sliding", "--window", "300") == [2] * 4
+    out = tmp_path / "step.svg"
+    r = emulate_child("graph", "--decode", "--random-tokens", "1000", "-M", "256", "-o", out)
+    assert r.returncode == 0 and out.read_text().startswith("<?xml") and "16 of them pair calls" in r.stderr

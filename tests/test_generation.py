@@ -177,3 +177,18 @@ def test_encoder_and_position_limit_are_refused():
         emulate.generate_iter("tiny-bert", [1, 2, 3])
     with pytest.raises(EmulateError, match="no tokens"):
         emulate.generate_iter("tiny-llama", [])
+
+
+@pytest.mark.parametrize("attention, extra", [("causal", {}), ("sink", {"window": 40, "sinks": 5})])
+def test_the_decode_step_graph_is_the_calls_a_step_runs(attention, extra):
+    """emulate graph --decode's graph (emulate/generation.py, decode_step) against a step that ran:
+    the same pair calls per layer, counted where they ran."""
+    from emulate.generation import decode_step
+    from graphs import NodeKind
+
+    prompt = np.random.default_rng(0).integers(0, 1024, 150)
+    g = emulate.generate("tiny-llama", prompt, max_new_tokens=2, block_size=32, attention=attention, **extra)
+    graph = decode_step("tiny-llama", prompt, block_size=32, attention=attention, **extra)
+    attends = [a for _, a in graph.nodes(data=True) if a["kind"] == NodeKind.ATTEND]
+    assert len(attends) == g.stats["decode_attention_calls"] and graph.graph["decode"]["position"] == 150
+    assert max(a["tokens"] for a in attends) <= 32

@@ -14,6 +14,7 @@ blocks the window and the sinks reach (O(1)). Every call is counted as it runs (
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from emulate.models.block import Transformer
 from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
 from emulate.runtime.merge import merge
 from graphs import Pattern, pair_mask
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 TAIL_START = 16  # rows a new tail block is given; it doubles from there up to M
 
@@ -139,3 +143,58 @@ class Decoder:
 def logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
     """The head's scores [rows, vocab] for final-norm hidden states [rows, width]."""
     return hidden @ model.w["lm_head.weight"].T
+
+
+def decode_graph(config, patterns: list[Pattern], position: int, block_size: int, dtype) -> nx.DiGraph:
+    """The calls of one decode step, for the token at `position`, as a logical graph (graphs/nodes.py).
+
+    Query block position // M in every layer: embed, then per layer its projection, one attend node
+    per key block the pattern lets `position` see (the keys come from the cache, so an attend node
+    reads only the step's projection), the merge of their partials, the mix; the head last. The
+    graph's attributes are a forward's over position + 1 tokens, so emulate.draw draws it.
+    """
+    import networkx as nx
+
+    from emulate.problem import forward_spec
+    from graphs import MaskKind, NodeKind, block_spans
+    from graphs.costs import (
+        attend_cost,
+        embed_cost,
+        head_cost,
+        merge_cost,
+        mix_cost,
+        project_cost,
+    )
+    from graphs.nodes import Node, node_id
+
+    spec = forward_spec(config, position + 1, block_size, list(patterns), dtype)
+    M, i, span = block_size, position // block_size, (position, position + 1)
+    g = nx.DiGraph(spec=spec.to_dict(), blocks=i + 1, block_spans=block_spans(position + 1, M),
+                   decode={"position": position})
+
+    def add(nid: str, node: Node) -> str:
+        g.add_node(nid, **node.attrs())
+        for src in dict.fromkeys(node.inputs):
+            g.add_edge(src, nid)
+        return nid
+
+    x = add(node_id(NodeKind.EMBED, None, i), Node(NodeKind.EMBED, -1, i, (), span, 1, *embed_cost(spec, 1)))
+    for layer, pattern in enumerate(patterns):
+        p = add(node_id(NodeKind.PROJECT, layer, i),
+                Node(NodeKind.PROJECT, layer, i, (x,), span, 1, *project_cost(spec, 1)))
+        partials = []
+        for j in visible_blocks(pattern, position, M):
+            key_span = (j * M, min((j + 1) * M, position + 1))
+            pm = pair_mask(pattern, span, key_span)
+            if pm.visible:
+                keys = key_span[1] - key_span[0]
+                partials.append(add(node_id(NodeKind.ATTEND, layer, i, j), Node(
+                    NodeKind.ATTEND, layer, i, (p,), span, keys, *attend_cost(spec, 1, keys, pm.visible), key_block=j,
+                    key_span=key_span, mask=MaskKind(pm.kind))))
+        o = partials[0]
+        if len(partials) > 1:
+            o = add(node_id(NodeKind.MERGE, layer, i), Node(NodeKind.MERGE, layer, i, tuple(partials), span, 1,
+                                                           *merge_cost(spec, 1, len(partials))))
+        x = add(node_id(NodeKind.MIX, layer, i), Node(NodeKind.MIX, layer, i, (x, o), span, 1, *mix_cost(spec, 1)))
+    add(node_id(NodeKind.HEAD, None, i), Node(NodeKind.HEAD, len(patterns), i, (x,), span, 1, *head_cost(spec, 1)))
+    return g
