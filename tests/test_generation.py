@@ -177,6 +177,8 @@ def test_encoder_and_position_limit_are_refused():
         emulate.generate_iter("tiny-bert", [1, 2, 3])
     with pytest.raises(EmulateError, match="no tokens"):
         emulate.generate_iter("tiny-llama", [])
+    with pytest.raises(EmulateError, match="the ray executor does not"):  # refused before Ray starts
+        emulate.generate_iter("tiny-llama", [1, 2, 3], executor="ray")
 
 
 @pytest.mark.parametrize("attention, extra", [("causal", {}), ("sink", {"window": 40, "sinks": 5})])
