@@ -87,3 +87,30 @@ def test_the_faithful_runner_passes_the_same_check():
     run = emulate.run("tiny-llama", random_tokens=200, block_size=64, attention="causal",
                       executor=Unfaithful(NodeRunner))
     assert run.stats["executor"] == "unfaithful" and run.stats["small_calls"] == run.stats["graph_nodes"]
+
+
+def test_counts_from_many_threads_lose_nothing():
+    """The local executor's call workers count side by side: every call is counted, per layer too
+    (an unguarded read-modify-write of per_layer lost a quarter of them here)."""
+    import sys
+    import threading
+
+    from emulate.runtime.contract import CallCounts
+
+    counts = CallCounts()
+
+    def work():
+        for _ in range(20000):
+            counts.call(3, 0, attention=True)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, as a loaded machine does
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert counts.small_calls == counts.attention_calls == counts.per_layer[0] == 80000

@@ -27,6 +27,7 @@ docs/extending.md shows a user's oracle and executor built on this page alone.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -161,6 +162,11 @@ class BlockOutput:
         return f"BlockOutput(block={self.block}, span={self.span}, hidden={list(self.hidden.shape)}, logprobs={lp})"
 
 
+# the local executor's call workers count side by side (emulate/runtime/local.py, run_parallel): an
+# unguarded `per_layer[layer] = per_layer.get(layer, 0) + 1` loses updates when threads interleave
+_COUNTING = threading.Lock()
+
+
 @dataclass
 class CallCounts:
     """The calls that ran, counted as they ran: what the summary reports, never the compile's counts.
@@ -176,11 +182,12 @@ class CallCounts:
     max_call_tokens: int = 0
 
     def call(self, tokens: int, layer: int | None = None, attention: bool = False) -> None:
-        self.small_calls += 1
-        self.max_call_tokens = max(self.max_call_tokens, int(tokens))
-        if attention:
-            self.attention_calls += 1
-            self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
+        with _COUNTING:
+            self.small_calls += 1
+            self.max_call_tokens = max(self.max_call_tokens, int(tokens))
+            if attention:
+                self.attention_calls += 1
+                self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
 
     def add(self, other: CallCounts) -> None:
         """Fold another process's or task's counts into these."""
