@@ -6,6 +6,8 @@
 
     emulate.compile(model, tokens=N, block_size=M)   # the logical task graph, nothing runs
     emulate.monolithic(model, tokens)                # the monolithic forward every run is checked against
+    emulate.generate(model, prompt, max_new_tokens=16, block_size=M)  # decode on the block KV cache
+    emulate.generate_iter(model, prompt, ...)        # the same, yielding each Token as it comes
     emulate.stream(model, tokens, block_size=M)      # (block, BlockOutput) in block order, memory bounded
     emulate.run(model, tokens, executor="ray", workers=2)
     emulate.run(model, tokens, oracle=emulate.PaperOracle(stable=True, pack_heads=8))
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING
 # public name -> the module that defines it
 _EXPORTS = {
     "run": "emulate.api", "stream": "emulate.api", "compile": "emulate.api", "monolithic": "emulate.api",
+    "generate": "emulate.generation", "generate_iter": "emulate.generation", "Generation": "emulate.generation",
+    "Token": "emulate.generation", "GenerationStream": "emulate.generation",
     "prepare": "emulate.problem", "Problem": "emulate.problem",
     "Run": "emulate.runtime.loop", "Stream": "emulate.runtime.loop",
     "BlockOutput": "emulate.runtime.contract", "AttentionOracle": "emulate.runtime.contract",
@@ -83,6 +87,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what IDEs and type checkers see; nothing of it is imported at run time
     from emulate.api import compile, monolithic, run, stream
     from emulate.errors import EmulateError, OptionError
+    from emulate.generation import Generation, GenerationStream, Token, generate, generate_iter
     from emulate.models.config import ModelConfig
     from emulate.models.loaders import Model, load
     from emulate.models.presets import PRESETS

@@ -55,3 +55,30 @@ def checkpoint(family: str, tmp_path, **overrides):
     path = tmp_path / family
     model.save_pretrained(path)
     return model, path
+
+
+def as_transformers(model) -> transformers.LlamaForCausalLM:
+    """A llama-family emulate.Model (the smollm2-135m preset: its GGUF weights, dequantized) as
+    transformers' LlamaForCausalLM in float32 with the same weights, for side-by-side runs."""
+    c = model.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab, hidden_size=c.width, intermediate_size=c.mlp_width, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    # our canonical weight names (emulate/models/presets.py, weight_names) as LlamaForCausalLM's
+    names = {"embed.tokens.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    inner = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "q": "self_attn.q_proj",
+             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj",
+             "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    state = {}
+    for key, w in model.weights.items():
+        if key in names:
+            state[names[key]] = w.float()
+        else:
+            _, layer, part, _ = key.split(".")
+            state[f"model.layers.{layer}.{inner[part]}.weight"] = w.float()
+    hf.load_state_dict(state, strict=True)
+    return hf

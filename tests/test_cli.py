@@ -467,12 +467,12 @@ def test_a_ray_option_on_a_local_run_is_refused_not_ignored(capsys, tmp_path, op
 
 # -- help a newcomer can follow -----------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["run"], ["graph"], ["theorems"], ["submit"], ["cluster"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["generate"], ["graph"], ["theorems"], ["submit"], ["cluster"]])
 def test_help_names_defaults_and_an_example(capsys, command):
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
     assert "example" in text
-    if command in ([], ["run"], ["graph"]):
+    if command in ([], ["run"], ["generate"], ["graph"]):
         from emulate.models.presets import PRESETS
 
         assert all(name in text for name in PRESETS)  # the presets are named where a model is chosen

@@ -119,3 +119,30 @@ def test_the_summary_counts_what_the_oracle_answered(model, pattern):
     per_layer = [sum(1 for layer, _, _ in oracle.calls if layer == at) for at in range(s["layers"])]
     assert s["attention_calls_per_layer"] == per_layer and s["attention_calls"] == len(oracle.calls) > 0
     assert s["max_call_tokens"] == max(max(rows, keys) for _, rows, keys in oracle.calls) == 32
+
+
+def test_counts_from_many_threads_lose_nothing():
+    """The local executor's call workers count side by side: every call is counted, per layer too
+    (an unguarded read-modify-write of per_layer lost a quarter of them here)."""
+    import sys
+    import threading
+
+    from emulate.runtime.contract import CallCounts
+
+    counts = CallCounts()
+
+    def work():
+        for _ in range(20000):
+            counts.call(3, 0, attention=True)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, as a loaded machine does
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert counts.small_calls == counts.attention_calls == counts.per_layer[0] == 80000

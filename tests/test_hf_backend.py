@@ -248,12 +248,37 @@ def test_refuses_dropout_in_training():
     assert "dropout" in one_line(e) and "model.eval()" in str(e.value)
 
 
-def test_refuses_cached_decoding():
-    model, _ = build("llama")
-    model.set_attn_implementation("emulate")
-    with pytest.raises(EmulateError) as e, torch.no_grad():
-        model.generate(tokens(70), max_new_tokens=2, do_sample=False)
-    assert "cached decoding" in one_line(e)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_generate_with_the_cache_is_sdpa_token_for_token(family):
+    """model.generate() on transformers' own dynamic cache: each decode step's query attends the cached
+    key blocks in calls of at most M keys; greedy tokens identical to sdpa's in float64, every step's
+    logits as close as float32 (generate returns them cast) allows."""
+    model, _ = build(family)
+    model = model.to(torch.float64)
+    ids = tokens(70)
+
+    def generate(implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, min_new_tokens=60,
+                                  do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+    want = generate("sdpa")
+    hf.reset()
+    got = generate("emulate")
+    assert got.sequences.tolist() == want.sequences.tolist()
+    assert torch.equal(torch.cat(got.logits), torch.cat(want.logits)) or \
+        float((torch.cat(got.logits) - torch.cat(want.logits)).abs().max()) <= 1e-5
+    c = hf.counts()
+    assert c["max_call_tokens"] <= M and c["invocations"][0] == 60  # the prefill and 59 cached steps
+    # layer 0 of llama is causal: the step at position t reads ceil((t + 1) / M) key blocks
+    if family == "llama":
+        prefill = BLOCKS_OF(70) * (BLOCKS_OF(70) + 1) // 2
+        assert c["attention_calls_per_layer"][0] == prefill + sum(BLOCKS_OF(t + 1) for t in range(70, 129))
+
+
+def BLOCKS_OF(n: int) -> int:
+    return -(-n // M)
 
 
 def test_refuses_bidirectional_windows():

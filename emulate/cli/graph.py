@@ -25,6 +25,7 @@ def add_graph_command(sub) -> None:
                "  emulate graph --random-tokens 4096 -M 256 --coverage pairs.png --compare full,causal,sliding,sink,sampled\n"
                "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal   (counts only)\n"
                "  emulate graph --shape llama3-8b --random-tokens 1048576 -M 4096 --attention causal -o g.json\n"
+               "  emulate graph --decode --random-tokens 4096 -M 512 -o step.svg      (one generation step's calls)\n"
                "With neither -o nor --coverage it prints the graph's counts (--json: as one object); JSON output is "
                "streamed node by node, so graphs of any size can be written.")
 
@@ -44,6 +45,9 @@ def graph_options(graph: argparse.ArgumentParser) -> None:
     graph.add_argument("-o", "--output", default=None, help="file to write; its suffix gives the format")
     graph.add_argument("--format", choices=("svg", "png", "html", "dot", "json"), default=None,
                        help="what --output holds (default: from its suffix)")
+    graph.add_argument("--decode", action="store_true",
+                       help="the calls of one generation step after the input instead (the token at position N, "
+                            "emulate generate's decode): causal layers read every key block, a window O(1) of them")
     graph.add_argument("--layers", default=None, metavar="A:B", help="draw layers A to B-1 only (embed with layer 0, "
                        "head with the last)")
     graph.add_argument("--blocks", default=None, metavar="A:B", help="draw query blocks A to B-1 only")
@@ -74,6 +78,8 @@ def cmd_graph(args) -> int:
         if args.model is not None:
             raise EmulateError("give --model or --shape, not both")
         args.model = args.shape
+    if args.decode:
+        return decode_step_graph(args)
     if args.output is None and args.coverage is None:
         if args.format is not None:
             raise EmulateError("give -o FILE (the graph) or --coverage FILE (its pairs), or both")
@@ -146,6 +152,40 @@ def print_graph_counts(args) -> int:
           f"longer than {s['max_call_tokens']} tokens\n"
           f"work       {s['work_flops']:.3e} FLOPs, span {s['span_flops']:.3e} FLOPs, {s['work_bytes']:.3e} bytes "
           f"touched; compiled and counted in {s['compile_s']} s")
+    return 0
+
+
+def decode_step_graph(args) -> int:
+    """--decode: one generation step's calls (emulate/generation.py, decode_step), counted or drawn."""
+    from emulate.generation import decode_step
+    from emulate.outputs import output_target
+    from emulate.pictures import draw
+    from graphs import NodeKind
+
+    if args.coverage is not None:
+        raise EmulateError("--coverage draws a forward's pairs; --decode draws one step with -o FILE")
+    if args.output is not None:
+        output_target(args.output)
+    g = decode_step(args.model, **problem_keywords(args))
+    spec = g.graph["spec"]
+    position = g.graph["decode"]["position"]
+    per_layer = [0] * len(spec["patterns"])
+    widest = 0
+    for _, a in g.nodes(data=True):
+        if a["kind"] == NodeKind.ATTEND:
+            per_layer[a["layer"]] += 1
+            widest = max(widest, a["tokens"])
+    s = {"position": position, "block_size": spec["block_size"], "calls": g.number_of_nodes(),
+         "attention_calls": sum(per_layer), "attention_calls_per_layer": per_layer, "max_call_tokens": widest}
+    if args.output is not None:
+        d = draw(g, args.output, format=args.format, layers=args.layers, blocks=args.blocks)
+        print(f"wrote {args.output}: {d.nodes} calls, {d.edges} edges as {d.format}", file=sys.stderr)
+    elif args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"decode     the token at position {position}: {s['calls']} calls, {s['attention_calls']} of them pair calls "
+          f"({', '.join(map(str, per_layer))} by layer), none of more than {widest} keys (M = {s['block_size']})",
+          file=sys.stderr if args.output is not None else sys.stdout)
     return 0
 
 

@@ -30,9 +30,9 @@ M tokens, in-process or on a Ray cluster, and measure it against the monolithic 
 # inside a function (graphs <- emulate <- cluster, docs/design.md; tests/test_layout.py checks it).
 # emulate/runtime/registry.py finds the Ray executor (cluster/options.py) by the same device.
 # All are named by string so that importing this module is quick (entry's handlers come first).
-COMMANDS = ("emulate.cli.run:add_run_command", "emulate.cli.graph:add_graph_command",
-            "emulate.cli.graph:add_trace_command", "emulate.cli.plan:add_plan_command",
-            "emulate.cli.theorems:add_theorems_command",
+COMMANDS = ("emulate.cli.run:add_run_command", "emulate.cli.generate:add_generate_command",
+            "emulate.cli.graph:add_graph_command", "emulate.cli.graph:add_trace_command",
+            "emulate.cli.plan:add_plan_command", "emulate.cli.theorems:add_theorems_command",
             "cluster.commands:add_submit_command", "cluster.commands:add_cluster_command")
 
 def main(argv: list[str] | None = None) -> int:

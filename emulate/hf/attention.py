@@ -24,7 +24,12 @@ nodes. The other position-wise parts (norms, RoPE, MLPs) stay transformers' own.
 What cannot be honoured exactly is refused with one EmulateError line, never approximated: a mask
 that is not the layer's plain causal / sliding / full mask (padding, packed sequences, chunked or
 bidirectional-window attention), logit soft-capping, attention sinks, position biases (ALiBi, T5),
-dropout in training mode, and cached decoding (a query length other than the key length).
+and dropout in training mode.
+
+Cached decoding (`model.generate()` with transformers' dynamic cache): a step's n queries are the
+last n of the nk keys the cache hands over, so they attend the key blocks of [0, nk) their mask
+reaches, each call at most M keys, merged as above (docs/generation.md). A cache whose keys are
+not the sequence so far (a static cache's empty slots) fails the mask check and is refused.
 """
 from __future__ import annotations
 
@@ -176,23 +181,25 @@ def _refuse_unsupported(module, kwargs: dict, dropout: float) -> None:
                            "call model.eval()")
 
 
-def _check_mask(attention_mask, pattern: Pattern, n: int, site) -> None:
-    """The mask transformers built must be exactly the layer's pattern over positions 0 .. n-1.
+def _check_mask(attention_mask, pattern: Pattern, n: int, site, nk: int | None = None) -> None:
+    """The mask transformers built must be exactly the layer's pattern: n queries at positions
+    nk - n .. nk - 1 over keys 0 .. nk - 1 (nk = n without a cache).
 
-    Checked a block of M rows at a time against the pattern's key ranges (one [M, n] temporary), and
+    Checked a block of M rows at a time against the pattern's key ranges (one [M, nk] temporary), and
     once per mask: transformers builds one mask per layer type and forward and hands the same tensor
     to each layer of that type, so a mask already checked for this pattern is not read again.
     """
     if attention_mask is None:
         return
+    nk = n if nk is None else nk
     if any(ref() is attention_mask and checked == pattern for ref, checked in _state.masks):
         return
     if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
         raise EmulateError(f"emulate attention: layer {site} gets an attention mask of dtype {attention_mask.dtype}")
-    if attention_mask.ndim != 4 or attention_mask.shape[-2:] != (n, n):
+    if attention_mask.ndim != 4 or attention_mask.shape[-2:] != (n, nk):
         raise EmulateError(f"emulate attention: layer {site} gets a mask of shape {tuple(attention_mask.shape)}, "
-                           f"not [batch, heads, {n}, {n}]")
-    keys = torch.arange(n, device=attention_mask.device)
+                           f"not [batch, heads, {n}, {nk}]")
+    keys = torch.arange(nk, device=attention_mask.device)
     for q0, q1 in block_spans(n, _state.block_size):
         rows = attention_mask[..., q0:q1, :]
         if rows.dtype == torch.bool:
@@ -204,13 +211,13 @@ def _check_mask(attention_mask, pattern: Pattern, n: int, site) -> None:
                 raise EmulateError(f"emulate attention: layer {site} gets an additive attention bias (ALiBi or a "
                                    "custom float mask), which the pair calls do not model")
             visible = ~masked
-        r = pattern.key_range(np.arange(q0, q1))
+        r = pattern.key_range(np.arange(nk - n + q0, nk - n + q1))
         lo, hi, sink_hi = (torch.from_numpy(x).to(keys.device)[:, None] for x in (r.lo, r.hi, r.sink_hi))
         want = ((keys >= lo) & (keys < hi)) | (keys < sink_hi)
         if not bool((visible == want).all()):
             raise EmulateError(f"emulate attention: layer {site}'s attention mask is not its plain "
-                               f"{pattern.describe()} mask (padding, packed sequences or a custom mask); run "
-                               "unpadded sequences one at a time")
+                               f"{pattern.describe()} mask (padding, packed sequences, a static cache or a custom "
+                               "mask); run unpadded sequences one at a time with transformers' dynamic cache")
     _state.masks = [*_state.masks[-3:], (weakref.ref(attention_mask), pattern)]
 
 
@@ -223,36 +230,41 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     _refuse_unsupported(module, kwargs, dropout)
     B, H, n, dh = query.shape
     Hkv, nk = key.shape[1], key.shape[2]
-    if nk != n:
-        raise EmulateError(f"emulate attention: layer {site} attends {n} queries to {nk} keys (cached decoding); "
-                           "run the whole sequence in one forward with use_cache=False")
+    if nk < n:
+        raise EmulateError(f"emulate attention: layer {site} attends {n} queries to only {nk} keys")
     if H % Hkv:
         raise EmulateError(f"emulate attention: layer {site} has {H} query heads over {Hkv} KV heads")
     pattern = layer_pattern(module, kwargs)
-    _check_mask(attention_mask, pattern, n, site)
+    _check_mask(attention_mask, pattern, n, site, nk)
     scale = float(dh ** -0.5 if scaling is None else scaling)
     M = _state.block_size
     if H not in _state.bound:
         _state.bound[H] = _state.oracle.bind(M, H)
     oracle = _state.bound[H]
-    spans = block_spans(n, M)
+    # positions in the keys' frame: keys 0 .. nk - 1, queries the last n of them (a cached decoding
+    # step has nk > n; a sliding-window cache keeps the last keys only, which the window alone reads)
+    offset = nk - n
+    key_spans = block_spans(nk, M)
+    spans = [(offset + q0, offset + q1) for q0, q1 in block_spans(n, M)]
     out = torch.empty(B, n, H, value.shape[-1], dtype=query.dtype, device=query.device)
     layer = site if isinstance(site, int) else -1
     calls = 0
     for b in range(B):
         q, k, v = query[b], key[b], value[b]
         for i, (q0, q1) in enumerate(spans):
-            qi = q[:, q0:q1].contiguous()
+            qi = q[:, q0 - offset:q1 - offset].contiguous()
+            blocks = (key_blocks(pattern, key_spans, i) if offset == 0 else
+                      [j for j, span in enumerate(key_spans) if pair_mask(pattern, (q0, q1), span).visible > 0])
             partials = []
-            for j in key_blocks(pattern, spans, i):
-                k0, k1 = spans[j]
-                pm = pair_mask(pattern, spans[i], spans[j])
+            for j in blocks:
+                k0, k1 = key_spans[j]
+                pm = pair_mask(pattern, (q0, q1), (k0, k1))
                 pair = PairCall(layer, (q0, q1), (k0, k1), pm.kind, pattern)
                 partials.append(oracle.attend(pair, qi, k[:, k0:k1].contiguous(), v[:, k0:k1].contiguous(), scale))
                 _state.max_call_tokens = max(_state.max_call_tokens, q1 - q0, k1 - k0)
                 calls += 1
             o, _ = merge(partials)
-            out[b, q0:q1] = o.transpose(0, 1)
+            out[b, q0 - offset:q1 - offset] = o.transpose(0, 1)
     _state.calls[site] = _state.calls.get(site, 0) + calls
     _state.invocations[site] = _state.invocations.get(site, 0) + 1
     _state.patterns[site] = pattern

@@ -20,11 +20,14 @@ with a safe default, never from its class or name:
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)
+    executor.keeps_kv  (False)  it keeps each block's keys and values in the Job's `kv` store,
+                                where they were made (generation decodes on them, emulate/generation.py)
 
 docs/extending.md shows a user's oracle and executor built on this page alone.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -100,6 +103,7 @@ class Job:
     dtype: torch.dtype
     device: str
     oracle: AttentionOracle
+    kv: Any = None  # a KV store to keep each block's keys and values in (emulate/runtime/decode.py, KVCache)
 
 
 class Execution:
@@ -158,6 +162,11 @@ class BlockOutput:
         return f"BlockOutput(block={self.block}, span={self.span}, hidden={list(self.hidden.shape)}, logprobs={lp})"
 
 
+# the local executor's call workers count side by side (emulate/runtime/local.py, run_parallel): an
+# unguarded `per_layer[layer] = per_layer.get(layer, 0) + 1` loses updates when threads interleave
+_COUNTING = threading.Lock()
+
+
 @dataclass
 class CallCounts:
     """The calls that ran, counted as they ran: what the summary reports, never the compile's counts.
@@ -173,11 +182,12 @@ class CallCounts:
     max_call_tokens: int = 0
 
     def call(self, tokens: int, layer: int | None = None, attention: bool = False) -> None:
-        self.small_calls += 1
-        self.max_call_tokens = max(self.max_call_tokens, int(tokens))
-        if attention:
-            self.attention_calls += 1
-            self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
+        with _COUNTING:
+            self.small_calls += 1
+            self.max_call_tokens = max(self.max_call_tokens, int(tokens))
+            if attention:
+                self.attention_calls += 1
+                self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
 
     def add(self, other: CallCounts) -> None:
         """Fold another process's or task's counts into these."""

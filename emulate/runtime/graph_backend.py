@@ -24,8 +24,9 @@ class GraphBackend:
     """One forward of `problem` as its compact graph on `executor`, each pair call through `oracle`."""
 
     def __init__(self, problem: Problem, compact: CompactGraph, executor: Executor, oracle: AttentionOracle,
-                 device: str, progress=None):
+                 device: str, progress=None, kv=None):
         self.problem, self.compact, self.executor, self.oracle = problem, compact, executor, oracle
+        self.kv = kv  # a KV store the executor fills as the projections run (generation's prefill)
         self.device, self.progress = device, progress
         config = problem.model.config
         self.tokens, self.width, self.dtype, self.lm_head = problem.tokens, config.width, problem.dtype, config.lm_head
@@ -35,7 +36,7 @@ class GraphBackend:
 
     def start(self) -> None:
         p = self.problem
-        job = Job(self.compact, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle)
+        job = Job(self.compact, p.model, torch.from_numpy(p.tokens), p.dtype, self.device, self.oracle, self.kv)
         forward = None if self.progress is None else (lambda done, total: self.progress("forward", done, total))
         self._execution = self.executor.start(job, forward)
 

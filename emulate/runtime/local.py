@@ -51,6 +51,7 @@ class Local:
     name = "local"
     in_process = True  # verify's reference runs on the run's own device
     graph_form = "compact"  # it reads the compact graph's schedule, no node held per graph node
+    keeps_kv = True  # a Job's kv store is filled in this process, where the keys were made
 
     def start(self, job: Job, progress: Progress | None = None) -> Execution:
 
@@ -61,7 +62,7 @@ class Local:
         graph = job.compact
         oracle = job.oracle.bind(graph.spec.block_size, graph.spec.heads)
         model = job.model.transformer(job.dtype, job.device)
-        runner = NodeRunner(model, job.tokens, graph.graph_attrs(), oracle)
+        runner = NodeRunner(model, job.tokens, graph.graph_attrs(), oracle, job.kv)
         # calls run side by side on CPU with an oracle that says it may (contract.py, `concurrent`); one that
         # keeps counts in plain Python state (the paper oracle's), and a GPU's one stream, run them in turn
         parallel = job.device == "cpu" and capability(job.oracle, "concurrent")

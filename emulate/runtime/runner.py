@@ -18,11 +18,13 @@ class NodeRunner:
 
     Values by kind: embed and mix give x [m, width]; project gives (q, k, v); attend and merge give
     (o, lse); head gives {'hidden': [m, width], 'logprob_next': [m'] } where logprob_next[t] is
-    log p(token[s + t + 1] | tokens <= s + t). `counts` holds the calls run so far.
+    log p(token[s + t + 1] | tokens <= s + t). `counts` holds the calls run so far. kv: a store
+    whose keep(layer, block, k, v) is given every projection's keys and values (after RoPE).
     """
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor, graph_meta: dict, oracle: BoundOracle):
+    def __init__(self, model: Transformer, tokens: torch.Tensor, graph_meta: dict, oracle: BoundOracle, kv=None):
         self.model = model
+        self.kv = kv  # where each block's projected keys and values are kept for decoding (decode.py, KVCache)
         self.oracle = oracle
         self.tokens = tokens.to(model.device)
         spec = graph_meta["spec"]
@@ -49,7 +51,10 @@ class NodeRunner:
         x = inputs[0]
         self.counts.call(x.shape[0])
         if kind == NodeKind.PROJECT:
-            return m.project(node.layer, x, self.positions(node.span))
+            q, k, v = m.project(node.layer, x, self.positions(node.span))
+            if self.kv is not None:
+                self.kv.keep(node.layer, node.block, k, v)
+            return q, k, v
         if kind == NodeKind.MIX:
             return m.mix(node.layer, x, inputs[1][0])
         if kind == NodeKind.HEAD:

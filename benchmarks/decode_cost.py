@@ -1,0 +1,69 @@
+"""Per-token decode cost against prompt length: exact causal grows as N / M calls, a window stays flat.
+
+For each prompt length N, `emulate.generate` on a seeded preset (the local executor, float32,
+one torch thread) with a few new tokens, once with exact causal attention and once with a
+sliding window; prints a markdown table of the measured time per output token and the pair calls
+per token (counted as they ran), and with --plot draws both against N.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_cost.py [--tokens 1024,4096,16384] [-M 256]
+        [--window 512] [--new 8] [--model tiny-llama] [--plot decode_cost.png]
+
+Sized for about a minute at its defaults on this project's CPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def measure(model: str, n: int, block_size: int, new: int, **attention) -> dict:
+    import emulate
+
+    prompt = np.random.default_rng(0).integers(0, 1024, n)
+    s = emulate.generate(model, prompt, max_new_tokens=new, block_size=block_size, threads=1, **attention).stats
+    return {"ms_per_token": 1000 * s["time_per_output_token_s"], "calls": s["decode_attention_calls_per_token"],
+            "max_call_tokens": s["max_call_tokens"], "kv_mib": s["kv_bytes"] / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1024,4096,16384", help="prompt lengths, comma separated")
+    ap.add_argument("--block-size", "-M", type=int, default=256)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--new", type=int, default=8, help="new tokens per run (the first comes from the prefill)")
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--plot", default=None, help="draw ms per token against N to this image")
+    args = ap.parse_args()
+    ns = [int(x) for x in args.tokens.split(",")]
+    modes = {"causal": {"attention": "causal"}, f"sliding r={args.window}": {"attention": "sliding",
+                                                                            "window": args.window}}
+    rows = {mode: [measure(args.model, n, args.block_size, args.new, **kw) for n in ns] for mode, kw in modes.items()}
+    print(f"{args.model}, M = {args.block_size}, {args.new} new tokens, float32, local executor, one thread\n")
+    print("| prompt N | mode | ms per token | pair calls per token | max call tokens | KV MiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for mode, results in rows.items():
+        for n, r in zip(ns, results):
+            print(f"| {n} | {mode} | {r['ms_per_token']:.2f} | {r['calls']:.0f} | {r['max_call_tokens']} | "
+                  f"{r['kv_mib']:.1f} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, results in rows.items():
+            ax.plot(ns, [r["ms_per_token"] for r in results], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens N")
+        ax.set_ylabel("ms per output token")
+        ax.set_title(f"{args.model}, M = {args.block_size}: decode cost")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`emulate generate`: its options, the call into the library's generate_iter (emulate/generation.py),
+the new text streamed to stdout as it comes, and the summary (stderr, or one JSON object with --json).
+
+Ctrl-C during generation prints what was generated so far and exits 130 (emulate/cli/program.py
+turns the interrupt into the exit status)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from emulate.cli.parser import Help
+
+
+def add_generate_command(sub) -> None:
+    sub.add_parser(
+        "generate", formatter_class=Help, help="generate tokens after a prompt, decoding on the block KV cache",
+        options=generate_options,
+        epilog="examples:\n"
+               "  emulate generate --text 'The quick brown fox' --max-new-tokens 16\n"
+               "  emulate generate --model tiny-mistral --input prompt.npy --max-new-tokens 64 -M 128 --json\n"
+               "  emulate generate --text 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 7\n"
+               "  emulate generate --model tiny-llama --text 'abc' --max-new-tokens 8 --dtype float64 --verify\n"
+               "exit status: 0 ok; 1 --verify found an error above the tolerance; 2 bad input; 130 interrupted")
+
+
+def generate_options(g: argparse.ArgumentParser) -> None:
+    """The description and options of `emulate generate`, added once the command is chosen (cli/parser.py)."""
+    from emulate.cli.options import preset_names
+    from emulate.problem import DEFAULT_BLOCK, DEFAULT_MODEL
+    from emulate.runtime.registry import EXECUTORS, ORACLES
+
+    g.description = ("Prefill the prompt as a task graph of small calls, keep each block's keys and values where "
+                     "they were made, then generate: each new token attends every key block it may see in calls of "
+                     "at most M keys, merged as the prefill merges. The new text goes to stdout as it comes.")
+    g.add_argument("--model", default=None,
+                   help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file, "
+                        f"of a decoder (default {DEFAULT_MODEL})")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--input", default=None, help="the prompt: token ids (.npy, .arrow, .parquet) or text (.txt, .md)")
+    src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of probability >= P")
+    g.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws")
+    g.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most keys a small call sees")
+    g.add_argument("--attention", default="auto", help="auto (the model's own mask), causal, sliding or sink")
+    g.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
+    g.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
+    g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
+                   help="where the prefill runs; generation needs one that keeps the keys where they were made "
+                        "(default: local)")
+    g.add_argument("--oracle", choices=ORACLES.names(), default="kernel", help="what runs each pair call")
+    g.add_argument("--verify", action="store_true",
+                   help="also run the monolithic forward over prompt and new tokens and compare every step's logits")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    g.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from emulate.generation import generate_iter
+
+    stream = generate_iter(args.model, args.text, input=args.input, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
+                           attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
+                           executor=args.executor, oracle=args.oracle, verify=args.verify)
+    shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
+    try:
+        for token in stream:
+            if not args.json:
+                piece = token.text if token.text is not None else f"{token.id} "
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                shown.append(piece)
+    except KeyboardInterrupt:
+        so_far = stream.partial
+        if args.json:
+            print(json.dumps(clean(so_far.stats)), flush=True)
+        else:
+            # a token chosen just before the interrupt may not be on stdout yet: it goes out first
+            whole = so_far.text if so_far.text is not None else "".join(f"{t} " for t in so_far.tokens)
+            print(whole[len("".join(shown)):], flush=True)
+            print(f"emulate: generated {len(so_far.tokens)} tokens before the interrupt: {so_far.tokens}",
+                  file=sys.stderr)
+        raise
+    s = stream.result.stats
+    if args.json:
+        print(json.dumps(clean(s), allow_nan=False))
+    else:
+        print(flush=True)
+        print(summary(s), file=sys.stderr)
+    if s.get("verified") is False:
+        print(f"emulate: verify failed: max_logit_err {s['max_logit_err']:.3e} (tolerance {s['tolerance']:.1e}), "
+              f"greedy tokens match: {s.get('reference_tokens_match')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def clean(stats: dict) -> dict:
+    """NaN is not JSON: a non-finite figure is printed as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
+
+
+def summary(s: dict) -> str:
+    lines = [
+        (f"generated  {s['new_tokens']} tokens after {s['prompt_tokens']} prompt tokens ({s['model']}, {s['dtype']}, "
+         f"M = {s['block_size']}, attention {s['attention']}, {s['executor']} executor)"),
+        (f"prefill    {s['prefill_s']:.3f} s ({s['prefill_calls']} calls); time to first token "
+         f"{s['time_to_first_token_s']:.3f} s"),
+    ]
+    if s["decode_steps"]:
+        lines.append(f"decode     {s['time_per_output_token_s'] * 1000:.2f} ms per token ({s['decode_tokens_per_s']} "
+                     f"tokens/s), {s['decode_calls_per_token']} calls per token of which "
+                     f"{s['decode_attention_calls_per_token']} attention; none longer than {s['max_call_tokens']} "
+                     f"tokens")
+    lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB; peak RSS {s['peak_rss_mb']} MB")
+    if "max_logit_err" in s:
+        lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_logit_err {s['max_logit_err']:.3e}"
+                     + (f", greedy tokens match: {s['reference_tokens_match']}" if "reference_tokens_match" in s else "")
+                     + f": {'verified' if s['verified'] else 'NOT verified'} (tolerance {s['tolerance']:.0e})")
+    return "\n".join(lines)

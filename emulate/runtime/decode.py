@@ -1,0 +1,200 @@
+"""Decoding on the block KV cache: one new token through every layer as small calls of at most M keys.
+
+    KVCache     each block's keys and values (after RoPE), kept where the prefill made them; new
+                tokens go to a tail block that becomes an ordinary block once it holds M tokens
+    Decoder     step(token, position) -> logits: per layer, the new query attends each key block
+                its pattern lets it see in one call (the query and at most M keys), the partials
+                merged by the prefill's merger (emulate/runtime/merge.py, TreeMerge)
+
+Block j holds positions [j M, (j + 1) M), prompt and generated tokens alike, so the pairs of a
+decode step are the prefill's pairs for a query block of one row (graphs/patterns.py, pair_mask):
+a causal layer reads every block (O(N / M) calls per token), a sliding window or sinks only the
+blocks the window and the sinks reach (O(1)). Every call is counted as it runs (contract.CallCounts).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from emulate.models.block import Transformer
+from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
+from emulate.runtime.merge import merge
+from graphs import Pattern, pair_mask
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+TAIL_START = 16  # rows a new tail block is given; it doubles from there up to M
+
+
+class KVCache:
+    """Keys and values [Hkv, m, dh] per layer and block; the last block of each layer is the tail.
+
+    keep(layer, block, k, v) is the prefill's store (emulate/runtime/runner.py calls it for every
+    projection); append(layer, position, k, v) adds one decoded token.
+    """
+
+    def __init__(self, layers: int, block_size: int):
+        self.block_size = block_size
+        self.blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
+        self.filled: list[dict[int, int]] = [{} for _ in range(layers)]  # tokens held by each block
+
+    def keep(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.blocks[layer][block] = (k, v)
+        self.filled[layer][block] = k.shape[1]
+
+    def append(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token's k, v [Hkv, 1, dh] at `position` (the next one): into the tail block, or a new one."""
+        M = self.block_size
+        block, row = divmod(position, M)
+        have = self.filled[layer].get(block, 0)
+        if have != row:
+            raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
+        if row == 0:
+            kb, vb = k.new_empty((k.shape[0], 0, k.shape[2])), v.new_empty((v.shape[0], 0, v.shape[2]))
+        else:
+            kb, vb = self.blocks[layer][block]
+        if kb.shape[1] <= row:
+            # the tail's room doubles as it fills (at most M): the cache holds at most twice the
+            # tail's tokens beyond the sequence, never a whole block of empty rows
+            room = min(M, max(TAIL_START, 2 * row))
+            grown_k = kb.new_empty((kb.shape[0], room, kb.shape[2]))
+            grown_v = vb.new_empty((vb.shape[0], room, vb.shape[2]))
+            grown_k[:, :row], grown_v[:, :row] = kb[:, :row], vb[:, :row]
+            kb, vb = grown_k, grown_v
+        kb[:, row:row + 1], vb[:, row:row + 1] = k, v
+        self.blocks[layer][block] = (kb, vb)
+        self.filled[layer][block] = row + 1
+
+    def keys(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's keys and values, the tokens it holds so far."""
+        k, v = self.blocks[layer][block]
+        n = self.filled[layer][block]
+        return k[:, :n], v[:, :n]
+
+    def tokens(self, layer: int = 0) -> int:
+        return sum(self.filled[layer].values())
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (the tail's unused room included)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for layer in self.blocks for k, v in layer.values())
+
+
+def visible_blocks(pattern: Pattern, position: int, block_size: int) -> list[int]:
+    """The key blocks a query at `position` sees under `pattern`, ascending (the window's and the sinks')."""
+    r = pattern.key_range(np.array([position]))
+    lo, hi, sink_hi = int(r.lo[0]), int(r.hi[0]), int(r.sink_hi[0])
+    wanted = set(range(lo // block_size, (hi - 1) // block_size + 1)) if hi > lo else set()
+    if sink_hi > 0:
+        wanted |= set(range((sink_hi - 1) // block_size + 1))
+    return sorted(wanted)
+
+
+class Decoder:
+    """One token at a time through the model, reading and extending `cache`; every call counted in `counts`."""
+
+    def __init__(self, model: Transformer, patterns: list[Pattern], cache: KVCache, oracle: BoundOracle):
+        self.model, self.patterns, self.cache, self.oracle = model, patterns, cache, oracle
+        self.block_size = cache.block_size
+        self.counts = CallCounts()
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """The logits [vocab] after `token` at `position` (every earlier position already in the cache)."""
+        m = self.model
+        pos = torch.tensor([position], device=m.device)
+        self.counts.call(1)
+        x = m.embed(torch.tensor([token], device=m.device), pos)
+        plans: dict[Pattern, list[tuple[int, PairCall]]] = {}  # layers of one pattern share the step's pairs
+        for layer, pattern in enumerate(self.patterns):
+            self.counts.call(1)
+            q, k, v = m.project(layer, x, pos)
+            self.cache.append(layer, position, k, v)
+            if pattern not in plans:
+                plans[pattern] = self.pairs(pattern, position, layer)
+            partials = []
+            for j, pair in plans[pattern]:
+                kb, vb = self.cache.keys(layer, j)
+                self.counts.call(max(1, kb.shape[1]), layer, attention=True)
+                partials.append(self.oracle.attend(replace(pair, layer=layer), q, kb, vb, m.scale))
+            if len(partials) > 1:
+                self.counts.call(1)
+            o, _ = merge(partials)
+            self.counts.call(1)
+            x = m.mix(layer, x, o)
+        self.counts.call(1)
+        return logits(m, m.final(x))[0]
+
+    def pairs(self, pattern: Pattern, position: int, layer: int) -> list[tuple[int, PairCall]]:
+        """(key block, pair call) of the query at `position` against each block it sees (the cache as
+        filled for `layer`, the same for every layer once the step's key is appended)."""
+        M, out = self.block_size, []
+        for j in visible_blocks(pattern, position, M):
+            span = (j * M, j * M + self.cache.filled[layer][j])
+            pm = pair_mask(pattern, (position, position + 1), span)
+            if pm.visible:
+                out.append((j, PairCall(layer, (position, position + 1), span, pm.kind, pattern)))
+        return out
+
+
+def logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's scores [rows, vocab] for final-norm hidden states [rows, width]."""
+    return hidden @ model.w["lm_head.weight"].T
+
+
+def decode_graph(config, patterns: list[Pattern], position: int, block_size: int, dtype) -> nx.DiGraph:
+    """The calls of one decode step, for the token at `position`, as a logical graph (graphs/nodes.py).
+
+    Query block position // M in every layer: embed, then per layer its projection, one attend node
+    per key block the pattern lets `position` see (the keys come from the cache, so an attend node
+    reads only the step's projection), the merge of their partials, the mix; the head last. The
+    graph's attributes are a forward's over position + 1 tokens, so emulate.draw draws it.
+    """
+    import networkx as nx
+
+    from emulate.problem import forward_spec
+    from graphs import MaskKind, NodeKind, block_spans
+    from graphs.costs import (
+        attend_cost,
+        embed_cost,
+        head_cost,
+        merge_cost,
+        mix_cost,
+        project_cost,
+    )
+    from graphs.nodes import Node, node_id
+
+    spec = forward_spec(config, position + 1, block_size, list(patterns), dtype)
+    M, i, span = block_size, position // block_size, (position, position + 1)
+    g = nx.DiGraph(spec=spec.to_dict(), blocks=i + 1, block_spans=block_spans(position + 1, M),
+                   decode={"position": position})
+
+    def add(nid: str, node: Node) -> str:
+        g.add_node(nid, **node.attrs())
+        for src in dict.fromkeys(node.inputs):
+            g.add_edge(src, nid)
+        return nid
+
+    x = add(node_id(NodeKind.EMBED, None, i), Node(NodeKind.EMBED, -1, i, (), span, 1, *embed_cost(spec, 1)))
+    for layer, pattern in enumerate(patterns):
+        p = add(node_id(NodeKind.PROJECT, layer, i),
+                Node(NodeKind.PROJECT, layer, i, (x,), span, 1, *project_cost(spec, 1)))
+        partials = []
+        for j in visible_blocks(pattern, position, M):
+            key_span = (j * M, min((j + 1) * M, position + 1))
+            pm = pair_mask(pattern, span, key_span)
+            if pm.visible:
+                keys = key_span[1] - key_span[0]
+                partials.append(add(node_id(NodeKind.ATTEND, layer, i, j), Node(
+                    NodeKind.ATTEND, layer, i, (p,), span, keys, *attend_cost(spec, 1, keys, pm.visible), key_block=j,
+                    key_span=key_span, mask=MaskKind(pm.kind))))
+        o = partials[0]
+        if len(partials) > 1:
+            o = add(node_id(NodeKind.MERGE, layer, i), Node(NodeKind.MERGE, layer, i, tuple(partials), span, 1,
+                                                           *merge_cost(spec, 1, len(partials))))
+        x = add(node_id(NodeKind.MIX, layer, i), Node(NodeKind.MIX, layer, i, (x, o), span, 1, *mix_cost(spec, 1)))
+    add(node_id(NodeKind.HEAD, None, i), Node(NodeKind.HEAD, len(patterns), i, (x,), span, 1, *head_cost(spec, 1)))
+    return g
