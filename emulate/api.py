@@ -90,7 +90,8 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
     tokenizer, seeded random ids otherwise. seed: for random ids and the sampled pattern.
     block_size: M, the most tokens any call sees. attention: auto (the model's own mask), full,
     causal, sliding, sink or sampled, a graphs.Pattern, or one Pattern per layer; window r and
-    sinks s for the names that take them. dtype: float32 or float64. device: cpu or cuda.
+    sinks s for the names that take them. dtype: float32, float64, bfloat16 or float16 (16-bit weights,
+    activations and pair calls; partials and merges in float32; docs/numerics.md). device: cpu or cuda.
     executor: a registered name ("local", the default; "ray"; emulate.register_executor adds
     more) or an object with `name` and `start` (emulate.Executor). Named executors take their
     options here: address, workers, cpus_per_worker, gpus_per_worker, stall_timeout (Ray's),
@@ -171,6 +172,7 @@ EXECUTOR_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", 
 def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress, collect, verify, **options):
     from emulate.problem import prepare
     from emulate.runtime.graph_backend import GraphBackend
+    from emulate.runtime.contract import capability
     from emulate.runtime.memory import check_fits, estimate
     from emulate.runtime.registry import EXECUTORS, ORACLES
 
@@ -181,6 +183,9 @@ def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress
     p = prepare(model, tokens, graph_form=form, **options)
     config = p.model.config
     chosen.bind(p.block_size, config.heads)  # an oracle refuses what it cannot run before any work
+    if p.dtype.itemsize == 2 and not capability(chosen, "half"):
+        raise EmulateError(f"the {chosen.name} oracle runs float32 or float64 only; "
+                           f"{str(p.dtype).removeprefix('torch.')} runs on the kernel oracle")
     check_fits(estimate(config, p.length, p.block_size, p.patterns, p.dtype.itemsize, collect, verify, graph=form),
                f"{p.length} tokens at M = {p.block_size}" + (" with verify" if verify else ""))
     return GraphBackend(p, p.compact_graph(progress), ex, chosen, device, progress)

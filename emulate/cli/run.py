@@ -36,7 +36,9 @@ def run_options(run: argparse.ArgumentParser) -> None:
     run.description = ("Run one forward as a task graph of small calls and print a summary. With no options: "
                        f"{DEFAULT_MODEL} on {DEFAULT_TEXT_NAME}, M = {DEFAULT_BLOCK}, verified.")
     add_problem_options(run)
-    run.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
+    run.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+                     help="the run's float type (bfloat16, float16: partials and merges in float32, verified "
+                          "against the monolithic forward in the same dtype)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the small calls run")
     run.add_argument("--backend", choices=("graph", "transformers"), default="graph",
                      help="graph: the task graph over emulate's own blocks (presets, checkpoints of llama, mistral, "
@@ -57,7 +59,8 @@ def run_options(run: argparse.ArgumentParser) -> None:
                      help="also run the monolithic forward and check the error (on by default for the embedded default)")
     run.add_argument("--tolerance", type=float, default=None,
                      help="the largest per-row relative error --verify accepts (default: 2e-5 for float32, 1e-10 "
-                          "for float64; sampled attention and the raw paper oracle state their own)")
+                          "for float64; sampled attention and the raw paper oracle state their own; for bfloat16 and "
+                          "float16 the ratio to the monolithic forward's own error, default 1.25)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
     add_quiet_option(run)
     oracle = run.add_argument_group("oracle: what runs each pair call")
@@ -175,6 +178,13 @@ def human_summary(s: dict) -> str:
         reference = "monolithic reference" if s["backend"] == "graph" else f"the same model under {s['reference']}"
         lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
+        if "monolithic_rel_err" in s:  # a 16-bit run: the relative contract (docs/numerics.md)
+            lines[-1] = (f"verify     float64 and {s['dtype']} monolithic forwards {s['reference_s']:.3f} s; against "
+                         f"float64 max_rel_err {s['max_rel_err']:.3e}, the monolithic {s['dtype']} forward's "
+                         f"{s['monolithic_rel_err']:.3e} (ratio {s['error_ratio']:.3f}, at most "
+                         f"{s['error_ratio_bound']:g})"
+                         + (f", perplexity gap {s['perplexity_gap']:.2e}" if "perplexity_gap" in s else "")
+                         + f": {verdict}")
     if "output" in s:
         lines.append(f"output     {s['output']}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ with a safe default, never from its class or name:
     oracle.distributed (False)  it pickles, binds in another process and its summary's numbers
                                 add up across processes (the Ray executor runs it on its workers)
     oracle.tolerance(dtype)     the error it promises when looser than the dtype's contract
+    oracle.half        (False)  it runs bfloat16 and float16 pair calls, returning float32 partials
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)
@@ -25,6 +26,7 @@ docs/extending.md shows a user's oracle and executor built on this page alone.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -158,6 +160,9 @@ class BlockOutput:
         return f"BlockOutput(block={self.block}, span={self.span}, hidden={list(self.hidden.shape)}, logprobs={lp})"
 
 
+_COUNTING = threading.Lock()
+
+
 @dataclass
 class CallCounts:
     """The calls that ran, counted as they ran: what the summary reports, never the compile's counts.
@@ -173,11 +178,14 @@ class CallCounts:
     max_call_tokens: int = 0
 
     def call(self, tokens: int, layer: int | None = None, attention: bool = False) -> None:
-        self.small_calls += 1
-        self.max_call_tokens = max(self.max_call_tokens, int(tokens))
-        if attention:
-            self.attention_calls += 1
-            self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
+        # the local executor's call workers count into one runner's counts: a read-add-write of a
+        # count interleaved between two threads loses a call, which check_counts then refuses
+        with _COUNTING:
+            self.small_calls += 1
+            self.max_call_tokens = max(self.max_call_tokens, int(tokens))
+            if attention:
+                self.attention_calls += 1
+                self.per_layer[layer] = self.per_layer.get(layer, 0) + 1
 
     def add(self, other: CallCounts) -> None:
         """Fold another process's or task's counts into these."""
