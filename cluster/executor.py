@@ -301,6 +301,14 @@ class _Dispatch:
         self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
+        # under the layers placement the trace's slices are coloured by layer range (graphs/pictures/gantt.py
+        # colours by kind), so the pipeline's fill and drain show: one range per worker
+        self.ranges = None
+        if opts.placement == Placement.LAYERS:
+            owned: dict[int, list[int]] = {}
+            for t in plan.tasks:
+                owned.setdefault(t.worker, []).append(max(t.layer, 0))
+            self.ranges = {w: f"layers {min(ls)}-{max(ls)}" for w, ls in owned.items()}
         self.recoveries = 0
         self.calls = 0  # Ray calls submitted
         self.last_loss = ""  # why the latest lost call failed, for the message when recovery gives up
@@ -358,7 +366,10 @@ class _Dispatch:
             if task.head:
                 self.heads_done.append(task.block)
             self.lost.discard(task.index)
-            self.records.append(_record(task, m, self.producer, traced=bool(self.opts.trace)))
+            record = _record(task, m, self.producer, traced=bool(self.opts.trace))
+            if self.ranges is not None:
+                record["kind"] = self.ranges[task.worker]
+            self.records.append(record)
             for key in task.reads:
                 left = self.readers_left[key]
                 left.discard(task.index)

@@ -420,10 +420,14 @@ class WorkerPool:
         self.run_id = uuid.uuid4().hex[:8]
         # Put once; every worker (and every restart) reads these copies. They travel wrapped in a
         # list, so the actor fetches them itself, and the pool holds the refs for the whole run.
+        # Weights travel as WireTensors: a worker reads them as views of the object store's memory
+        # (cluster/worker.py, from_wire), never unpickled into a second copy of its own.
+        from cluster.worker import to_wire
+
         if owned is None:
-            self.shared = [ray.put(weights), ray.put(tokens)]
+            self.shared = [ray.put(to_wire(weights)), ray.put(tokens)]
         else:  # each worker's own weights, put once each: no worker's process ever holds the others'
-            self.shared = [[ray.put({n: weights[n] for n in names}) for names in owned], ray.put(tokens)]
+            self.shared = [[ray.put(to_wire({n: weights[n] for n in names})) for names in owned], ray.put(tokens)]
         actor = ray.remote(Worker)
         # Several workers run their tasks out of order, as inputs arrive (the wavefront); a lone
         # worker has nothing to wait for but itself, and runs them in plan order (a topological

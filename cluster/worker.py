@@ -159,6 +159,7 @@ class Worker:
             # holding only its layers' (cluster/placement.py); a restarted actor reloads its own
             own = shared[0][self.index] if isinstance(shared[0], list) else shared[0]
             weights, tokens = ray.get([own, shared[1]])
+            weights = from_wire(weights)  # read-only views of the store's memory: no kernel writes a weight
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
             # the run's oracle description, bound here: its counts are this process's (summary())

@@ -109,11 +109,12 @@ def ray_instance():
 
 
 @pytest.mark.parametrize("name,dtype,workers", [("tiny-llama", "float32", 2), ("tiny-mistral", "float64", 3)])
-def test_layers_on_ray_give_the_local_bits(ray_instance, name, dtype, workers):
+def test_layers_on_ray_give_the_local_bits(ray_instance, tmp_path, name, dtype, workers):
     p = problem(name, tokens=700, block=64, dtype=dtype)
     want = local(p)
+    trace = tmp_path / "trace.json"
     got = emulate.run(p.model, p.tokens, block_size=p.block_size, attention=list(p.patterns), dtype=p.dtype,
-                      executor=emulate.Ray(workers=workers, placement="layers", stall_timeout=120))
+                      executor=emulate.Ray(workers=workers, placement="layers", stall_timeout=120, trace=str(trace)))
     s = got.stats
     assert torch.equal(got.hidden, want.hidden) and torch.equal(got.logprobs, want.logprobs)
     assert s["placement"] == "layers" and s["worker_layers"] == [[r.start, r.stop] for r in
@@ -122,3 +123,36 @@ def test_layers_on_ray_give_the_local_bits(ray_instance, name, dtype, workers):
     # each worker loaded its layers' weights, not the model's; together about the model once
     assert max(s["worker_weights_mb"]) < 0.75 * total and sum(s["worker_weights_mb"]) < 1.2 * total, s
     assert s["bytes_transferred"] > 0 and json.dumps(s)
+    # the Gantt chart's colours are the layer ranges, one per worker's track
+    ranges = layer_ranges(p.model.config.layers, workers)
+    slices = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {(e["tid"], e["cat"]) for e in slices} == {(w, f"layers {r.start}-{r.stop - 1}") for w, r in enumerate(ranges)}
+    drawn = emulate.draw_trace(str(trace), str(tmp_path / "gantt.svg"))
+    assert set(drawn["tasks_by_kind"]) == {f"layers {r.start}-{r.stop - 1}" for r in ranges}
+
+
+@pytest.mark.slow
+def test_a_killed_worker_reloads_its_own_layers_and_the_bits_are_the_same(ray_instance):
+    """SIGKILL the last worker (the last layers and the head) half way: its restarted process loads
+    its own range's weights again, the driver re-runs what it held, and the outputs are the local bits."""
+    import signal
+
+    from conftest import Watched
+
+    p = problem(tokens=1024, block=128)
+    want = local(p).hidden
+    watched = Watched(emulate.Ray(workers=2, placement="layers", stall_timeout=120))
+    killed = []
+
+    def kill_once(stage, done, total):
+        if stage == "forward" and not killed and done >= total // 2:
+            killed.append(watched.execution.figures["ray_workers"][-1]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    stream = emulate.stream(p.model, p.tokens, block_size=p.block_size, attention=list(p.patterns), dtype=p.dtype,
+                            executor=watched, progress=kill_once)
+    hidden = torch.cat([out.hidden for _, out in stream])
+    s = stream.stats
+    assert killed and torch.equal(hidden, want)
+    assert s["worker_processes"] > 2 and s["recoveries"] >= 1
+    assert s["worker_weights_mb"][1] < 0.75 * sum(w.numel() * 4 for w in p.model.weights.values()) / 2**20
