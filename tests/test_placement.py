@@ -15,8 +15,14 @@ import torch
 from test_hardening import emulate_child, one_error_line
 
 import emulate
-from cluster.placement import (Placement, layer_ranges, owned_weights, pipeline_order, place_by_layers,
-                               worker_need)
+from cluster.placement import (
+    Placement,
+    layer_ranges,
+    owned_weights,
+    pipeline_order,
+    place_by_layers,
+    worker_need,
+)
 from cluster.worker import run_task
 from emulate.errors import EmulateError
 from emulate.models.block import Transformer
@@ -33,8 +39,8 @@ def local(p: emulate.Problem) -> emulate.Run:
 
 
 def test_layer_ranges_are_contiguous_and_cover_every_layer():
-    assert layer_ranges(30, 3) == [range(0, 10), range(10, 20), range(20, 30)]
-    assert layer_ranges(4, 3) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert layer_ranges(30, 3) == [range(10), range(10, 20), range(20, 30)]
+    assert layer_ranges(4, 3) == [range(2), range(2, 3), range(3, 4)]
     with pytest.raises(EmulateError, match="5 workers for 4 layers"):
         layer_ranges(4, 5)
 
