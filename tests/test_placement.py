@@ -114,7 +114,8 @@ def ray_instance():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("name,dtype,workers", [("tiny-llama", "float32", 2), ("tiny-mistral", "float64", 3)])
+@pytest.mark.parametrize("name,dtype,workers", [("tiny-llama", "float32", 2), ("tiny-mistral", "float64", 3),
+                                                ("tiny-llama", "bfloat16", 2)])
 def test_layers_on_ray_give_the_local_bits(ray_instance, tmp_path, name, dtype, workers):
     p = problem(name, tokens=700, block=64, dtype=dtype)
     want = local(p)
