@@ -27,7 +27,8 @@ import threading
 import time
 
 from graphs.plan import Plan, calls, make_plan, routes
-from cluster.session import WorkerPool, capacity, connect, disconnect
+from cluster.placement import Placement, check_worker_memory, layer_ranges, owned_weights, place_by_layers
+from cluster.session import WorkerPool, capacity, connect, disconnect, pool_size
 from cluster.worker import LostLocal, from_wire
 from emulate.errors import EmulateError, Interrupted, error_line
 from emulate.runtime.contract import CallCounts, Execution, Job, Progress, combine_summaries
@@ -47,6 +48,8 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
     if opts.trace:  # a bad trace path fails before any work
         check_trace_path(opts.trace)
     g = job.compact  # the plan's tasks carry their nodes, made row by row: no networkx graph of the run
+    if opts.workers is not None:  # a placement that cannot fit is refused before Ray starts
+        _placement(job, opts, opts.workers)
     t0 = time.perf_counter()
     import ray
 
@@ -61,10 +64,14 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
             owned = connect(opts.address)
         handlers.restore()
         _pickle_by_value(job.oracle)
+        size = pool_size(opts)
+        need, loads = _placement(job, opts, size)
         pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, g.graph_attrs(),
-                          str(job.dtype).rsplit(".", 1)[-1], job.oracle)
+                          str(job.dtype).rsplit(".", 1)[-1], job.oracle, size, loads)
         handlers.restore()
         plan = make_plan(g, pool.size)
+        if loads is not None:
+            place_by_layers(plan, layer_ranges(job.model.config.layers, pool.size))
     except BaseException as err:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
             if pool is not None:
@@ -80,9 +87,29 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
         "ray_cluster": ("private local instance, " if owned else "joined, ") + nodes,
         "ray_workers": [{"name": n, "host": i["host"], "pid": i["pid"]} for n, i in zip(pool.names, pool.info)],
         "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
+        "placement": str(need.placement), "worker_need_mb": round(need.total / 2**20, 1),
     }
+    if loads is not None:
+        ranges = layer_ranges(job.model.config.layers, pool.size)
+        figures["worker_layers"] = [[r.start, r.stop] for r in ranges]
     counts = CallCounts()
     return Execution(_execute(plan, pool, owned, opts, figures, counts, progress, handlers), figures, counts)
+
+
+def _placement(job: Job, opts, workers: int):
+    """The run's placement priced per worker (refused when over --worker-memory), and the weight
+    names each worker loads (None: all of them)."""
+    from emulate.models.presets import weight_names
+
+    config = job.model.config
+    shapes = {n: tuple(w.shape) for n, w in job.model.weights.items()} or weight_names(config)
+    if opts.placement == Placement.LAYERS:
+        layer_ranges(config.layers, workers)  # more workers than layers: refused in one line
+    need = check_worker_memory(opts.placement, config, shapes, len(job.tokens), workers, job.dtype.itemsize,
+                               opts.worker_memory)
+    if opts.placement != Placement.LAYERS:
+        return need, None
+    return need, [owned_weights(shapes, config.layers, r) for r in layer_ranges(config.layers, workers)]
 
 
 @contextlib.contextmanager
@@ -217,6 +244,9 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, figures: dict, cou
         counts.add(_counts(run))
         figures.update(combine_summaries(_get(ray, [a.summary.remote(pool.shared) for a in pool.actors],
                                               "the oracle's figures", pool)))
+        memory = _get(ray, [a.memory.remote() for a in pool.actors], "the workers' memory", pool)
+        figures["worker_weights_mb"] = [m["weights_mb"] for m in memory]
+        figures["worker_peak_rss_mb"] = [m["peak_rss_mb"] for m in memory]  # each process's VmHWM
         if opts.trace:
             from emulate.runtime.trace import write_trace
 
@@ -273,6 +303,14 @@ class _Dispatch:
         self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
+        # under the layers placement the trace's slices are coloured by layer range (graphs/pictures/gantt.py
+        # colours by kind), so the pipeline's fill and drain show: one range per worker
+        self.ranges = None
+        if opts.placement == Placement.LAYERS:
+            owned: dict[int, list[int]] = {}
+            for t in plan.tasks:
+                owned.setdefault(t.worker, []).append(max(t.layer, 0))
+            self.ranges = {w: f"layers {min(ls)}-{max(ls)}" for w, ls in owned.items()}
         self.recoveries = 0
         self.calls = 0  # Ray calls submitted
         self.last_loss = ""  # why the latest lost call failed, for the message when recovery gives up
@@ -330,7 +368,10 @@ class _Dispatch:
             if task.head:
                 self.heads_done.append(task.block)
             self.lost.discard(task.index)
-            self.records.append(_record(task, m, self.producer, traced=bool(self.opts.trace)))
+            record = _record(task, m, self.producer, traced=bool(self.opts.trace))
+            if self.ranges is not None:
+                record["kind"] = self.ranges[task.worker]
+            self.records.append(record)
             for key in task.reads:
                 left = self.readers_left[key]
                 left.discard(task.index)

@@ -22,6 +22,11 @@ class Ray:
     trace: write the schedule as Chrome trace-event JSON. stall_timeout: stop with an error when no
     task finishes for that many seconds. max_restarts: per actor, then the run stops.
     start_timeout: seconds for the workers to be placed.
+    placement: "sequence" (every worker loads the whole model and runs every layer for its run of
+    query blocks) or "layers" (each worker owns a contiguous range of layers and loads only their
+    weights; blocks flow through the workers as a pipeline): cluster/placement.py.
+    worker_memory: bytes one worker may hold; a placement whose workers would need more is
+    refused in one line naming a placement that fits (cluster/placement.py, worker_need).
     """
 
     address: str | None = None
@@ -32,6 +37,8 @@ class Ray:
     stall_timeout: float = 600.0
     max_restarts: int = 3
     start_timeout: float = 120.0
+    placement: str = "sequence"
+    worker_memory: int | None = None
 
     name = "ray"
     in_process = False  # verify's reference runs on the driver's CPU
@@ -47,6 +54,12 @@ class Ray:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or (value <= 0 if strict else value < 0):
                 raise EmulateError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+        from cluster.placement import placement_of
+
+        object.__setattr__(self, "placement", placement_of(self.placement))
+        if self.worker_memory is not None and (isinstance(self.worker_memory, bool) or not isinstance(
+                self.worker_memory, int) or self.worker_memory < 1):
+            raise EmulateError(f"--worker-memory must be an integer number of bytes >= 1, got {self.worker_memory!r}")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise EmulateError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
 

@@ -389,28 +389,45 @@ def _available() -> str:
     return f"{a.get('CPU', 0):g} CPU, {a.get('GPU', 0):g} GPU free now"
 
 
+def pool_size(opts) -> int:
+    """The workers a run gets: --workers, or as many as the cluster fits; refused when it fits fewer."""
+    fit, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
+    want = opts.workers if opts.workers is not None else max(1, fit)
+    shape = f"{opts.cpus_per_worker:g} CPU" + (f" + {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "")
+    if fit < want:
+        raise EmulateError(f"asked for {want} worker(s) of {shape} each, but the cluster has room for {fit} ({nodes})")
+    return want
+
+
 class WorkerPool:
     """K worker actors, each holding the model once; restartable, tasks retried after a restart."""
 
-    def __init__(self, opts, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str, oracle):
+    def __init__(self, opts, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str, oracle,
+                 size: int | None = None, owned: list[list[str]] | None = None):
         """opts: the run's cluster.options.Ray (its workers, their CPUs, GPUs and threads, restarts, start
-        timeout); oracle: the run's oracle description, bound in each worker."""
+        timeout); oracle: the run's oracle description, bound in each worker. size: the workers, when
+        the caller counted them (`pool_size`). owned: the weight names each worker loads (the layers
+        placement, cluster/placement.py); None: every worker loads them all."""
         import ray
 
         from cluster.worker import Worker
 
         self.opts = opts
-        fit, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
-        want = opts.workers if opts.workers is not None else max(1, fit)
+        want = pool_size(opts) if size is None else size
+        _, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
         shape = f"{opts.cpus_per_worker:g} CPU" + (f" + {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "")
-        if fit < want:
-            raise EmulateError(f"asked for {want} worker(s) of {shape} each, but the cluster has room for {fit} "
-                               f"({nodes})")
         self.size = want
         self.run_id = uuid.uuid4().hex[:8]
         # Put once; every worker (and every restart) reads these copies. They travel wrapped in a
         # list, so the actor fetches them itself, and the pool holds the refs for the whole run.
-        self.shared = [ray.put(weights), ray.put(tokens)]
+        # Weights travel as WireTensors: a worker reads them as views of the object store's memory
+        # (cluster/worker.py, from_wire), never unpickled into a second copy of its own.
+        from cluster.worker import to_wire
+
+        if owned is None:
+            self.shared = [ray.put(to_wire(weights)), ray.put(tokens)]
+        else:  # each worker's own weights, put once each: no worker's process ever holds the others'
+            self.shared = [[ray.put(to_wire({n: weights[n] for n in names})) for names in owned], ray.put(tokens)]
         actor = ray.remote(Worker)
         # Several workers run their tasks out of order, as inputs arrive (the wavefront); a lone
         # worker has nothing to wait for but itself, and runs them in plan order (a topological

@@ -155,7 +155,11 @@ class Worker:
         if self.runner is None:
             import ray
 
-            weights, tokens = ray.get(shared[:2])
+            # shared[0]: the whole model's weights, or under the layers placement one ref per worker
+            # holding only its layers' (cluster/placement.py); a restarted actor reloads its own
+            own = shared[0][self.index] if isinstance(shared[0], list) else shared[0]
+            weights, tokens = ray.get([own, shared[1]])
+            weights = from_wire(weights)  # read-only views of the store's memory: no kernel writes a weight
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
             # the run's oracle description, bound here: its counts are this process's (summary())
@@ -167,6 +171,13 @@ class Worker:
         runner = self.load(shared)
         return {"worker": self.index, **self.where, "threads": torch.get_num_threads(),
                 "device": str(runner.model.device)}
+
+    def memory(self) -> dict:
+        """This process's peak RSS (VmHWM) and the bytes of the weights it loaded."""
+        from emulate.runtime.memory import peak_rss_mb
+
+        weights = 0 if self.runner is None else sum(tensor_bytes(w) for w in self.runner.model.w.values())
+        return {"peak_rss_mb": round(peak_rss_mb(), 1), "weights_mb": round(weights / 2**20, 1)}
 
     def summary(self, shared: list) -> dict:
         """The bound oracle's summary in this process (contract.combine_summaries adds the workers' up)."""

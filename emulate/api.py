@@ -57,7 +57,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
            executor: Any = None, oracle: Any = "kernel", pack_heads: int | str | None = None,
            address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
            gpus_per_worker: float | None = None, trace: str | None = None, stall_timeout: float | None = None,
-           threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
+           placement: str | None = None, worker_memory: int | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
            **unknown) -> Stream:
     """Compile and start one forward; iterate the result for (block, BlockOutput) in block order.
 
@@ -69,7 +69,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
                    block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype, device=device,
                    executor=executor, oracle=oracle, pack_heads=pack_heads, address=address, workers=workers,
                    cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, trace=trace,
-                   stall_timeout=stall_timeout, threads=threads, backend=backend, progress=progress)
+                   stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, threads=threads, backend=backend, progress=progress)
 
 
 def run(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
@@ -78,7 +78,7 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
         executor: Any = None, oracle: Any = "kernel", pack_heads: int | str | None = None,
         address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
         gpus_per_worker: float | None = None, trace: str | None = None, stall_timeout: float | None = None,
-        threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
+        placement: str | None = None, worker_memory: int | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
         output: str | None = None, hidden: bool = False, verify: bool = False, tolerance: float | None = None,
         collect: bool = True, **unknown) -> Run:
     """Run one emulated forward end to end, in-process or on any registered executor.
@@ -90,10 +90,12 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
     tokenizer, seeded random ids otherwise. seed: for random ids and the sampled pattern.
     block_size: M, the most tokens any call sees. attention: auto (the model's own mask), full,
     causal, sliding, sink or sampled, a graphs.Pattern, or one Pattern per layer; window r and
-    sinks s for the names that take them. dtype: float32 or float64. device: cpu or cuda.
+    sinks s for the names that take them. dtype: float32, float64, bfloat16 or float16 (16-bit weights,
+    activations and pair calls; partials and merges in float32; docs/numerics.md). device: cpu or cuda.
     executor: a registered name ("local", the default; "ray"; emulate.register_executor adds
     more) or an object with `name` and `start` (emulate.Executor). Named executors take their
-    options here: address, workers, cpus_per_worker, gpus_per_worker, stall_timeout (Ray's),
+    options here: address, workers, cpus_per_worker, gpus_per_worker, stall_timeout, placement
+    ("sequence" or "layers") and worker_memory (bytes per worker) (Ray's: cluster/options.py),
     threads (the local executor's call workers on CPU: an integer, or "auto") and trace (the
     executed schedule as Chrome trace-event JSON, either).
     oracle: a registered name ("kernel", "paper", "paper-stable"; emulate.register_oracle adds
@@ -121,7 +123,7 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
                 attention=attention, window=window, sinks=sinks, dtype=dtype, device=device, executor=executor,
                 oracle=oracle, pack_heads=pack_heads, address=address, workers=workers,
                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, trace=trace,
-                stall_timeout=stall_timeout, threads=threads, backend=backend, progress=progress,
+                stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, threads=threads, backend=backend, progress=progress,
                 collect=collect, verify=verify)
     return finish(s, output=output, hidden=hidden, verify=verify, tolerance=tolerance, collect=collect,
                   progress=progress, t_start=t_start)
@@ -165,12 +167,14 @@ def _stream(model, tokens, *, backend: str, executor, oracle, pack_heads, device
                                  **options))
 
 
-EXECUTOR_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "stall_timeout", "trace", "threads")
+EXECUTOR_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "stall_timeout", "trace", "threads",
+                    "placement", "worker_memory")
 
 
 def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress, collect, verify, **options):
     from emulate.problem import prepare
     from emulate.runtime.graph_backend import GraphBackend
+    from emulate.runtime.contract import capability
     from emulate.runtime.memory import check_fits, estimate
     from emulate.runtime.registry import EXECUTORS, ORACLES
 
@@ -181,6 +185,9 @@ def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress
     p = prepare(model, tokens, graph_form=form, **options)
     config = p.model.config
     chosen.bind(p.block_size, config.heads)  # an oracle refuses what it cannot run before any work
+    if p.dtype.itemsize == 2 and not capability(chosen, "half"):
+        raise EmulateError(f"the {chosen.name} oracle runs float32 or float64 only; "
+                           f"{str(p.dtype).removeprefix('torch.')} runs on the kernel oracle")
     check_fits(estimate(config, p.length, p.block_size, p.patterns, p.dtype.itemsize, collect, verify, graph=form),
                f"{p.length} tokens at M = {p.block_size}" + (" with verify" if verify else ""))
     return GraphBackend(p, p.compact_graph(progress), ex, chosen, device, progress)

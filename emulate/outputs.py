@@ -15,8 +15,8 @@ from graphs import files
 class OutputWriter:
     """Arrow IPC file written block by block under a temporary name and renamed when complete.
 
-    Columns: position int64, token int32, logprob (the run's dtype; null at position 0; absent for
-    encoders), hidden (fixed-size list of the run's dtype) when asked for or for encoders.
+    Columns: position int64, token int32, logprob (the run's dtype, float32 for a 16-bit run; null at position
+    0; absent for encoders), hidden (fixed-size list of the same type) when asked for or for encoders.
     """
 
     def __init__(self, path: str, tokens: np.ndarray, width: int, dtype: torch.dtype, logprob: bool, hidden: bool,
@@ -27,6 +27,7 @@ class OutputWriter:
             self.logprob, self.hidden = logprob, hidden
             self.float_type = pa.float64() if dtype == torch.float64 else pa.float32()
             self.np_float = np.float64 if dtype == torch.float64 else np.float32
+            self.torch_float = torch.float64 if dtype == torch.float64 else torch.float32
             fields = [pa.field("position", pa.int64()), pa.field("token", pa.int32())]
             if logprob:
                 fields.append(pa.field("logprob", self.float_type))
@@ -49,7 +50,7 @@ class OutputWriter:
         s, e = self.start, self.start + m
         cols = [pa.array(np.arange(s, e, dtype=np.int64)), pa.array(self.tokens[s:e].astype(np.int32))]
         if self.logprob:
-            nxt = out.logprobs.detach().cpu().numpy().astype(self.np_float)
+            nxt = out.logprobs.detach().cpu().to(self.torch_float).numpy()
             lp = np.empty(m, dtype=self.np_float)
             lp[0] = np.nan if self.carry is None else self.carry
             lp[1:] = nxt[: m - 1]
@@ -58,7 +59,9 @@ class OutputWriter:
             mask[0] = s == 0
             cols.append(pa.array(lp, type=self.float_type, mask=mask))
         if self.hidden:
-            flat = pa.array(h.detach().cpu().numpy().astype(self.np_float).reshape(-1), type=self.float_type)
+            # numpy has no bfloat16: a 16-bit run's values are written as float32, which holds them exactly
+            flat = pa.array(h.detach().cpu().to(self.torch_float).numpy().reshape(-1),
+                            type=self.float_type)
             cols.append(pa.FixedSizeListArray.from_arrays(flat, h.shape[1]))
         self.writer.write_batch(pa.record_batch(cols, schema=self.schema))
         self.start = e

@@ -29,7 +29,10 @@ DEFAULT_MODEL = "smollm2-135m"
 IDS_MODEL = "tiny-llama"
 DEFAULT_TOKENS = 4096  # random ids when the model has no tokenizer and no input is given
 DEFAULT_BLOCK = 256  # 16 blocks of the default input: enough for the block structure to matter
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# weights, activations and pair calls in 16 bits; each pair's partial and the merge in float32
+# (emulate/models/block.py, emulate/runtime/kernels.py), verified by the relative contract of docs/numerics.md
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 DEVICES = ("cpu", "cuda")
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total): stages "graph", "forward", "reference"
@@ -69,7 +72,7 @@ def float_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise EmulateError(f"dtype must be float32 or float64, got {dtype!r}")
+    raise EmulateError(f"dtype must be {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def positive_int(name: str, value, low: int = 1) -> int:

@@ -262,7 +262,7 @@ def test_bad_arguments_raise_the_line_the_cli_prints(capsys, keywords, flags):
     (lambda: emulate.run("tiny-llama", [0.5, 1.5]), "integer ids"),
     (lambda: emulate.run("tiny-llama", [1, 2], text="x"), "give one input"),
     (lambda: emulate.run("tiny-llama", [5000]), "outside tiny-llama's vocabulary"),
-    (lambda: emulate.run("tiny-llama", [1, 2], dtype="float16"), "dtype must be"),
+    (lambda: emulate.run("tiny-llama", [1, 2], dtype="float8"), "dtype must be"),
     (lambda: emulate.run("tiny-llama", [1, 2], device="tpu"), "device must be"),
     (lambda: emulate.run("tiny-llama", [1, 2], executor="dask"), "unknown executor"),
     (lambda: emulate.run("tiny-llama", [1, 2], executor=emulate.Ray(), workers=2), "inside emulate.Ray"),

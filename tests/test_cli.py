@@ -371,7 +371,7 @@ def bad_inputs(d: Path) -> dict[str, list]:
         "window on an encoder": ["--model", "tiny-bert", "--random-tokens", "20", "--window", "4"],
         "unknown preset": [*ok, "--model", "tiny-gpt9"],
         "unknown attention pattern": [*ok, "--attention", "banded"],
-        "unknown dtype": [*ok, "--dtype", "float16"],
+        "unknown dtype": [*ok, "--dtype", "float8"],
         "sampled on a causal model": [*ok, "--attention", "sampled"],
         "sampled on mistral": [*ok, "--model", "tiny-mistral", "--attention", "sampled"],
         "past tiny-bert's learned positions": ["--model", "tiny-bert", "--random-tokens", "8193"],

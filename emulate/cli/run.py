@@ -36,7 +36,9 @@ def run_options(run: argparse.ArgumentParser) -> None:
     run.description = ("Run one forward as a task graph of small calls and print a summary. With no options: "
                        f"{DEFAULT_MODEL} on {DEFAULT_TEXT_NAME}, M = {DEFAULT_BLOCK}, verified.")
     add_problem_options(run)
-    run.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
+    run.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+                     help="the run's float type (bfloat16, float16: partials and merges in float32, verified "
+                          "against the monolithic forward in the same dtype)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the small calls run")
     run.add_argument("--backend", choices=("graph", "transformers"), default="graph",
                      help="graph: the task graph over emulate's own blocks (presets, checkpoints of llama, mistral, "
@@ -57,7 +59,8 @@ def run_options(run: argparse.ArgumentParser) -> None:
                      help="also run the monolithic forward and check the error (on by default for the embedded default)")
     run.add_argument("--tolerance", type=float, default=None,
                      help="the largest per-row relative error --verify accepts (default: 2e-5 for float32, 1e-10 "
-                          "for float64; sampled attention and the raw paper oracle state their own)")
+                          "for float64; sampled attention and the raw paper oracle state their own; for bfloat16 and "
+                          "float16 the ratio to the monolithic forward's own error, default 1.25)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
     add_quiet_option(run)
     oracle = run.add_argument_group("oracle: what runs each pair call")
@@ -77,6 +80,13 @@ def run_options(run: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
     ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
                      help="stop with an error when no task finishes for S seconds (default 600)")
+    ray.add_argument("--placement", choices=("sequence", "layers"), default=None,
+                     help="sequence: every worker loads the whole model and runs every layer for its run of blocks "
+                          "(default); layers: each worker owns a contiguous range of layers and loads only their "
+                          "weights, blocks flowing through the workers as a pipeline")
+    ray.add_argument("--worker-memory", type=int, default=None, metavar="BYTES",
+                     help="the most one worker may hold; a placement that would need more is refused, naming one "
+                          "that fits")
     run.set_defaults(handler=cmd_run)
 
 
@@ -96,7 +106,8 @@ def cmd_run(args) -> int:
             args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
             oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
-            stall_timeout=args.stall_timeout, threads=args.threads, output=args.output, hidden=args.hidden,
+            stall_timeout=args.stall_timeout, placement=args.placement, worker_memory=args.worker_memory,
+            threads=args.threads, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False, backend=args.backend,
             progress=progress)
     except BaseException:
@@ -175,6 +186,13 @@ def human_summary(s: dict) -> str:
         reference = "monolithic reference" if s["backend"] == "graph" else f"the same model under {s['reference']}"
         lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
+        if "monolithic_rel_err" in s:  # a 16-bit run: the relative contract (docs/numerics.md)
+            lines[-1] = (f"verify     float64 and {s['dtype']} monolithic forwards {s['reference_s']:.3f} s; against "
+                         f"float64 max_rel_err {s['max_rel_err']:.3e}, the monolithic {s['dtype']} forward's "
+                         f"{s['monolithic_rel_err']:.3e} (ratio {s['error_ratio']:.3f}, at most "
+                         f"{s['error_ratio_bound']:g})"
+                         + (f", perplexity gap {s['perplexity_gap']:.2e}" if "perplexity_gap" in s else "")
+                         + f": {verdict}")
         if "reference_note" in s:
             lines.append(f"           {s['reference_note']}")
     if "output" in s:

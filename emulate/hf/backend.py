@@ -269,6 +269,8 @@ class TransformersBackend:
         block_size = positive_int("--block-size", block_size)
         seed = positive_int("--seed", seed, 0)
         dt = float_dtype(dtype)
+        if dt.itemsize == 2:
+            raise EmulateError(f"the transformers backend runs float32 or float64; {dtype} runs on the graph backend")
         chosen = ORACLES.resolve(oracle, {"pack_heads": pack_heads})
         if threads is not None:
             from emulate.runtime.threads import check_threads

@@ -25,7 +25,10 @@ class Transformer:
         self.device = torch.device(device)
         self.w = {k: t.to(device=self.device, dtype=dtype) for k, t in weights.items()}
         self.scale = 1.0 / math.sqrt(config.head_dim)
-        self._inv_freq = _rope_inv_freq(config, dtype, self.device) if config.positions == "rope" else None
+        # norms, RoPE angles and log-softmax of a 16-bit run in float32, as Hugging Face's models compute
+        # them; float32 and float64 runs compute in their own dtype (promote_types is then the identity)
+        self.accumulate = torch.promote_types(dtype, torch.float32)
+        self._inv_freq = _rope_inv_freq(config, self.accumulate, self.device) if config.positions == "rope" else None
 
     # -- position-wise pieces -------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -48,13 +51,15 @@ class Transformer:
         v = self._linear(h, p + "v").view(-1, c.kv_heads, c.head_dim).transpose(0, 1)
         if c.positions == "rope":
             cos, sin = self.rope(positions)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         return q.contiguous(), k.contiguous(), v.contiguous()
 
     def mix(self, layer: int, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """x[i], o[i] -> x'[i]: out-projection, residual, norm, MLP, residual."""
         c, p = self.config, f"layers.{layer}."
-        o = attention.transpose(0, 1).reshape(x.shape[0], c.heads * c.head_dim)
+        # a 16-bit run's merged partial is float32 (emulate/runtime/merge.py): back to the run's dtype here
+        o = attention.to(x.dtype).transpose(0, 1).reshape(x.shape[0], c.heads * c.head_dim)
         h = x + self._linear(o, p + "o")
         if not c.prenorm:  # post-norm (BERT): normalise after each residual add
             h = self._norm(h, p + "attn_norm")
@@ -68,10 +73,10 @@ class Transformer:
         """log p(next_tokens[t] | tokens <= t) for the rows of `hidden` that have a next token."""
         rows = next_tokens.shape[0]
         logits = hidden[:rows] @ self.w["lm_head.weight"].T
-        return torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+        return torch.log_softmax(logits.to(self.accumulate), dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
 
     def rope(self, positions: torch.Tensor):
-        """cos, sin of shape [m, head_dim]; angles in the run's dtype (float32 matches Hugging Face)."""
+        """cos, sin of shape [m, head_dim]; angles in float32 (as Hugging Face), float64 in a float64 run."""
         freqs = positions.to(self._inv_freq.dtype)[:, None] * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
@@ -83,7 +88,8 @@ class Transformer:
     def _norm(self, x, name):
         c = self.config
         if c.norm == "rms":
-            return self.w[name + ".weight"] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps))
+            h = x.to(self.accumulate)
+            return self.w[name + ".weight"] * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + c.norm_eps)).to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w.get(name + ".bias"), c.norm_eps)
 
     def _mlp(self, h, p):

@@ -17,6 +17,7 @@ with a safe default, never from its class or name:
     oracle.distributed (False)  it pickles, binds in another process and its summary's numbers
                                 add up across processes (the Ray executor runs it on its workers)
     oracle.tolerance(dtype)     the error it promises when looser than the dtype's contract
+    oracle.half        (False)  it runs bfloat16 and float16 pair calls, returning float32 partials
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)

@@ -70,10 +70,11 @@ class GraphBackend:
             "forward_s": round(forward_s, 4), **figures, **oracle_keys,
         }
 
-    def reference(self, progress=None) -> Reference:
-        """The monolithic forward on the same weights, on the run's device where the executor runs in-process."""
+    def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference:
+        """The monolithic forward on the same weights (in `dtype`, the run's by default), on the run's
+        device where the executor runs in-process."""
         device = self.device if capability(self.executor, "in_process") else "cpu"
-        return monolithic_reference(self.problem, device, progress)
+        return monolithic_reference(self.problem, device, progress, dtype)
 
     def tolerance(self) -> float:
         p = self.problem
@@ -100,13 +101,14 @@ def check_counts(counted: CallCounts, compiled: dict, layers: int, block_size: i
                            "outputs are not this graph's forward")
 
 
-def monolithic_reference(p: Problem, device: str, progress=None) -> Reference:
-    """The monolithic forward (emulate/models/reference.py): one full-length pass of `p` on `device`."""
+def monolithic_reference(p: Problem, device: str, progress=None, dtype: torch.dtype | None = None) -> Reference:
+    """The monolithic forward (emulate/models/reference.py): one full-length pass of `p` on `device`, in
+    `dtype` (the problem's by default)."""
     from emulate.models.reference import reference_forward
 
     on_layer = None if progress is None else (lambda done, total: progress("reference", done, total))
     t0 = time.perf_counter()
     with torch.no_grad():
-        ref = reference_forward(p.model.transformer(p.dtype, device), torch.from_numpy(p.tokens), list(p.patterns),
+        ref = reference_forward(p.model.transformer(p.dtype if dtype is None else dtype, device), torch.from_numpy(p.tokens), list(p.patterns),
                                 on_layer=on_layer)
     return Reference(ref["hidden"], ref.get("logprob_next"), {"reference_s": round(time.perf_counter() - t0, 4)})

@@ -23,6 +23,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
 
     mask: 'none' (all visible), 'causal' (aligned diagonal block) or 'explicit' with `visible`
     a boolean [mq, mk] matrix. GQA: each KV head serves H / Hkv consecutive query heads.
+    bfloat16 and float16 calls run in their dtype (the kernels accumulate in float32) and return
+    the partial in float32, so that the merge of a 16-bit run adds its partials in float32.
     """
     bias = None
     if mask == MaskKind.EXPLICIT:
@@ -32,7 +34,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
         # visible key are handled there, without a host sync
         from emulate.runtime.kernels_cuda import attend_cuda
 
-        return attend_cuda(q, k, v, scale, mask, bias)
+        return _partial(*attend_cuda(q, k, v, scale, mask, bias))
     H, Hkv = q.shape[0], k.shape[0]
     if Hkv != H and mask == MaskKind.NONE:
         # GQA without a mask: fold each KV head's query heads into its rows (a view for contiguous q); every
@@ -52,7 +54,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
         if bool(empty.any()):
             lse = lse.masked_fill(empty[None, :], NEG_INF)
             o = o.masked_fill(empty[None, :, None], 0.0)
-    return o, lse
+    return _partial(o, lse)
+
+
+def _partial(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16-bit call's (o, lse) in float32; float32 and float64 as they are (promote_types is the identity)."""
+    acc = torch.promote_types(o.dtype, torch.float32)
+    return o.to(acc), lse.to(acc)
 
 
 def attend_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lo: np.ndarray,
@@ -72,8 +80,9 @@ def attend_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     for r0, a, b in zip(range(0, mq, TILE_ROWS), firsts.tolist(), lasts.tolist()):
         r1 = min(mq, r0 + TILE_ROWS)
         if a >= b:
-            outs.append(q.new_zeros(H, r1 - r0, dh))
-            lses.append(q.new_full((H, r1 - r0), NEG_INF))
+            acc = torch.promote_types(q.dtype, torch.float32)
+            outs.append(q.new_zeros(H, r1 - r0, dh, dtype=acc))
+            lses.append(q.new_full((H, r1 - r0), NEG_INF, dtype=acc))
             continue
         cols = np.arange(a, b)
         rows = slice(r0, r1)

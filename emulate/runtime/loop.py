@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from emulate.errors import EmulateError
+from emulate.problem import HALF_DTYPES
 from emulate.runtime.contract import BlockOutput
-from emulate.runtime.verify import compare
+from emulate.runtime.verify import compare, compare_half
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -49,6 +50,8 @@ class Backend(Protocol):
     blocks() then yields BlockOutputs in block order, once; summary(forward_s) gives the run's
     figures afterwards (the keys of `emulate run --json` a forward fills, counted where the calls ran).
     reference(progress) runs the forward it is checked against; tolerance() is the error it promises.
+    A 16-bit run is checked by the relative contract instead (docs/numerics.md): reference(progress,
+    torch.float64) is then the exact forward and reference(progress) the monolithic one in its dtype.
     """
 
     tokens: np.ndarray
@@ -66,7 +69,7 @@ class Backend(Protocol):
 
     def summary(self, forward_s: float) -> dict: ...
 
-    def reference(self, progress=None) -> Reference: ...
+    def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference: ...
 
     def tolerance(self) -> float: ...
 
@@ -219,7 +222,13 @@ def finish(stream: Stream, *, output: str | None = None, hidden: bool = False, v
     got_logprobs = (torch.cat(logprobs) if logprobs else None) if keep and b.lm_head else None
     del hiddens, logprobs
     stats = dict(stream.stats)
-    if verify:
+    if verify and b.dtype in HALF_DTYPES:
+        # the relative contract (docs/numerics.md): the float64 forward, and the monolithic one in the run's dtype
+        exact, same = b.reference(progress, torch.float64), b.reference(progress)
+        stats.update({"reference_s": round(exact.stats["reference_s"] + same.stats["reference_s"], 4),
+                      **compare_half(got_hidden, got_logprobs, exact.hidden, exact.logprobs, same.hidden,
+                                     same.logprobs, tolerance)})
+    elif verify:
         ref = b.reference(progress)
         tol = b.tolerance() if tolerance is None else float(tolerance)
         stats.update({**ref.stats, **compare(got_hidden, got_logprobs, ref.hidden, ref.logprobs, tol)})

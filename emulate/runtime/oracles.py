@@ -34,6 +34,7 @@ class KernelOracle:
     name: str = "kernel"
     concurrent = True  # stateless: call workers may share it
     distributed = True  # pickles, and has no counts to add up
+    half = True  # bfloat16 and float16 calls, float32 partials (emulate/runtime/kernels.py)
 
     def bind(self, block_size: int, heads: int) -> KernelOracle:
         return self
