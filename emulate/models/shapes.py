@@ -37,3 +37,10 @@ def parameters(config: ModelConfig) -> int:
     layer = config.width * qkv + config.heads * config.head_dim * config.width + mlp + 2 * config.width
     head = config.vocab * config.width if config.lm_head and config.name not in TIED else 0
     return config.vocab * config.width + config.layers * layer + config.width + head
+
+
+def declared_parameters(config: ModelConfig) -> int:
+    """The weights a config's shapes call for, the LM head aside (a file may tie it to the
+    embedding): what a checkpoint or GGUF file must hold at least (emulate/models/checkpoints.py)."""
+    head = config.vocab * config.width if config.lm_head and config.name not in TIED else 0
+    return parameters(config) - head
