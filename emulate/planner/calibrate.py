@@ -5,7 +5,9 @@ as JSON (`cache_path`, under $XDG_CACHE_HOME)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,28 +20,92 @@ def cache_path() -> Path:
 
 
 def cpu_device(recalibrate: bool = False) -> Device:
-    """This machine's CPU, measured once at torch's thread count and cached (cache_path())."""
+    """This machine's CPU, measured once at torch's thread count and cached (cache_path()).
+
+    A cache that is not what this module writes (cut short, edited, another program's JSON) is
+    measured again, with one note on stderr, and rewritten: a cache is never a reason to fail."""
     import torch
 
     threads = torch.get_num_threads()
     path = cache_path()
-    data = {}
+    data: dict = {}
+    corrupt = False
     if path.exists() and not recalibrate:
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, UnicodeDecodeError):
             data = {}
+        except (ValueError, RecursionError):
+            data, corrupt = {}, True
+        if not isinstance(data, dict):
+            data, corrupt = {}, True
     entry = data.get(str(threads))
-    if entry is None or "contention" not in entry:  # none yet, or cached before contention was measured
-        entry = calibrate_cpu() if entry is None else {**entry, "contention": _contention()}
-        data[str(threads)] = entry
+    if entry is not None:
         try:
-            from graphs.files import write_file
+            return _device(entry, threads)
+        except _CacheError:
+            if isinstance(entry, dict) and "contention" not in entry and _device_fields_ok(entry):
+                entry = {**entry, "contention": _contention()}  # cached before contention was measured
+            else:
+                entry, corrupt = None, True
+    if corrupt:
+        print(f"emulate: note: the CPU calibration cache {path} is not valid; measuring this machine again",
+              file=sys.stderr)
+    if entry is None:
+        entry = calibrate_cpu()
+    data[str(threads)] = entry
+    try:
+        from graphs.files import write_file
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file(path, json.dumps(data, indent=1))
-        except (OSError, ValueError):
-            pass  # an unwritable cache costs a re-measurement next time, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, json.dumps(data, indent=1))
+    except (OSError, ValueError):
+        pass  # an unwritable cache costs a re-measurement next time, nothing else
+    return _device(entry, threads)
+
+
+class _CacheError(ValueError):
+    """A cached entry that is not what calibrate_cpu writes."""
+
+
+def _rates(value, low: float = 0.0) -> list:
+    ok = isinstance(value, list) and value and all(
+        isinstance(r, list) and len(r) == 2 and all(_number(x, low) for x in r) for r in value)
+    if not ok:
+        raise _CacheError("a list of [size, rate] pairs expected")
+    return value
+
+
+def _number(x, low: float = 0.0) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > low
+
+
+def _device_fields_ok(entry: dict) -> bool:
+    try:
+        _check_entry({**entry, "contention": [1.0]})
+    except _CacheError:
+        return False
+    return True
+
+
+def _check_entry(entry) -> None:
+    if not isinstance(entry, dict):
+        raise _CacheError("not an object")
+    _rates(entry.get("matmul_flops")), _rates(entry.get("attention_flops"))
+    for key in ("bandwidth", "memory"):
+        if not _number(entry.get(key)):
+            raise _CacheError(key)
+    overhead = entry.get("call_overhead_s")
+    if not (_number(overhead, -1.0) and overhead >= 0) or not isinstance(entry.get("when"), str):
+        raise _CacheError("call_overhead_s or when")
+    for key in ("mask_factor", "contention"):
+        value = entry.get(key)
+        if not (isinstance(value, list) and value and all(_number(x) for x in value)):
+            raise _CacheError(key)
+
+
+def _device(entry, threads: int) -> Device:
+    _check_entry(entry)
     return Device("cpu", {"fp32": entry["matmul_flops"][-1][1], "bf16": entry["matmul_flops"][-1][1]},
                   entry["bandwidth"], entry["memory"], 1.0, entry["call_overhead_s"],
                   f"measured on this machine ({threads} thread(s), {entry['when']})",
