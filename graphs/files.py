@@ -28,6 +28,9 @@ def output_target(path) -> Path:
     given = Path(path)
     target = Path(os.path.realpath(given))
     if not target.parent.is_dir():
+        if given.is_symlink():  # the link's own directory is there: say it is the link that leads nowhere
+            raise OutputError(f"output {given} is a dangling symlink (to {os.readlink(given)}, whose directory "
+                              "does not exist)")
         raise OutputError(f"output directory {given.parent} does not exist or is not a directory")
     try:
         st = target.stat()
@@ -138,8 +141,22 @@ class AtomicFile:
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(value, OSError) and not isinstance(value, OutputError):
+            # the disk filled (ENOSPC), a file size limit (EFBIG), an I/O error: the writer's own
+            # error inside the block, one line about the output it was writing
+            raise write_error(self.path, value) from None
+
+
+def write_error(shown: str, err: OSError) -> OutputError:
+    """An OSError met writing an output, as one line that names the path the user gave."""
+    return OutputError(f"cannot write {shown}: {err.strerror or error_text(err)}")
+
+
+def error_text(err: BaseException) -> str:
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def write_file(path, data: bytes | str) -> None:
