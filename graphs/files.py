@@ -32,6 +32,7 @@ def output_target(path) -> Path:
             raise OutputError(f"output {given} is a dangling symlink (to {os.readlink(given)}, whose directory "
                               "does not exist)")
         raise OutputError(f"output directory {given.parent} does not exist or is not a directory")
+    _check_name_length(target, given)
     try:
         st = target.stat()
     except FileNotFoundError:
@@ -44,6 +45,20 @@ def output_target(path) -> Path:
         raise OutputError(f"output {given} exists and is not a regular file ({_file_kind(st.st_mode)}); "
                            "give a path to a new or regular file")
     return target
+
+
+TEMPORARY_SUFFIX = len(".0123abcd.tmp")  # what _create_temporary adds to the target's name
+
+
+def _check_name_length(target: Path, given: Path) -> None:
+    """A name the OS takes, but not with the temporary suffix, is refused now, not after the work."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    if len(os.fsencode(target.name)) + TEMPORARY_SUFFIX > limit:
+        raise OutputError(f"cannot write {given}: File name too long (at most {limit - TEMPORARY_SUFFIX} bytes here, "
+                          "leaving room for the temporary name it is written under)")
 
 
 def _file_kind(mode: int) -> str:
