@@ -110,12 +110,13 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
     tolerance of the mode (docs/numerics.md) or `tolerance`. collect=False keeps no outputs in
     memory (run.hidden and run.logprobs are None; verify collects what it needs).
     """
-    from emulate.outputs import output_target
+    from emulate.outputs import check_distinct, output_target
     from emulate.runtime.loop import finish
     from emulate.runtime.verify import check_tolerance
 
     _refuse_unknown("run", unknown)
     t_start = time.perf_counter()
+    check_distinct(input=input, output=output, trace=trace)
     if output is not None:
         output_target(output)  # a path that cannot be written is refused before any work
     check_tolerance(tolerance)

@@ -1,6 +1,7 @@
 """Inputs: token ids from .npy, Arrow IPC, Parquet or text, the embedded default text, and seeded random ids."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +35,10 @@ def read_tokens(path: str, fits: Callable[[int], None] | None = None) -> np.ndar
             ids = np.load(p, allow_pickle=False)
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
                 raise EmulateError(f"{path}: expected a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-            return ids.astype(np.int64)
+            return _int64_ids(ids, path)
         if suffix in ARROW_SUFFIXES or suffix == ".parquet":
             if suffix == ".parquet":
-                parquet = pq.ParquetFile(p)
+                parquet = pq.ParquetFile(pa.OSFile(os.fsencode(p)))  # bytes: a name the C locale decoded with surrogates
                 names = parquet.schema_arrow.names
                 if "token" not in names:
                     raise EmulateError(f"{path}: no `token` column (columns: {', '.join(names) or 'none'})")
@@ -55,7 +56,7 @@ def read_tokens(path: str, fits: Callable[[int], None] | None = None) -> np.ndar
                 raise EmulateError(f"{path}: column `token` must hold integers, not {column.type}")
             if column.null_count:
                 raise EmulateError(f"{path}: column `token` has {column.null_count} nulls")
-            return column.to_numpy().astype(np.int64)
+            return _int64_ids(column.to_numpy(), path)
     except EmulateError:
         raise
     except (OSError, ValueError, EOFError, MemoryError, pa.ArrowException) as err:
@@ -64,12 +65,27 @@ def read_tokens(path: str, fits: Callable[[int], None] | None = None) -> np.ndar
                        "or --text / a .txt file for text")
 
 
+def _int64_ids(ids: np.ndarray, path) -> np.ndarray:
+    """The ids as int64; an unsigned id past int64's range is named with its own value, not wrapped
+    to a negative one."""
+    if ids.dtype.kind == "u" and ids.dtype.itemsize >= 8 and ids.size:
+        top = int(ids.max())
+        if top > np.iinfo(np.int64).max:
+            at = int(np.argmax(ids > np.iinfo(np.int64).max))
+            raise EmulateError(f"{path}: token id {top} (first at position {at}) is out of range for a token id")
+    return ids.astype(np.int64)
+
+
 def _check_npy_size(p: Path) -> tuple[int, ...]:
-    """Refuse an .npy whose header promises more data than the file holds, before numpy allocates it."""
+    """Refuse an .npy whose header promises more data than the file holds, before numpy allocates it,
+    and one of Python objects (reading it would need pickle, which is never used)."""
     with open(p, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f, max_header_size=10000)
+        if dtype.hasobject:
+            raise EmulateError(f"{p}: an array of Python objects ({dtype}); refused, since reading it would need "
+                               "pickle; save the token ids as integers")
         promised = int(np.prod(shape, dtype=object)) * dtype.itemsize
         held = p.stat().st_size - f.tell()
     if promised != held:
@@ -81,7 +97,7 @@ def _check_npy_size(p: Path) -> tuple[int, ...]:
 def _read_arrow(p: Path) -> pa.Table:
     with open(p, "rb") as f:
         magic = f.read(6)
-    source = pa.memory_map(str(p))  # uncompressed batches are read in place, not copied
+    source = pa.memory_map(os.fsencode(p))  # uncompressed batches are read in place, not copied
     if magic == b"ARROW1":
         return pa.ipc.open_file(source).read_all()
     return pa.ipc.open_stream(source).read_all()

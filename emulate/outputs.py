@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,11 @@ class OutputWriter:
                 fields.append(pa.field("hidden", pa.list_(self.float_type, width)))
             meta = {"emulate": json.dumps(metadata or {})}
             self.schema = pa.schema(fields, metadata=meta)
-            self.sink = pa.OSFile(self.file.tmp, "wb")
+            self.sink = pa.OSFile(os.fsencode(self.file.tmp), "wb")  # bytes: a name the C locale decoded with surrogates
             self.writer = pa.ipc.new_file(self.sink, self.schema)
+        except OSError as err:
+            self.file.abort()
+            raise EmulateError(str(files.write_error(self.file.path, err))) from None
         except BaseException:
             self.file.abort()
             raise
@@ -45,6 +49,13 @@ class OutputWriter:
 
     def write(self, out) -> None:
         """Append one block's outputs (an emulate.BlockOutput), in block order."""
+        try:
+            self._write(out)
+        except OSError as err:  # a full disk, a file size limit: one line, the partial file removed
+            self.abort()
+            raise EmulateError(str(files.write_error(self.file.path, err))) from None
+
+    def _write(self, out) -> None:
         h = out.hidden
         m = h.shape[0]
         s, e = self.start, self.start + m
@@ -67,8 +78,12 @@ class OutputWriter:
         self.start = e
 
     def close(self) -> None:
-        self.writer.close()
-        self.sink.close()
+        try:
+            self.writer.close()
+            self.sink.close()
+        except OSError as err:
+            self.abort()
+            raise EmulateError(str(files.write_error(self.file.path, err))) from None
         self.file.commit()
 
     def abort(self) -> None:
@@ -95,6 +110,19 @@ def output_target(path) -> Path:
         raise EmulateError(str(err)) from None
 
 
+def check_distinct(**paths) -> None:
+    """Refuse, before any work, two of a command's files that are one file (the same path, or a
+    link to it): the second written would replace the first, or an output its own input."""
+    seen: dict[str, str] = {}
+    for name, path in paths.items():
+        if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise EmulateError(f"{seen[real]} and {name} are the same file {path}; give each its own path")
+        seen[real] = name
+
+
 class AtomicOutput(files.AtomicFile):
     """graphs/files.py's AtomicFile, with its refusals as EmulateError (one line, exit 2)."""
 
@@ -107,5 +135,11 @@ class AtomicOutput(files.AtomicFile):
     def commit(self) -> None:
         try:
             super().commit()
+        except files.OutputError as err:
+            raise EmulateError(str(err)) from None
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            super().__exit__(kind, value, tb)
         except files.OutputError as err:
             raise EmulateError(str(err)) from None

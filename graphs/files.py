@@ -28,7 +28,11 @@ def output_target(path) -> Path:
     given = Path(path)
     target = Path(os.path.realpath(given))
     if not target.parent.is_dir():
+        if given.is_symlink():  # the link's own directory is there: say it is the link that leads nowhere
+            raise OutputError(f"output {given} is a dangling symlink (to {os.readlink(given)}, whose directory "
+                              "does not exist)")
         raise OutputError(f"output directory {given.parent} does not exist or is not a directory")
+    _check_name_length(target, given)
     try:
         st = target.stat()
     except FileNotFoundError:
@@ -41,6 +45,20 @@ def output_target(path) -> Path:
         raise OutputError(f"output {given} exists and is not a regular file ({_file_kind(st.st_mode)}); "
                            "give a path to a new or regular file")
     return target
+
+
+TEMPORARY_SUFFIX = len(".0123abcd.tmp")  # what _create_temporary adds to the target's name
+
+
+def _check_name_length(target: Path, given: Path) -> None:
+    """A name the OS takes, but not with the temporary suffix, is refused now, not after the work."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    if len(os.fsencode(target.name)) + TEMPORARY_SUFFIX > limit:
+        raise OutputError(f"cannot write {given}: File name too long (at most {limit - TEMPORARY_SUFFIX} bytes here, "
+                          "leaving room for the temporary name it is written under)")
 
 
 def _file_kind(mode: int) -> str:
@@ -138,8 +156,22 @@ class AtomicFile:
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(value, OSError) and not isinstance(value, OutputError):
+            # the disk filled (ENOSPC), a file size limit (EFBIG), an I/O error: the writer's own
+            # error inside the block, one line about the output it was writing
+            raise write_error(self.path, value) from None
+
+
+def write_error(shown: str, err: OSError) -> OutputError:
+    """An OSError met writing an output, as one line that names the path the user gave."""
+    return OutputError(f"cannot write {shown}: {err.strerror or error_text(err)}")
+
+
+def error_text(err: BaseException) -> str:
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def write_file(path, data: bytes | str) -> None:

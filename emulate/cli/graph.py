@@ -71,7 +71,7 @@ def add_graph_scale_options(graph: argparse.ArgumentParser) -> None:
 
 def cmd_graph(args) -> int:
     from emulate.api import compile as compile_graph
-    from emulate.outputs import output_target
+    from emulate.outputs import check_distinct, output_target
     from emulate.pictures import draw, draw_comparison, draw_coverage
 
     if args.shape is not None:
@@ -86,6 +86,7 @@ def cmd_graph(args) -> int:
         return print_graph_counts(args)
     if args.compare is not None and args.coverage is None:
         raise EmulateError("--compare draws with --coverage FILE")
+    check_distinct(**{"-o": args.output, "--coverage": args.coverage})
     for path in (args.output, args.coverage):  # refused before the graph is built
         if path is not None:
             output_target(path)
@@ -226,9 +227,10 @@ def add_trace_command(sub) -> None:
 
 
 def cmd_trace(args) -> int:
-    from emulate.outputs import output_target
+    from emulate.outputs import check_distinct, output_target
     from emulate.pictures import draw_trace
 
+    check_distinct(trace=args.trace, **{"-o": args.output})
     output_target(args.output)
     s = draw_trace(args.trace, args.output)
     busy = ", ".join(f"{u:.0%}" for u in s["utilisation"])

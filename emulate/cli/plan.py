@@ -82,12 +82,14 @@ def cmd_plan(args) -> int:
         raise EmulateError("give --model or --shape, not both")
     model = args.shape or args.model
     if args.plot:
+        from emulate.outputs import output_target
         from graphs.pictures.coverage import DrawError, figure_format
 
         try:
             figure_format(args.plot)  # refused before any work
         except DrawError as err:
             raise EmulateError(str(err)) from None
+        output_target(args.plot)  # a path that cannot be written (a directory, a name past NAME_MAX), too
     p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
                 sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
                 link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging as logging_module
 import time
 from functools import partial
 from pathlib import Path
@@ -75,23 +76,89 @@ def load(model, dtype: torch.dtype, device: str, progress=None):
     from transformers.utils import logging
 
     directory, gguf = source(model)
-    extra = {"gguf_file": gguf} if gguf else {}
+    if gguf is None:
+        check_safetensors(directory)
+    extra = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # emulate reports its own progress (and --quiet means quiet)
+    report = ReportCapture()
     try:
         config = AutoConfig.from_pretrained(directory, **extra)
         causal = gguf is not None or any(a.endswith("ForCausalLM") for a in config.architectures or ())
         cls = AutoModelForCausalLM if causal else AutoModel
         if gguf is not None and progress is not None:
             progress("load", 0, 1)
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own bar, which no switch turns off
+        with report, contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own bar, which no switch turns off
             loaded = cls.from_pretrained(directory, dtype=dtype, **extra)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise EmulateError(f"{directory}: transformers cannot load this checkpoint ({error_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 -- transformers, safetensors (SafetensorError), the GGUF reader: their own types
+        raise EmulateError(f"{directory}: transformers cannot load this checkpoint ({report.problem(err)})") from None
     finally:
         if bars:
             logging.enable_progress_bar()
+    missing = report.rows(("MISSING",))
+    if missing:  # transformers would run with those weights drawn at random
+        raise EmulateError(f"{directory}: the checkpoint does not hold every weight its config.json declares "
+                           f"({missing[0]}{f', and {len(missing) - 1} more' if len(missing) > 1 else ''})")
+    report.replay()  # other warnings of a load that succeeded still reach the user as they would have
     return loaded.to(device).eval(), str(model), _tokenizer(directory, gguf)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(directory: Path) -> None:
+    """The backend loads safetensors only: a pickle file can run code as it is read (docs/security.md)."""
+    if (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(f.name for f in directory.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    held = f"it holds {', '.join(pickles[:3])} (pickle)" if pickles else "it holds no model.safetensors"
+    raise EmulateError(f"{directory}: the checkpoint must be safetensors; {held}, which is never loaded, since "
+                       "reading a pickle can run code (convert it to safetensors where it is trusted)")
+
+
+class ReportCapture(logging_module.Handler):
+    """Holds transformers' log records while a model loads: its many-line load report (a table of
+    mismatched or missing tensors) becomes one line naming the first, and on success the records
+    go to transformers' own handlers as they would have."""
+
+    def __init__(self):
+        super().__init__(logging_module.WARNING)
+        self.records: list = []
+        self.logger = logging_module.getLogger("transformers")
+
+    def emit(self, record) -> None:
+        self.records.append(record)
+
+    def __enter__(self):
+        self.saved = self.logger.handlers[:]
+        self.logger.handlers = [self]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.handlers = self.saved
+
+    def replay(self) -> None:
+        for record in self.records:
+            for handler in self.logger.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def rows(self, statuses=("MISMATCH", "MISSING", "CONVERSION")) -> list[str]:
+        """The rows of a load report's table (key, status, detail) with one of these statuses, as lines."""
+        import re
+
+        found = []
+        for record in self.records:
+            for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+                cells = [c.strip() for c in line.split("|")]
+                if len(cells) >= 3 and cells[1] in statuses:
+                    found.append(f"{cells[1].lower()} {cells[0]}" + (f": {cells[2]}" if cells[2] else ""))
+        return found
+
+    def problem(self, err: BaseException) -> str:
+        """One line: the first row of a load report, or the error's own first line."""
+        rows = self.rows()
+        return rows[0] if rows else error_line(err)
 
 
 def _tokenizer(directory: Path, gguf: str | None):

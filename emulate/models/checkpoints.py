@@ -8,12 +8,13 @@ which family it runs. Anything wrong with the directory is one EmulateError line
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from emulate.errors import EmulateError
-from emulate.models.config import ModelConfig
+from emulate.models.config import MAX_LAYERS, ModelConfig, shown
 from emulate.models.presets import weight_names
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert")
@@ -59,7 +60,10 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], P
                            f"{', '.join(FAMILIES)}); --backend transformers runs any family transformers reads "
                            "(backend=\"transformers\" in Python), and emulate graph draws it from its config.json")
     config = (bert_config if family == "bert" else gpt2_config if family == "gpt2" else decoder_config)(hf, str(path))
-    weights = canonical_weights(read_tensors(path), config, hf, path)
+    check_weights_fit(config, path)
+    tensors = read_tensors(path)
+    check_weights_held(config, tensors, path)
+    weights = canonical_weights(tensors, config, hf, path)
     tokenizer = path / "tokenizer.json"
     return config, weights, tokenizer if tokenizer.is_file() else None
 
@@ -69,13 +73,21 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise EmulateError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        hf = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EmulateError(f"{file}: cannot read JSON ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    hf = read_json(file)
     if not isinstance(hf, dict):
         raise EmulateError(f"{file}: expected a JSON object, got {type(hf).__name__}")
     return hf
+
+
+def read_json(file: Path):
+    """A JSON file's value; unreadable, not UTF-8, not JSON or nested past Python's recursion limit
+    (a file of 100,000 '[') is one line."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise EmulateError(f"{file}: cannot read JSON (nested too deep)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise EmulateError(f"{file}: cannot read JSON ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def _int(hf: dict, key: str, name: str, default=None) -> int:
@@ -83,20 +95,29 @@ def _int(hf: dict, key: str, name: str, default=None) -> int:
     if value is None:
         raise EmulateError(f"{name}: config.json lacks {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EmulateError(f"{name}: config.json {key!r} must be a positive integer, got {value!r}")
+        raise EmulateError(f"{name}: config.json {key!r} must be a positive integer, got {shown(value)}")
     return value
 
 
 def _float(hf: dict, key: str, name: str, default: float) -> float:
     value = hf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise EmulateError(f"{name}: config.json {key!r} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise EmulateError(f"{name}: config.json {key!r} must be a positive number, got {shown(value)}")
     return float(value)
+
+
+def _bool(hf: dict, key: str, name: str, default: bool = False) -> bool:
+    value = hf.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise EmulateError(f"{name}: config.json {key!r} must be true or false, got {shown(value)}")
+    return value
 
 
 def _act(hf: dict, key: str, name: str, default: str, allowed: dict) -> str:
     act = hf.get(key, default)
-    if act not in allowed:
+    if not isinstance(act, str) or act not in allowed:
         raise EmulateError(f"{name}: unsupported activation {key}={act!r} (supported: {', '.join(allowed)})")
     return allowed[act]
 
@@ -105,8 +126,10 @@ def decoder_config(hf: dict, name: str) -> ModelConfig:
     """llama, mistral, qwen2: pre-norm RMSNorm, RoPE, GQA, SwiGLU."""
     family = hf["model_type"]
     width, heads = _int(hf, "hidden_size", name), _int(hf, "num_attention_heads", name)
-    layers = _int(hf, "num_hidden_layers", name)
+    layers = _layers(hf, "num_hidden_layers", name)
     kv_heads = _int(hf, "num_key_value_heads", name, default=heads)
+    if hf.get("head_dim") is None and width % heads:
+        raise EmulateError(f"{name}: hidden_size {width} does not split over {heads} heads (and no head_dim is given)")
     head_dim = _int(hf, "head_dim", name) if hf.get("head_dim") is not None else width // heads
     _act(hf, "hidden_act", name, "silu", {"silu": "silu", "swish": "silu"})  # SwiGLU's gate is SiLU
     llama = family == "llama"
@@ -115,8 +138,8 @@ def decoder_config(hf: dict, name: str) -> ModelConfig:
         name=name, family=family, vocab=_int(hf, "vocab_size", name), width=width, layers=layers, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, mlp_width=_int(hf, "intermediate_size", name),
         norm_eps=_float(hf, "rms_norm_eps", name, 1e-6), rope_theta=theta, rope_scaling=scaling,
-        qkv_bias=family == "qwen2" or (llama and bool(hf.get("attention_bias"))),
-        out_bias=llama and bool(hf.get("attention_bias")), mlp_bias=llama and bool(hf.get("mlp_bias")),
+        qkv_bias=family == "qwen2" or (llama and _bool(hf, "attention_bias", name)),
+        out_bias=llama and _bool(hf, "attention_bias", name), mlp_bias=llama and _bool(hf, "mlp_bias", name),
         windows=windows(hf, layers, name),
     )
 
@@ -130,6 +153,8 @@ def rope(hf: dict, name: str) -> tuple[float, dict | None]:
     theta = _float(params, "rope_theta", name, hf.get("rope_theta", 10000.0))
     params.pop("rope_theta", None)
     kind = params.setdefault("rope_type", params.pop("type", "default"))
+    if not isinstance(kind, str):
+        raise EmulateError(f"{name}: rope_type must be a name, got {kind!r}")
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0) != 1.0:
         raise EmulateError(f"{name}: partial rotary embeddings are not supported")
     if kind not in ROPE_KEYS:
@@ -139,6 +164,14 @@ def rope(hf: dict, name: str) -> tuple[float, dict | None]:
     for key in ROPE_KEYS[kind]:
         _float(params, key, name, None)
     return theta, (None if kind == "default" else params)
+
+
+def _layers(hf: dict, key: str, name: str) -> int:
+    """The layer count, bounded before any per-layer list is made from it."""
+    layers = _int(hf, key, name)
+    if layers > MAX_LAYERS:
+        raise EmulateError(f"{name}: config.json {key!r} is {shown(layers)}, past any real model's (at most {MAX_LAYERS})")
+    return layers
 
 
 def windows(hf: dict, layers: int, name: str) -> tuple:
@@ -156,7 +189,7 @@ def windows(hf: dict, layers: int, name: str) -> tuple:
         return (None,) * layers if w is None else (_int(hf, "sliding_window", name, 4096),) * layers
     if family != "qwen2":
         return (None,) * layers
-    use = hf.get("use_sliding_window") and hf.get("sliding_window") is not None
+    use = _bool(hf, "use_sliding_window", name) and hf.get("sliding_window") is not None
     w = _int(hf, "sliding_window", name) if use else None
     kinds = hf.get("layer_types")
     if kinds is None:
@@ -164,7 +197,8 @@ def windows(hf: dict, layers: int, name: str) -> tuple:
         if isinstance(first, bool) or not isinstance(first, int):
             raise EmulateError(f"{name}: config.json 'max_window_layers' must be an integer, got {first!r}")
         kinds = ["sliding_attention" if w is not None and i >= first else "full_attention" for i in range(layers)]
-    if not isinstance(kinds, list) or len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
+    if not isinstance(kinds, list) or len(kinds) != layers or not all(isinstance(k, str) for k in kinds) \
+            or not set(kinds) <= {"sliding_attention", "full_attention"}:
         raise EmulateError(f"{name}: config.json layer_types must list 'sliding_attention' or 'full_attention' "
                            f"for each of the {layers} layers")
     if "sliding_attention" in kinds and w is None:
@@ -180,7 +214,7 @@ def gpt2_config(hf: dict, name: str) -> ModelConfig:
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         raise EmulateError(f"{name}: only the standard 1/sqrt(head_dim) attention scale is supported")
     return ModelConfig(
-        name=name, family="gpt2", vocab=_int(hf, "vocab_size", name), width=width, layers=_int(hf, "n_layer", name),
+        name=name, family="gpt2", vocab=_int(hf, "vocab_size", name), width=width, layers=_layers(hf, "n_layer", name),
         heads=heads, kv_heads=heads, head_dim=width // heads,
         mlp_width=_int(hf, "n_inner", name) if hf.get("n_inner") is not None else 4 * width,
         norm="layer", norm_eps=_float(hf, "layer_norm_epsilon", name, 1e-5), positions="learned",
@@ -195,14 +229,15 @@ def bert_config(hf: dict, name: str) -> ModelConfig:
     width, heads = _int(hf, "hidden_size", name), _int(hf, "num_attention_heads", name)
     if width % heads:
         raise EmulateError(f"{name}: hidden_size {width} does not split over {heads} heads")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
+    if not isinstance(hf.get("position_embedding_type", "absolute"), str) \
+            or hf.get("position_embedding_type", "absolute") != "absolute":
         kind = hf["position_embedding_type"]
         raise EmulateError(f"{name}: unsupported position_embedding_type {kind!r} (absolute only)")
-    if hf.get("is_decoder"):
+    if _bool(hf, "is_decoder", name):
         raise EmulateError(f"{name}: BERT as a decoder (is_decoder) is not supported")
     return ModelConfig(
         name=name, family="bert", vocab=_int(hf, "vocab_size", name), width=width,
-        layers=_int(hf, "num_hidden_layers", name), heads=heads, kv_heads=heads, head_dim=width // heads,
+        layers=_layers(hf, "num_hidden_layers", name), heads=heads, kv_heads=heads, head_dim=width // heads,
         mlp_width=_int(hf, "intermediate_size", name), causal=False, norm="layer",
         norm_eps=_float(hf, "layer_norm_eps", name, 1e-12), prenorm=False, positions="learned",
         max_positions=_int(hf, "max_position_embeddings", name, 512), mlp="gelu",
@@ -222,10 +257,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = [single]
     elif index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [path / f for f in sorted(set(weight_map.values()))]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            weight_map = read_json(index)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError) as err:
             raise EmulateError(f"{index}: not a safetensors index ({type(err).__name__})") from None
+        files = [_shard(path, index, name) for name in names]
     else:
         raise EmulateError(f"{path}: no model.safetensors or model.safetensors.index.json "
                            "(only safetensors checkpoints are read, never pickle files)")
@@ -240,6 +276,38 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own SafetensorError on a corrupt file
             raise EmulateError(f"{file}: corrupt or truncated safetensors file ({str(err).splitlines()[0]})") from None
     return tensors
+
+
+def _shard(path: Path, index: Path, name) -> Path:
+    """A shard the index names: a plain file name inside the checkpoint directory, never a path
+    that leads out of it (../x.safetensors, an absolute path, or a link to elsewhere)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise EmulateError(f"{index}: weight_map names a shard {name!r} that is not a file name")
+    file = path / name
+    root = path.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(root):
+        raise EmulateError(f"{index}: weight_map names {name!r}, outside the checkpoint directory; refused")
+    return file
+
+
+def check_weights_fit(c: ModelConfig, path: Path) -> None:
+    """Refuse, before a tensor is read, weights that could not fit in memory once built in float32."""
+    from emulate.models.shapes import declared_parameters
+    from emulate.runtime.memory import check_fits
+
+    check_fits({"weights": 4 * declared_parameters(c)}, what=f"{path}: the weights config.json declares")
+
+
+def check_weights_held(c: ModelConfig, tensors: dict, path: Path) -> None:
+    """A config that declares more weights than the files hold (more layers, a wider model) is one
+    line naming both counts, not a missing tensor found deep in the renaming."""
+    from emulate.models.shapes import declared_parameters
+
+    held = sum(t.numel() for t in tensors.values())
+    want = declared_parameters(c)
+    if want > held:
+        raise EmulateError(f"{path}: config.json declares {c.layers} layers of width {c.width} ({want:,} parameters), "
+                           f"more than the {held:,} its safetensors hold")
 
 
 def canonical_weights(tensors: dict, c: ModelConfig, hf: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -260,7 +328,7 @@ def canonical_weights(tensors: dict, c: ModelConfig, hf: dict, path: Path) -> di
     for name, shape in weight_names(c).items():
         module, param = name.rsplit(".", 1)
         if name == "lm_head.weight":
-            tied = hf.get("tie_word_embeddings", TIED_BY_DEFAULT[c.family]) or "lm_head.weight" not in tensors
+            tied = _bool(hf, "tie_word_embeddings", str(path), TIED_BY_DEFAULT[c.family]) or "lm_head.weight" not in tensors
             weights[name] = weights["embed.tokens.weight"] if tied else take(name, shape, bare=True)
             continue
         if module.startswith("layers."):

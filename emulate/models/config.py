@@ -1,9 +1,25 @@
 """The shape of a model family: one generic block covers llama, mistral, qwen2, gpt2 and bert."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from emulate.errors import EmulateError
+
+# Bounds no real model comes near (the largest published ones have ~130 layers and widths under
+# 10^5): a config past them is a broken or hostile file, refused before anything is sized by it.
+MAX_LAYERS = 100_000
+MAX_DIMENSION = 2**24
+SIZES = ("vocab", "width", "layers", "heads", "kv_heads", "head_dim", "mlp_width")
+
+
+def shown(value) -> str:
+    """A config value as a message shows it: a number of thousands of digits (which Python will not
+    even print past 4300) as its size, any long value cut short."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -43,12 +59,33 @@ class ModelConfig:
     windows: tuple = field(default=())
 
     def __post_init__(self):
+        self._check_numbers()
         if not self.windows:
             object.__setattr__(self, "windows", (None,) * self.layers)
         if len(self.windows) != self.layers:
             raise EmulateError(f"{self.name}: {len(self.windows)} window entries for {self.layers} layers")
         if self.heads % self.kv_heads:
             raise EmulateError(f"{self.name}: {self.heads} heads do not group over {self.kv_heads} KV heads")
+
+    def _check_numbers(self) -> None:
+        """Every size a positive integer within bounds, every epsilon and base a finite number > 0:
+        checked before anything (the windows, the weights' names) is sized by them."""
+        for name in SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EmulateError(f"{self.name}: {name} must be a positive integer, got {shown(value)}")
+            bound = MAX_LAYERS if name == "layers" else MAX_DIMENSION
+            if value > bound:
+                raise EmulateError(f"{self.name}: {name} {shown(value)} is past any real model's (at most {bound})")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise EmulateError(f"{self.name}: {name} must be a finite number > 0, got {shown(value)}")
+        if self.max_positions is not None and (not isinstance(self.max_positions, int) or self.max_positions < 1):
+            raise EmulateError(f"{self.name}: max_positions must be a positive integer, got {shown(self.max_positions)}")
+        for f in fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise EmulateError(f"{self.name}: {f.name} must be true or false, got {shown(getattr(self, f.name))}")
 
     @property
     def default_attention(self) -> str:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emulate.errors import EmulateError
-from emulate.models.config import ModelConfig
+from emulate.errors import EmulateError, error_line
+from emulate.models.config import ModelConfig, shown
 from emulate.models.presets import weight_names
 
 ARCHITECTURES = ("llama",)
@@ -88,7 +88,7 @@ def _meta_float(meta: dict, key: str, path: Path, default=None) -> float:
     value = meta.get(key, default)
     if value is None:
         raise EmulateError(f"{path}: GGUF metadata lacks {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (value > 0 and np.isfinite(value)):
         raise EmulateError(f"{path}: GGUF metadata {key!r} must be a positive number, got {value!r}")
     return float(value)
 
@@ -200,8 +200,15 @@ def gguf_tokenizer(meta: dict, path: Path):
     alphabet = set(spelling.values())
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
-    tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
-                        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else () for m in merges]
+    odd = next((m for m, pair in zip(merges, pairs) if len(pair) != 2), None)
+    if odd is not None:
+        raise EmulateError(f"{path}: GGUF tokenizer merge {shown(odd)} is not two tokens separated by a space")
+    try:
+        tok = Tokenizer(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False))
+    except Exception as err:  # noqa: BLE001 -- tokenizers raises its own type for a merge outside the vocabulary
+        raise EmulateError(f"{path}: GGUF tokenizer does not fit its vocabulary ({error_line(err)})") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or ()
@@ -239,6 +246,20 @@ def read_tokenizer(path):
     return gguf_tokenizer(read_metadata(_reader(path)), path)
 
 
+def check_gguf_weights(c: ModelConfig, tensors: dict, path: Path) -> None:
+    """Before a tensor is dequantized: the file must hold the weights its metadata declares, and
+    their float32 copies must fit in memory (a 4-bit file grows eightfold)."""
+    from emulate.models.shapes import declared_parameters
+    from emulate.runtime.memory import check_fits
+
+    held = sum(int(t.n_elements) for t in tensors.values())
+    want = declared_parameters(c)
+    if want > held:
+        raise EmulateError(f"{path}: GGUF metadata declares {c.layers} layers of width {c.width} ({want:,} parameters), "
+                           f"more than the {held:,} its tensors hold")
+    check_fits({"weights": 4 * held}, what=f"{path}: the dequantized weights")
+
+
 def load_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """(config, canonical float32 weights, tokenizers.Tokenizer) of a llama GGUF file."""
     path = Path(path)
@@ -246,6 +267,7 @@ def load_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     config = gguf_config(meta, tensors, path)
+    check_gguf_weights(config, tensors, path)
     tokenizer = gguf_tokenizer(meta, path)
     weights = canonical_gguf_weights(reader, tensors, config, path)
     return config, weights, tokenizer

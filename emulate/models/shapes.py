@@ -127,3 +127,10 @@ def _windows(hf: dict, layers: int, name: str) -> tuple:
     if "sliding_attention" in kinds and window is None:
         raise EmulateError(f"{name}: layer_types asks for sliding attention, but no sliding_window is in use")
     return tuple(window if kind == "sliding_attention" else None for kind in kinds)
+
+
+def declared_parameters(config: ModelConfig) -> int:
+    """The weights a config's shapes call for, the LM head aside (a file may tie it to the
+    embedding): what a checkpoint or GGUF file must hold at least (emulate/models/checkpoints.py)."""
+    head = config.vocab * config.width if config.lm_head and config.name not in TIED else 0
+    return parameters(config) - head

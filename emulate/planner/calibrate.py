@@ -59,7 +59,7 @@ def cpu_device(recalibrate: bool = False, *, clock=time.time, loadavg=os.getload
             else:
                 entry = data
                 _device(entry)  # a cache missing a field is as unreadable as a corrupt one
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
             note(f"the CPU calibration at {path} is unreadable: measuring again (about 15 s)")
             entry = None
     if entry is None:

@@ -99,9 +99,10 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
         raise EmulateError(f"executor must be ray or local, got {executor!r}")
     if executor == "local" and workers != 1:
         raise EmulateError("the local executor is one worker")
+    patterns = resolve_patterns(config, attention, window, sinks)
+    check_plan_size(config, patterns, tokens, block_size, workers)  # before the CPU is measured or anything built
     if hw is None:
         hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor, threads)
-    patterns = resolve_patterns(config, attention, window, sinks)
     if config.max_positions is not None and tokens > config.max_positions:
         raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
     dtype_bytes = 2 if hw.dtype == "bf16" else 4
@@ -144,6 +145,54 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
                 "tp_link": tp_link if hw.gpus_per_worker > 1 else None, "executor": executor,
                 "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
                 "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
+
+
+# A counted plan (graphs/plan.py, runnable=False) holds, per physical task, its reads and writes and,
+# per pair call, the key it reads; the simulation one list per worker. Measured on a 2-core machine:
+# `emulate plan --tokens 4000000 -M 256 --attention sliding --window 256` (78,125 tasks) against
+# --tokens 1000000 (19,535): 4.5 KB and 360 us per task; `--tokens 65536 -M 64` (5,120 tasks,
+# 2.1M pair calls): about 100 B and 15 us per call.
+PLAN_TASK_BYTES = 5120
+PLAN_CALL_BYTES = 128
+PLAN_WORKER_BYTES = 512
+# What a plan can reasonably simulate: at the rates above, 10^6 tasks or 10^7 pair calls take
+# minutes; past them the answer is a larger M (or a windowed mask), not a longer wait.
+MAX_PLAN_TASKS = 10**6
+MAX_PLAN_CALLS = 10**7
+MAX_PLAN_WORKERS = 10**6
+
+
+def plan_size(config: ModelConfig, patterns, tokens: int, block_size: int, workers: int) -> dict[str, int]:
+    """The physical tasks and pair calls of a counted plan, from the shapes alone (graphs/plan.py,
+    make_plan): a start task per block, a row per block and layer, and when blocks are fewer than
+    workers each row's pairs cut into slices (at most one per pair, about 2P + B per layer) and a
+    combine per row."""
+    blocks = math.ceil(tokens / block_size)
+    calls = [p.calls_bound(blocks, block_size) for p in patterns]
+    tasks = blocks * (len(patterns) + 1)
+    if blocks < workers:
+        tasks += sum(min(c, 2 * workers + blocks) for c in calls)
+    return {"blocks": blocks, "tasks": tasks, "calls": sum(calls)}
+
+
+def check_plan_size(config: ModelConfig, patterns, tokens: int, block_size: int, workers: int) -> None:
+    """Refuse in one line, before anything is built, a plan past what can be simulated or held."""
+    from emulate.runtime.memory import COMPACT_PAIR_BYTES, check_fits
+
+    if workers > MAX_PLAN_WORKERS:
+        raise EmulateError(f"--workers {workers}: a plan simulates at most {MAX_PLAN_WORKERS:,} workers")
+    size = plan_size(config, patterns, tokens, block_size, workers)
+    if size["tasks"] > MAX_PLAN_TASKS:
+        raise EmulateError(f"N = {tokens} at M = {block_size} is {size['blocks']:,} blocks and about {size['tasks']:,} "
+                           f"tasks over {len(patterns)} layers, more than a plan simulates ({MAX_PLAN_TASKS:,}); raise -M")
+    if size["calls"] > MAX_PLAN_CALLS:
+        raise EmulateError(f"N = {tokens} at M = {block_size} is {size['blocks']:,} blocks and {size['calls']:,} pair "
+                           f"calls over {len(patterns)} layers, more than a plan simulates ({MAX_PLAN_CALLS:,}); "
+                           "raise -M or choose a windowed --attention")
+    templates = {p: p.calls_bound(size["blocks"], block_size) for p in patterns}
+    check_fits({"graph": COMPACT_PAIR_BYTES * (sum(templates.values()) + size["blocks"]),
+                "plan": PLAN_TASK_BYTES * size["tasks"] + PLAN_CALL_BYTES * size["calls"],
+                "workers": PLAN_WORKER_BYTES * workers}, what="this plan")
 
 
 def _config(model) -> ModelConfig:

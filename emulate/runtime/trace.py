@@ -89,8 +89,9 @@ def read_trace(path) -> list[dict]:
         raise TraceError(f"{where}: the file is empty")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        detail = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else "nested too deep"
+    except (ValueError, RecursionError) as err:  # ValueError: also a number of more than 4300 digits
+        detail = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else \
+            "nested too deep" if isinstance(err, RecursionError) else str(err).split(":")[0]
         raise TraceError(f"{where}: not JSON ({detail})") from None
     events = data.get("traceEvents") if isinstance(data, dict) else data
     if not isinstance(events, list):
@@ -101,12 +102,54 @@ def read_trace(path) -> list[dict]:
         raise TraceError(f"{where}: holds no complete ('X') events: nothing was scheduled")
     for k, e in enumerate(complete):
         bad = [f for f in ("ts", "dur") if not _finite(e.get(f))]
-        if bad or "tid" not in e or not isinstance(e.get("name"), str):
-            what = ", ".join(bad) or ("tid" if "tid" not in e else "name")
-            raise TraceError(f"{where}: complete event {k} ({e.get('name', '?')!r}) has no valid {what}")
+        if bad or not _track(e.get("tid")) or not isinstance(e.get("name"), str):
+            what = ", ".join(bad) or ("tid" if not _track(e.get("tid")) else "name")
+            raise TraceError(f"{where}: complete event {k} ({_short(e.get('name', '?'))}) has no valid {what}")
         if e["dur"] < 0:
             raise TraceError(f"{where}: complete event {k} ({e['name']!r}) has a negative duration")
+        if abs(e["ts"]) > MAX_TRACE_US or e["dur"] > MAX_TRACE_US:
+            raise TraceError(f"{where}: complete event {k} ({e['name']!r}) has a time past {MAX_TRACE_US:.0e} us "
+                             "(decades): not a recorded schedule")
+        problem = _args_problem(e)
+        if problem:
+            raise TraceError(f"{where}: complete event {k} ({e['name']!r}) {problem}")
+    for k, e in enumerate(x for x in events if x.get("ph") == "M"):
+        args = e.get("args", {})
+        if not isinstance(args, dict) or not _track(e.get("tid", 0)) or not isinstance(args.get("name", ""), str) \
+                or not _finite(args.get("sort_index", 0)):
+            raise TraceError(f"{where}: metadata event {k} ({_short(e.get('name', '?'))}) has fields of the wrong type")
     return events
+
+
+# The times of a trace are microseconds; 10^15 us is 31 years, more than any run records.
+MAX_TRACE_US = 1e15
+
+
+def _track(tid) -> bool:
+    """A track (thread) id: an integer or a string, as Chrome's trace format has them."""
+    return isinstance(tid, (int, str)) and not isinstance(tid, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _args_problem(e: dict) -> str | None:
+    """What is wrong with a complete event's args (its task id and dependencies), if anything."""
+    args = e.get("args", {})
+    if not isinstance(args, dict):
+        return "has args that are not an object"
+    task = args.get("task")
+    if task is not None and not _track(task):
+        return f"has a task id {_short(task)} that is not an integer or a string"
+    deps = args.get("deps")
+    if deps is not None and not (isinstance(deps, list) and all(_track(d) for d in deps)):
+        return "has deps that are not a list of task ids"
+    nodes = args.get("nodes")
+    if nodes is not None and not isinstance(nodes, list):
+        return "has nodes that are not a list"
+    return None
 
 
 # A trace of the ten-million-token run (133,104 nodes) is about 40 MB; ten times that is no trace of ours
