@@ -187,7 +187,8 @@ def shape_or_model(model):
     its config alone is read, emulate/models/shapes.py), as a weightless Model (compile and plan
     only); anything else as given."""
     from emulate.models.presets import FILE_PRESETS, PRESETS
-    from emulate.models.shapes import SHAPES, config_file, config_shape, shape_config
+    from emulate.models.config_shapes import config_file, config_shape
+    from emulate.models.shapes import SHAPES, shape_config
 
     if isinstance(model, str) and model in SHAPES and model not in PRESETS and model not in FILE_PRESETS:
         from emulate.models.loaders import Model
