@@ -136,12 +136,18 @@ def decode_step(model=None, tokens=None, *, text: str | None = None, input: str 
                 random_tokens=random_tokens, seed=seed, block_size=block_size, attention=attention, window=window,
                 sinks=sinks, dtype=dtype)
     config = p.model.config
-    if not config.lm_head or not config.causal:
-        raise EmulateError(f"{config.name} has no language-model head (an encoder): it has no decode step")
-    if not all(pat.causal for pat in p.patterns):
-        raise EmulateError(f"a decode step needs a causal mask on every layer (causal, sliding or sink), "
-                           f"not {p.patterns[0].describe()}")
+    check_decodable(config, p.patterns)
     return decode_graph(config, list(p.patterns), p.length, p.block_size, p.dtype)
+
+
+def check_decodable(config, patterns) -> None:
+    """A decode step needs a language-model head and a causal mask on every layer (a new token sees
+    only what came before it): one line otherwise, for generate and decode_step alike."""
+    if not config.lm_head or not config.causal:
+        raise EmulateError(f"{config.name} has no language-model head (an encoder): it cannot generate")
+    if not all(pat.causal for pat in patterns):
+        raise EmulateError(f"generation needs a causal mask on every layer (causal, sliding or sink), "
+                           f"not {patterns[0].describe()}")
 
 
 class _Generator:
@@ -174,11 +180,7 @@ class _Generator:
         p = prepare(model, tokens, text=text, input=input, block_size=block_size, attention=attention, window=window,
                     sinks=sinks, dtype=dtype, graph_form="compact")
         config = p.model.config
-        if not config.lm_head or not config.causal:
-            raise EmulateError(f"{config.name} has no language-model head (an encoder): it cannot generate")
-        if not all(pat.causal for pat in p.patterns):
-            raise EmulateError(f"generation needs a causal mask on every layer (causal, sliding or sink), "
-                               f"not {p.patterns[0].describe()}")
+        check_decodable(config, p.patterns)
         total = p.length + self.max_new
         if config.max_positions is not None and total > config.max_positions:
             raise EmulateError(f"{p.length} prompt tokens + {self.max_new} new ones exceed {config.name}'s "
