@@ -28,10 +28,12 @@ from pathlib import Path
 
 from cluster.state import (
     HOST,
+    SOCKET_PATH_MAX,
     ClusterRecord,
     forget,
     load,
     own_dir,
+    ray_sockets_fit,
     recorded_ports,
     save,
     snapshot,
@@ -42,7 +44,6 @@ from cluster.state import (
 from emulate.errors import EmulateError, error_line
 
 NODE_BYTES = 2**29  # the budget per node: a raylet, its two agents and its idle workers
-SOCKET_PATH_MAX = 107  # bytes in an AF_UNIX socket path (ray/_private/utils.py, validate_socket_filepath)
 START_TIMEOUT_S = 180.0  # one `ray start`
 READY_TIMEOUT_S = 120.0  # from the last node started until the Jobs API has run a job
 # no Prometheus metrics export (an unauthenticated HTTP port per node); the worker nodes take the
@@ -157,13 +158,9 @@ def up(worker_nodes: int, cpus: float | None, port: int, dashboard_port: int, an
         if _port_in_use(p):
             raise EmulateError(f"port {p} ({flag}) is already in use on this machine; choose another with {flag}")
     temp = temp_dir_for(directory, port)
-    # Ray puts its sockets at TEMP/session_<date>_<time>_<pid>/sockets/plasma_store and refuses
-    # one past 107 bytes (AF_UNIX), after seconds of starting; say it before
-    longest = temp / "session_2026-01-01_00-00-00_000000_4194304" / "sockets" / "plasma_store"
-    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+    if not ray_sockets_fit(temp):  # an EMULATE_CLUSTER_DIR too long: said before Ray starts, not after
         raise EmulateError(f"the cluster's directory {temp} is too long for Ray's socket paths ({SOCKET_PATH_MAX} "
-                           f"bytes at most, {len(os.fsencode(longest))} here); set EMULATE_CLUSTER_DIR to a shorter "
-                           "directory of your own (mode 0700)")
+                           "bytes at most); set EMULATE_CLUSTER_DIR to a shorter directory of your own (mode 0700)")
     cpus = cpus if cpus is not None else float(os.cpu_count() or 1)
     env = _env()
     record = ClusterRecord(port=port, dashboard_port=dashboard_port, client_port=_free_port(), temp_dir=str(temp),

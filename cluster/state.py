@@ -2,7 +2,8 @@
 
 The records live in a directory of this user's own: $EMULATE_CLUSTER_DIR, else
 $XDG_RUNTIME_DIR/emulate/cluster when that directory is usable (this user's, mode 0700 as the XDG
-base directory specification asks), else ~/.cache/emulate/cluster ($XDG_CACHE_HOME when set). It is
+base directory specification asks), else ~/.cache/emulate/cluster ($XDG_CACHE_HOME when set), unless
+that path is too long for Ray's socket paths (a long home directory), then /tmp/emulate-UID. It is
 created with mode 0700; one owned by another user, or writable by group or others, is refused:
 whoever can write there could plant a record, and a record says which processes to kill and which
 directory to delete. One record per cluster, `cluster-PORT.json` (PORT: the head's GCS port), names
@@ -26,6 +27,7 @@ from emulate.errors import EmulateError
 
 HOST = "127.0.0.1"
 RECORD_MAX_BYTES = 1 << 20
+SOCKET_PATH_MAX = 107  # bytes in an AF_UNIX socket path (ray/_private/utils.py, validate_socket_filepath)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,19 @@ def state_dir() -> Path:
         return Path(runtime) / "emulate" / "cluster"
     cache = os.environ.get("XDG_CACHE_HOME")
     base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"
+    if not ray_sockets_fit(temp_dir_for(base / "emulate" / "cluster", 65535)):
+        # a short directory of this user's own, checked like any other (own_dir): another user who
+        # made it first gets a refusal, never a say in what `down` stops
+        return Path("/tmp") / f"emulate-{os.getuid()}"
     return base / "emulate" / "cluster"
+
+
+def ray_sockets_fit(temp: Path) -> bool:
+    """Whether Ray's longest socket path under `temp` fits AF_UNIX's limit: Ray puts them at
+    TEMP/session_<date>_<time>_<pid>/sockets/plasma_store and refuses a longer one only after
+    seconds of starting."""
+    longest = temp / "session_2026-01-01_00-00-00_000000_4194304" / "sockets" / "plasma_store"
+    return len(os.fsencode(longest)) <= SOCKET_PATH_MAX
 
 
 def _why_not_own(path: Path) -> str | None:

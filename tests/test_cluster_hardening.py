@@ -614,25 +614,31 @@ def test_a_state_directory_too_long_for_rays_sockets_is_one_line(short_tmp):
     assert list(state.iterdir()) == []
 
 
-def test_the_state_directory_is_this_users_own(tmp_path, monkeypatch):
-    """$XDG_RUNTIME_DIR when it is this user's and 0700, else the cache directory; created 0700."""
-    from cluster.state import own_dir, state_dir
+def test_the_state_directory_is_this_users_own(tmp_path, short_tmp, monkeypatch):
+    """$XDG_RUNTIME_DIR when it is this user's and 0700, else the cache directory, else (a home too
+    long for Ray's socket paths) /tmp/emulate-UID; created 0700."""
+    from cluster.state import own_dir, ray_sockets_fit, state_dir, temp_dir_for
 
     monkeypatch.delenv("EMULATE_CLUSTER_DIR", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(short_tmp))  # short enough for Ray's socket paths
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     runtime.chmod(0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     assert state_dir() == runtime / "emulate" / "cluster"
     runtime.chmod(0o777)  # not usable: another user could plant records there
-    assert state_dir() == tmp_path / "home" / ".cache" / "emulate" / "cluster"
+    assert state_dir() == short_tmp / "emulate" / "cluster"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert own_dir(create=False) is None
     made = own_dir(create=True)
-    assert made == tmp_path / "home" / ".cache" / "emulate" / "cluster"
+    assert made == short_tmp / "emulate" / "cluster"
     assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    long_home = tmp_path / ("h" * 40)  # /home/someone-with-a-long-name: its cache is past the sockets' limit
+    monkeypatch.setenv("HOME", str(long_home))
+    assert not ray_sockets_fit(temp_dir_for(long_home / ".cache" / "emulate" / "cluster", 65535))
+    assert state_dir() == Path("/tmp") / f"emulate-{os.getuid()}"
+    assert ray_sockets_fit(temp_dir_for(state_dir(), 65535))
 
 
 # -- 7. interrupts: early SIGINT, SIGTERM during `cluster up` ---------------------------------------
