@@ -39,7 +39,7 @@ class Token:
 class Generation:
     """The result of `generate`: the new token ids, their text (None without a tokenizer), the run's figures.
 
-    stats: prompt_tokens, new_tokens, time_to_first_token_s, time_per_output_token_s,
+    stats: prompt_tokens, new_tokens, stopped (eos, stop_id, max_new_tokens or interrupted), time_to_first_token_s, time_per_output_token_s,
     decode_tokens_per_s, prefill_s, kv_bytes, decode_calls_per_token,
     decode_attention_calls_per_token, max_call_tokens, ... (docs/generation.md lists them);
     with verify, the reference comparison. logits [new_tokens, vocab]: the scores each token was
@@ -89,8 +89,8 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
              seed: int = 0, input: str | None = None, block_size: int = 256, attention="auto",
              window: int | None = None, sinks: int | None = None, dtype="float32", device: str = "cpu",
              executor: Any = None, oracle: Any = "kernel", threads: int | str | None = None, verify: bool = False,
-             keep_logits: bool = False) -> Generation:
-    """Generate `max_new_tokens` tokens after `prompt` (token ids, or text for a model with a tokenizer).
+             keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None) -> Generation:
+    """Generate up to `max_new_tokens` tokens after `prompt` (token ids, or text for a model with a tokenizer).
 
     The prefill is the task graph's forward (emulate.run's, on `executor`; each block's keys and
     values stay where they were made); each new token then runs through every layer as calls of at
@@ -98,12 +98,14 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
     softmax of logits / temperature, cut to the top_p nucleus, with a generator seeded by `seed`.
     input: a file to read the prompt from (text or ids, as `emulate run --input`). verify: also
     run the monolithic forward over prompt and generated tokens and compare every step's logits
-    (stats: verified, max_logit_err, reference_tokens_match). Returns a Generation.
+    (stats: verified, max_logit_err, reference_tokens_match). Generation stops after the model's
+    end-of-sequence token (config.eos_ids; it is kept in the output, as transformers keeps it) unless
+    ignore_eos, and after any of `stop_ids`; stats["stopped"] says why it ended. Returns a Generation.
     """
     stream = generate_iter(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, input=input, block_size=block_size, attention=attention, window=window,
                            sinks=sinks, dtype=dtype, device=device, executor=executor, oracle=oracle, threads=threads,
-                           verify=verify, keep_logits=keep_logits)
+                           verify=verify, keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids)
     for _ in stream:
         pass
     return stream.result
@@ -114,12 +116,12 @@ def generate_iter(model=None, prompt=None, *, max_new_tokens: int = 16, temperat
                   attention="auto", window: int | None = None, sinks: int | None = None, dtype="float32",
                   device: str = "cpu", executor: Any = None, oracle: Any = "kernel",
                   threads: int | str | None = None, verify: bool = False,
-                  keep_logits: bool = False) -> GenerationStream:
+                  keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None) -> GenerationStream:
     """`generate`, yielding each Token as it is chosen; every argument is checked before this returns."""
     run = _Generator(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                      input=input, block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype,
                      device=device, executor=executor, oracle=oracle, threads=threads, verify=verify,
-                     keep_logits=keep_logits)
+                     keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids)
     return GenerationStream(run)
 
 
@@ -140,6 +142,22 @@ def decode_step(model=None, tokens=None, *, text: str | None = None, input: str 
     return decode_graph(config, list(p.patterns), p.length, p.block_size, p.dtype)
 
 
+def stop_token_ids(stop_ids, config) -> tuple[int, ...]:
+    """The user's stop ids, each a token of the model's vocabulary (an id outside it could never stop anything)."""
+    if stop_ids is None:
+        return ()
+    if isinstance(stop_ids, (int, np.integer)) and not isinstance(stop_ids, bool):
+        stop_ids = [stop_ids]
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise EmulateError(f"stop_ids must be a list of token ids, not {type(stop_ids).__name__}")
+    ids = list(stop_ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < config.vocab:
+            shown = int(t) if isinstance(t, (int, np.integer)) else repr(t)
+            raise EmulateError(f"stop id {shown} is not a token of {config.name}'s vocabulary (0 .. {config.vocab - 1})")
+    return tuple(int(t) for t in ids)
+
+
 def check_decodable(config, patterns) -> None:
     """A decode step needs a language-model head and a causal mask on every layer (a new token sees
     only what came before it): one line otherwise, for generate and decode_step alike."""
@@ -154,7 +172,7 @@ class _Generator:
     """One generation, resolved and checked: the prefill's backend, the cache, the sampler, the figures."""
 
     def __init__(self, model, prompt, *, max_new_tokens, temperature, top_p, seed, input, block_size, attention,
-                 window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits):
+                 window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits, ignore_eos, stop_ids):
         from emulate.problem import check_device, positive_int, prepare
         from emulate.runtime.contract import capability
         from emulate.runtime.decode import KVCache
@@ -181,6 +199,11 @@ class _Generator:
                     sinks=sinks, dtype=dtype, graph_form="compact")
         config = p.model.config
         check_decodable(config, p.patterns)
+        if not isinstance(ignore_eos, bool):
+            raise EmulateError(f"ignore_eos must be true or false, not {ignore_eos!r}")
+        self.eos = frozenset(() if ignore_eos else config.eos_ids)
+        self.stop = frozenset(stop_token_ids(stop_ids, config))
+        self.stopped: str | None = None
         total = p.length + self.max_new
         if config.max_positions is not None and total > config.max_positions:
             raise EmulateError(f"{p.length} prompt tokens + {self.max_new} new ones exceed {config.name}'s "
@@ -220,6 +243,8 @@ class _Generator:
         token = self._choose(scores)
         self._times["first"] = time.perf_counter() - t0
         yield self._token(token, p.length)
+        if self._ends(token):
+            return
         self.decoder = Decoder(model, list(p.patterns), self.cache, self.bound)
         with torch.no_grad():
             for i in range(1, self.max_new):
@@ -228,6 +253,14 @@ class _Generator:
                 token = self._choose(scores)
                 self._times["decode"] += time.perf_counter() - t1
                 yield self._token(token, p.length + i)
+                if self._ends(token):
+                    return
+        self.stopped = "max_new_tokens"
+
+    def _ends(self, token: int) -> bool:
+        """Whether the token just emitted ends the generation (it stays in the output)."""
+        self.stopped = "eos" if token in self.eos else "stop_id" if token in self.stop else None
+        return self.stopped is not None
 
     def _choose(self, scores: torch.Tensor) -> int:
         token = self.sampler(scores)
@@ -250,6 +283,7 @@ class _Generator:
         pre = getattr(self, "prefill_stats", {})
         stats = {
             "model": config.name, "prompt_tokens": p.length, "new_tokens": len(self.new), "tokens": list(self.new),
+            "stopped": self.stopped or "interrupted",
             "text": self.detok.text(), "block_size": p.block_size, "attention": pre.get("attention"),
             "window": pre.get("window"), "dtype": str(p.dtype).removeprefix("torch."), "device": self.device,
             "executor": self.executor.name, "oracle": self.oracle.name,

@@ -225,6 +225,23 @@ def test_bad_checkpoint(case, saved, tmp_path, capsys):
     assert err.startswith("emulate: error: ") and message in err and err.count("\n") == 1
 
 
+def test_eos_ids_from_config_or_generation_config(saved, tmp_path):
+    """eos_token_id as an int or a list; generation_config.json's wins (transformers' generate reads it
+    first); a value that is no token id is one line."""
+    path = copy(saved, "llama", tmp_path)
+    assert load_checkpoint(path)[0].eos_ids == ()  # tests/hf_models.py saves eos_token_id None
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, "eos_token_id": [7, 9, 7]}))
+    assert load_checkpoint(path)[0].eos_ids == (7, 9)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert load_checkpoint(path)[0].eos_ids == (11,)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [-1]}))
+    with pytest.raises(EmulateError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
+        load_checkpoint(path)
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))  # no eos there: config.json's
+    assert load_checkpoint(path)[0].eos_ids == (7, 9)
+
+
 def test_bad_shards(saved, tmp_path):
     model, _ = saved["llama"]
     path = tmp_path / "sharded"

@@ -49,6 +49,8 @@ BAD = [
     (["--temperature", "nan"], "temperature must be"),
     (["--top-p", "1.01"], "top_p must be"),
     (["--attention", "full"], "generation needs a causal mask"),
+    (["--stop-id", "-1"], "stop id -1 is not a token of tiny-llama's vocabulary (0 .. 1023)"),
+    (["--stop-id", "5", "--stop-id", "1024"], "stop id 1024 is not a token"),
 ]
 
 
@@ -56,6 +58,30 @@ BAD = [
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = emulate_child("generate", "--model", "tiny-llama", "--text", "abc", *args)
     assert r.returncode == 2 and message in one_error_line(r.stderr) and r.stdout == ""
+
+
+def test_eos_ignore_eos_and_stop_ids(tmp_path):
+    """A checkpoint whose eos is the 3rd greedy token: the child stops after it, goes on with
+    --ignore-eos, and stops after a --stop-id."""
+    import emulate
+
+    _, free = checkpoint("llama", tmp_path / "free")
+    ids = tmp_path / "prompt.npy"
+    np.save(ids, np.random.default_rng(1).integers(0, 256, 40))
+    tokens = emulate.generate(str(free), np.load(ids), max_new_tokens=10, block_size=16).tokens
+    eos, stop = tokens[2], tokens[6]
+    assert tokens.index(eos) == 2
+    _, path = checkpoint("llama", tmp_path / "eos", eos_token_id=eos)
+    common = ("generate", "--model", path, "--input", ids, "--max-new-tokens", "10", "-M", "16")
+
+    r = emulate_child(*common)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in tokens[:3]] and "stopped after the end-of-sequence token" in r.stderr
+    past = json.loads(emulate_child(*common, "--ignore-eos", "--json").stdout)
+    assert past["tokens"] == tokens and past["stopped"] == "max_new_tokens"
+    unseen = min(set(range(256)) - set(tokens))  # --stop-id repeats: an id never produced changes nothing
+    user = json.loads(emulate_child(*common, "--ignore-eos", "--stop-id", unseen, "--stop-id", stop, "--json").stdout)
+    assert user["tokens"] == tokens[:tokens.index(stop) + 1] and user["stopped"] == "stop_id"
 
 
 def test_bad_prompts_and_models_are_one_line(tmp_path):

@@ -64,6 +64,46 @@ def test_greedy_is_transformers_for_256_tokens(family, tmp_path, float64_hf):  #
     greedy_against_transformers(family, tmp_path, 256)
 
 
+def test_stops_after_the_eos_token_as_transformers_does(tmp_path, float64_hf):  # noqa: F811
+    """A checkpoint whose eos_token_id is the 5th token greedy decoding produces without one: emulate
+    and transformers' generate (its default: stop once eos is emitted, eos kept) stop right after it."""
+    _, free_path = checkpoint("llama", tmp_path / "free")
+    prompt = np.random.default_rng(1).integers(0, VOCAB, 61)
+    free = emulate.generate(str(free_path), prompt, max_new_tokens=12, block_size=16, dtype="float64")
+    assert free.stats["stopped"] == "max_new_tokens" and len(free.tokens) == 12
+    eos = free.tokens[4]
+    assert free.tokens.index(eos) == 4  # not produced earlier: the stop comes at the 5th token
+
+    hf, path = checkpoint("llama", tmp_path / "eos", eos_token_id=eos)
+    assert emulate.load(str(path)).config.eos_ids == (eos,)
+    x = torch.from_numpy(prompt)[None]
+    with torch.no_grad():
+        want = hf.to(torch.float64).generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                             do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    got = emulate.generate(str(path), prompt, max_new_tokens=12, block_size=16, dtype="float64")
+    assert got.tokens == want == free.tokens[:5]
+    assert got.stats["stopped"] == "eos" and got.stats["new_tokens"] == 5 and got.stats["decode_steps"] == 4
+
+    past = emulate.generate(str(path), prompt, max_new_tokens=12, block_size=16, dtype="float64", ignore_eos=True)
+    assert past.tokens == free.tokens and past.stats["stopped"] == "max_new_tokens"
+    stop = free.tokens[7]
+    at = free.tokens.index(stop)
+    user = emulate.generate(str(path), prompt, max_new_tokens=12, block_size=16, dtype="float64", ignore_eos=True,
+                            stop_ids=[stop])
+    assert user.tokens == free.tokens[:at + 1] and user.stats["stopped"] == "stop_id"
+
+
+def test_an_eos_as_the_first_token_ends_before_any_decode_step():
+    prompt = np.arange(50) % 1024
+    first = emulate.generate("tiny-llama", prompt, max_new_tokens=1).tokens[0]
+    g = emulate.generate("tiny-llama", prompt, max_new_tokens=10, stop_ids=[first])
+    assert g.tokens == [first] and g.stats["stopped"] == "stop_id" and g.stats["decode_steps"] == 0
+    stream = emulate.generate_iter("tiny-llama", prompt, max_new_tokens=10)
+    for _ in stream:
+        break
+    assert stream.result.stats["stopped"] == "interrupted"
+
+
 def test_sampling_draws_are_transformers_draws(tmp_path, float64_hf):  # noqa: F811
     """Same seed, same temperature and top-p: the same float32 probabilities give the same draws."""
     hf, path = checkpoint("llama", tmp_path)
@@ -166,6 +206,11 @@ def test_smollm2_4k_prompt_is_transformers():
     ({"top_p": 1.5}, "top_p must be"),
     ({"seed": -1}, "seed must be"),
     ({"attention": "full"}, "generation needs a causal mask"),
+    ({"stop_ids": [-1]}, "stop id -1 is not a token of tiny-llama's vocabulary"),
+    ({"stop_ids": [1024]}, "stop id 1024 is not a token"),
+    ({"stop_ids": ["7"]}, "stop id '7' is not a token"),
+    ({"stop_ids": "7"}, "stop_ids must be a list"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
 ])
 def test_bad_arguments_are_one_line(kwargs, message):
     with pytest.raises(EmulateError, match=message):

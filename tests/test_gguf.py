@@ -64,6 +64,7 @@ def write_tiny(path: Path, arch: str = "llama", tied: bool = True, odd_type=None
     w.add_token_list(tokens)
     w.add_token_types([1] * 259 + [3])
     w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_eos_token_id(259)
     names = {"embed.tokens": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
     parts = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
              "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
@@ -98,6 +99,7 @@ def test_tiny_gguf_round_trip(tmp_path, tied):
     assert (config.vocab, config.width, config.layers, config.heads, config.kv_heads, config.head_dim,
             config.mlp_width) == tuple(TINY.values())
     assert config.rope_theta == 50000.0 and abs(config.norm_eps - 1e-5) < 1e-12 and config.rope_scaling is None
+    assert config.eos_ids == (259,)
     assert set(weights) == set(want)
     for key in want:
         assert torch.equal(weights[key], want[key]), key
@@ -167,6 +169,15 @@ def test_smollm2_config(smollm2, smollm2_path):
     assert c.rope_theta == 100000.0 and c.rope_scaling is None and c.norm == "rms" and c.mlp == "swiglu"
     assert smollm2.weights["lm_head.weight"] is smollm2.weights["embed.tokens.weight"]  # no output.weight: tied
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in smollm2.weights.values())
+
+
+def test_smollm2_eos_is_the_files(smollm2, smollm2_path):
+    """The end-of-sequence id generation stops at is the one the file's metadata holds, read here with
+    the gguf package's own reader."""
+    field = gguf.GGUFReader(str(smollm2_path), "r").fields["tokenizer.ggml.eos_token_id"]
+    want = int(field.parts[field.data[0]][0])
+    assert smollm2.config.eos_ids == (want,)
+    assert smollm2.tokenizer.id_to_token(want) == "<|im_end|>"  # the Instruct model's end of a turn
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_path):

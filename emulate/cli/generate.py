@@ -22,6 +22,7 @@ def add_generate_command(sub) -> None:
                "  emulate generate --model tiny-mistral --input prompt.npy --max-new-tokens 64 -M 128 --json\n"
                "  emulate generate --text 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 7\n"
                "  emulate generate --model tiny-llama --text 'abc' --max-new-tokens 8 --dtype float64 --verify\n"
+               "  emulate generate --model tiny-llama --text 'abc' --stop-id 10 --stop-id 32\n"
                "exit status: 0 ok; 1 --verify found an error above the tolerance; 2 bad input; 130 interrupted")
 
 
@@ -40,7 +41,12 @@ def generate_options(g: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--input", default=None, help="the prompt: token ids (.npy, .arrow, .parquet) or text (.txt, .md)")
     src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
-    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
+    g.add_argument("--max-new-tokens", type=int, default=16,
+                   help="the most tokens to generate (fewer when an end-of-sequence or stop id comes first)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the model's end-of-sequence token (generation stops after it by default)")
+    g.add_argument("--stop-id", type=int, action="append", default=None, metavar="ID",
+                   help="also stop after this token id (kept in the output); may be given more than once")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of probability >= P")
     g.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws")
@@ -65,7 +71,8 @@ def cmd_generate(args) -> int:
     stream = generate_iter(args.model, args.text, input=args.input, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
                            attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
-                           executor=args.executor, oracle=args.oracle, verify=args.verify)
+                           executor=args.executor, oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos,
+                           stop_ids=args.stop_id)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:
@@ -103,10 +110,15 @@ def clean(stats: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
 
 
+STOPPED = {"eos": "after the end-of-sequence token", "stop_id": "after a stop id",
+           "max_new_tokens": "at --max-new-tokens"}
+
+
 def summary(s: dict) -> str:
     lines = [
         (f"generated  {s['new_tokens']} tokens after {s['prompt_tokens']} prompt tokens ({s['model']}, {s['dtype']}, "
-         f"M = {s['block_size']}, attention {s['attention']}, {s['executor']} executor)"),
+         f"M = {s['block_size']}, attention {s['attention']}, {s['executor']} executor); stopped "
+         f"{STOPPED.get(s['stopped'], s['stopped'])}"),
         (f"prefill    {s['prefill_s']:.3f} s ({s['prefill_calls']} calls); time to first token "
          f"{s['time_to_first_token_s']:.3f} s"),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], P
                            f"{', '.join(FAMILIES)}); --backend transformers runs any family transformers reads "
                            "(backend=\"transformers\" in Python), and emulate graph draws it from its config.json")
     config = (bert_config if family == "bert" else gpt2_config if family == "gpt2" else decoder_config)(hf, str(path))
+    config = replace(config, eos_ids=eos_ids(hf, path))
     check_weights_fit(config, path)
     tensors = read_tensors(path)
     check_weights_held(config, tensors, path)
@@ -88,6 +90,22 @@ def read_json(file: Path):
         raise EmulateError(f"{file}: cannot read JSON (nested too deep)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise EmulateError(f"{file}: cannot read JSON ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def eos_ids(hf: dict, path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids generation stops at: generation_config.json's `eos_token_id` where it
+    gives one (transformers' generate reads that file first), else config.json's; an int, a list or null."""
+    source, file = hf, path / "config.json"
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        held = read_json(gen)
+        if isinstance(held, dict) and "eos_token_id" in held:
+            source, file = held, gen
+    value = source.get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in ids):
+        raise EmulateError(f"{file}: eos_token_id must be a token id or a list of them, got {shown(value)}")
+    return tuple(dict.fromkeys(ids))
 
 
 def _int(hf: dict, key: str, name: str, default=None) -> int:

@@ -27,7 +27,9 @@ class ModelConfig:
     """Everything the position-wise pieces and the attention pattern need to know about a model.
 
     `windows[l]` is layer l's sliding window r in the paper's sense (query i sees keys
-    i-r+1 .. i, Def 2.4), or None for a layer with the model's plain mask.
+    i-r+1 .. i, Def 2.4), or None for a layer with the model's plain mask. `eos_ids`: the
+    end-of-sequence token ids generation stops at (emulate/generation.py), as the checkpoint's
+    config.json / generation_config.json or the GGUF metadata gives them; none for the presets.
     """
 
     name: str
@@ -57,6 +59,7 @@ class ModelConfig:
     final_norm: bool = True
     lm_head: bool = True
     windows: tuple = field(default=())
+    eos_ids: tuple = field(default=())
 
     def __post_init__(self):
         self._check_numbers()
@@ -81,6 +84,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise EmulateError(f"{self.name}: {name} must be a finite number > 0, got {shown(value)}")
+        if not isinstance(self.eos_ids, tuple) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.eos_ids):
+            raise EmulateError(f"{self.name}: eos_ids must be token ids (integers >= 0), got {shown(self.eos_ids)}")
         if self.max_positions is not None and (not isinstance(self.max_positions, int) or self.max_positions < 1):
             raise EmulateError(f"{self.name}: max_positions must be a positive integer, got {shown(self.max_positions)}")
         for f in fields(self):

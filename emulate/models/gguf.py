@@ -125,12 +125,16 @@ def gguf_config(meta: dict, tensors: dict, path: Path) -> ModelConfig:
     if meta.get(a + "expert_count"):
         raise EmulateError(f"{path}: mixture-of-experts GGUF files are not supported")
     has = lambda part: any(k.startswith("blk.") and k.endswith(f".{part}.bias") for k in tensors)  # noqa: E731
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not 0 <= eos < 2**63):
+        raise EmulateError(f"{path}: GGUF metadata 'tokenizer.ggml.eos_token_id' must be a token id, got {eos!r}")
     return ModelConfig(
         name=str(path), family="llama", vocab=int(vocab), width=width, layers=_meta_int(meta, a + "block_count", path),
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, mlp_width=_meta_int(meta, a + "feed_forward_length", path),
         norm_eps=_meta_float(meta, a + "attention.layer_norm_rms_epsilon", path, 1e-5),
         rope_theta=_meta_float(meta, a + "rope.freq_base", path, 10000.0), rope_scaling=scaling,
         qkv_bias=has("attn_q"), out_bias=has("attn_output"), mlp_bias=has("ffn_up"),
+        eos_ids=() if eos is None else (int(eos),),
     )
 
 
