@@ -122,3 +122,13 @@ def test_all_names_a_placement_it_cannot_lay_out():
     assert [o.placement for o in outcomes] == ["sequence", "layers"]
     assert outcomes[0].prediction is not None and outcomes[1].prediction is None
     assert "17 workers for 16 layers" in outcomes[1].refusal
+
+
+def test_a_model_past_a_node_is_refused_naming_the_layers_placement_which_fits():
+    """Llama-3 405B in bf16 on A100s (no fp8): 812 GB of weights need 11 GPUs, more than a node's 8,
+    so the refusal names --placement layers; on 16 workers a range of 7 or 8 layers fits one A100."""
+    common = {"block_size": 4096, "attention": "causal", "workers": 16, "device": "a100"}
+    with pytest.raises(EmulateError, match="--placement layers .*the weights need 11 GPUs"):
+        predict("llama3-405b", 8192, **common)
+    layers = predict("llama3-405b", 8192, placement="layers", **common)
+    assert layers.fits and layers.peak_worker_memory_gb < 80
