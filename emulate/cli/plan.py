@@ -20,7 +20,8 @@ def add_plan_command(sub) -> None:
                     "bandwidth, tensor-parallel all-reduces, link bandwidth and latency, per-task and per-call "
                     "overheads, memory per worker). Prints the predicted time, each worker's peak memory, the bytes "
                     "moved, utilisation and the critical path; a layout that does not fit a worker's memory is "
-                    "refused, naming what would. The cpu device is measured on this machine (15 to 30 s) and cached "
+                    "refused, naming what would. --placement all prints the sequence and layers placements side by "
+                    "side. The cpu device is measured on this machine (15 to 30 s) and cached "
                     "with when and under what load it was measured, printed with every plan; docs/planner.md "
                     "explains the model and the source of every constant.",
         epilog="examples:\n"
@@ -28,6 +29,8 @@ def add_plan_command(sub) -> None:
                "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 8 --device h100\n"
                "  emulate plan --shape llama3-405b --tokens 1048576 -M 4096 --attention causal --workers 16 "
                "--gpus-per-worker 8 --weight-dtype fp8-ffn --device h100 --json\n"
+               "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 16 "
+               "--gpus-per-worker 8 --device h100 --placement all\n"
                "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
 
 
@@ -35,6 +38,7 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     """The options of `emulate plan`, added once the command is chosen (cli/parser.py, Parser)."""
     from emulate.models.shapes import SHAPES
     from emulate.planner.costs import DEVICES
+    from emulate.planner.placements import CHOICES
 
     p.add_argument("--model", default=None, help=f"a preset ({preset_names()}) or a checkpoint directory "
                    "(default tiny-llama)")
@@ -54,6 +58,10 @@ def plan_options(p: argparse.ArgumentParser) -> None:
                    help="the link the GPUs of a worker all-reduce over")
     p.add_argument("--weight-dtype", choices=("bf16", "fp8-ffn"), default="bf16",
                    help="bf16 weights, or the feed-forward weights in fp8 at the fp8 GEMM rate (h100, h200)")
+    p.add_argument("--placement", choices=CHOICES, default="sequence",
+                   help="sequence: every worker holds the model and runs its run of query blocks; layers: each worker "
+                        "owns a range of layers and holds only their weights, blocks flowing through as a pipeline; "
+                        "all: both side by side, each with whether it fits")
     p.add_argument("--allow-overcommit", action="store_true",
                    help="predict a layout whose weights and values do not fit a worker's memory (refused otherwise)")
     p.add_argument("--link-gbps", type=float, default=None,
@@ -75,11 +83,13 @@ def _threads(text: str):
 
 
 def cmd_plan(args) -> int:
-    from emulate.planner.costs import Calibration
-    from emulate.planner.prediction import predict
+    from emulate.planner.placements import ALL, describe_ranges
+    from emulate.planner.prediction import predict, predict_placements
 
     if args.shape is not None and args.model is not None:
         raise EmulateError("give --model or --shape, not both")
+    if args.plot and args.placement != "sequence":
+        raise EmulateError("--plot draws the sequence placement only; leave out --placement")
     model = args.shape or args.model
     if args.plot:
         from emulate.outputs import output_target
@@ -90,18 +100,15 @@ def cmd_plan(args) -> int:
         except DrawError as err:
             raise EmulateError(str(err)) from None
         output_target(args.plot)  # a path that cannot be written (a directory, a name past NAME_MAX), too
-    p = predict(model, args.tokens, block_size=args.block_size, attention=args.attention, window=args.window,
-                sinks=args.sinks, workers=args.workers, device=args.device, gpus_per_worker=args.gpus_per_worker,
-                link_gbps=args.link_gbps, calibrate=args.calibrate, executor=args.executor, threads=args.threads,
-                weight_dtype=args.weight_dtype, tp_link=args.tp_link, allow_overcommit=args.allow_overcommit)
-    if p.inputs.get("calibration"):
-        import time
-
-        from emulate.planner.calibrate import calibration_warnings, current_settings
-
-        cal = Calibration(**p.inputs["calibration"])
-        for warning in calibration_warnings(cal, now=time.time(), settings=current_settings()):
-            print(f"emulate: warning: {warning}", file=sys.stderr)
+    keywords = {"block_size": args.block_size, "attention": args.attention, "window": args.window,
+                "sinks": args.sinks, "workers": args.workers, "device": args.device,
+                "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "calibrate": args.calibrate,
+                "executor": args.executor, "threads": args.threads, "weight_dtype": args.weight_dtype,
+                "tp_link": args.tp_link}
+    if args.placement == ALL:
+        return _compare(predict_placements(model, args.tokens, placement=ALL, **keywords), args.json)
+    p = predict(model, args.tokens, placement=args.placement, allow_overcommit=args.allow_overcommit, **keywords)
+    _warn_calibration(p.inputs)
     if args.plot:
         from emulate.planner.plot import plot_scaling
 
@@ -115,7 +122,23 @@ def cmd_plan(args) -> int:
         return 0
     path = d["critical_path"]
     shown = path if len(path) <= 6 else path[:3] + ["..."] + path[-2:]
-    print(f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
+    print(_header(d) +
+          f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
+          f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
+          + (f"placement  {d['placement']}: {describe_ranges(d['layers'], d['workers'])}; weights "
+             f"{_spread(d['worker_weights_gb'])} GB and peak {_spread(d['worker_memory_gb'])} GB per worker\n"
+             if d["placement"] != "sequence" else "") +
+          f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
+          + ("" if d["fits"] else ", MORE than the worker's devices hold") + f"; {d['bytes_moved'] / 1e9:.3g} GB moved "
+          "between workers")
+    return 0
+
+
+def _header(d: dict) -> str:
+    """The forward and hardware lines of every plan (and the cpu's calibration)."""
+    from emulate.planner.costs import Calibration
+
+    return (f"forward    {d['model']}, N = {d['tokens']} in {d['blocks']} blocks of M = {d['block_size']}, "
           f"{d['layers']} layers, attention {', '.join(d['attention'])}; {d['attention_calls']} attention calls in "
           f"{d['physical_tasks']} physical tasks\n"
           f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}"
@@ -124,10 +147,49 @@ def cmd_plan(args) -> int:
           f"{d['link_gbps']:g} Gb/s, {d['executor']} executor"
           + (f" ({d['call_workers']} call worker{'s' if d['call_workers'] > 1 else ''} of one thread each)"
              if d.get("call_workers") else "") + "\n"
-          + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else "") +
-          f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
-          f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
-          f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
-          + ("" if d["fits"] else ", MORE than the worker's devices hold") + f"; {d['bytes_moved'] / 1e9:.3g} GB moved "
-          "between workers")
+          + (f"cpu        {Calibration(**d['calibration']).describe()}\n" if d.get("calibration") else ""))
+
+
+def _warn_calibration(inputs: dict) -> None:
+    if inputs.get("calibration"):
+        import time
+
+        from emulate.planner.calibrate import calibration_warnings, current_settings
+        from emulate.planner.costs import Calibration
+
+        cal = Calibration(**inputs["calibration"])
+        for warning in calibration_warnings(cal, now=time.time(), settings=current_settings()):
+            print(f"emulate: warning: {warning}", file=sys.stderr)
+
+
+def _compare(outcomes, as_json: bool) -> int:
+    """`--placement all`: the placements side by side, one row each, and the ratio of their times."""
+    rows = [o.to_dict() for o in outcomes]
+    if as_json:
+        print(json.dumps({"placements": rows}))
+        return 0
+    first = next(r for r in rows if "predicted_s" in r)
+    _warn_calibration(first)
+    lines = [_header(first).rstrip("\n"),
+             (f"{'placement':<10} {'predicted_s':>11} {'utilisation':>11} {'moved_GB':>9} {'weights_GB':>15} "
+              f"{'peak_GB':>15}  fits")]
+    for r in rows:
+        if "predicted_s" not in r:
+            lines.append(f"{r['placement']:<10} cannot lay out this forward: {r['refusal']}")
+            continue
+        weights, peaks = r["worker_weights_gb"], r["worker_memory_gb"]
+        lines.append(f"{r['placement']:<10} {r['predicted_s']:>11.4g} {r['utilisation']:>11.0%} "
+                     f"{r['bytes_moved'] / 1e9:>9.4g} {_spread(weights):>15} {_spread(peaks):>15}  "
+                     + ("yes" if r["fits"] else "no: " + (r["refusal"] or "")))
+    lines.append("(weights_GB and peak_GB per worker, least to most; bytes moved between workers)")
+    done = {r["placement"]: r for r in rows if "predicted_s" in r}
+    if len(done) == 2:
+        seq, lay = done["sequence"]["predicted_s"], done["layers"]["predicted_s"]
+        lines.append(f"ratio      sequence / layers predicted time = {seq / lay:.3g}")
+    print("\n".join(lines))
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{hi:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g} to {hi:.3g}"

@@ -56,8 +56,10 @@ def deployment(config: ModelConfig, device: str, dev: Device, gpus_per_worker: i
     return fields
 
 
-def fit_refusal(peak: float, weights: float, fp8_weights: float | None, dev: Device, gpus: int) -> str | None:
-    """None when `peak` bytes fit a worker of `gpus` devices; else one line: what it needs and what would fit."""
+def fit_refusal(peak: float, weights: float, fp8_weights: float | None, dev: Device, gpus: int,
+                placement: str = "sequence") -> str | None:
+    """None when `peak` bytes fit a worker of `gpus` devices; else one line: what it needs and what
+    would fit (`weights`: that worker's, under the layers placement its range's)."""
     capacity = dev.memory * gpus
     if peak <= capacity:
         return None
@@ -74,9 +76,11 @@ def fit_refusal(peak: float, weights: float, fp8_weights: float | None, dev: Dev
             fixes.append(f"--weight-dtype fp8-ffn --gpus-per-worker {need8}")
     if values > capacity / 2:
         fixes.append("a smaller -M or more workers (the values alive per worker)")
+    if not fixes and placement == "sequence":
+        fixes.append(f"--placement layers (the weights need {need} GPUs, more than a node's {GPUS_PER_NODE}; "
+                     "each worker would hold only its layers')")
     if not fixes:
-        fixes.append(f"a layer-sharded placement (the weights need {need} GPUs, more than a node's "
-                     f"{GPUS_PER_NODE}), which the planner does not price")
+        fixes.append("more workers (fewer layers each)")
     parts = f"weights {weights / GB:.0f} GB" + (f", values alive {values / GB:.0f} GB" if values > 0 else "")
     return (f"{peak / GB:.0f} GB per worker ({parts}) does not fit {gpus} x {dev.name} ({capacity / GB:.0f} GB): {' or '.join(fixes)} would; "
             "--allow-overcommit predicts it anyway")

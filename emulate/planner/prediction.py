@@ -11,8 +11,18 @@ from dataclasses import asdict, dataclass, field
 from emulate.errors import EmulateError
 from emulate.models.config import ModelConfig
 from emulate.planner.calibrate import cpu_device
-from emulate.planner.costs import (CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_SERVICE_S_PER_CALL, CPU_TASK_OVERHEAD_S, DEVICES,
-                                   GB, GPU_LINK_GBPS, GPU_LINK_LATENCY_S, GPU_TASK_OVERHEAD_S, Hardware)
+from emulate.planner.costs import (
+    CPU_LINK_GBPS,
+    CPU_LINK_LATENCY_S,
+    CPU_SERVICE_S_PER_CALL,
+    CPU_TASK_OVERHEAD_S,
+    DEVICES,
+    GB,
+    GPU_LINK_GBPS,
+    GPU_LINK_LATENCY_S,
+    GPU_TASK_OVERHEAD_S,
+    Hardware,
+)
 from emulate.planner.simulation import simulate
 
 
@@ -29,8 +39,10 @@ class Prediction:
     critical_path_s: float
     critical_path: list[str]
     worker_busy_s: list[float]
-    weights_gb_per_worker: float
+    weights_gb_per_worker: float  # the most any worker holds
     fits: bool  # every worker's peak within its devices' memory
+    worker_memory_gb: list[float] = field(default_factory=list)  # each worker's peak, weights included
+    worker_weights_gb: list[float] = field(default_factory=list)  # each worker's weights (layers: its range's)
     inputs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -43,7 +55,10 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
     """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached).
     executor="local" on the cpu: the local executor's call workers as a run with `threads` would
     have them (emulate/runtime/threads.py, worker_count: None is torch's setting), sharing one process."""
-    from emulate.runtime.threads import cores as usable_cores, worker_count  # they import torch: only a plan needs it
+    from emulate.runtime.threads import (  # they import torch: only a plan needs it
+        cores as usable_cores,
+    )
+    from emulate.runtime.threads import worker_count
 
     if device == "cpu":
         dev = cpu_device(recalibrate=calibrate)
@@ -70,7 +85,7 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
             sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
             link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray", threads=None,
             weight_dtype: str = "bf16", tp_link: str = "nvlink", allow_overcommit: bool = False,
-            hw: Hardware | None = None) -> Prediction:
+            placement: str = "sequence", hw: Hardware | None = None) -> Prediction:
     """Predict one forward's time on `workers` workers of `device` (nothing runs).
 
     model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
@@ -78,73 +93,151 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
     predicts the in-process executor (no per-task cost; on the cpu its call workers as `threads`
     gives them, emulate/runtime/threads.py). weight_dtype "fp8-ffn": the feed-forward weights in fp8;
     tp_link: the GPUs of a worker all-reduce over "nvlink" or "pcie" (emulate/planner/deployment.py).
+    placement: "sequence" (every worker holds the model and runs its run of query blocks) or
+    "layers" (each worker owns a range of layers and holds only their weights), as the Ray executor
+    places them (emulate/planner/placements.py); `predict_placements` compares them.
     A layout whose peak does not fit a worker's memory is refused (EmulateError, naming what would
     fit) unless allow_overcommit. `hw` overrides the hardware.
     """
-    from graphs.plan import make_plan
-    from emulate.problem import resolve_patterns
-    from graphs import CompactGraph, ForwardSpec, PatternError
+    from emulate.planner.placements import placement_of
 
-    config = _config(model)
-    for name, value, low in (("--tokens", tokens, 1), ("--block-size", block_size, 1), ("--workers", workers, 1),
-                             ("--gpus-per-worker", gpus_per_worker, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
-    if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
-        raise EmulateError(f"--link-gbps must be a finite number > 0, got {link_gbps}")
-    from emulate.runtime.threads import check_threads
+    chosen = placement_of(placement)
+    forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
+                       link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw)
+    return forward.predict(chosen, allow_overcommit)[0]
 
-    check_threads(threads)
-    if executor not in ("ray", "local"):
-        raise EmulateError(f"executor must be ray or local, got {executor!r}")
-    if executor == "local" and workers != 1:
-        raise EmulateError("the local executor is one worker")
-    patterns = resolve_patterns(config, attention, window, sinks)
-    check_plan_size(config, patterns, tokens, block_size, workers)  # before the CPU is measured or anything built
-    if hw is None:
-        hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor, threads)
-    if config.max_positions is not None and tokens > config.max_positions:
-        raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
-    dtype_bytes = 2 if hw.dtype == "bf16" else 4
-    from dataclasses import replace
 
-    from emulate.planner.deployment import deployment, fit_refusal, weights_bytes
+@dataclass
+class PlacementOutcome:
+    """One placement of `predict_placements`: its prediction (None where the placement cannot lay
+    out this forward, e.g. more workers than layers), and the line saying why it does not fit or
+    cannot be laid out (None when it fits)."""
 
-    hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
-    try:
-        spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
-                           kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
-                           mlp_width=config.mlp_width, vocab=config.vocab if config.lm_head else 0,
-                           dtype_bytes=dtype_bytes)
-        graph = CompactGraph.build(spec)
-    except PatternError as err:
-        raise EmulateError(str(err)) from None
-    weights = weights_bytes(config, weight_dtype, dtype_bytes)
-    fp8 = weights_bytes(config, "fp8-ffn", dtype_bytes) if "fp8" in hw.device.flops else None
-    for peak in (weights, None):  # the weights alone, before the schedule; then with the values alive
-        if peak is None:
-            plan = make_plan(graph, 1 if hw.shared else hw.workers, runnable=False)
-            sim = simulate(plan, spec, graph.spans, hw, weights)
-            peak = max(sim.peak_memory)
-        refusal = fit_refusal(peak, weights, fp8, hw.device, hw.gpus_per_worker)
-        if refusal and not allow_overcommit:
-            raise EmulateError(refusal)
-    c = graph.counts()
-    capacity = hw.device.memory * hw.gpus_per_worker
-    names = [plan.tasks[i].name for i in sim.critical_path]
-    return Prediction(
-        predicted_s=sim.makespan, attention_calls=c["attention_calls"], physical_tasks=len(plan.tasks),
-        bytes_moved=sim.bytes_moved, peak_worker_memory_gb=max(sim.peak_memory) / GB,
-        utilisation=sum(sim.busy) / (hw.workers * sim.makespan) if sim.makespan else 0.0,
-        critical_path_s=sim.critical_path_s, critical_path=names, worker_busy_s=sim.busy,
-        weights_gb_per_worker=weights / GB, fits=max(sim.peak_memory) <= capacity,
-        inputs={"model": config.name, "tokens": tokens, "block_size": block_size, "blocks": graph.blocks,
-                "layers": config.layers, "attention": sorted({str(p.describe()) for p in patterns}),
-                "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
-                "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": weight_dtype,
-                "tp_link": tp_link if hw.gpus_per_worker > 1 else None, "executor": executor,
-                "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
-                "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
+    placement: str
+    prediction: Prediction | None
+    refusal: str | None
+
+    def to_dict(self) -> dict:
+        return {"placement": self.placement, "refusal": self.refusal,
+                **(self.prediction.to_dict() if self.prediction else {})}
+
+
+def predict_placements(model=None, tokens: int = 4096, *, placement: str = "all", block_size: int = 256,
+                       attention="auto", window: int | None = None, sinks: int | None = None, workers: int = 1,
+                       device: str = "cpu", gpus_per_worker: int = 1, link_gbps: float | None = None,
+                       calibrate: bool = False, executor: str = "ray", threads=None, weight_dtype: str = "bf16",
+                       tp_link: str = "nvlink", hw: Hardware | None = None) -> list[PlacementOutcome]:
+    """`predict` under each placement ("all", or one name), side by side: the graph is compiled and
+    the hardware measured once. Every placement is predicted whether or not it fits, with the
+    refusal `predict` would give beside it."""
+    from emulate.planner.placements import placements_of
+
+    chosen = placements_of(placement)
+    forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
+                       link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw)
+    out = []
+    for p in chosen:
+        try:
+            prediction, refusal = forward.predict(p, allow_overcommit=True)
+        except EmulateError as err:  # this placement cannot lay the forward out on these workers
+            out.append(PlacementOutcome(p.value, None, str(err)))
+            continue
+        out.append(PlacementOutcome(p.value, prediction, refusal))
+    return out
+
+
+class _Forward:
+    """One forward on one cluster, checked, compiled and priced once; `predict` places, simulates
+    and checks the fit of each placement over it."""
+
+    def __init__(self, model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
+                 link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw):
+        from emulate.problem import resolve_patterns
+        from graphs import CompactGraph, ForwardSpec, PatternError
+
+        config = _config(model)
+        for name, value, low in (("--tokens", tokens, 1), ("--block-size", block_size, 1), ("--workers", workers, 1),
+                                 ("--gpus-per-worker", gpus_per_worker, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EmulateError(f"{name} must be an integer >= {low}, got {value!r}")
+        if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
+            raise EmulateError(f"--link-gbps must be a finite number > 0, got {link_gbps}")
+        from emulate.runtime.threads import check_threads
+
+        check_threads(threads)
+        if executor not in ("ray", "local"):
+            raise EmulateError(f"executor must be ray or local, got {executor!r}")
+        if executor == "local" and workers != 1:
+            raise EmulateError("the local executor is one worker")
+        patterns = resolve_patterns(config, attention, window, sinks)
+        check_plan_size(config, patterns, tokens, block_size, workers)  # before the CPU is measured or anything built
+        if hw is None:
+            hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, executor, threads)
+        if config.max_positions is not None and tokens > config.max_positions:
+            raise EmulateError(f"{tokens} tokens exceed {config.name}'s {config.max_positions} learned positions")
+        dtype_bytes = 2 if hw.dtype == "bf16" else 4
+        from dataclasses import replace
+
+        from emulate.planner.deployment import deployment, weights_bytes
+
+        hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
+        try:
+            spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
+                               kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
+                               mlp_width=config.mlp_width, vocab=config.vocab if config.lm_head else 0,
+                               dtype_bytes=dtype_bytes)
+            graph = CompactGraph.build(spec)
+        except PatternError as err:
+            raise EmulateError(str(err)) from None
+        self.config, self.patterns, self.spec, self.graph, self.hw = config, patterns, spec, graph, hw
+        self.tokens, self.block_size, self.dtype_bytes = tokens, block_size, dtype_bytes
+        self.executor, self.weight_dtype, self.tp_link = executor, weight_dtype, tp_link
+        self.weights = weights_bytes(config, weight_dtype, dtype_bytes)
+        self.fp8 = weights_bytes(config, "fp8-ffn", dtype_bytes) if "fp8" in hw.device.flops else None
+
+    def predict(self, placement, allow_overcommit: bool) -> tuple[Prediction, str | None]:
+        """The prediction under `placement`, and the line refusing it when it does not fit (raised
+        unless allow_overcommit)."""
+        from emulate.planner.deployment import fit_refusal
+        from emulate.planner.placements import place, worker_weights
+        from graphs.plan import make_plan
+
+        config, hw, dtype_bytes = self.config, self.hw, self.dtype_bytes
+        workers = 1 if hw.shared else hw.workers
+        held = worker_weights(config, placement, workers, self.weights, dtype_bytes, self.weight_dtype)
+        fp8 = None
+        if self.fp8 is not None:
+            fp8 = worker_weights(config, placement, workers, self.fp8, dtype_bytes, "fp8-ffn")
+        for peaks in (held, None):  # the weights alone, before the schedule; then with the values alive
+            if peaks is None:
+                plan = make_plan(self.graph, workers, runnable=False)
+                place(plan, placement, config)
+                sim = simulate(plan, self.spec, self.graph.spans, hw, held[0] if hw.shared else held)
+                peaks = sim.peak_memory
+            w = max(range(len(peaks)), key=peaks.__getitem__)  # the fullest worker names what would fit
+            refusal = fit_refusal(peaks[w], held[w], fp8[w] if fp8 else None, hw.device, hw.gpus_per_worker,
+                                  placement.value)
+            if refusal and not allow_overcommit:
+                raise EmulateError(refusal)
+        c = self.graph.counts()
+        capacity = hw.device.memory * hw.gpus_per_worker
+        names = [plan.tasks[i].name for i in sim.critical_path]
+        prediction = Prediction(
+            predicted_s=sim.makespan, attention_calls=c["attention_calls"], physical_tasks=len(plan.tasks),
+            bytes_moved=sim.bytes_moved, peak_worker_memory_gb=max(sim.peak_memory) / GB,
+            utilisation=sum(sim.busy) / (hw.workers * sim.makespan) if sim.makespan else 0.0,
+            critical_path_s=sim.critical_path_s, critical_path=names, worker_busy_s=sim.busy,
+            weights_gb_per_worker=max(held) / GB, fits=max(sim.peak_memory) <= capacity,
+            worker_memory_gb=[m / GB for m in sim.peak_memory], worker_weights_gb=[b / GB for b in held],
+            inputs={"model": config.name, "tokens": self.tokens, "block_size": self.block_size,
+                    "blocks": self.graph.blocks, "layers": config.layers,
+                    "attention": sorted({str(p.describe()) for p in self.patterns}), "placement": placement.value,
+                    "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
+                    "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": self.weight_dtype,
+                    "tp_link": self.tp_link if hw.gpus_per_worker > 1 else None, "executor": self.executor,
+                    "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
+                    "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
+        return prediction, refusal
 
 
 # A counted plan (graphs/plan.py, runnable=False) holds, per physical task, its reads and writes and,
@@ -196,8 +289,9 @@ def check_plan_size(config: ModelConfig, patterns, tokens: int, block_size: int,
 
 
 def _config(model) -> ModelConfig:
-    from emulate.problem import IDS_MODEL, shape_or_model as _shape_or_model
     from emulate.models.loaders import load
+    from emulate.problem import IDS_MODEL
+    from emulate.problem import shape_or_model as _shape_or_model
 
     # a plan is for a count of tokens, not a text: the default model of token ids
     return load(_shape_or_model(IDS_MODEL if model is None else model)).config

@@ -7,7 +7,9 @@ first in plan order (the order Ray is handed them). A value read on a worker oth
 that made it crosses once per worker (it then stays in that worker's object store), one transfer
 at a time per worker (its inbound link is a queue): link latency + bytes / link bandwidth. Memory
 per worker: the weights (split over its G GPUs) plus every value alive on it (made there or
-fetched, until its last reader has run) plus the running task's MLP intermediate.
+fetched, until its last reader has run) plus the running task's MLP intermediate. The placement
+is the plan's (each task's worker, emulate/planner/placements.py); so are the weights, one figure
+for every worker or one per worker (the layers placement holds only a worker's layers).
 
 Hardware with `shared` set is the local executor: P call workers of one process. Its values never
 cross a link, and a free worker takes the first ready task of the whole plan (the executor's
@@ -36,7 +38,7 @@ class Simulation:
     critical_path: list[int]  # that chain's task indices, first to last
 
 
-def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Simulation:
+def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float | list[float] = 0.0) -> Simulation:
     """Run `plan` (graphs.plan.Plan) on hw.workers simulated workers; see the module docstring."""
     from graphs.plan import calls
 
@@ -155,13 +157,16 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float = 0.0) -> Sim
         mem_events[home(t)].append((end[t.index], -scratch))
     for (w, key), at in arrived.items():
         mem_events[w].append((max(at, last_read.get(key, at)), -size(key)))
+    held = [weights_bytes] * P if isinstance(weights_bytes, (int, float)) else list(weights_bytes)
+    if len(held) != P:
+        raise ValueError(f"weights for {len(held)} workers, the plan has {P}")
     peak = []
-    for ev in (mem_events[:1] if shared else mem_events):
+    for ev, weights in zip(mem_events[:1] if shared else mem_events, held):
         level = top = 0.0
         for _, delta in sorted(ev, key=lambda e: (e[0], -e[1])):  # what arrives at an instant before what leaves
             level += delta
             top = max(top, level)
-        peak.append(top + weights_bytes)
+        peak.append(top + weights)
 
     # critical path: the longest chain of task times and transfers, with unbounded workers
     cp = [0.0] * n
