@@ -1,6 +1,8 @@
 """Shared fixtures: seeded presets, and helpers that run a forward both ways."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -70,3 +72,17 @@ class Watched:
 
 
 __all__ = ["Watched", "emulate_and_reference", "record_error", "row_errors"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole run (tests/test_ray.py, tests/test_placement.py): 4 CPUs,
+    no GPU, no dashboard; stopped at the end."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             namespace="emulate")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

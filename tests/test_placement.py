@@ -102,21 +102,9 @@ def test_a_worker_needs_less_under_layers_and_the_refusal_names_what_fits():
     assert r.returncode == 2 and "--placement is not an option of the local executor" in one_error_line(r.stderr)
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             namespace="emulate")
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("name,dtype,workers", [("tiny-llama", "float32", 2), ("tiny-mistral", "float64", 3),
                                                 ("tiny-llama", "bfloat16", 2)])
-def test_layers_on_ray_give_the_local_bits(ray_instance, tmp_path, name, dtype, workers):
+def test_layers_on_ray_give_the_local_bits(ray_cluster, tmp_path, name, dtype, workers):
     p = problem(name, tokens=700, block=64, dtype=dtype)
     want = local(p)
     trace = tmp_path / "trace.json"
@@ -139,7 +127,7 @@ def test_layers_on_ray_give_the_local_bits(ray_instance, tmp_path, name, dtype, 
 
 
 @pytest.mark.slow
-def test_a_killed_worker_reloads_its_own_layers_and_the_bits_are_the_same(ray_instance):
+def test_a_killed_worker_reloads_its_own_layers_and_the_bits_are_the_same(ray_cluster):
     """SIGKILL the last worker (the last layers and the head) half way: its restarted process loads
     its own range's weights again, the driver re-runs what it held, and the outputs are the local bits."""
     import signal

@@ -227,19 +227,6 @@ def test_a_ray_keyword_on_a_local_run_is_refused(keywords, message):
 
 # -- the executor on a real Ray instance ------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for the whole run, 4 CPUs and no GPU, no dashboard; stopped at the end."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             namespace="emulate")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def causal_runs(ray_cluster):
     """One causal problem run on Ray with 1, 2 and 3 workers, and twice with 2."""
