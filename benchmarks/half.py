@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 
 import emulate
+from vs_transformers import time_transformers  # this folder: the same sdpa timing for both tables
 
 
 def build_checkpoint(path: str) -> None:
@@ -31,19 +31,6 @@ def build_checkpoint(path: str) -> None:
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=1 << 20)).save_pretrained(path)
-
-
-def time_transformers(path: str, tokens: torch.Tensor, dtype: torch.dtype, repeat: int):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype).eval()
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(tokens[None], output_hidden_states=True)
-        best = min(best, time.perf_counter() - t0)
-    return best, out.hidden_states[-1][0]
 
 
 def time_emulate(model, tokens: torch.Tensor, block_size: int, dtype: str, repeat: int):
@@ -70,11 +57,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path)
         model = emulate.load(path)
-        _, exact = time_transformers(path, tokens, torch.float64, 1)
+        _, exact = time_transformers(path, tokens, 1, torch.float64)
         rows = []
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
-            hf_s, hf_hidden = time_transformers(path, tokens, dtype, args.repeat)
+            hf_s, hf_hidden = time_transformers(path, tokens, args.repeat, dtype)
             em_s, em_hidden = time_emulate(model, tokens, args.block_size, name, args.repeat)
             rows.append((name, em_s, hf_s, errors(em_hidden, exact), errors(hf_hidden, exact)))
     load = os.getloadavg()[0]

@@ -86,11 +86,11 @@ def sharpen(model, logit_std: float) -> float:
     return attention_logit_std(model)
 
 
-def time_transformers(path: str, tokens: torch.Tensor, repeat: int):
+def time_transformers(path: str, tokens: torch.Tensor, repeat: int, dtype: torch.dtype = torch.float32):
+    """transformers' sdpa forward of the checkpoint at `path`: the fastest of `repeat` and its last hidden state."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
-                                                              dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype).eval()
     best, out = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
