@@ -93,12 +93,15 @@ def test_the_default_grid_is_the_squarest_with_more_rows_and_a_given_one_is_chec
         layout_of(Placement.LAYERS, 4, 4, "2x2")
 
 
-@pytest.mark.parametrize("name,dtype,grid", [("tiny-llama", "float32", "2x2"), ("tiny-mistral", "float64", "2x3"),
-                                             ("tiny-llama", "float32", "3x2")])
-def test_each_grid_worker_runs_its_rows_blocks_from_its_ranges_weights_alone(name, dtype, grid):
+@pytest.mark.parametrize("name,dtype,grid,mask,dealt", [
+    ("tiny-llama", "float32", "2x2", {}, True),  # causal
+    ("tiny-mistral", "float64", "2x3", {}, True),  # its window of 512 reaches back over all 600 tokens
+    ("tiny-llama", "float32", "3x2", {"attention": "sliding", "window": 128}, False)])
+def test_each_grid_worker_runs_its_rows_blocks_from_its_ranges_weights_alone(name, dtype, grid, mask, dealt):
     """A grid's worker (row r, column c) runs only tasks of row r's layers, from row r's weights alone,
-    and the columns of a row share its blocks; the outputs are the local bits."""
-    p = problem(name, dtype=dtype)
+    and the columns of a row share its blocks (dealt out in turn where rows read back over most
+    blocks, contiguous runs under a narrow window); the outputs are the local bits."""
+    p = problem(name, dtype=dtype, **mask)
     config, weights = p.model.config, p.model.weights
     g = grid_of(grid, Grid(*map(int, grid.split("x"))).workers, config.layers)
     layout = layout_of(Placement.GRID, g.workers, config.layers, grid)
@@ -120,6 +123,11 @@ def test_each_grid_worker_runs_its_rows_blocks_from_its_ranges_weights_alone(nam
             hidden[t.block] = out[-1]["hidden"]
     for row in range(g.layers):  # every worker of a row runs some of its blocks, none another row's layers
         assert all(any(t.worker == row * g.sequence + c for t in plan.tasks) for c in range(g.sequence))
+    columns = [t.worker % g.sequence for t in sorted(plan.tasks, key=lambda t: t.block) if t.layer == 0]
+    if dealt:  # blocks dealt out to the columns in turn, so the pipeline never waits a whole row
+        assert columns == [b % g.sequence for b in range(len(columns))]
+    else:  # contiguous runs, a window's neighbours on one worker
+        assert columns == sorted(columns) and len(set(columns)) == g.sequence
     assert torch.equal(torch.cat([hidden[b] for b in sorted(hidden)]), local(p).hidden)
 
 

@@ -58,37 +58,30 @@ def test_layers_moves_one_blocks_state_per_boundary_and_less_than_sequence():
 
 
 def test_grid_moves_each_blocks_state_across_the_row_boundary_and_its_keys_within_a_row():
-    """Llama-3 8B, causal, N = 16384 in 8 blocks, grid 2x2: rows own layers 0-15 and 16-31, the two
-    columns of a row split the blocks as sequence splits them on 2 workers (graphs/plan.py `place`:
-    the first blocks on column 0). Counted by hand, block by block and layer by layer: block i's
-    residual and queries of layer l go from the worker that made them (its row and column in layer
-    l - 1) to the one running its row of layer l, when that is another; its keys and values of layer
-    l to every other worker running a row j >= i of layer l (causal), once each. So every block
-    crosses the row boundary once (width + (heads + 2 kv_heads) x head_dim per token, as under
-    layers), and in each of the 32 layers the keys and values of column 0's blocks go to column 1. bf16."""
+    """Llama-3 8B, causal, N = 16384 in 8 blocks, grid 2x2: rows own layers 0-15 and 16-31, and under
+    a causal mask a row deals its blocks out to its two columns in turn (block i on column i mod 2,
+    cluster/placement.py `place_on_grid`). By hand: every block crosses the row boundary once, to its
+    own column (its residual, and its queries, keys and values of layer 16: width + (heads + 2
+    kv_heads) x head_dim per token, as under layers); and in each of the 32 layers the keys and
+    values of every block but the last go once to the other column of the row running that layer (a
+    later block there reads them; layer 16's from the first row). bf16."""
     s, n, m = SHAPES["llama3-8b"], 16384, 2048
-    blocks, rows = n // m, [range(16), range(16, 32)]
+    blocks = n // m
     xq_token = (s["width"] + s["heads"] * s["head_dim"]) * BF16
     kv_token = 2 * s["kv_heads"] * s["head_dim"] * BF16
-    spec = ForwardSpec(tokens=n, block_size=m, patterns=(Pattern("causal"),) * s["layers"], heads=s["heads"],
-                       kv_heads=s["kv_heads"], head_dim=s["head_dim"], width=s["width"], mlp_width=s["mlp_width"],
-                       vocab=VOCAB, dtype_bytes=BF16)  # the head's FLOPs weigh on the last layer's split
-    plan = make_plan(CompactGraph.build(spec), 2, runnable=False)  # a row's columns: sequence on 2 workers
-    column = {(t.layer, t.block): t.worker for t in plan.tasks}
+    by_hand = n * (xq_token + kv_token) + s["layers"] * (blocks - 1) * m * kv_token
 
+    # the same, block by block and layer by layer: a value goes once to each other worker that reads it
     def worker(layer: int, block: int) -> int:
-        row = next(r for r, own in enumerate(rows) if max(layer, 0) in own)
-        return 2 * row + column[layer, block]
+        return 2 * (max(layer, 0) >= 16) + block % 2
 
-    by_hand = 0
+    counted = 0
     for layer in range(s["layers"]):
         for i in range(blocks):
             made = worker(layer - 1, i)
-            by_hand += (worker(layer, i) != made) * m * xq_token
-            by_hand += len({worker(layer, j) for j in range(i, blocks)} - {made}) * m * kv_token
-    b0 = sum(column[0, i] == 0 for i in range(blocks))
-    assert 0 < b0 < blocks
-    assert by_hand >= n * (xq_token + kv_token) + s["layers"] * b0 * m * kv_token
+            counted += (worker(layer, i) != made) * m * xq_token
+            counted += len({worker(layer, j) for j in range(i, blocks)} - {made}) * m * kv_token
+    assert counted == by_hand
     common = {"block_size": m, "attention": "causal", "workers": 4, "device": "h100"}
     outcomes = {o.placement: o.prediction for o in predict_placements("llama3-8b", n, grid="2x2", **common)}
     grid, lay = outcomes["grid"], outcomes["layers"]
