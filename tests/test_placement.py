@@ -226,15 +226,17 @@ def test_auto_picks_the_planners_fastest_that_fits_and_says_so(ray_cluster, capf
     assert free.stats["placement"] == min(times, key=times.get) and torch.equal(free.hidden, local(p).hidden)
 
 
-def test_grid_and_auto_bad_input_is_one_line(tmp_path):
-    common = ("run", "--model", "tiny-llama", "--random-tokens", "200", "-M", "64", "--executor", "ray")
-    for args, says in [(("--workers", "3", "--placement", "grid", "--grid", "2x2"), "--grid 2x2 is 4 workers, but the run has 3"),
-                       (("--workers", "5", "--placement", "grid", "--grid", "5x1"), "each of 5 rows"),
-                       (("--workers", "2", "--grid", "2x1"), "--grid is the shape of --placement grid"),
-                       (("--workers", "4", "--placement", "grid", "--grid", "2-2"), "--grid must be P_LAYERSxP_SEQUENCE"),
-                       (("--workers", "2", "--placement", "auto", "--worker-memory", "1000"), "no placement fits on 2 workers")]:
-        r = emulate_child(*common, *args, cwd=tmp_path)
-        assert r.returncode == 2 and says in one_error_line(r.stderr), (args, r.stderr)
+@pytest.mark.parametrize("args,says", [
+    (("--workers", "3", "--placement", "grid", "--grid", "2x2"), "--grid 2x2 is 4 workers, but the run has 3"),
+    (("--workers", "5", "--placement", "grid", "--grid", "5x1"), "each of 5 rows"),
+    (("--workers", "2", "--grid", "2x1"), "--grid is the shape of --placement grid"),
+    (("--workers", "4", "--placement", "grid", "--grid", "2-2"), "--grid must be P_LAYERSxP_SEQUENCE"),
+    (("--workers", "2", "--placement", "auto", "--worker-memory", "1000"), "no placement fits on 2 workers")])
+def test_grid_and_auto_bad_input_is_one_line(tmp_path, args, says):
+    r = emulate_child("run", "--model", "tiny-llama", "--random-tokens", "200", "-M", "64", "--executor", "ray", *args,
+                      cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and says in one_error_line(r.stderr), r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
