@@ -19,7 +19,7 @@ import emulate
 ROOT = Path(__file__).resolve().parents[1]
 EMULATE = [sys.executable, "-m", "emulate.cli"]
 PROMPT = (np.arange(70) * 7) % 1024  # 70 tokens: at M = 16, four full blocks and a tail of 6
-SHORT = dict(max_new_tokens=8, block_size=16, dtype="float64", keep_logits=True)
+SHORT = {"max_new_tokens": 8, "block_size": 16, "dtype": "float64", "keep_logits": True}
 
 
 def on_ray(placement="sequence", **kw) -> emulate.Ray:
@@ -78,8 +78,8 @@ def test_cli_generate_on_ray_reports_the_kv_bytes_each_worker_holds(ray_cluster,
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="")
 
     def child(*extra):
-        done = subprocess.run(EMULATE + common + list(extra), capture_output=True, text=True, cwd=ROOT, env=env,
-                              timeout=300)
+        done = subprocess.run(EMULATE + common + list(extra), check=False, capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -93,8 +93,8 @@ def test_cli_generate_on_ray_reports_the_kv_bytes_each_worker_holds(ray_cluster,
 
 def test_ray_options_on_a_local_generation_are_one_line(tmp_path):
     done = subprocess.run(EMULATE + ["generate", "--model", "tiny-llama", "--text", "abc", "--workers", "2"],
-                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          timeout=120)
+                          check=False, capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("emulate: ") and "--executor ray" in lines[0]
