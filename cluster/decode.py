@@ -40,7 +40,7 @@ class RemoteKV:
         self.owner: list[dict[int, int]] = [{} for _ in range(layers)]  # layer -> block -> worker
         self.filled: list[dict[int, int]] = [{} for _ in range(layers)]  # layer -> block -> tokens
         self.worker_bytes = [0] * pool.size  # as each worker last reported them
-        self.rebuilds = 0
+        self.rebuilds = 0  # every rebuild, the one a worker lost during the prefill included
         self._pending: dict[int, tuple[int, int, object, object]] = {}  # layer -> (worker, position, k, v)
         self._closed = False
         if not self._take_inventory():  # a worker restarted during the prefill lost blocks already

@@ -229,7 +229,7 @@ class _Generator:
         # blocks on its workers and hands back its own (the backend's kept_kv, once the prefill ran)
         self.cache = KVCache(config.layers, p.block_size)
         self.backend = GraphBackend(p, p.compact_graph(), ex, chosen, device, kv=self.cache)
-        self.rebuilds, self.replayed = 0, 0
+        self.replayed = 0  # decode steps run again on rebuilt blocks
         self.sampler = Sampler(self.sampling)
         self.verify, self.keep_logits = verify, keep_logits or verify
         self.detok = Detokenizer(p.model.tokenizer)
@@ -288,7 +288,6 @@ class _Generator:
                 if rebuild is None:
                     raise
             rebuild()
-            self.rebuilds += 1
             p = self.problem
             # the replay's calls are not this run's decode calls: counted apart, and dropped
             replay = Decoder(self.decoder.model, self.decoder.patterns, self.cache, self.bound)
@@ -336,7 +335,7 @@ class _Generator:
             "decode_tokens_per_s": round(steps / decode_s, 2) if steps and decode_s > 0 else None,
             "kv_bytes": self.cache.nbytes(),
             "kv_bytes_per_worker": list(getattr(self.cache, "worker_bytes", [self.cache.nbytes()])),
-            "kv_rebuilds": self.rebuilds, "decode_steps_replayed": self.replayed,
+            "kv_rebuilds": getattr(self.cache, "rebuilds", 0), "decode_steps_replayed": self.replayed,
             "prefill_calls": pre.get("small_calls"), "prefill_attention_calls": pre.get("attention_calls"),
             "decode_steps": steps,
             "decode_calls": d.small_calls if d else 0, "decode_attention_calls": d.attention_calls if d else 0,
@@ -345,8 +344,7 @@ class _Generator:
             "max_call_tokens": max(pre.get("max_call_tokens", 0), d.max_call_tokens if d else 0),
         }
         if "ray_workers" in pre:  # the workers that held the blocks (their pids at the prefill)
-            stats["ray_workers"] = pre["ray_workers"]
-            stats["placement"] = pre.get("placement")
+            stats.update({k: pre[k] for k in ("ray_workers", "placement", "ray_setup_s") if k in pre})
         logits = torch.stack(self.scores) if self.keep_logits and self.scores else None
         if self.verify and logits is not None:
             stats.update(self._compare(logits))

@@ -70,6 +70,41 @@ def test_a_worker_killed_mid_generation_loses_its_blocks_and_the_tokens_go_on_th
     assert g.stats["kv_bytes"] == local.stats["kv_bytes"] == sum(g.stats["kv_bytes_per_worker"])
 
 
+class KillsAWorkerAtTheLastBlock:
+    """The Ray executor, with worker 0 SIGKILLed as the prefill's last block comes out: every task
+    has run, so nothing in the prefill makes the dead worker's keys again."""
+
+    name = "ray"
+    keeps_kv = True
+
+    def __init__(self):
+        self.ray, self.killed = on_ray(), []
+
+    def start(self, job, progress=None):
+        inner = self.ray.start(job, progress)
+
+        def blocks():
+            for block, out in inner:
+                if block == job.compact.blocks - 1:
+                    self.killed.append(inner.figures["ray_workers"][0]["pid"])
+                    os.kill(self.killed[0], signal.SIGKILL)
+                yield block, out
+            outer.kv = inner.kv  # the workers' store, handed over once the prefill ended
+
+        outer = emulate.Execution(blocks(), inner.figures, inner.counts)
+        return outer
+
+
+def test_blocks_lost_during_the_prefill_are_made_again_before_the_first_step(ray_cluster):
+    prompt = (np.arange(200) * 7) % 1024
+    local = emulate.generate("tiny-llama", prompt, **SHORT)
+    executor = KillsAWorkerAtTheLastBlock()
+    g = emulate.generate("tiny-llama", prompt, executor=executor, **SHORT)
+    assert executor.killed and g.tokens == local.tokens and torch.equal(g.logits, local.logits)
+    assert g.stats["kv_rebuilds"] == 1 and g.stats["decode_steps_replayed"] == 0
+    assert g.stats["kv_bytes"] == local.stats["kv_bytes"]
+
+
 def test_cli_generate_on_ray_reports_the_kv_bytes_each_worker_holds(ray_cluster, tmp_path):
     prompt = tmp_path / "prompt.npy"
     np.save(prompt, PROMPT.astype(np.int64))
