@@ -96,10 +96,11 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
         ranges = layer_ranges(job.model.config.layers, pool.size)
         figures["worker_layers"] = [[r.start, r.stop] for r in ranges]
     counts = CallCounts()
-    execution = Execution(None, figures, counts)
     # generation: the workers' kept blocks outlive the prefill
-    keep = None if job.kv is None else _Keep(execution, job.model.config.layers, job.kv.block_size, len(job.tokens))
-    execution._blocks = _execute(plan, pool, owned, opts, figures, counts, progress, handlers, keep)
+    keep = None if job.kv is None else _Keep(job.model.config.layers, job.kv.block_size, len(job.tokens))
+    execution = Execution(_execute(plan, pool, owned, opts, figures, counts, progress, handlers, keep), figures, counts)
+    if keep is not None:
+        keep.execution = execution  # before the first block is asked for, so before _execute reads it
     return execution
 
 
@@ -304,14 +305,14 @@ def _drive(run: _Dispatch, plan: Plan, pool: WorkerPool, opts, progress: Progres
         run.finished(ref)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Keep:
-    """A generation's prefill: its Execution, to be handed the workers' KV store, and the cache's shape."""
+    """A generation's prefill: the cache's shape, and its Execution, to be handed the workers' KV store."""
 
-    execution: Execution
     layers: int
     block_size: int
     tokens: int
+    execution: Execution | None = None
 
 
 def _teardown(pool: WorkerPool, owned: bool, linger_s: float = 0.0) -> None:
