@@ -23,6 +23,7 @@ def add_generate_command(sub) -> None:
                "  emulate generate --text 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 7\n"
                "  emulate generate --model tiny-llama --text 'abc' --max-new-tokens 8 --dtype float64 --verify\n"
                "  emulate generate --model tiny-llama --text 'abc' --stop-id 10 --stop-id 32\n"
+               "  emulate generate --model tiny-llama --input prompt.npy -M 256 --executor ray --workers 2 --json\n"
                "exit status: 0 ok; 1 --verify found an error above the tolerance; 2 bad input; 130 interrupted")
 
 
@@ -56,8 +57,15 @@ def generate_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
     g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
-                   help="where the prefill runs; generation needs one that keeps the keys where they were made "
-                        "(default: local)")
+                   help="where the prefill runs and the keys are kept: local (this process) or ray (each block's "
+                        "keys on the worker that made them; the decode calls run there) (default: local)")
+    g.add_argument("--address", default=None, help="with --executor ray: join a running cluster, auto or HOST:PORT "
+                   "(default $RAY_ADDRESS, else a private local instance, stopped at the end)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="with --executor ray: worker actors (default: as many as the cluster fits)")
+    g.add_argument("--placement", choices=("sequence", "layers"), default=None,
+                   help="with --executor ray: sequence (each worker runs every layer for its run of blocks, "
+                        "default) or layers (each worker owns a range of layers)")
     g.add_argument("--oracle", choices=ORACLES.names(), default="kernel", help="what runs each pair call")
     g.add_argument("--verify", action="store_true",
                    help="also run the monolithic forward over prompt and new tokens and compare every step's logits")
@@ -72,7 +80,8 @@ def cmd_generate(args) -> int:
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
                            attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
                            executor=args.executor, oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos,
-                           stop_ids=args.stop_id)
+                           stop_ids=args.stop_id, address=args.address, workers=args.workers,
+                           placement=args.placement)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:
@@ -127,7 +136,10 @@ def summary(s: dict) -> str:
                      f"tokens/s), {s['decode_calls_per_token']} calls per token of which "
                      f"{s['decode_attention_calls_per_token']} attention; none longer than {s['max_call_tokens']} "
                      f"tokens")
-    lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB; peak RSS {s['peak_rss_mb']} MB")
+    per = s.get("kv_bytes_per_worker") or []
+    on = (f" on {len(per)} workers ({', '.join(f'{b / 2**20:.2f}' for b in per)} MiB)" if s["executor"] == "ray" else "")
+    rebuilt = f"; rebuilt {s['kv_rebuilds']} time(s) after a worker died" if s.get("kv_rebuilds") else ""
+    lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB{on}{rebuilt}; peak RSS {s['peak_rss_mb']} MB")
     if "max_logit_err" in s:
         lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_logit_err {s['max_logit_err']:.3e}"
                      + (f", greedy tokens match: {s['reference_tokens_match']}" if "reference_tokens_match" in s else "")

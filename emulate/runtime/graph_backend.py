@@ -45,6 +45,12 @@ class GraphBackend:
         for block, value in self._execution:
             yield BlockOutput(block, tuple(spans[block]), value["hidden"], value.get("logprob_next"))
 
+    @property
+    def kept_kv(self):
+        """Where the executor kept the prefill's keys and values (generation decodes on it): the Job's
+        `kv` store, or the executor's own (contract.py, keeps_kv)."""
+        return None if self._execution is None else self._execution.kv
+
     def close(self) -> None:
         if self._execution is not None:
             self._execution.close()
