@@ -281,7 +281,7 @@ def _call_overhead() -> list[float]:
     """[c_1, ..., c_C]: wall seconds per logical call beyond its FLOPs with k call workers: forwards
     of a model so narrow that the calls are all overhead (node dispatch, mask building, merges: Python
     that holds the GIL), run by the local executor on k call workers (emulate/runtime/local.py; one
-    runs in the calling thread), the fastest of three per k. With k workers the Python of k calls
+    runs in the calling thread), the fastest of ROUNDS per k. With k workers the Python of k calls
     cannot run at once, so c_k is the wall time per call of the whole run, not of a worker: the
     simulation (emulate/planner/simulation.py) runs this share of a task's time one task at a time
     across the local executor's workers. The forward's fixed costs (the schedule's start, the call
@@ -304,7 +304,7 @@ def _call_overhead() -> list[float]:
     for k in range(1, min(8, usable_cores()) + 1):
         run(model, random_tokens=warm_n, block_size=warm_m, attention=warm_att, collect=False, threads=k)  # warm-up
         best = float("inf")
-        for _ in range(3):
+        for _ in range(ROUNDS):
             probe = run(model, random_tokens=n, block_size=m, attention=att, collect=False, threads=k)
             best = min(best, probe.stats["forward_s"] / probe.stats["graph_nodes"])
         out.append(best)
