@@ -4,7 +4,10 @@ constant, and what one task and one value cost (`task_seconds`, `value_bytes`).
     task time  = max(matmul FLOPs / F_mm + attention FLOPs / F_att, bytes / memory bandwidth)
                  + logical calls x call overhead (all of it x a contention factor for CPU workers
                  sharing one machine's cores) + the per-call cost of Ray, for a task that starts
-                 a Ray call (the executor runs up to 8 tasks of one worker in one call)
+                 a Ray call (the executor runs up to 8 tasks of one worker in one call); on the
+                 local executor's call workers the calls' Python (the per-call cost measured with
+                 that many workers) is a serial part the simulation runs one task at a time (one
+                 GIL), and only the kernels take the contention factor (`task_parts`)
     transfer   = link latency + bytes / link bandwidth, for a value read on a worker other than the
                  one that made it (priced by emulate/planner/simulation.py, which queues the transfers)
 
@@ -12,7 +15,8 @@ A task's FLOPs and bytes are the logical graph's own node prices (graphs/costs.p
 physical task (graphs/plan.py). A worker of G GPUs is one device with G times the FLOP/s, bandwidth
 and memory, plus the ring all-reduces tensor parallelism costs inside it (`ring_allreduce_s`, sized
 by emulate/planner/deployment.py); fp8 feed-forward weights run that share of the GEMMs at the fp8
-rate. This machine's CPU
+rate. On the H100 and H200 an attend call runs at FlashAttention-3's published rate for its length
+and mask (`gpu_attention_s`). This machine's CPU
 is measured rather than looked up (emulate/planner/calibrate.py); docs/planner.md states the
 assumptions and compares the model with a published run.
 """
