@@ -76,11 +76,14 @@ def name(pattern: dict) -> str:
 @contextlib.contextmanager
 def neighbour(on: bool):
     """One CPU-bound child process (a busy loop) while the block runs, when `on`; killed and reaped
-    when it ends however it ends (an interrupt included: SIGTERM is turned into SystemExit here)."""
+    when it ends however it ends (an interrupt included: SIGTERM is turned into SystemExit here),
+    and ending by itself should this process be killed outright."""
     if not on:
         yield None
         return
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    # the loop also ends by itself once this process is gone (a SIGKILL leaves no finally to run)
+    loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    busy = subprocess.Popen([sys.executable, "-c", loop], stdin=subprocess.DEVNULL)
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         time.sleep(1.0)  # the child is spinning before anything is measured

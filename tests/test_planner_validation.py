@@ -5,6 +5,7 @@ process runs while its block runs and is gone after it, however the block ends."
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import psutil
@@ -55,3 +56,28 @@ def test_the_neighbour_is_one_busy_child_for_the_block_and_is_gone_after_it():
     with pytest.raises(RuntimeError), bench.neighbour(True) as busy:
         raise RuntimeError("a row failed")
     assert busy.returncode is not None and not psutil.pid_exists(busy.pid)  # on an error too
+
+
+def test_the_neighbour_ends_by_itself_when_the_benchmark_is_killed_outright(tmp_path):
+    """A real child runs the benchmark's neighbour and is SIGKILLed (no finally runs): its busy loop
+    notices and ends."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(f"import importlib.util, sys, time\n"
+                      f"spec = importlib.util.spec_from_file_location('pv', {str(ROOT / 'benchmarks' / 'plan_validation.py')!r})\n"
+                      "pv = importlib.util.module_from_spec(spec); spec.loader.exec_module(pv)\n"
+                      "with pv.neighbour(True) as busy:\n    print(busy.pid, flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid = int(holder.stdout.readline())
+    assert psutil.pid_exists(pid)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
