@@ -126,6 +126,30 @@ def test_more_workers_are_never_slower_when_the_work_is_independent():
     assert t8 < t1 / 3
 
 
+def shared_hardware(workers, serial, flops=FLOPS, slowdown=1.0):
+    """The local executor's call workers on a toy device whose calls' Python costs `serial` s each
+    with `workers` workers (one GIL)."""
+    dev = Device("toy", {"fp32": flops}, bandwidth=1e18, memory=1e12, efficiency=1.0, call_overhead_s=serial,
+                 serial_call_s=(serial,) * workers)
+    return Hardware(dev, workers, 1, 8.0, 0.0, 0.0, "fp32", slowdown, shared=True)
+
+
+def test_the_call_workers_python_runs_one_task_at_a_time():
+    """Calls that are all Python (FLOPs free) take as long on two call workers as on one: the GIL
+    lets one worker's calls run at a time; kernels (FLOPs, no Python) run side by side."""
+    s = spec(64, 8, [Pattern("causal")] * 2)
+    c = CompactGraph.build(s)
+    plan = make_plan(c, 1, runnable=False)
+    calls = sum(t.calls for t in plan.tasks)
+    python = [simulate(plan, s, c.spans, shared_hardware(k, 1e-3, flops=1e30)).makespan for k in (1, 2)]
+    assert python[0] == pytest.approx(calls * 1e-3) and python[1] == pytest.approx(calls * 1e-3)
+    kernels = [simulate(plan, s, c.spans, shared_hardware(k, 1e-12)).makespan for k in (1, 2)]
+    assert kernels[1] < 0.75 * kernels[0]
+    # the contention factor slows the kernels, never the Python measured under k workers
+    slowed = simulate(plan, s, c.spans, shared_hardware(2, 1e-3, flops=1e30, slowdown=3.0)).makespan
+    assert slowed == pytest.approx(calls * 1e-3)
+
+
 def test_memory_holds_the_weights_and_what_is_alive():
     s = spec(64, 16, [Pattern("causal")] * 2)
     c = CompactGraph.build(s)
@@ -160,10 +184,11 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 2, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": 3, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
+        "serial_call_s": [2e-5, 3e-5],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
 

@@ -180,7 +180,8 @@ class _Forward:
 
         from emulate.planner.deployment import deployment, weights_bytes
 
-        hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
+        hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes),
+                     call_tokens=block_size)
         try:
             spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
                                kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
@@ -236,6 +237,7 @@ class _Forward:
                     "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": self.weight_dtype,
                     "tp_link": self.tp_link if hw.gpus_per_worker > 1 else None, "executor": self.executor,
                     "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
+                    "logical_calls": sum(t.calls for t in plan.tasks),
                     "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
         return prediction, refusal
 
