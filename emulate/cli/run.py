@@ -187,7 +187,8 @@ def human_summary(s: dict) -> str:
         lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
         if "monolithic_rel_err" in s:  # a 16-bit run: the relative contract (docs/numerics.md)
-            lines[-1] = (f"verify     float64 and {s['dtype']} monolithic forwards {s['reference_s']:.3f} s; against "
+            forwards = "monolithic forwards" if s["backend"] == "graph" else f"forwards under {s['reference']}"
+            lines[-1] = (f"verify     float64 and {s['dtype']} {forwards} {s['reference_s']:.3f} s; against "
                          f"float64 max_rel_err {s['max_rel_err']:.3e}, the monolithic {s['dtype']} forward's "
                          f"{s['monolithic_rel_err']:.3e} (ratio {s['error_ratio']:.3f}, at most "
                          f"{s['error_ratio_bound']:g})"
