@@ -152,3 +152,35 @@ def test_the_cli_runs_and_verifies_bfloat16_on_the_transformers_backend(checkpoi
         "the paper oracle runs float32 or float64 only; bfloat16 runs on the kernel oracle")
     assert main(args) == 0
     assert "verify     float64 and bfloat16 forwards under sdpa" in capsys.readouterr().out
+
+
+def test_a_run_whose_pair_calls_would_miss_flash_says_so_on_both_backends(checkpoints, monkeypatch, capsys):
+    """The summary's kernel_note, read off the device (emulate/runtime/kernels_cuda.py, kernel_note): a CPU run has
+    none; a device that reports a Turing GPU's capability (sm75) gets the line naming the efficient kernel."""
+    from emulate.runtime import kernels_cuda
+
+    plain = emulate.run(str(checkpoints["llama"]), random_tokens=64, block_size=32, backend="transformers",
+                        dtype="float16").stats
+    assert "kernel_note" not in plain
+    monkeypatch.setattr(kernels_cuda, "device_capability", lambda device: (7, 5))
+    note = "float16 pair calls run the efficient kernel, not FlashAttention: flash runs on sm80 to sm121, this GPU is sm75"
+    for model, backend in ((str(checkpoints["llama"]), "transformers"), ("tiny-llama", "graph")):
+        s = emulate.run(model, random_tokens=64, block_size=32, backend=backend, dtype="float16").stats
+        assert s["kernel_note"] == note, backend
+    assert main(["run", "--model", str(checkpoints["llama"]), "--backend", "transformers", "--random-tokens", "64",
+                 "-M", "32", "--dtype", "float16"]) == 0
+    assert f"kernels    {note}" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_checkpoint_on_cuda_meets_the_relative_contract(checkpoints, dtype):
+    """On a GPU: the pair calls go through the fused kernels (flash for the unmasked and diagonal blocks on
+    sm80 and newer, where no kernel_note is reported) and still meet the ratio."""
+    run = emulate.run(str(checkpoints["mistral"]), random_tokens=1024, block_size=128, backend="transformers",
+                      dtype=dtype, device="cuda", verify=True)
+    s = run.stats
+    assert s["verified"] and s["error_ratio"] <= HALF_RATIO, s
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert "kernel_note" not in s, s

@@ -179,6 +179,8 @@ def human_summary(s: dict) -> str:
         + (f" on {'/'.join(map(str, s['threads']))} thread{'s' if s['threads'] != [1] else ''}" if s.get("threads") else "")
         + f", {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
     ]
+    if "kernel_note" in s:  # a 16-bit run on a GPU whose pair calls miss FlashAttention (kernels_cuda.kernel_note)
+        lines.append(f"kernels    {s['kernel_note']}")
     if s.get("perplexity") is not None:
         lines.append(f"next token perplexity {s['perplexity']:.3f} over the {s['tokens'] - 1} next-token predictions")
     if "reference_s" in s:

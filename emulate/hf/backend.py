@@ -36,6 +36,7 @@ import torch
 from emulate.errors import EmulateError, OptionError, error_line
 from emulate.models.presets import FILE_PRESETS, PRESETS
 from emulate.runtime.contract import BlockOutput, check_oracle_dtype
+from emulate.runtime.kernels_cuda import kernel_figures
 from emulate.runtime.loop import Reference, describe, window_of
 from emulate.runtime.verify import TOLERANCE, tolerance_for
 from graphs import block_spans, key_blocks
@@ -268,6 +269,8 @@ def shape(config) -> dict:
     return {"family": text.model_type, "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer"),
             "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
             "width": getattr(text, "hidden_size", None) or getattr(text, "n_embd", None),
+            "head_dim": getattr(text, "head_dim", None) or (getattr(text, "hidden_size", None)
+                                                            or getattr(text, "n_embd", None)) // heads,
             "vocab": getattr(text, "vocab_size", None)}
 
 
@@ -398,6 +401,7 @@ class TransformersBackend:
             "device": self.device, "executor": "local", "backend": "transformers", **self._figures,
             "small_calls": None, "graph_nodes": None, "graph_edges": None, "graph_depth": None,
             "forward_s": round(self._seconds, 4), "threads": self._threads, **self._oracle_figures,
+            **kernel_figures(self.dtype, self.dims["head_dim"], self.device),
         }
 
     def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference:
