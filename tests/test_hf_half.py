@@ -184,3 +184,33 @@ def test_a_checkpoint_on_cuda_meets_the_relative_contract(checkpoints, dtype):
     assert s["verified"] and s["error_ratio"] <= HALF_RATIO, s
     if torch.cuda.get_device_capability() >= (8, 0):
         assert "kernel_note" not in s, s
+
+
+def test_a_model_given_in_memory_is_verified_against_its_own_weights_in_float64():
+    """No checkpoint to load again: verify's float64 forward is a copy of the model, cast (the weights as they ran)."""
+    from hf_models import FAMILIES, seeded
+
+    cls, config_cls, kwargs = FAMILIES["qwen2"]
+    model = seeded(cls._from_config(config_cls(**kwargs), attn_implementation="sdpa"))
+    ids = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(3)).numpy()
+    run = emulate.run(model, ids, block_size=32, backend="transformers", dtype="bfloat16", verify=True)
+    s = run.stats
+    assert s["verified"] and s["error_ratio"] <= HALF_RATIO and s["monolithic_rel_err"] > 1e-4, s
+    assert next(model.parameters()).dtype == torch.bfloat16  # the run's model, cast as load() casts it
+
+
+def test_the_float64_reference_is_priced_before_it_is_loaded(checkpoints, monkeypatch):
+    import psutil
+
+    from emulate.hf.backend import TransformersBackend
+
+    backend = TransformersBackend.prepare(str(checkpoints["llama"]), random_tokens=64, block_size=32, dtype="bfloat16")
+    same = backend.reference(None)  # the run's own dtype: the model already loaded, nothing more to hold
+    assert same.hidden.dtype == torch.bfloat16
+
+    class Scarce:
+        available = 10**5  # 100 kB: the checkpoint's weights in float64 are about 1 MB
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())
+    with pytest.raises(EmulateError, match=r"the float64 reference of .*llama would hold about .*more than the"):
+        backend.reference(None, torch.float64)

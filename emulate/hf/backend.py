@@ -263,14 +263,13 @@ def layer_figures(counted: dict, patterns: dict, layers: int, tokens: int, block
 
 
 def shape(config) -> dict:
-    """layers, heads and KV heads of a transformers config (text_config for multimodal wrappers)."""
+    """layers, heads, KV heads, width and head_dim of a transformers config (text_config for multimodal wrappers)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     return {"family": text.model_type, "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer"),
-            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-            "width": getattr(text, "hidden_size", None) or getattr(text, "n_embd", None),
-            "head_dim": getattr(text, "head_dim", None) or (getattr(text, "hidden_size", None)
-                                                            or getattr(text, "n_embd", None)) // heads,
+            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads, "width": width,
+            "head_dim": getattr(text, "head_dim", None) or (width // heads if width and heads else None),
             "vocab": getattr(text, "vocab_size", None)}
 
 
@@ -430,6 +429,11 @@ class TransformersBackend:
         copied and cast (its weights as they ran)."""
         import copy
 
+        from emulate.runtime.memory import check_fits
+
+        params = sum(p.numel() for p in self.net.parameters())
+        check_fits({f"its weights in {str(dtype).removeprefix('torch.')}": params * dtype.itemsize},
+                   f"the {str(dtype).removeprefix('torch.')} reference of {self.name}")
         if self.checkpoint is not None:
             return load(self.checkpoint, dtype, self.device)[0]
         return copy.deepcopy(self.net).to(dtype)

@@ -104,7 +104,9 @@ def kernel_note(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] |
 
 def kernel_figures(dtype: torch.dtype, head_dim: int, device: str) -> dict:
     """What a backend's summary adds for a run on `device` ("cpu", "cuda", "cuda:1"): {"kernel_note": ...}
-    where its 16-bit pair calls miss FlashAttention (kernel_note), else {}."""
+    where its 16-bit pair calls miss FlashAttention (kernel_note), else {} (also for a head_dim not known)."""
+    if head_dim is None:
+        return {}
     note = kernel_note(dtype, head_dim, device_capability(torch.device(device)))
     return {} if note is None else {"kernel_note": note}
 
