@@ -11,8 +11,8 @@ import pytest
 
 from graphs.plan import make_plan
 from emulate.cli import main
-from emulate.planner import (DEVICES, Device, Hardware, cpu_device, predict, simulate, task_seconds,
-                             value_bytes)
+from emulate.planner import (DEVICES, Device, Hardware, cpu_device, hardware, predict, predict_placements, simulate,
+                             task_seconds, value_bytes)
 from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
 
 FLOPS = 1e9
@@ -208,6 +208,31 @@ def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
     assert len(calls) == 2
     assert a.rate("fp32", "matmul", 1e6) == 1e9 and 1e9 < a.rate("fp32", "matmul", 3e7) < 2e10
     assert a.calibration.load == 0.1 and a.masked_attention["explicit"] == {1e6: 2e8, 1e9: 5e9}
+
+
+def test_predict_recalibrates_as_the_cli_flag_and_reads_the_old_keyword_with_a_warning(tmp_path, monkeypatch):
+    """`emulate plan --recalibrate` is predict(recalibrate=True); calibrate=True, the old name, still measures."""
+    import warnings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda **kw: calls.append(1) or fake_calibration())
+    shape = {"tokens": 1024, "block_size": 256, "attention": "causal", "executor": "local"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns of nothing
+        predict("tiny-llama", **shape)
+        predict("tiny-llama", recalibrate=True, **shape)
+        predict_placements("tiny-llama", recalibrate=True, **shape)
+    assert len(calls) == 3  # the first measure (no cache yet), then each recalibrate
+    with pytest.warns(DeprecationWarning, match=r"predict\(calibrate=...\) is renamed recalibrate="):
+        predict("tiny-llama", calibrate=True, **shape)
+    with pytest.warns(DeprecationWarning, match="predict_placements"):
+        predict_placements("tiny-llama", calibrate=True, **shape)
+    with pytest.warns(DeprecationWarning, match="hardware"):
+        hardware("cpu", calibrate=True)
+    assert len(calls) == 6
+    with pytest.raises(TypeError):
+        predict("tiny-llama", recalibrate=True, recalibrat=True, **shape)
 
 
 # -- emulate plan ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 
+from emulate.cli.options import add_problem_options, problem_keywords
 from emulate.cli.parser import Help
 
 
@@ -29,19 +30,12 @@ def add_generate_command(sub) -> None:
 
 def generate_options(g: argparse.ArgumentParser) -> None:
     """The description and options of `emulate generate`, added once the command is chosen (cli/parser.py)."""
-    from emulate.cli.options import preset_names
-    from emulate.problem import DEFAULT_BLOCK, DEFAULT_MODEL
     from emulate.runtime.registry import EXECUTORS, ORACLES
 
     g.description = ("Prefill the prompt as a task graph of small calls, keep each block's keys and values where "
                      "they were made, then generate: each new token attends every key block it may see in calls of "
                      "at most M keys, merged as the prefill merges. The new text goes to stdout as it comes.")
-    g.add_argument("--model", default=None,
-                   help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file, "
-                        f"of a decoder (default {DEFAULT_MODEL})")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--input", default=None, help="the prompt: token ids (.npy, .arrow, .parquet) or text (.txt, .md)")
-    src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
+    add_problem_options(g, prompt=True)
     g.add_argument("--max-new-tokens", type=int, default=16,
                    help="the most tokens to generate (fewer when an end-of-sequence or stop id comes first)")
     g.add_argument("--ignore-eos", action="store_true",
@@ -50,11 +44,6 @@ def generate_options(g: argparse.ArgumentParser) -> None:
                    help="also stop after this token id (kept in the output); may be given more than once")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of probability >= P")
-    g.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws")
-    g.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most keys a small call sees")
-    g.add_argument("--attention", default="auto", help="auto (the model's own mask), causal, sliding or sink")
-    g.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
-    g.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
     g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
                    help="where the prefill runs and the keys are kept: local (this process) or ray (each block's "
@@ -76,12 +65,10 @@ def generate_options(g: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     from emulate.generation import generate_iter
 
-    stream = generate_iter(args.model, args.text, input=args.input, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
-                           attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
-                           executor=args.executor, oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos,
-                           stop_ids=args.stop_id, address=args.address, workers=args.workers,
-                           placement=args.placement)
+    stream = generate_iter(args.model, **problem_keywords(args, prompt=True), max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, dtype=args.dtype, executor=args.executor,
+                           oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos, stop_ids=args.stop_id,
+                           address=args.address, workers=args.workers, placement=args.placement)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:

@@ -70,7 +70,7 @@ def plan_options(p: argparse.ArgumentParser) -> None:
                    help="ray: the physical plan with Ray's per-task cost; local: the in-process executor")
     p.add_argument("--threads", default=None, type=_threads, metavar="N|auto",
                    help="the local executor's call workers, as `emulate run --threads` (default torch's setting)")
-    p.add_argument("--recalibrate", "--calibrate", dest="calibrate", action="store_true",
+    p.add_argument("--recalibrate", "--calibrate", dest="recalibrate", action="store_true",
                    help="measure this machine's CPU again (about 15 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -102,7 +102,7 @@ def cmd_plan(args) -> int:
         output_target(args.plot)  # a path that cannot be written (a directory, a name past NAME_MAX), too
     keywords = {"block_size": args.block_size, "attention": args.attention, "window": args.window,
                 "sinks": args.sinks, "workers": args.workers, "device": args.device,
-                "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "calibrate": args.calibrate,
+                "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "recalibrate": args.recalibrate,
                 "executor": args.executor, "threads": args.threads, "weight_dtype": args.weight_dtype,
                 "tp_link": args.tp_link}
     if args.placement == ALL:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from emulate.errors import EmulateError
 from graphs import MaskKind, Node, Pattern
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not to read this page
@@ -217,6 +218,14 @@ class CallCounts:
 def capability(obj: Any, name: str, default: Any = False) -> Any:
     """An optional capability of an oracle or executor (module docstring), with its safe default."""
     return getattr(obj, name, default)
+
+
+def check_oracle_dtype(oracle: Any, dtype: torch.dtype) -> None:
+    """The one dtype rule of every backend: bfloat16 and float16 pair calls run on an oracle with the
+    `half` capability (float32 partials, so that every merge adds in float32); refused in one line otherwise."""
+    if dtype.itemsize == 2 and not capability(oracle, "half"):
+        raise EmulateError(f"the {oracle.name} oracle runs float32 or float64 only; "
+                           f"{str(dtype).removeprefix('torch.')} runs on the kernel oracle")
 
 
 def combine_summaries(summaries: list[dict]) -> dict:

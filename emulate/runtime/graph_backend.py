@@ -15,6 +15,7 @@ import torch
 from emulate.errors import EmulateError
 from emulate.problem import Problem
 from emulate.runtime.contract import AttentionOracle, BlockOutput, CallCounts, Executor, Job, capability
+from emulate.runtime.kernels_cuda import kernel_figures
 from emulate.runtime.loop import Reference, describe, window_of
 from emulate.runtime.verify import tolerance_for
 from graphs import CompactGraph
@@ -74,6 +75,7 @@ class GraphBackend:
             "max_call_tokens": counted.max_call_tokens,
             **{k: c[k] for k in ("graph_nodes", "graph_edges", "graph_depth")},
             "forward_s": round(forward_s, 4), **figures, **oracle_keys,
+            **kernel_figures(p.dtype, config.head_dim, self.device),
         }
 
     def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference:
