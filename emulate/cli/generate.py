@@ -43,6 +43,9 @@ def generate_options(g: argparse.ArgumentParser) -> None:
     src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
     g.add_argument("--max-new-tokens", type=int, default=16,
                    help="the most tokens to generate (fewer when an end-of-sequence or stop id comes first)")
+    g.add_argument("--allow-past-positions", action="store_true",
+                   help="go past a RoPE model's declared context (max_position_embeddings; refused by default): "
+                        "RoPE computes any position, the model was trained only up to it")
     g.add_argument("--ignore-eos", action="store_true",
                    help="go on past the model's end-of-sequence token (generation stops after it by default)")
     g.add_argument("--stop-id", type=int, action="append", default=None, metavar="ID",
@@ -72,7 +75,7 @@ def cmd_generate(args) -> int:
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
                            attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
                            executor=args.executor, oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos,
-                           stop_ids=args.stop_id)
+                           stop_ids=args.stop_id, allow_past_positions=args.allow_past_positions)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:
