@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from emulate.errors import EmulateError
+from emulate.models.config import check_positions
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
              window: int | None = None, sinks: int | None = None, dtype="float32", device: str = "cpu",
              executor: Any = None, oracle: Any = "kernel", threads: int | str | None = None, verify: bool = False,
              keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
-             workers: int | None = None, placement: str | None = None) -> Generation:
+             workers: int | None = None, placement: str | None = None,
+             allow_past_positions: bool = False) -> Generation:
     """Generate up to `max_new_tokens` tokens after `prompt` (token ids, or text for a model with a tokenizer).
 
     The prefill is the task graph's forward (emulate.run's, on `executor`; each block's keys and
@@ -101,16 +103,20 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
     run the monolithic forward over prompt and generated tokens and compare every step's logits
     (stats: verified, max_logit_err, reference_tokens_match). Generation stops after the model's
     end-of-sequence token (config.eos_ids; it is kept in the output, as transformers keeps it) unless
-    ignore_eos, and after any of `stop_ids`; stats["stopped"] says why it ended. executor "ray" (or
-    emulate.Ray(...)): the prefill runs on Ray worker actors, each block's keys and values stay on
-    the worker that projected them and the decode steps' calls run there (cluster/decode.py);
-    address, workers and placement ("sequence" or "layers") go to the Ray executor. Returns a Generation.
+    ignore_eos, and after any of `stop_ids`; stats["stopped"] says why it ended. The prompt and the
+    new tokens must fit the model's positions: a learned table's size, or a RoPE model's declared
+    max_position_embeddings unless allow_past_positions (emulate/models/config.py, check_positions).
+    executor "ray" (or emulate.Ray(...)): the prefill runs on Ray worker actors, each block's keys
+    and values stay on the worker that projected them and the decode steps' calls run there
+    (cluster/decode.py); address, workers and placement ("sequence" or "layers") go to the Ray
+    executor. Returns a Generation.
     """
     stream = generate_iter(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, input=input, block_size=block_size, attention=attention, window=window,
                            sinks=sinks, dtype=dtype, device=device, executor=executor, oracle=oracle, threads=threads,
                            verify=verify, keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids,
-                           address=address, workers=workers, placement=placement)
+                           address=address, workers=workers, placement=placement,
+                           allow_past_positions=allow_past_positions)
     for _ in stream:
         pass
     return stream.result
@@ -122,13 +128,14 @@ def generate_iter(model=None, prompt=None, *, max_new_tokens: int = 16, temperat
                   device: str = "cpu", executor: Any = None, oracle: Any = "kernel",
                   threads: int | str | None = None, verify: bool = False,
                   keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
-                  workers: int | None = None, placement: str | None = None) -> GenerationStream:
+                  workers: int | None = None, placement: str | None = None,
+                  allow_past_positions: bool = False) -> GenerationStream:
     """`generate`, yielding each Token as it is chosen; every argument is checked before this returns."""
     run = _Generator(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                      input=input, block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype,
                      device=device, executor=executor, oracle=oracle, threads=threads, verify=verify,
                      keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids, address=address,
-                     workers=workers, placement=placement)
+                     workers=workers, placement=placement, allow_past_positions=allow_past_positions)
     return GenerationStream(run)
 
 
@@ -180,7 +187,7 @@ class _Generator:
 
     def __init__(self, model, prompt, *, max_new_tokens, temperature, top_p, seed, input, block_size, attention,
                  window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits, ignore_eos, stop_ids,
-                 address, workers, placement):
+                 address, workers, placement, allow_past_positions=False):
         from emulate.problem import check_device, positive_int, prepare
         from emulate.runtime.contract import capability
         from emulate.runtime.decode import KVCache
@@ -214,9 +221,9 @@ class _Generator:
         self.stop = frozenset(stop_token_ids(stop_ids, config))
         self.stopped: str | None = None
         total = p.length + self.max_new
-        if config.max_positions is not None and total > config.max_positions:
-            raise EmulateError(f"{p.length} prompt tokens + {self.max_new} new ones exceed {config.name}'s "
-                               f"{config.max_positions} positions")
+        if not isinstance(allow_past_positions, bool):
+            raise EmulateError(f"allow_past_positions must be true or false, not {allow_past_positions!r}")
+        check_positions(config, p.length, self.max_new, allow_past_positions)
         bound = chosen.bind(p.block_size, config.heads)
         item = p.dtype.itemsize
         kv = 2 * config.layers * config.kv_heads * config.head_dim * (total + p.block_size) * item

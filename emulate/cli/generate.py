@@ -38,6 +38,9 @@ def generate_options(g: argparse.ArgumentParser) -> None:
     add_problem_options(g, prompt=True)
     g.add_argument("--max-new-tokens", type=int, default=16,
                    help="the most tokens to generate (fewer when an end-of-sequence or stop id comes first)")
+    g.add_argument("--allow-past-positions", action="store_true",
+                   help="go past a RoPE model's declared context (max_position_embeddings; refused by default): "
+                        "RoPE computes any position, the model was trained only up to it")
     g.add_argument("--ignore-eos", action="store_true",
                    help="go on past the model's end-of-sequence token (generation stops after it by default)")
     g.add_argument("--stop-id", type=int, action="append", default=None, metavar="ID",
@@ -68,7 +71,8 @@ def cmd_generate(args) -> int:
     stream = generate_iter(args.model, **problem_keywords(args, prompt=True), max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, dtype=args.dtype, executor=args.executor,
                            oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos, stop_ids=args.stop_id,
-                           address=args.address, workers=args.workers, placement=args.placement)
+                           address=args.address, workers=args.workers, placement=args.placement,
+                           allow_past_positions=args.allow_past_positions)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:
