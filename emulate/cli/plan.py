@@ -155,7 +155,7 @@ def _decode(model, args) -> int:
                            "leave out --placement")
     p = predict_decode(model, args.tokens, args.new_tokens, block_size=args.block_size, attention=args.attention,
                        window=args.window, sinks=args.sinks, workers=args.workers, device=args.device,
-                       gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps, calibrate=args.calibrate,
+                       gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps, recalibrate=args.recalibrate,
                        weight_dtype=args.weight_dtype, tp_link=args.tp_link, allow_overcommit=args.allow_overcommit,
                        allow_past_positions=args.allow_past_positions)
     d = p.to_dict()

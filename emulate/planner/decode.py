@@ -120,7 +120,7 @@ def block_owners(blocks: int, workers: int, patterns, block_size: int, config: M
 def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, block_size: int = 256,
                    attention="auto", window: int | None = None, sinks: int | None = None, workers: int = 1,
                    device: str = "cpu", gpus_per_worker: int = 1, link_gbps: float | None = None,
-                   calibrate: bool = False, weight_dtype: str = "bf16", tp_link: str = "nvlink",
+                   recalibrate: bool = False, weight_dtype: str = "bf16", tp_link: str = "nvlink",
                    allow_overcommit: bool = False, allow_past_positions: bool = False,
                    hw: Hardware | None = None) -> DecodePrediction:
     """Predict generation's time per output token: `new_tokens` K after a prompt of `tokens` N, on
@@ -158,7 +158,7 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
     if device == "cpu" and workers != 1:
         raise EmulateError("generation on the cpu runs on the local executor: one worker (--workers 1)")
     if hw is None:
-        hw = hardware(device, workers, gpus_per_worker, link_gbps, calibrate, "local" if device == "cpu" else "ray")
+        hw = hardware(device, workers, gpus_per_worker, link_gbps, recalibrate, "local" if device == "cpu" else "ray")
     b = 2 if hw.dtype == "bf16" else 4
     hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, b))
     P, G, dev = (1 if hw.shared else hw.workers), hw.gpus_per_worker, hw.device
