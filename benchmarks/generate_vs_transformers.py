@@ -5,9 +5,12 @@ For each prompt length N (real text, the embedded default repeated as needed), g
     emulate       emulate.generate(..., block_size=M) on the local executor: its measured
                   time_to_first_token_s, time_per_output_token_s and kv_bytes
     transformers  LlamaForCausalLM with the same (dequantized GGUF) weights (tests/hf_models.py,
-                  as_transformers), sdpa, its dynamic cache: time to first token = generate with one
-                  new token; time per output token = (generate with K new - with 1) / (K - 1); its
-                  cache's bytes = 2 x layers x KV heads x head_dim x (N + K) x 4
+                  as_transformers), sdpa, its dynamic cache, one generate of K new tokens: a logits
+                  processor stamps the time each step's logits come; time to first token = the first
+                  stamp; time per output token = (last stamp - first) / (K - 1); its cache's bytes =
+                  2 x layers x KV heads x head_dim x (N + K) x 4
+
+Both run K steps whatever token comes (ours with ignore_eos, transformers' with min_new_tokens = K).
 
 and prints a markdown table with both, their ratios, and whether the greedy tokens agree.
 
@@ -16,6 +19,7 @@ and prints a markdown table with both, their ratios, and whether the greedy toke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,19 +37,28 @@ def prompt_ids(model, n: int) -> np.ndarray:
     return np.resize(ids, n)  # repeated past its end for long prompts
 
 
+class _Stamps:
+    """A logits processor that notes when each step's logits reach it (and changes nothing)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def hf_times(hf, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
+    from transformers import LogitsProcessorList
+
     x = torch.from_numpy(ids)[None]
-
-    def run(k):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t0, out[0, len(ids):].tolist()
-
-    first, _ = run(1)
-    whole, tokens = run(new)
-    return first, (whole - first) / (new - 1), tokens
+    stamps = _Stamps()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([stamps]))
+    first = stamps.times[0] - t0
+    return first, (stamps.times[-1] - stamps.times[0]) / (new - 1), out[0, len(ids):].tolist()
 
 
 def main() -> None:
@@ -62,18 +75,20 @@ def main() -> None:
     hf = as_transformers(model)
     c = model.config
     print(f"smollm2-135m, float32, greedy, {args.new} new tokens, M = {args.block_size}, "
-          f"{torch.get_num_threads()} torch thread(s)\n")
+          f"{torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.2f} at the start\n", flush=True)
     print("| prompt N | TTFT emulate s | TTFT transformers s | TPOT emulate ms | TPOT transformers ms | TPOT ratio | "
-          "KV emulate MiB | KV transformers MiB | same tokens |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "KV emulate MiB | KV transformers MiB | same tokens | load average |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for n in (int(t) for t in args.tokens.split(",")):
         ids = prompt_ids(model, n)
-        s = emulate.generate(model, ids, max_new_tokens=args.new, block_size=args.block_size, threads=1).stats
+        s = emulate.generate(model, ids, max_new_tokens=args.new, block_size=args.block_size, threads=1,
+                             ignore_eos=True, allow_past_positions=True).stats
         first, per_token, tokens = hf_times(hf, ids, args.new)
         kv_hf = 2 * c.layers * c.kv_heads * c.head_dim * (n + args.new) * 4
         print(f"| {n} | {s['time_to_first_token_s']:.2f} | {first:.2f} | {1000 * s['time_per_output_token_s']:.1f} | "
               f"{1000 * per_token:.1f} | {s['time_per_output_token_s'] / per_token:.2f} | "
-              f"{s['kv_bytes'] / 2**20:.1f} | {kv_hf / 2**20:.1f} | {s['tokens'] == tokens} |")
+              f"{s['kv_bytes'] / 2**20:.1f} | {kv_hf / 2**20:.1f} | {s['tokens'] == tokens} | "
+              f"{os.getloadavg()[0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

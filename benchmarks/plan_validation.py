@@ -8,20 +8,34 @@ per core) and with one (`threads=1`), and Ray with 1 and 2 workers of one CPU. f
 run's own (it excludes Ray's start and the workers' weight loading). The load average is printed
 before every row. Goal: every row within 20%, the median within 10%.
 
-The rows are disjoint from what the planner's constants were measured on: the CPU calibration runs
-synthetic kernel calls and a 16-wide probe model (emulate/planner/calibrate.py), and Ray's per-call
-constants come from benchmarks/ray_overheads.py's own problems (tiny-llama 8192/512 causal,
-tiny-mistral 16384/1024 sliding 512), none of which is a row here.
+The rows validate; nothing here calibrates. What the planner's constants were measured on is
+disjoint from them (tests/test_planner_validation.py checks it): the CPU calibration runs the
+executor's kernels on synthetic tensors (rates by call size; the contention of k call workers on a
+mix of them) and forwards of a 16-wide probe model, N = 64 and 256 at M = 8 (PROBE_FORWARDS), on 1
+to C call workers (emulate/planner/calibrate.py); Ray's per-call constants come from
+benchmarks/ray_overheads.py's own problems (tiny-llama 8192/512 causal, tiny-mistral 16384/1024
+sliding 512). No constant was fitted to a row.
 
     .venv/bin/python benchmarks/plan_validation.py                        # every row; ~10 minutes on 2 cores
     .venv/bin/python benchmarks/plan_validation.py --rows 1,2,8 --no-ray  # a few local rows
     .venv/bin/python benchmarks/plan_validation.py --recalibrate --plot validation.png
+    .venv/bin/python benchmarks/plan_validation.py --recalibrate --neighbour  # one busy process throughout
+
+--neighbour starts one CPU-bound process (a Python busy loop in a child) before anything is
+measured, runs the calibration (--recalibrate, into this run's own cache) and every row beside it,
+and kills it at the end, on an error or an interrupt alike: the plan is calibrated under the same
+condition it is validated under. The calibration of a --neighbour run goes to its own cache
+($XDG_CACHE_HOME/emulate-neighbour), never over the quiet one.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 
 C, S, W = {"attention": "causal"}, "sliding", "sink"
@@ -59,13 +73,47 @@ def name(pattern: dict) -> str:
         (f" s={pattern['sinks']}" if "sinks" in pattern else "")
 
 
+@contextlib.contextmanager
+def neighbour(on: bool):
+    """One CPU-bound child process (a busy loop) while the block runs, when `on`; killed and reaped
+    when it ends however it ends (an interrupt included: SIGTERM is turned into SystemExit here),
+    and ending by itself should this process be killed outright."""
+    if not on:
+        yield None
+        return
+    # the loop also ends by itself once this process is gone (a SIGKILL leaves no finally to run)
+    loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    busy = subprocess.Popen([sys.executable, "-c", loop], stdin=subprocess.DEVNULL)
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        time.sleep(1.0)  # the child is spinning before anything is measured
+        yield busy
+    finally:
+        busy.kill()
+        busy.wait()
+        signal.signal(signal.SIGTERM, old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=None, help="1-based row numbers to run, comma separated (default all)")
     ap.add_argument("--no-ray", action="store_true", help="local rows only")
     ap.add_argument("--recalibrate", action="store_true", help="measure the CPU again before predicting")
     ap.add_argument("--plot", default=None, metavar="FILE.png", help="write the predicted-against-measured scatter")
+    ap.add_argument("--neighbour", action="store_true",
+                    help="one CPU-bound process runs throughout, calibration included (implies --recalibrate)")
     args = ap.parse_args()
+    if args.neighbour:  # its own calibration cache: the quiet one stays as it was
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["XDG_CACHE_HOME"] = os.path.join(base, "emulate-neighbour")
+        args.recalibrate = True
+    with neighbour(args.neighbour) as busy:
+        if busy is not None:
+            print(f"neighbour: one busy loop, pid {busy.pid}, throughout", flush=True)
+        validate(args)
+
+
+def validate(args) -> None:
     import emulate
     from emulate.planner import cpu_device, predict
     from emulate.planner.plot import plot_validation
@@ -75,7 +123,8 @@ def main() -> None:
     t0 = time.perf_counter()
     device = cpu_device(recalibrate=args.recalibrate)
     print(f"cpu: {device.source}; k workers at once each take "
-          f"{', '.join(f'x{f:.2f}' for f in device.contention)} (k = 1, 2, ...)", flush=True)
+          f"{', '.join(f'x{f:.2f}' for f in device.contention)} on the kernels, and the local executor's calls "
+          f"{', '.join(f'{c * 1e6:.0f}' for c in device.serial_call_s)} us each of Python (k = 1, 2, ...)", flush=True)
     emulate.run("tiny-llama", random_tokens=1024, block_size=256, attention="causal", collect=False)  # warm-up
     rows = []
     for k, model, tokens, block, pattern, executor in cases:
@@ -95,7 +144,8 @@ def main() -> None:
         print(f"| {k} | {model} | {n} | {m} | {pat} | {ex} | {pred:.3f} | {got:.3f} | {pred / got:.2f} | {load:.2f} |")
     errors = [abs(pred / got - 1) for *_, pred, got, _ in rows]
     print(f"\n{sum(e <= 0.2 for e in errors)} of {len(rows)} within 20%; median error {statistics.median(errors):.0%}; "
-          f"{time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.2f} after")
+          f"{time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.2f} after"
+          + ("; one busy neighbour throughout" if args.neighbour else ""))
     if args.plot:
         plot_validation(args.plot, [(f"{r[0]}", r[6], r[7]) for r in rows],
                         f"emulate plan against emulate.run, {len(rows)} rows, load {rows[0][8]:.1f} at the first")

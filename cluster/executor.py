@@ -25,18 +25,21 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from graphs.plan import Plan, calls, make_plan, routes
 from cluster.placement import AUTO, Layout, Placement, check_worker_memory, layout_of
 from cluster.session import WorkerPool, capacity, connect, disconnect, pool_size
-from cluster.worker import LostLocal, from_wire
-from emulate.errors import EmulateError, Interrupted, error_line
+from cluster.failures import HEALTH_EVERY_S
+from cluster.failures import Lost as _Lost
+from cluster.failures import check_health as _check_health
+from cluster.failures import fetch as _fetch
+from cluster.failures import get as _get
+from cluster.worker import from_wire
+from emulate.errors import EmulateError, Interrupted
 from emulate.runtime.contract import CallCounts, Execution, Job, Progress, combine_summaries
 from emulate.runtime.trace import check_trace_path
 
-HEALTH_EVERY_S = 5.0
-RESTART_GRACE_S = 60.0  # a worker not back by then has no node that can host it
-NO_ROOM_GRACE_S = 15.0  # ... sooner when no live node has room for one (an autoscaler may still add some)
 
 
 def start(job: Job, opts, progress: Progress | None = None) -> Execution:
@@ -70,7 +73,8 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
             placed = _placement(job, opts, size)
         need, layout, chosen = placed
         pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, g.graph_attrs(),
-                          str(job.dtype).rsplit(".", 1)[-1], job.oracle, size, layout.owned(_shapes(job)))
+                          str(job.dtype).rsplit(".", 1)[-1], job.oracle, size, layout.owned(_shapes(job)),
+                          keep_kv=job.kv is not None)
         handlers.restore()
         plan = make_plan(g, layout.plan_workers)
         layout.place(plan)
@@ -98,7 +102,13 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
     if layout.grid.layers > 1:
         figures["worker_layers"] = [[r.start, r.stop] for r in layout.ranges]
     counts = CallCounts()
-    return Execution(_execute(plan, pool, owned, opts, layout, figures, counts, progress, handlers), figures, counts)
+    # generation: the workers' kept blocks outlive the prefill
+    keep = None if job.kv is None else _Keep(job.model.config.layers, job.kv.block_size, len(job.tokens))
+    execution = Execution(_execute(plan, pool, owned, opts, layout, figures, counts, progress, handlers, keep),
+                          figures, counts)
+    if keep is not None:
+        keep.execution = execution  # before the first block is asked for, so before _execute reads it
+    return execution
 
 
 def _shapes(job: Job) -> dict:
@@ -199,7 +209,10 @@ def _pickle_by_value(oracle) -> None:
 
 
 def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, layout: Layout, figures: dict, counts: CallCounts,
-             progress: Progress | None, handlers: _SignalHandlers):
+             progress: Progress | None, handlers: _SignalHandlers, keep: _Keep | None = None):
+    """The run's blocks in order, then its figures. With `keep` (generation), the workers and their
+    kept keys and values stay up after the last block: the execution's kv is then the store that
+    decodes on them (cluster/decode.py, RemoteKV), which stops the workers when it is closed."""
     import ray
 
     try:
@@ -207,51 +220,7 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, layout: Layout, fi
         run = _Dispatch(plan, pool, opts, layout.ranges if layout.grid.layers > 1 else None)
         run.submit(plan.tasks)
         handlers.restore()
-        heads = {t.block: t.index for t in plan.tasks if t.head}
-        # Outputs copied out of the object store as their calls finish, in whatever order: blocks
-        # are yielded in order, and a worker's later blocks often finish before another worker's
-        # last earlier one; taken then, while the workers compute, rather than all after that block.
-        outputs: dict[int, dict] = {}
-        next_block = 0
-        last_done = last_health = time.monotonic()
-        while next_block < plan.blocks:
-            while run.heads_done:
-                block = run.heads_done.pop()
-                if block not in run.heads or heads[block] not in run.done:
-                    continue  # taken already, or lost since and to be made again
-                try:
-                    value = _fetch(ray, run.heads[block], f"the output of block {block}", pool, opts)
-                except _Lost:  # its node went with the value: run the head again
-                    run.undo(plan.tasks[heads[block]])
-                    continue
-                del run.heads[block]
-                outputs[block] = from_wire(value, copy=True)
-            if next_block in outputs:
-                yield next_block, outputs.pop(next_block)
-                next_block += 1
-                continue
-            if not run.in_flight:
-                if not run.lost:
-                    raise EmulateError(f"every task finished but block {next_block}'s output never came")
-                run.recover()
-                last_done = time.monotonic()
-                continue
-            pending = list(run.in_flight)
-            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            if ready and pending:
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                ready += more
-            now = time.monotonic()
-            for ref in ready:
-                run.finished(ref)
-                if progress is not None:
-                    progress(len(run.done), len(plan.tasks))
-                last_done = now
-            if not ready and now - last_health >= HEALTH_EVERY_S:
-                last_health = now
-                _check_health(pool, opts, now - last_done)
-        for ref in list(run.in_flight):  # finished, but not yet seen when the last head came in
-            run.finished(ref)
+        yield from _drive(run, plan, pool, opts, progress)
         figures.update(_figures(run, pool))
         counts.add(_counts(run))
         figures.update(combine_summaries(_get(ray, [a.summary.remote(pool.shared) for a in pool.actors],
@@ -264,10 +233,20 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, layout: Layout, fi
 
             write_trace(opts.trace, run.records, pool.info, t0)
             figures["trace"] = opts.trace
+        if keep is not None:
+            from cluster.decode import RemoteKV
+
+            def prefill_again(first: int) -> int:
+                return _prefill_again(plan, pool, opts, first)
+
+            keep.execution.kv = RemoteKV(pool, opts, keep.layers, keep.block_size, keep.tokens, prefill_again,
+                                         run.recoveries, owned)
     except BaseException:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs a line for each task cut short
             _teardown(pool, owned, linger_s=3.0)
         raise
+    if keep is not None:
+        return  # the store stops the workers (and a private instance) when the generation ends
     # A private instance stops when this process exits (atexit), not here: its shutdown takes a
     # second or more, which is no part of the forward.
     _teardown(pool, False)
@@ -277,14 +256,83 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, layout: Layout, fi
         atexit.register(disconnect, True)
 
 
+def _prefill_again(plan: Plan, pool: WorkerPool, opts, first: int) -> int:
+    """Run every task of `plan` again as submission `first` onwards (the workers refuse the calls of
+    earlier ones); the heads are dropped, the workers keep the keys and values the projections make.
+    Returns the last submission it used."""
+    run = _Dispatch(plan, pool, opts, first=first)
+    run.submit(plan.tasks)
+    for _ in _drive(run, plan, pool, opts, None):
+        pass
+    return run.recoveries
+
+
+def _drive(run: _Dispatch, plan: Plan, pool: WorkerPool, opts, progress: Progress | None):
+    """Wait on the dispatch's calls and yield (block, head value) in block order, recovering lost
+    values on the way; every call has finished when it ends."""
+    import ray
+
+    heads = {t.block: t.index for t in plan.tasks if t.head}
+    # Outputs copied out of the object store as their calls finish, in whatever order: blocks
+    # are yielded in order, and a worker's later blocks often finish before another worker's
+    # last earlier one; taken then, while the workers compute, rather than all after that block.
+    outputs: dict[int, dict] = {}
+    next_block = 0
+    last_done = last_health = time.monotonic()
+    while next_block < plan.blocks:
+        while run.heads_done:
+            block = run.heads_done.pop()
+            if block not in run.heads or heads[block] not in run.done:
+                continue  # taken already, or lost since and to be made again
+            try:
+                value = _fetch(ray, run.heads[block], f"the output of block {block}", pool, opts)
+            except _Lost:  # its node went with the value: run the head again
+                run.undo(plan.tasks[heads[block]])
+                continue
+            del run.heads[block]
+            outputs[block] = from_wire(value, copy=True)
+        if next_block in outputs:
+            yield next_block, outputs.pop(next_block)
+            next_block += 1
+            continue
+        if not run.in_flight:
+            if not run.lost:
+                raise EmulateError(f"every task finished but block {next_block}'s output never came")
+            run.recover()
+            last_done = time.monotonic()
+            continue
+        pending = list(run.in_flight)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        if ready and pending:
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready += more
+        now = time.monotonic()
+        for ref in ready:
+            run.finished(ref)
+            if progress is not None:
+                progress(len(run.done), len(plan.tasks))
+            last_done = now
+        if not ready and now - last_health >= HEALTH_EVERY_S:
+            last_health = now
+            _check_health(pool, opts, now - last_done)
+    for ref in list(run.in_flight):  # finished, but not yet seen when the last head came in
+        run.finished(ref)
+
+
+@dataclass
+class _Keep:
+    """A generation's prefill: the cache's shape, and its Execution, to be handed the workers' KV store."""
+
+    layers: int
+    block_size: int
+    tokens: int
+    execution: Execution | None = None
+
+
 def _teardown(pool: WorkerPool, owned: bool, linger_s: float = 0.0) -> None:
     pool.close()
     disconnect(owned, linger_s)
 
-
-class _Lost(Exception):
-    """A task or a value that a worker or node took with it when it died: the driver runs the
-    lost work again (`_Dispatch.recover`) rather than failing."""
 
 
 class _Dispatch:
@@ -301,7 +349,9 @@ class _Dispatch:
     inputs, so a re-run gives the same bits.
     """
 
-    def __init__(self, plan: Plan, pool: WorkerPool, opts, ranges: list[range] | None = None):
+    def __init__(self, plan: Plan, pool: WorkerPool, opts, ranges: list[range] | None = None, first: int = 0):
+        """ranges: each worker's layers under the layers and grid placements; first: the number of its
+        first submission (a prefill run again starts after the last one's)."""
         self.plan, self.pool, self.opts = plan, pool, opts
         self.producer = {key: t for t in plan.tasks for key in t.writes}
         self.readers_left: dict = {}  # key -> indices of its readers not yet finished
@@ -319,7 +369,8 @@ class _Dispatch:
         # coloured by layer range (graphs/pictures/gantt.py colours by kind), so the pipeline's fill
         # and drain show: one colour per range, the same for the workers of a grid's row
         self.ranges = None if ranges is None else [f"layers {r.start}-{r.stop - 1}" for r in ranges]
-        self.recoveries = 0
+        self.first = first
+        self.recoveries = first  # the current submission's number
         self.calls = 0  # Ray calls submitted
         self.last_loss = ""  # why the latest lost call failed, for the message when recovery gives up
         import ray
@@ -400,8 +451,8 @@ class _Dispatch:
 
         self.recoveries += 1
         limit = self.pool.size * (self.opts.max_restarts + 1)
-        if self.recoveries > limit:
-            raise EmulateError(f"values lost with dead workers {self.recoveries - 1} times; the run stops "
+        if self.recoveries - self.first > limit:
+            raise EmulateError(f"values lost with dead workers {self.recoveries - self.first - 1} times; the run stops "
                                f"(at most {limit} recoveries for {self.pool.size} worker(s)); last: {self.last_loss}")
         # what each worker holds now, asked of it (a restarted one holds nothing); from here on the
         # workers refuse calls of earlier submissions, which Ray may run again to rebuild a lost
@@ -463,7 +514,7 @@ def _figures(run: _Dispatch, pool: WorkerPool) -> dict:
         "bytes_held": sum(r["bytes_held"] for r in records),
         "worker_busy_s": [round(b, 3) for b in busy],
         "worker_processes": sum(len(p) for p in pids.values()),
-        "ray_calls": run.calls, "recoveries": run.recoveries,
+        "ray_calls": run.calls, "recoveries": run.recoveries - run.first,
         "tasks_rerun": len(records) - len(run.plan.tasks),
     }
 
@@ -476,50 +527,3 @@ def _counts(run: _Dispatch) -> CallCounts:
     for c in last.values():
         total.add(c)
     return total
-
-
-def _get(ray, ref, what: str, pool: WorkerPool | None = None, task=None, timeout: float | None = None):
-    """ray.get with Ray's failures turned into one line that says what could not be done, or into
-    _Lost when what failed was a value a dead worker or node took with it."""
-    try:
-        return ray.get(ref, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise
-    except ray.exceptions.RayTaskError as err:
-        cause = err.cause if getattr(err, "cause", None) is not None else err
-        if isinstance(cause, (LostLocal, ray.exceptions.ObjectLostError)):  # a dead worker's values: re-run them
-            raise _Lost(error_line(cause, last=True)) from None
-        raise EmulateError(f"{what} failed on worker {task.worker if task else '?'}: "
-                           f"{type(cause).__name__}: {error_line(cause, last=True)}") from None
-    except ray.exceptions.RayActorError as err:
-        worker = f"worker {task.worker}" if task else "a worker"
-        raise EmulateError(f"{what} could not run: {worker} died and could not be restarted "
-                           f"({pool.opts.max_restarts if pool else '?'} restarts allowed): {error_line(err, last=True)}") from None
-    except ray.exceptions.ObjectLostError as err:  # gone with its node and not rebuilt by Ray: re-run its producers
-        raise _Lost(f"{what}: {error_line(err, last=True)}") from None
-    except ray.exceptions.RayError as err:
-        raise EmulateError(f"{what}: {type(err).__name__}: {error_line(err, last=True)}") from None
-
-
-def _fetch(ray, ref, what: str, pool: WorkerPool, opts):
-    """ray.get of a value that may need rebuilding (its node died): wait, but never past the health checks."""
-    since = time.monotonic()
-    while True:
-        try:
-            return _get(ray, ref, what, pool, timeout=HEALTH_EVERY_S)
-        except ray.exceptions.GetTimeoutError:
-            _check_health(pool, opts, time.monotonic() - since)
-
-
-def _check_health(pool: WorkerPool, opts, idle_s: float) -> None:
-    """Fail, rather than wait forever, when no worker can make progress."""
-    states = pool.states()
-    if all(s == "DEAD" for s in states):
-        raise EmulateError(f"all {pool.size} workers are dead; nothing can run the remaining tasks")
-    fit, nodes = capacity(opts.cpus_per_worker, opts.gpus_per_worker)
-    down = [k for k, s in enumerate(states) if s != "ALIVE"]
-    if down and (idle_s >= RESTART_GRACE_S or (fit == 0 and idle_s >= NO_ROOM_GRACE_S)):
-        raise EmulateError(f"worker(s) {down} not running for {idle_s:.0f} s ({', '.join(states[k] for k in down)}); "
-                           f"the cluster has room for {fit} worker(s) now ({nodes})")
-    if idle_s >= opts.stall_timeout:
-        raise EmulateError(f"no task finished in {idle_s:.0f} s (--stall-timeout); worker states {states}; {nodes}")

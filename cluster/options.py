@@ -48,6 +48,7 @@ class Ray:
     name = "ray"
     in_process = False  # verify's reference runs on the driver's CPU
     graph_form = "plan"  # the physical plan lists every node with its attributes (memory.estimate prices it)
+    keeps_kv = True  # each block's keys and values stay on the worker that projected them (cluster/decode.py)
 
     def __post_init__(self):
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)

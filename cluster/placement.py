@@ -218,7 +218,7 @@ def place_on_grid(plan, grid: Grid, rows: list[range]) -> None:
     layer would stall the pipeline: the row of the last column's first block in a range's first
     layer reads the keys of every earlier block, so it waits until the row above has run all of
     them through its layers, and the rows run one after the other (the planner: 25% utilisation for
-    Llama-3 8B, 1M tokens on 4x4, against 85% with blocks dealt out in turn). Rows cut into slices
+    Llama-3 8B, 1M causal tokens on 4x4, against 85% with blocks dealt out in turn). Rows cut into slices
     (fewer blocks than P_sequence) keep make_plan's slices, spread over the columns."""
     owner = worker_of_layer(rows)
     dealt = not plan.split_blocks and reaches_back(plan)

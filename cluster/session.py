@@ -403,11 +403,12 @@ class WorkerPool:
     """K worker actors, each holding the model once; restartable, tasks retried after a restart."""
 
     def __init__(self, opts, device: str, config, weights: dict, tokens, graph_meta: dict, dtype: str, oracle,
-                 size: int | None = None, owned: list[list[str]] | None = None):
+                 size: int | None = None, owned: list[list[str]] | None = None, keep_kv: bool = False):
         """opts: the run's cluster.options.Ray (its workers, their CPUs, GPUs and threads, restarts, start
         timeout); oracle: the run's oracle description, bound in each worker. size: the workers, when
         the caller counted them (`pool_size`). owned: the weight names each worker loads (the layers
-        and grid placements, cluster/placement.py); None: every worker loads them all."""
+        and grid placements, cluster/placement.py); None: every worker loads them all. keep_kv: each worker
+        keeps the keys and values of the projections it runs (generation, cluster/decode.py)."""
         import ray
 
         from cluster.worker import Worker
@@ -444,7 +445,7 @@ class WorkerPool:
                          scheduling_strategy="SPREAD", namespace=NAMESPACE)
         self.names = [f"emulate-{self.run_id}-worker-{k}" for k in range(want)]
         self.actors = [actor.options(name=name, **placement).remote(k, config, graph_meta, dtype,
-                                                        device, opts.threads, oracle)
+                                                        device, opts.threads, oracle, keep_kv)
                        for k, name in enumerate(self.names)]
         self.info = self._wait_ready(shape, nodes)
 

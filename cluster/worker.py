@@ -141,10 +141,13 @@ class Worker:
     driver reads are returned through the object store (`Route`).
     """
 
-    def __init__(self, index: int, config, graph_meta: dict, dtype: str, device: str, threads: int, oracle):
+    def __init__(self, index: int, config, graph_meta: dict, dtype: str, device: str, threads: int, oracle,
+                 keep_kv: bool = False):
         torch.set_num_threads(max(1, threads))
         self.index, self.config, self.graph_meta, self.oracle = index, config, graph_meta, oracle
         self.dtype, self.device = getattr(torch, dtype), device
+        self.keep_kv = keep_kv  # generation's prefill: keep every projection's keys and values (decode below)
+        self.kv = None
         self.runner = None
         self.held: dict[Key, tuple] = {}  # key -> (value, indices of the tasks still to read it)
         self.tasks: list[Task] | None = None  # the plan's tasks, fetched on the first run
@@ -163,8 +166,13 @@ class Worker:
             # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor
             model = Transformer(self.config, weights, dtype=self.dtype, device=self.device)
             # the run's oracle description, bound here: its counts are this process's (summary())
-            bound = self.oracle.bind(self.graph_meta["spec"]["block_size"], self.config.heads)
-            self.runner = NodeRunner(model, tokens, self.graph_meta, bound)
+            block_size = self.graph_meta["spec"]["block_size"]
+            bound = self.oracle.bind(block_size, self.config.heads)
+            if self.keep_kv:  # a restarted process starts with none: the driver rebuilds (cluster/decode.py)
+                from emulate.runtime.decode import KVCache
+
+                self.kv = KVCache(self.config.layers, block_size)
+            self.runner = NodeRunner(model, tokens, self.graph_meta, bound, self.kv)
         return self.runner
 
     def ping(self, shared: list) -> dict:
@@ -182,6 +190,51 @@ class Worker:
     def summary(self, shared: list) -> dict:
         """The bound oracle's summary in this process (contract.combine_summaries adds the workers' up)."""
         return self.load(shared).oracle.summary()
+
+    def kv_inventory(self, shared: list) -> dict:
+        """The keys and values this process keeps: (layer, block) -> tokens, and their bytes as held."""
+        self.load(shared)
+        return {"blocks": self.kv.inventory(), "bytes": self.kv.nbytes(), "pid": self.where["pid"]}
+
+    def kv_clear(self, shared: list) -> None:
+        """Drop every kept block (the driver is about to make them all again, cluster/decode.py)."""
+        self.load(shared)
+        self.kv.clear()
+
+    def decode(self, shared: list, layer: int, append, q, pairs: list) -> tuple:
+        """One decode step's calls on this worker's blocks of `layer` (emulate/runtime/decode.py, KVCache.attend):
+        `append` (position, k, v) or None, the new token's keys and values when this worker holds the
+        tail block; then the query q against each (block, pair call) of `pairs`, one call each.
+        Returns (the partials as WireTensors, in the order of `pairs`; the calls' counts; the bytes
+        of keys and values this process holds). A block that is not here, or not as long as the
+        step reads, is LostLocal before anything changes: this process restarted since the prefill."""
+        from emulate.runtime.contract import CallCounts
+        from emulate.runtime.decode import KVLost
+
+        runner = self.load(shared)
+        held = dict(self.kv.filled[layer])
+        if append is not None:
+            block, row = divmod(append[0], self.kv.block_size)
+            if held.get(block, 0) != row:
+                raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) holds {held.get(block, 0)} tokens of "
+                                f"layer {layer} block {block}, not the {row} the new token follows")
+            held[block] = row + 1
+        short = [j for j, pair in pairs if held.get(j, 0) < pair.key_span[1] - pair.key_span[0]]
+        if short:
+            raise LostLocal(f"worker {self.index} (pid {self.where['pid']}) no longer holds layer {layer} block "
+                            f"{short[0]} (of {len(short)} the step reads)")
+        device = runner.model.device
+        q = from_wire(q, device)
+        if append is not None:
+            self.kv.append(layer, append[0], from_wire(append[1], device, copy=True),
+                           from_wire(append[2], device, copy=True))
+        counts = CallCounts()
+        try:
+            with torch.no_grad():
+                partials = self.kv.attend(layer, pairs, q, runner.model.scale, runner.oracle, counts)
+        except KVLost as err:
+            raise LostLocal(f"worker {self.index}: {err}") from None
+        return to_wire(partials), counts, self.kv.nbytes()
 
     def holdings(self, generation: int, shared: list) -> dict:
         """Start submission `generation` (the driver's recovery): calls of earlier submissions are

@@ -174,8 +174,8 @@ EXECUTOR_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", 
 
 def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress, collect, verify, **options):
     from emulate.problem import prepare
+    from emulate.runtime.contract import check_oracle_dtype
     from emulate.runtime.graph_backend import GraphBackend
-    from emulate.runtime.contract import capability
     from emulate.runtime.memory import check_fits, estimate
     from emulate.runtime.registry import EXECUTORS, ORACLES
 
@@ -186,9 +186,7 @@ def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress
     p = prepare(model, tokens, graph_form=form, **options)
     config = p.model.config
     chosen.bind(p.block_size, config.heads)  # an oracle refuses what it cannot run before any work
-    if p.dtype.itemsize == 2 and not capability(chosen, "half"):
-        raise EmulateError(f"the {chosen.name} oracle runs float32 or float64 only; "
-                           f"{str(p.dtype).removeprefix('torch.')} runs on the kernel oracle")
+    check_oracle_dtype(chosen, p.dtype)
     check_fits(estimate(config, p.length, p.block_size, p.patterns, p.dtype.itemsize, collect, verify, graph=form),
                f"{p.length} tokens at M = {p.block_size}" + (" with verify" if verify else ""))
     return GraphBackend(p, p.compact_graph(progress), ex, chosen, device, progress)

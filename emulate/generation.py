@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from emulate.errors import EmulateError
+from emulate.models.config import check_positions
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
              seed: int = 0, input: str | None = None, block_size: int = 256, attention="auto",
              window: int | None = None, sinks: int | None = None, dtype="float32", device: str = "cpu",
              executor: Any = None, oracle: Any = "kernel", threads: int | str | None = None, verify: bool = False,
-             keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None) -> Generation:
+             keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
+             workers: int | None = None, placement: str | None = None,
+             allow_past_positions: bool = False) -> Generation:
     """Generate up to `max_new_tokens` tokens after `prompt` (token ids, or text for a model with a tokenizer).
 
     The prefill is the task graph's forward (emulate.run's, on `executor`; each block's keys and
@@ -100,12 +103,20 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
     run the monolithic forward over prompt and generated tokens and compare every step's logits
     (stats: verified, max_logit_err, reference_tokens_match). Generation stops after the model's
     end-of-sequence token (config.eos_ids; it is kept in the output, as transformers keeps it) unless
-    ignore_eos, and after any of `stop_ids`; stats["stopped"] says why it ended. Returns a Generation.
+    ignore_eos, and after any of `stop_ids`; stats["stopped"] says why it ended. The prompt and the
+    new tokens must fit the model's positions: a learned table's size, or a RoPE model's declared
+    max_position_embeddings unless allow_past_positions (emulate/models/config.py, check_positions).
+    executor "ray" (or emulate.Ray(...)): the prefill runs on Ray worker actors, each block's keys
+    and values stay on the worker that projected them and the decode steps' calls run there
+    (cluster/decode.py); address, workers and placement ("sequence" or "layers") go to the Ray
+    executor. Returns a Generation.
     """
     stream = generate_iter(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, input=input, block_size=block_size, attention=attention, window=window,
                            sinks=sinks, dtype=dtype, device=device, executor=executor, oracle=oracle, threads=threads,
-                           verify=verify, keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids)
+                           verify=verify, keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids,
+                           address=address, workers=workers, placement=placement,
+                           allow_past_positions=allow_past_positions)
     for _ in stream:
         pass
     return stream.result
@@ -116,12 +127,15 @@ def generate_iter(model=None, prompt=None, *, max_new_tokens: int = 16, temperat
                   attention="auto", window: int | None = None, sinks: int | None = None, dtype="float32",
                   device: str = "cpu", executor: Any = None, oracle: Any = "kernel",
                   threads: int | str | None = None, verify: bool = False,
-                  keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None) -> GenerationStream:
+                  keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
+                  workers: int | None = None, placement: str | None = None,
+                  allow_past_positions: bool = False) -> GenerationStream:
     """`generate`, yielding each Token as it is chosen; every argument is checked before this returns."""
     run = _Generator(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                      input=input, block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype,
                      device=device, executor=executor, oracle=oracle, threads=threads, verify=verify,
-                     keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids)
+                     keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids, address=address,
+                     workers=workers, placement=placement, allow_past_positions=allow_past_positions)
     return GenerationStream(run)
 
 
@@ -172,7 +186,8 @@ class _Generator:
     """One generation, resolved and checked: the prefill's backend, the cache, the sampler, the figures."""
 
     def __init__(self, model, prompt, *, max_new_tokens, temperature, top_p, seed, input, block_size, attention,
-                 window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits, ignore_eos, stop_ids):
+                 window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits, ignore_eos, stop_ids,
+                 address, workers, placement, allow_past_positions=False):
         from emulate.problem import check_device, positive_int, prepare
         from emulate.runtime.contract import capability
         from emulate.runtime.decode import KVCache
@@ -184,10 +199,11 @@ class _Generator:
         self.max_new = positive_int("max_new_tokens", max_new_tokens)
         self.sampling = Sampling(temperature, top_p, seed)
         check_device(device)
-        ex = EXECUTORS.resolve("local" if executor is None else executor, {"threads": threads})
+        ex = EXECUTORS.resolve("local" if executor is None else executor,
+                               {"threads": threads, "address": address, "workers": workers, "placement": placement})
         if not capability(ex, "keeps_kv"):
             raise EmulateError(f"generation needs an executor that keeps each block's keys and values where they "
-                               f"were made; the {ex.name} executor does not (use the local executor)")
+                               f"were made; the {ex.name} executor does not (use the local or the ray executor)")
         chosen = ORACLES.resolve(oracle)
         text = prompt if isinstance(prompt, str) else None
         tokens = None if isinstance(prompt, str) else prompt
@@ -205,9 +221,9 @@ class _Generator:
         self.stop = frozenset(stop_token_ids(stop_ids, config))
         self.stopped: str | None = None
         total = p.length + self.max_new
-        if config.max_positions is not None and total > config.max_positions:
-            raise EmulateError(f"{p.length} prompt tokens + {self.max_new} new ones exceed {config.name}'s "
-                               f"{config.max_positions} positions")
+        if not isinstance(allow_past_positions, bool):
+            raise EmulateError(f"allow_past_positions must be true or false, not {allow_past_positions!r}")
+        check_positions(config, p.length, self.max_new, allow_past_positions)
         bound = chosen.bind(p.block_size, config.heads)
         item = p.dtype.itemsize
         kv = 2 * config.layers * config.kv_heads * config.head_dim * (total + p.block_size) * item
@@ -216,8 +232,11 @@ class _Generator:
         parts["logits"] = (keep_logits or verify) * self.max_new * config.vocab * item
         check_fits(parts, f"{p.length} prompt tokens + {self.max_new} new at M = {p.block_size}")
         self.problem, self.executor, self.oracle, self.bound, self.device = p, ex, chosen, bound, device
+        # the prefill's store: this process's for the local executor; the Ray executor keeps the
+        # blocks on its workers and hands back its own (the backend's kept_kv, once the prefill ran)
         self.cache = KVCache(config.layers, p.block_size)
         self.backend = GraphBackend(p, p.compact_graph(), ex, chosen, device, kv=self.cache)
+        self.replayed = 0  # decode steps run again on rebuilt blocks
         self.sampler = Sampler(self.sampling)
         self.verify, self.keep_logits = verify, keep_logits or verify
         self.detok = Detokenizer(p.model.tokenizer)
@@ -234,28 +253,57 @@ class _Generator:
         t0 = time.perf_counter()
         prefill = Stream(self.backend)
         last = None
-        for _, out in prefill:
-            last = out.hidden[-1:]
-        model = p.model.transformer(p.dtype, self.device)
-        self.prefill_stats = prefill.stats
-        scores = logits(model, last)[0]
-        self._times["prefill"] = prefill.stats["forward_s"]
-        token = self._choose(scores)
-        self._times["first"] = time.perf_counter() - t0
-        yield self._token(token, p.length)
-        if self._ends(token):
-            return
-        self.decoder = Decoder(model, list(p.patterns), self.cache, self.bound)
-        with torch.no_grad():
-            for i in range(1, self.max_new):
-                t1 = time.perf_counter()
-                scores = self.decoder.step(token, p.length + i - 1)
-                token = self._choose(scores)
-                self._times["decode"] += time.perf_counter() - t1
-                yield self._token(token, p.length + i)
-                if self._ends(token):
-                    return
-        self.stopped = "max_new_tokens"
+        try:
+            for _, out in prefill:
+                last = out.hidden[-1:]
+            self.cache = self.backend.kept_kv
+            model = p.model.transformer(p.dtype, self.device)
+            self.prefill_stats = prefill.stats
+            scores = logits(model, last)[0]
+            self._times["prefill"] = prefill.stats["forward_s"]
+            token = self._choose(scores)
+            self._times["first"] = time.perf_counter() - t0
+            yield self._token(token, p.length)
+            if self._ends(token):
+                return
+            self.decoder = Decoder(model, list(p.patterns), self.cache, self.bound)
+            with torch.no_grad():
+                for i in range(1, self.max_new):
+                    t1 = time.perf_counter()
+                    scores = self._step(token, p.length + i - 1)
+                    token = self._choose(scores)
+                    self._times["decode"] += time.perf_counter() - t1
+                    yield self._token(token, p.length + i)
+                    if self._ends(token):
+                        return
+            self.stopped = "max_new_tokens"
+        finally:
+            close = getattr(self.cache, "close", None)  # the Ray workers that held the blocks
+            if close is not None:
+                close()
+
+    def _step(self, token: int, position: int) -> torch.Tensor:
+        """Decoder.step; when the store lost blocks (a Ray worker died), it makes them again and the
+        steps before this one are replayed on them, the same calls as before (cluster/decode.py)."""
+        from emulate.runtime.decode import Decoder, KVLost
+
+        while True:
+            try:
+                return self.decoder.step(token, position)
+            except KVLost:
+                rebuild = getattr(self.cache, "rebuild", None)
+                if rebuild is None:
+                    raise
+            rebuild()
+            p = self.problem
+            # the replay's calls are not this run's decode calls: counted apart, and dropped
+            replay = Decoder(self.decoder.model, self.decoder.patterns, self.cache, self.bound)
+            try:
+                for at in range(p.length, position):
+                    replay.step(self.new[at - p.length], at)
+                    self.replayed += 1
+            except KVLost:
+                continue  # lost again meanwhile: rebuild again (the store bounds how often)
 
     def _ends(self, token: int) -> bool:
         """Whether the token just emitted ends the generation (it stays in the output)."""
@@ -293,6 +341,8 @@ class _Generator:
             "time_per_output_token_s": round(decode_s / steps, 6) if steps else None,
             "decode_tokens_per_s": round(steps / decode_s, 2) if steps and decode_s > 0 else None,
             "kv_bytes": self.cache.nbytes(),
+            "kv_bytes_per_worker": list(getattr(self.cache, "worker_bytes", [self.cache.nbytes()])),
+            "kv_rebuilds": getattr(self.cache, "rebuilds", 0), "decode_steps_replayed": self.replayed,
             "prefill_calls": pre.get("small_calls"), "prefill_attention_calls": pre.get("attention_calls"),
             "decode_steps": steps,
             "decode_calls": d.small_calls if d else 0, "decode_attention_calls": d.attention_calls if d else 0,
@@ -300,6 +350,8 @@ class _Generator:
             "decode_attention_calls_per_token": round(d.attention_calls / steps, 3) if d and steps else None,
             "max_call_tokens": max(pre.get("max_call_tokens", 0), d.max_call_tokens if d else 0),
         }
+        if "ray_workers" in pre:  # the workers that held the blocks (their pids at the prefill)
+            stats.update({k: pre[k] for k in ("ray_workers", "placement", "ray_setup_s") if k in pre})
         logits = torch.stack(self.scores) if self.keep_logits and self.scores else None
         if self.verify and logits is not None:
             stats.update(self._compare(logits))

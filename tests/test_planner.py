@@ -11,8 +11,8 @@ import pytest
 
 from graphs.plan import make_plan
 from emulate.cli import main
-from emulate.planner import (DEVICES, Device, Hardware, cpu_device, predict, simulate, task_seconds,
-                             value_bytes)
+from emulate.planner import (DEVICES, Device, Hardware, cpu_device, hardware, predict, predict_placements, simulate,
+                             task_seconds, value_bytes)
 from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
 
 FLOPS = 1e9
@@ -126,6 +126,30 @@ def test_more_workers_are_never_slower_when_the_work_is_independent():
     assert t8 < t1 / 3
 
 
+def shared_hardware(workers, serial, flops=FLOPS, slowdown=1.0):
+    """The local executor's call workers on a toy device whose calls' Python costs `serial` s each
+    with `workers` workers (one GIL)."""
+    dev = Device("toy", {"fp32": flops}, bandwidth=1e18, memory=1e12, efficiency=1.0, call_overhead_s=serial,
+                 serial_call_s=(serial,) * workers)
+    return Hardware(dev, workers, 1, 8.0, 0.0, 0.0, "fp32", slowdown, shared=True)
+
+
+def test_the_call_workers_python_runs_one_task_at_a_time():
+    """Calls that are all Python (FLOPs free) take as long on two call workers as on one: the GIL
+    lets one worker's calls run at a time; kernels (FLOPs, no Python) run side by side."""
+    s = spec(64, 8, [Pattern("causal")] * 2)
+    c = CompactGraph.build(s)
+    plan = make_plan(c, 1, runnable=False)
+    calls = sum(t.calls for t in plan.tasks)
+    python = [simulate(plan, s, c.spans, shared_hardware(k, 1e-3, flops=1e30)).makespan for k in (1, 2)]
+    assert python[0] == pytest.approx(calls * 1e-3) and python[1] == pytest.approx(calls * 1e-3)
+    kernels = [simulate(plan, s, c.spans, shared_hardware(k, 1e-12)).makespan for k in (1, 2)]
+    assert kernels[1] < 0.75 * kernels[0]
+    # the contention factor slows the kernels, never the Python measured under k workers
+    slowed = simulate(plan, s, c.spans, shared_hardware(2, 1e-3, flops=1e30, slowdown=3.0)).makespan
+    assert slowed == pytest.approx(calls * 1e-3)
+
+
 def test_memory_holds_the_weights_and_what_is_alive():
     s = spec(64, 16, [Pattern("causal")] * 2)
     c = CompactGraph.build(s)
@@ -160,10 +184,11 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 2, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": 3, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
+        "serial_call_s": [2e-5, 3e-5],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
 
@@ -183,6 +208,31 @@ def test_calibration_is_cached_under_xdg_cache_home(tmp_path, monkeypatch):
     assert len(calls) == 2
     assert a.rate("fp32", "matmul", 1e6) == 1e9 and 1e9 < a.rate("fp32", "matmul", 3e7) < 2e10
     assert a.calibration.load == 0.1 and a.masked_attention["explicit"] == {1e6: 2e8, 1e9: 5e9}
+
+
+def test_predict_recalibrates_as_the_cli_flag_and_reads_the_old_keyword_with_a_warning(tmp_path, monkeypatch):
+    """`emulate plan --recalibrate` is predict(recalibrate=True); calibrate=True, the old name, still measures."""
+    import warnings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu", lambda **kw: calls.append(1) or fake_calibration())
+    shape = {"tokens": 1024, "block_size": 256, "attention": "causal", "executor": "local"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns of nothing
+        predict("tiny-llama", **shape)
+        predict("tiny-llama", recalibrate=True, **shape)
+        predict_placements("tiny-llama", recalibrate=True, **shape)
+    assert len(calls) == 3  # the first measure (no cache yet), then each recalibrate
+    with pytest.warns(DeprecationWarning, match=r"predict\(calibrate=...\) is renamed recalibrate="):
+        predict("tiny-llama", calibrate=True, **shape)
+    with pytest.warns(DeprecationWarning, match="predict_placements"):
+        predict_placements("tiny-llama", calibrate=True, **shape)
+    with pytest.warns(DeprecationWarning, match="hardware"):
+        hardware("cpu", calibrate=True)
+    assert len(calls) == 6
+    with pytest.raises(TypeError):
+        predict("tiny-llama", recalibrate=True, recalibrat=True, **shape)
 
 
 # -- emulate plan ----------------------------------------------------------------------------------

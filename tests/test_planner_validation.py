@@ -1,9 +1,15 @@
 """The planner's validation set (benchmarks/plan_validation.py) covers what docs/planner.md says it
-does, and no row is a problem the planner's Ray constants were measured on (benchmarks/ray_overheads.py)."""
+does; no row is a problem the planner's constants were measured on (the CPU calibration's probe
+forwards, emulate/planner/calibrate.py; Ray's, benchmarks/ray_overheads.py); and --neighbour's busy
+process runs while its block runs and is gone after it, however the block ends."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +33,51 @@ def test_no_row_is_a_problem_the_ray_constants_were_measured_on():
     rows = {(m, n, b, tuple(sorted(p.items()))) for m, n, b, p, _ in load("plan_validation").ROWS}
     measured = {(m, n, b, tuple(sorted(p.items()))) for m, n, b, p in load("ray_overheads").CASES}
     assert measured and not rows & measured
+
+
+def test_no_row_is_a_forward_the_cpu_calibration_runs():
+    from emulate.planner.calibrate import PROBE, PROBE_FORWARDS
+
+    rows = load("plan_validation").ROWS
+    probes = {(m, n, b, a) for m, n, b, a in PROBE_FORWARDS}
+    assert probes and not {(m, n, b, p["attention"]) for m, n, b, p, _ in rows} & probes
+    assert PROBE not in {m for m, *_ in rows}
+
+
+def test_the_neighbour_is_one_busy_child_for_the_block_and_is_gone_after_it():
+    bench = load("plan_validation")
+    with bench.neighbour(False) as none:
+        assert none is None
+    with bench.neighbour(True) as busy:
+        child = psutil.Process(busy.pid)
+        assert child.ppid() == psutil.Process().pid and busy.poll() is None
+        assert child.cpu_times().user > 0.02  # it spins before anything is measured (a share of a busy core)
+    assert busy.returncode is not None and not psutil.pid_exists(busy.pid)  # killed and reaped
+    with pytest.raises(RuntimeError), bench.neighbour(True) as busy:
+        raise RuntimeError("a row failed")
+    assert busy.returncode is not None and not psutil.pid_exists(busy.pid)  # on an error too
+
+
+def test_the_neighbour_ends_by_itself_when_the_benchmark_is_killed_outright(tmp_path):
+    """A real child runs the benchmark's neighbour and is SIGKILLed (no finally runs): its busy loop
+    notices and ends."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(f"import importlib.util, sys, time\n"
+                      f"spec = importlib.util.spec_from_file_location('pv', {str(ROOT / 'benchmarks' / 'plan_validation.py')!r})\n"
+                      "pv = importlib.util.module_from_spec(spec); spec.loader.exec_module(pv)\n"
+                      "with pv.neighbour(True) as busy:\n    print(busy.pid, flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid = int(holder.stdout.readline())
+    assert psutil.pid_exists(pid)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

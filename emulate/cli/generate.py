@@ -10,6 +10,7 @@ import json
 import math
 import sys
 
+from emulate.cli.options import add_problem_options, problem_keywords
 from emulate.cli.parser import Help
 
 
@@ -23,41 +24,40 @@ def add_generate_command(sub) -> None:
                "  emulate generate --text 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 7\n"
                "  emulate generate --model tiny-llama --text 'abc' --max-new-tokens 8 --dtype float64 --verify\n"
                "  emulate generate --model tiny-llama --text 'abc' --stop-id 10 --stop-id 32\n"
+               "  emulate generate --model tiny-llama --input prompt.npy -M 256 --executor ray --workers 2 --json\n"
                "exit status: 0 ok; 1 --verify found an error above the tolerance; 2 bad input; 130 interrupted")
 
 
 def generate_options(g: argparse.ArgumentParser) -> None:
     """The description and options of `emulate generate`, added once the command is chosen (cli/parser.py)."""
-    from emulate.cli.options import preset_names
-    from emulate.problem import DEFAULT_BLOCK, DEFAULT_MODEL
     from emulate.runtime.registry import EXECUTORS, ORACLES
 
     g.description = ("Prefill the prompt as a task graph of small calls, keep each block's keys and values where "
                      "they were made, then generate: each new token attends every key block it may see in calls of "
                      "at most M keys, merged as the prefill merges. The new text goes to stdout as it comes.")
-    g.add_argument("--model", default=None,
-                   help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file, "
-                        f"of a decoder (default {DEFAULT_MODEL})")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--input", default=None, help="the prompt: token ids (.npy, .arrow, .parquet) or text (.txt, .md)")
-    src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
+    add_problem_options(g, prompt=True)
     g.add_argument("--max-new-tokens", type=int, default=16,
                    help="the most tokens to generate (fewer when an end-of-sequence or stop id comes first)")
+    g.add_argument("--allow-past-positions", action="store_true",
+                   help="go past a RoPE model's declared context (max_position_embeddings; refused by default): "
+                        "RoPE computes any position, the model was trained only up to it")
     g.add_argument("--ignore-eos", action="store_true",
                    help="go on past the model's end-of-sequence token (generation stops after it by default)")
     g.add_argument("--stop-id", type=int, action="append", default=None, metavar="ID",
                    help="also stop after this token id (kept in the output); may be given more than once")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of probability >= P")
-    g.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws")
-    g.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most keys a small call sees")
-    g.add_argument("--attention", default="auto", help="auto (the model's own mask), causal, sliding or sink")
-    g.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
-    g.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
     g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
-                   help="where the prefill runs; generation needs one that keeps the keys where they were made "
-                        "(default: local)")
+                   help="where the prefill runs and the keys are kept: local (this process) or ray (each block's "
+                        "keys on the worker that made them; the decode calls run there) (default: local)")
+    g.add_argument("--address", default=None, help="with --executor ray: join a running cluster, auto or HOST:PORT "
+                   "(default $RAY_ADDRESS, else a private local instance, stopped at the end)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="with --executor ray: worker actors (default: as many as the cluster fits)")
+    g.add_argument("--placement", choices=("sequence", "layers"), default=None,
+                   help="with --executor ray: sequence (each worker runs every layer for its run of blocks, "
+                        "default) or layers (each worker owns a range of layers)")
     g.add_argument("--oracle", choices=ORACLES.names(), default="kernel", help="what runs each pair call")
     g.add_argument("--verify", action="store_true",
                    help="also run the monolithic forward over prompt and new tokens and compare every step's logits")
@@ -68,11 +68,11 @@ def generate_options(g: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     from emulate.generation import generate_iter
 
-    stream = generate_iter(args.model, args.text, input=args.input, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
-                           attention=args.attention, window=args.window, sinks=args.sinks, dtype=args.dtype,
-                           executor=args.executor, oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos,
-                           stop_ids=args.stop_id)
+    stream = generate_iter(args.model, **problem_keywords(args, prompt=True), max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, dtype=args.dtype, executor=args.executor,
+                           oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos, stop_ids=args.stop_id,
+                           address=args.address, workers=args.workers, placement=args.placement,
+                           allow_past_positions=args.allow_past_positions)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:
         for token in stream:
@@ -127,7 +127,10 @@ def summary(s: dict) -> str:
                      f"tokens/s), {s['decode_calls_per_token']} calls per token of which "
                      f"{s['decode_attention_calls_per_token']} attention; none longer than {s['max_call_tokens']} "
                      f"tokens")
-    lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB; peak RSS {s['peak_rss_mb']} MB")
+    per = s.get("kv_bytes_per_worker") or []
+    on = (f" on {len(per)} workers ({', '.join(f'{b / 2**20:.2f}' for b in per)} MiB)" if s["executor"] == "ray" else "")
+    rebuilt = f"; rebuilt {s['kv_rebuilds']} time(s) after a worker died" if s.get("kv_rebuilds") else ""
+    lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB{on}{rebuilt}; peak RSS {s['peak_rss_mb']} MB")
     if "max_logit_err" in s:
         lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_logit_err {s['max_logit_err']:.3e}"
                      + (f", greedy tokens match: {s['reference_tokens_match']}" if "reference_tokens_match" in s else "")

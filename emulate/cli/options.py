@@ -1,4 +1,4 @@
-"""Options more than one command takes: the problem (`run`, `graph`), --quiet (`run`, `graph`,
+"""Options more than one command takes: the problem (`run`, `graph`, `generate`), --quiet (`run`, `graph`,
 `theorems`), --pack-heads' type (`run`, `theorems`), and the preset names their help lists."""
 from __future__ import annotations
 
@@ -12,30 +12,46 @@ def preset_names() -> str:
     return ", ".join([*PRESETS, *FILE_PRESETS])
 
 
-def add_problem_options(p: argparse.ArgumentParser) -> None:
+def add_problem_options(p: argparse.ArgumentParser, prompt: bool = False) -> None:
+    """The model, its input and how the forward is cut: `run` and `graph` (an input of any kind, random
+    ids among them), and `generate` with prompt=True (a decoder's prompt, never random ids; its seed
+    seeds the sampling, and its calls are read as keys against the cache)."""
     from emulate.problem import DEFAULT_BLOCK, DEFAULT_MODEL, DEFAULT_TOKENS, IDS_MODEL
 
+    checkpoints = f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file"
     p.add_argument("--model", default=None,
-                   help=f"a preset ({preset_names()}), a Hugging Face checkpoint directory or a llama-family .gguf file "
-                        f"(default {DEFAULT_MODEL} for text or no input, {IDS_MODEL} for token ids)")
+                   help=f"{checkpoints}, of a decoder (default {DEFAULT_MODEL})" if prompt else
+                        f"{checkpoints} (default {DEFAULT_MODEL} for text or no input, {IDS_MODEL} for token ids)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", default=None, help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt, .md)")
-    src.add_argument("--text", default=None, help="text to tokenize (the checkpoint's tokenizer, or bytes for presets)")
-    src.add_argument("--random-tokens", type=int, metavar="N", default=None,
-                     help=f"N seeded random tokens (the default input of a model without a tokenizer: "
-                          f"{DEFAULT_TOKENS}; with one, the default text)")
-    p.add_argument("--seed", type=int, default=0, help="seeds random tokens and the sampled permutation")
-    p.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK, help="M: the most tokens a small call sees")
+    if prompt:
+        src.add_argument("--input", default=None, help="the prompt: token ids (.npy, .arrow, .parquet) or text (.txt, .md)")
+        src.add_argument("--text", default=None, help="the prompt as text (the model's tokenizer, or bytes for presets)")
+    else:
+        src.add_argument("--input", default=None,
+                         help="token ids (.npy, .arrow, .parquet with column `token`) or text (.txt, .md)")
+        src.add_argument("--text", default=None, help="text to tokenize (the checkpoint's tokenizer, or bytes for presets)")
+        src.add_argument("--random-tokens", type=int, metavar="N", default=None,
+                         help=f"N seeded random tokens (the default input of a model without a tokenizer: "
+                              f"{DEFAULT_TOKENS}; with one, the default text)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling's random draws" if prompt else
+                   "seeds random tokens and the sampled permutation")
+    p.add_argument("--block-size", "-M", type=int, default=DEFAULT_BLOCK,
+                   help=f"M: the most {'keys' if prompt else 'tokens'} a small call sees")
     p.add_argument("--attention", default="auto",
-                   help="auto (the model's own mask), full, causal, sliding, sink or sampled")
+                   help="auto (the model's own mask), " + ("causal, sliding or sink" if prompt else
+                                                            "full, causal, sliding, sink or sampled"))
     p.add_argument("--window", type=int, default=None, help="sliding window r: query i sees keys i-r+1..i")
     p.add_argument("--sinks", type=int, default=None, help="attention sinks s: the first s tokens stay visible")
 
 
-def problem_keywords(args) -> dict:
-    """The API keywords of the options shared by `run` and `graph`."""
-    return dict(text=args.text, input=args.input, random_tokens=args.random_tokens, seed=args.seed,
-                block_size=args.block_size, attention=args.attention, window=args.window, sinks=args.sinks)
+def problem_keywords(args, prompt: bool = False) -> dict:
+    """The API keywords of the options add_problem_options declared (with prompt=True: generate_iter's,
+    whose text is its `prompt`)."""
+    shared = {"input": args.input, "seed": args.seed, "block_size": args.block_size, "attention": args.attention,
+              "window": args.window, "sinks": args.sinks}
+    if prompt:
+        return {"prompt": args.text, **shared}
+    return {"text": args.text, "random_tokens": args.random_tokens, **shared}
 
 
 def add_quiet_option(p: argparse.ArgumentParser) -> None:

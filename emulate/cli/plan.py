@@ -31,7 +31,9 @@ def add_plan_command(sub) -> None:
                "--gpus-per-worker 8 --weight-dtype fp8-ffn --device h100 --json\n"
                "  emulate plan --shape llama3-8b --tokens 1048576 -M 4096 --attention causal --workers 16 "
                "--gpus-per-worker 8 --device h100 --placement all\n"
-               "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png")
+               "  emulate plan --shape llama3-8b --tokens 131072 -M 4096 --attention causal --device h200 --plot p.png\n"
+               "  emulate plan --shape llama3-405b --tokens 131072 -M 4096 --attention causal --new-tokens 64 "
+               "--workers 2 --gpus-per-worker 8 --weight-dtype fp8-ffn --device h100")
 
 
 def plan_options(p: argparse.ArgumentParser) -> None:
@@ -74,8 +76,14 @@ def plan_options(p: argparse.ArgumentParser) -> None:
                    help="ray: the physical plan with Ray's per-task cost; local: the in-process executor")
     p.add_argument("--threads", default=None, type=_threads, metavar="N|auto",
                    help="the local executor's call workers, as `emulate run --threads` (default torch's setting)")
-    p.add_argument("--recalibrate", "--calibrate", dest="calibrate", action="store_true",
+    p.add_argument("--recalibrate", "--calibrate", dest="recalibrate", action="store_true",
                    help="measure this machine's CPU again (about 15 s)")
+    p.add_argument("--new-tokens", type=int, default=None, metavar="K",
+                   help="predict generation instead of the forward: the time per output token of K new tokens after "
+                        "the N-token prompt, each attending its visible key blocks in calls of at most M keys, "
+                        "partials merged across workers (docs/planner.md, decode rows)")
+    p.add_argument("--allow-past-positions", action="store_true",
+                   help="with --new-tokens: go past a RoPE model's declared max_position_embeddings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw predicted time against workers and against N, exact causal beside an O(N/M) pattern")
@@ -95,6 +103,8 @@ def cmd_plan(args) -> int:
     if args.plot and args.placement != "sequence":
         raise EmulateError("--plot draws the sequence placement only; leave out --placement")
     model = args.shape or args.model
+    if args.new_tokens is not None:
+        return _decode(model, args)
     if args.plot:
         from emulate.outputs import output_target
         from graphs.pictures.coverage import DrawError, figure_format
@@ -106,7 +116,7 @@ def cmd_plan(args) -> int:
         output_target(args.plot)  # a path that cannot be written (a directory, a name past NAME_MAX), too
     keywords = {"block_size": args.block_size, "attention": args.attention, "window": args.window,
                 "sinks": args.sinks, "workers": args.workers, "device": args.device,
-                "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "calibrate": args.calibrate,
+                "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "recalibrate": args.recalibrate,
                 "executor": args.executor, "threads": args.threads, "weight_dtype": args.weight_dtype,
                 "tp_link": args.tp_link, "grid": args.grid}
     if args.grid is not None and args.placement not in ("grid", ALL):
@@ -138,6 +148,47 @@ def cmd_plan(args) -> int:
           f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
           + ("" if d["fits"] else ", MORE than the worker's devices hold") + f"; {d['bytes_moved'] / 1e9:.3g} GB moved "
           "between workers")
+    return 0
+
+
+def _decode(model, args) -> int:
+    """`--new-tokens K`: the decode row (emulate/planner/decode.py, predict_decode)."""
+    from emulate.planner.decode import predict_decode
+
+    if args.plot:
+        raise EmulateError("--plot draws the forward; leave it out with --new-tokens")
+    if args.placement != "sequence":
+        raise EmulateError("--new-tokens prices the sequence placement (the cache stays where the prefill made it); "
+                           "leave out --placement")
+    p = predict_decode(model, args.tokens, args.new_tokens, block_size=args.block_size, attention=args.attention,
+                       window=args.window, sinks=args.sinks, workers=args.workers, device=args.device,
+                       gpus_per_worker=args.gpus_per_worker, link_gbps=args.link_gbps, recalibrate=args.recalibrate,
+                       weight_dtype=args.weight_dtype, tp_link=args.tp_link, allow_overcommit=args.allow_overcommit,
+                       allow_past_positions=args.allow_past_positions)
+    d = p.to_dict()
+    _warn_calibration(d)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    parts = ", ".join(f"{k} {1000 * v:.3g}" for k, v in d["parts"].items())
+    cal = d.get("calibration")
+    from emulate.planner.costs import Calibration
+
+    print(f"decode     {d['model']}, {d['new_tokens']} new tokens after N = {d['tokens']}, M = {d['block_size']}, "
+          f"{d['layers']} layers, attention {', '.join(d['attention'])}\n"
+          f"hardware   {d['workers']} worker(s) x {d['gpus_per_worker']} {d['device']} ({d['dtype']}"
+          + (", fp8 feed-forward" if d["weight_dtype"] == "fp8-ffn" else "")
+          + (f", tensor parallel over {d['tp_link']}" if d.get("tp_link") else "") + ")"
+          + (f", link {d['link_gbps']:g} Gb/s" if d["workers"] > 1 else "")
+          + (", local executor" if d.get("executor") == "local" else "") + "\n"
+          + (f"cpu        {Calibration(**cal).describe()}\n" if cal else "") +
+          f"predicted  {d['ms_per_token']:.4g} ms per output token ({parts} ms)\n"
+          f"calls      {d['calls_per_token']:.4g} per token, {d['attention_calls_per_token']:.4g} of them pair calls; "
+          f"{d['hops_per_token']:.3g} link hops per token\n"
+          f"bytes      {d['weight_bytes_per_token'] / 1e9:.4g} GB of weights and {d['kv_bytes_per_token'] / 1e9:.4g} GB "
+          f"of keys and values read per token\n"
+          f"memory     peak {d['peak_worker_memory_gb']:.4g} GB per worker (weights {d['weights_gb_per_worker']:.4g} GB, "
+          f"cache {max(d['kv_gb_per_worker']):.4g} GB)" + ("" if d["fits"] else ", MORE than the worker's devices hold"))
     return 0
 
 

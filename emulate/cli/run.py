@@ -184,6 +184,8 @@ def human_summary(s: dict) -> str:
         + (f" on {'/'.join(map(str, s['threads']))} thread{'s' if s['threads'] != [1] else ''}" if s.get("threads") else "")
         + f", {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB",
     ]
+    if "kernel_note" in s:  # a 16-bit run on a GPU whose pair calls miss FlashAttention (kernels_cuda.kernel_note)
+        lines.append(f"kernels    {s['kernel_note']}")
     if s.get("perplexity") is not None:
         lines.append(f"next token perplexity {s['perplexity']:.3f} over the {s['tokens'] - 1} next-token predictions")
     if "reference_s" in s:
@@ -192,7 +194,8 @@ def human_summary(s: dict) -> str:
         lines.append(f"verify     {reference} {s['reference_s']:.3f} s; max_rel_err {s['max_rel_err']:.3e}, "
                      f"max_abs_err {s['max_abs_err']:.3e}: {verdict} (tolerance {s['tolerance']:.0e})")
         if "monolithic_rel_err" in s:  # a 16-bit run: the relative contract (docs/numerics.md)
-            lines[-1] = (f"verify     float64 and {s['dtype']} monolithic forwards {s['reference_s']:.3f} s; against "
+            forwards = "monolithic forwards" if s["backend"] == "graph" else f"forwards under {s['reference']}"
+            lines[-1] = (f"verify     float64 and {s['dtype']} {forwards} {s['reference_s']:.3f} s; against "
                          f"float64 max_rel_err {s['max_rel_err']:.3e}, the monolithic {s['dtype']} forward's "
                          f"{s['monolithic_rel_err']:.3e} (ratio {s['error_ratio']:.3f}, at most "
                          f"{s['error_ratio_bound']:g})"

@@ -30,6 +30,11 @@ Cached decoding (`model.generate()` with transformers' dynamic cache): a step's 
 last n of the nk keys the cache hands over, so they attend the key blocks of [0, nk) their mask
 reaches, each call at most M keys, merged as above (docs/generation.md). A cache whose keys are
 not the sequence so far (a static cache's empty slots) fails the mask check and is refused.
+
+A model in bfloat16 or float16 makes its pair calls in that dtype; the oracle must have the `half`
+capability (emulate/runtime/contract.py, check_oracle_dtype: the kernel's), which returns each
+partial in float32, so the merge above adds in float32 and only the merged output is rounded to
+the model's dtype, where transformers' sdpa rounds its own (docs/numerics.md, 16 bits).
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ import numpy as np
 import torch
 
 from emulate.errors import EmulateError
+from emulate.runtime.contract import PairCall, check_oracle_dtype, combine_summaries
 from emulate.runtime.merge import merge
-from emulate.runtime.contract import PairCall, combine_summaries
 from emulate.runtime.registry import ORACLES
 from graphs import Pattern, block_spans, key_blocks, pair_mask
 
@@ -234,6 +239,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         raise EmulateError(f"emulate attention: layer {site} attends {n} queries to only {nk} keys")
     if H % Hkv:
         raise EmulateError(f"emulate attention: layer {site} has {H} query heads over {Hkv} KV heads")
+    check_oracle_dtype(_state.oracle, query.dtype)
     pattern = layer_pattern(module, kwargs)
     _check_mask(attention_mask, pattern, n, site, nk)
     scale = float(dh ** -0.5 if scaling is None else scaling)

@@ -35,7 +35,8 @@ import torch
 
 from emulate.errors import EmulateError, OptionError, error_line
 from emulate.models.presets import FILE_PRESETS, PRESETS
-from emulate.runtime.contract import BlockOutput
+from emulate.runtime.contract import BlockOutput, check_oracle_dtype
+from emulate.runtime.kernels_cuda import kernel_figures
 from emulate.runtime.loop import Reference, describe, window_of
 from emulate.runtime.verify import TOLERANCE, tolerance_for
 from graphs import block_spans, key_blocks
@@ -191,11 +192,13 @@ def forward(model, ids: torch.Tensor, attention: str, block_size: int) -> dict:
 
 
 def next_logprobs(logits: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    """log p(ids[t + 1] | ids <= t), normalised a block of rows at a time (one [M, vocab] temporary)."""
+    """log p(ids[t + 1] | ids <= t), normalised a block of rows at a time (one [M, vocab] temporary), in
+    float32 for a 16-bit model."""
     n = logits.shape[0]
-    out = torch.empty(n - 1, dtype=logits.dtype, device=logits.device)
+    acc = torch.promote_types(logits.dtype, torch.float32)  # a 16-bit model's normalised in float32, as the graph's
+    out = torch.empty(n - 1, dtype=acc, device=logits.device)
     for a, b in block_spans(n - 1, block_size) if n > 1 else ():
-        out[a:b] = torch.log_softmax(logits[a:b], dim=-1).gather(1, ids[a + 1:b + 1, None].to(logits.device))[:, 0]
+        out[a:b] = torch.log_softmax(logits[a:b].to(acc), dim=-1).gather(1, ids[a + 1:b + 1, None].to(logits.device))[:, 0]
     return out
 
 
@@ -260,12 +263,13 @@ def layer_figures(counted: dict, patterns: dict, layers: int, tokens: int, block
 
 
 def shape(config) -> dict:
-    """layers, heads and KV heads of a transformers config (text_config for multimodal wrappers)."""
+    """layers, heads, KV heads, width and head_dim of a transformers config (text_config for multimodal wrappers)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     return {"family": text.model_type, "layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer"),
-            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-            "width": getattr(text, "hidden_size", None) or getattr(text, "n_embd", None),
+            "heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads, "width": width,
+            "head_dim": getattr(text, "head_dim", None) or (width // heads if width and heads else None),
             "vocab": getattr(text, "vocab_size", None)}
 
 
@@ -298,8 +302,9 @@ class TransformersBackend:
     """One forward of a transformers model with emulate's attention: a Backend of the one run loop."""
 
     def __init__(self, net, name: str, dims: dict, ids: np.ndarray, oracle, block_size: int, dtype: torch.dtype,
-                 device: str, threads, source: str, progress=None):
+                 device: str, threads, source: str, progress=None, checkpoint=None):
         self.net, self.name, self.dims, self.oracle = net, name, dims, oracle
+        self.checkpoint = checkpoint  # the path or file preset it loaded from; None for a model given in memory
         self.block_size, self.dtype, self.device, self.threads = block_size, dtype, device, threads
         self.source, self.progress = source, progress
         self.tokens = ids
@@ -336,9 +341,8 @@ class TransformersBackend:
         block_size = positive_int("--block-size", block_size)
         seed = positive_int("--seed", seed, 0)
         dt = float_dtype(dtype)
-        if dt.itemsize == 2:
-            raise EmulateError(f"the transformers backend runs float32 or float64; {dtype} runs on the graph backend")
         chosen = ORACLES.resolve(oracle, {"pack_heads": pack_heads})
+        check_oracle_dtype(chosen, dt)
         if threads is not None:
             from emulate.runtime.threads import check_threads
 
@@ -355,7 +359,8 @@ class TransformersBackend:
         fits(len(ids))
         chosen.bind(block_size, dims["heads"])  # an oracle refuses what it cannot run before the forward
         return cls(net, name, dims, ids, chosen, block_size, dt, device, threads,
-                   input_source(tokenizer, tokens, text, input, random_tokens, seed), progress)
+                   input_source(tokenizer, tokens, text, input, random_tokens, seed), progress,
+                   None if isinstance(model, torch.nn.Module) else (DEFAULT_MODEL if model is None else model))
 
     def start(self) -> None:
         pass  # the model is loaded (prepare); the forward is the first block's
@@ -395,24 +400,43 @@ class TransformersBackend:
             "device": self.device, "executor": "local", "backend": "transformers", **self._figures,
             "small_calls": None, "graph_nodes": None, "graph_edges": None, "graph_depth": None,
             "forward_s": round(self._seconds, 4), "threads": self._threads, **self._oracle_figures,
+            **kernel_figures(self.dtype, self.dims["head_dim"], self.device),
         }
 
-    def reference(self, progress=None) -> Reference:
-        """The same model, same weights, under sdpa (eager where the family has no sdpa path)."""
-        reference = pick_reference(self.net)
+    def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference:
+        """The same model, same weights, under sdpa (eager where the family has no sdpa path), in the
+        run's dtype or in `dtype`: a 16-bit run's verify asks for float64 too (emulate/runtime/loop.py)."""
+        net = self.net if dtype is None or dtype == self.dtype else self.model_in(dtype)
+        reference = pick_reference(net)
         if progress is not None:
             progress("reference", 0, 1)
-        want = forward(self.net, self.ids, reference, self.block_size)
+        want = forward(net, self.ids, reference, self.block_size)
         if progress is not None:
             progress("reference", 1, 1)
+        del net
         stats = {"reference": reference, "reference_s": round(want["seconds"], 4)}
-        rounding = self.float32_norms()
+        rounding = self.float32_norms() if dtype is None else []
         if rounding:
             stats["reference_note"] = (
                 f"the model's norms ({', '.join(rounding)}) round to float32 in both forwards: the reference shares "
                 "that step, which hides any difference below float32's rounding, so verify bounds the pair calls' "
                 "error at the float32 contract, not float64's")
         return Reference(want["hidden"], want["logprobs"], stats)
+
+    def model_in(self, dtype: torch.dtype):
+        """The model in another dtype, for a reference: a checkpoint loaded again (its weights as stored,
+        as the graph backend's float64 reference casts the stored weights), a model given in memory
+        copied and cast (its weights as they ran)."""
+        import copy
+
+        from emulate.runtime.memory import check_fits
+
+        params = sum(p.numel() for p in self.net.parameters())
+        check_fits({f"its weights in {str(dtype).removeprefix('torch.')}": params * dtype.itemsize},
+                   f"the {str(dtype).removeprefix('torch.')} reference of {self.name}")
+        if self.checkpoint is not None:
+            return load(self.checkpoint, dtype, self.device)[0]
+        return copy.deepcopy(self.net).to(dtype)
 
     def float32_norms(self) -> list[str]:
         """float32_norms of a float64 model (empty for float32, where rounding to float32 is the contract)."""

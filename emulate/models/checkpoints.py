@@ -158,8 +158,13 @@ def decoder_config(hf: dict, name: str) -> ModelConfig:
         norm_eps=_float(hf, "rms_norm_eps", name, 1e-6), rope_theta=theta, rope_scaling=scaling,
         qkv_bias=family == "qwen2" or (llama and _bool(hf, "attention_bias", name)),
         out_bias=llama and _bool(hf, "attention_bias", name), mlp_bias=llama and _bool(hf, "mlp_bias", name),
-        windows=windows(hf, layers, name),
+        windows=windows(hf, layers, name), rope_positions=_positions(hf, name),
     )
+
+
+def _positions(hf: dict, name: str) -> int | None:
+    """config.json's max_position_embeddings, where it declares one."""
+    return None if hf.get("max_position_embeddings") is None else _int(hf, "max_position_embeddings", name)
 
 
 def rope(hf: dict, name: str) -> tuple[float, dict | None]:

@@ -49,6 +49,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_positions: int | None = None  # the limit of learned positions; None for RoPE
+    # a RoPE model's declared context (config.json max_position_embeddings, GGUF context_length):
+    # generation refuses to go past it unless told to (check_positions); None where none is declared
+    rope_positions: int | None = None
     mlp: str = "swiglu"  # "swiglu" | "gelu"
     act: str = "silu"  # "silu" | "gelu" | "gelu_tanh"
     qkv_bias: bool = False
@@ -87,8 +90,10 @@ class ModelConfig:
         if not isinstance(self.eos_ids, tuple) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in self.eos_ids):
             raise EmulateError(f"{self.name}: eos_ids must be token ids (integers >= 0), got {shown(self.eos_ids)}")
-        if self.max_positions is not None and (not isinstance(self.max_positions, int) or self.max_positions < 1):
-            raise EmulateError(f"{self.name}: max_positions must be a positive integer, got {shown(self.max_positions)}")
+        for name in ("max_positions", "rope_positions"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EmulateError(f"{self.name}: {name} must be a positive integer, got {shown(value)}")
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise EmulateError(f"{self.name}: {f.name} must be true or false, got {shown(getattr(self, f.name))}")
@@ -101,3 +106,18 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_positions(config: ModelConfig, prompt: int, new: int, allow_past_positions: bool = False) -> None:
+    """Prompt plus new tokens within the model's positions: learned positions end at their table
+    (always refused past it); a RoPE model's declared max_position_embeddings is refused past
+    unless allow_past_positions (RoPE itself computes any position; quality past the trained
+    context is the model's own)."""
+    total = prompt + new
+    if config.max_positions is not None and total > config.max_positions:
+        raise EmulateError(f"{prompt} prompt tokens + {new} new ones exceed {config.name}'s "
+                           f"{config.max_positions} positions")
+    limit = config.rope_positions
+    if limit is not None and total > limit and not allow_past_positions:
+        raise EmulateError(f"{prompt} prompt tokens + {new} new ones exceed {config.name}'s {limit} positions "
+                           f"(max_position_embeddings); --allow-past-positions goes past them anyway")

@@ -135,6 +135,7 @@ def gguf_config(meta: dict, tensors: dict, path: Path) -> ModelConfig:
         rope_theta=_meta_float(meta, a + "rope.freq_base", path, 10000.0), rope_scaling=scaling,
         qkv_bias=has("attn_q"), out_bias=has("attn_output"), mlp_bias=has("ffn_up"),
         eos_ids=() if eos is None else (int(eos),),
+        rope_positions=None if meta.get(a + "context_length") is None else _meta_int(meta, a + "context_length", path),
     )
 
 

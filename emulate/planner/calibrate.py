@@ -24,10 +24,17 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 2  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 3  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
+
+
+# The forwards the calibration runs (the probe model of `_call_overhead`: model, N, M, attention),
+# beside its synthetic kernel calls: none is a validation row (benchmarks/plan_validation.py;
+# tests/test_planner_validation.py checks it)
+PROBE = "probe"
+PROBE_FORWARDS = ((PROBE, 64, 8, "causal"), (PROBE, 256, 8, "causal"))
 
 
 def cache_path() -> Path:
@@ -83,7 +90,8 @@ def _device(entry: dict) -> Device:
                   float(entry["call_overhead_s"]), f"measured on this machine ({cal.describe()})",
                   attention_flops=tables["none"], matmul_flops=matmul,
                   masked_attention={m: t for m, t in tables.items() if m != "none"},
-                  contention=tuple(float(c) for c in entry["contention"]), calibration=cal)
+                  contention=tuple(float(c) for c in entry["contention"]), calibration=cal,
+                  serial_call_s=tuple(float(c) for c in entry["serial_call_s"]))
 
 
 def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> list[str]:
@@ -170,25 +178,60 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
         tables["explicit"].sort()
         big = torch.empty(2**25)  # 128 MiB
         copy = _fastest(lambda: big.clone(), per)
-        call = _call_overhead()
     finally:
         torch.set_num_threads(before)
+    serial = _call_overhead()
+    call = serial[0]
     contention = _contention(budget_s / 4)
     cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
                       torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
                       seconds=clock() - began)
     return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables,
-            "call_overhead_s": call, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
+            "call_overhead_s": call, "serial_call_s": serial, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
             "memory": float(psutil.virtual_memory().total)}
 
 
+def _kernel_mix():
+    """The executor's own kernels in turn, one call each at a block call's size (M = 512, tiny-model
+    heads): the feed-forward's two GEMMs, an unmasked and a causal GQA attend
+    (emulate/runtime/kernels.py) and a sliding window's explicit pair through the kernel oracle, which
+    cuts it into tiles. What k call workers do to each other depends on what they run: torch's CPU
+    flash kernel allocates and streams its own buffers per call, a GEMM mostly reuses its cache, so
+    the contention is measured on these calls rather than on one synthetic GEMM."""
+    import torch
+
+    from emulate.runtime.contract import PairCall
+    from emulate.runtime.kernels import attend
+    from emulate.runtime.oracles import KernelOracle
+    from graphs import MaskKind, Pattern
+    from graphs.patterns import pair_mask
+
+    g = torch.Generator().manual_seed(0)
+    m, width, mlp, H, Hkv, dh = 512, 256, 512, 8, 2, 32
+    x, up, down = (torch.randn(m, width, generator=g), torch.randn(width, 2 * mlp, generator=g),
+                   torch.randn(mlp, width, generator=g))
+    q, k, v = torch.randn(H, m, dh, generator=g), torch.randn(Hkv, m, dh, generator=g), torch.randn(Hkv, m, dh, generator=g)
+    window = Pattern("sliding", window=m // 2)
+    span = (m, 2 * m)
+    pair = PairCall(0, span, span, pair_mask(window, span, span).kind, window)
+    oracle = KernelOracle()
+
+    def mix():
+        h = x @ up
+        h[:, :mlp] @ down
+        attend(q, k, v, 0.1, MaskKind.NONE)
+        attend(q, k, v, 0.1, MaskKind.CAUSAL)
+        oracle.attend(pair, q, k, v, 0.1)
+    return mix
+
+
 def _contention(budget_s: float = 2.0) -> list[float]:
-    """[1.0, f_2, ..., f_C]: how much longer a block-sized matmul loop takes on each of k threads
-    running it at once than on one thread alone, for k up to the cores this process may use (at
-    most 8). Threads of one process, each on one torch thread (torch releases the GIL inside the
-    kernel), share the cores as the local executor's call workers and one-thread Ray workers do:
-    the factor holds what the machine gives k workers at once (shared caches and memory
-    bandwidth, and any other work running then). The fastest of ROUNDS rounds per k."""
+    """[1.0, f_2, ..., f_C]: how much longer the executor's kernels (`_kernel_mix`) take on each of k
+    threads running them at once than on one thread alone, for k up to the cores this process may
+    use (at most 8). Threads of one process, each on one torch thread (torch releases the GIL inside
+    the kernel), share the cores as the local executor's call workers and one-thread Ray workers do:
+    the factor holds what the machine gives k workers at once (shared caches and memory bandwidth,
+    the allocator, and any other work running then). The fastest of ROUNDS rounds per k."""
     import threading
 
     import torch
@@ -198,23 +241,23 @@ def _contention(budget_s: float = 2.0) -> list[float]:
     cores = min(8, usable_cores())
     if cores < 2:
         return [1.0]
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a @ b
+        mix = _kernel_mix()
+        mix()
         t0, reps = time.perf_counter(), 0
         while time.perf_counter() - t0 < 0.05:
-            a @ b
+            mix()
             reps += 1
         reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1)) / ROUNDS))
 
         def loop(out: list):
             torch.set_num_threads(1)  # OpenMP's count is per thread: each loop is one worker of one thread
-            start = time.perf_counter()
-            for _ in range(reps):
-                a @ b
+            with torch.no_grad():  # grad mode is per thread, as in the executor's workers
+                start = time.perf_counter()
+                for _ in range(reps):
+                    mix()
             out.append(time.perf_counter() - start)
 
         per_k = []
@@ -234,25 +277,35 @@ def _contention(budget_s: float = 2.0) -> list[float]:
     return [1.0] + [max(1.0, t / per_k[0]) for t in per_k[1:]]
 
 
-def _call_overhead() -> float:
-    """Seconds per logical call beyond its FLOPs: a forward of a model so narrow that the calls
-    are all overhead (node dispatch, mask building, merges), run by the local executor on one
-    call worker; the fastest of three forwards."""
+def _call_overhead() -> list[float]:
+    """[c_1, ..., c_C]: wall seconds per logical call beyond its FLOPs with k call workers: forwards
+    of a model so narrow that the calls are all overhead (node dispatch, mask building, merges: Python
+    that holds the GIL), run by the local executor on k call workers (emulate/runtime/local.py; one
+    runs in the calling thread), the fastest of ROUNDS per k. With k workers the Python of k calls
+    cannot run at once, so c_k is the wall time per call of the whole run, not of a worker: the
+    simulation (emulate/planner/simulation.py) runs this share of a task's time one task at a time
+    across the local executor's workers. The forward's fixed costs (the schedule's start, the call
+    workers' threads) are in it, spread over the probe's calls."""
     import torch
 
     from emulate.api import run
     from emulate.models.loaders import Model
     from emulate.models.presets import weight_names
+    from emulate.runtime.threads import cores as usable_cores
 
-    config = ModelConfig(name="probe", family="llama", vocab=64, width=16, layers=2, heads=2, kv_heads=1,
+    config = ModelConfig(name=PROBE, family="llama", vocab=64, width=16, layers=2, heads=2, kv_heads=1,
                          head_dim=8, mlp_width=32)
     gen = torch.Generator().manual_seed(0)
     weights = {name: torch.randn(shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
                for name, shape in weight_names(config).items()}
     model = Model(config, weights)
-    run(model, random_tokens=64, block_size=8, attention="causal", collect=False, threads=1)  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        probe = run(model, random_tokens=256, block_size=8, attention="causal", collect=False, threads=1)
-        best = min(best, probe.stats["forward_s"] / probe.stats["graph_nodes"])
-    return best
+    (_, warm_n, warm_m, warm_att), (_, n, m, att) = PROBE_FORWARDS
+    out = []
+    for k in range(1, min(8, usable_cores()) + 1):
+        run(model, random_tokens=warm_n, block_size=warm_m, attention=warm_att, collect=False, threads=k)  # warm-up
+        best = float("inf")
+        for _ in range(ROUNDS):
+            probe = run(model, random_tokens=n, block_size=m, attention=att, collect=False, threads=k)
+            best = min(best, probe.stats["forward_s"] / probe.stats["graph_nodes"])
+        out.append(best)
+    return out

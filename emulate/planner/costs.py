@@ -4,7 +4,10 @@ constant, and what one task and one value cost (`task_seconds`, `value_bytes`).
     task time  = max(matmul FLOPs / F_mm + attention FLOPs / F_att, bytes / memory bandwidth)
                  + logical calls x call overhead (all of it x a contention factor for CPU workers
                  sharing one machine's cores) + the per-call cost of Ray, for a task that starts
-                 a Ray call (the executor runs up to 8 tasks of one worker in one call)
+                 a Ray call (the executor runs up to 8 tasks of one worker in one call); on the
+                 local executor's call workers the calls' Python (the per-call cost measured with
+                 that many workers) is a serial part the simulation runs one task at a time (one
+                 GIL), and only the kernels take the contention factor (`task_parts`)
     transfer   = link latency + bytes / link bandwidth, for a value read on a worker other than the
                  one that made it (priced by emulate/planner/simulation.py, which queues the transfers)
 
@@ -12,7 +15,8 @@ A task's FLOPs and bytes are the logical graph's own node prices (graphs/costs.p
 physical task (graphs/plan.py). A worker of G GPUs is one device with G times the FLOP/s, bandwidth
 and memory, plus the ring all-reduces tensor parallelism costs inside it (`ring_allreduce_s`, sized
 by emulate/planner/deployment.py); fp8 feed-forward weights run that share of the GEMMs at the fp8
-rate. This machine's CPU
+rate. On the H100 and H200 an attend call runs at FlashAttention-3's published rate for its length
+and mask (`gpu_attention_s`). This machine's CPU
 is measured rather than looked up (emulate/planner/calibrate.py); docs/planner.md states the
 assumptions and compares the model with a published run.
 """
@@ -78,6 +82,25 @@ class Device:
     # other work on the machine); None: workers never slow each other (one device each)
     contention: tuple | None = None
     calibration: Calibration | None = None  # calibrated CPUs: when and how
+    # calibrated CPUs: wall seconds per logical call of a run of the local executor on k call workers,
+    # k = 1, 2, ..., measured on a probe whose calls are all overhead (emulate/planner/calibrate.py):
+    # the Python of a call holds the GIL, so k workers' overheads run one at a time
+    serial_call_s: tuple | None = None
+    # GPUs: the attention kernel's published FLOP/s by the call's sequence length, per mask ("none",
+    # "causal"); None: the flat attention_rate
+    attention_by_length: dict | None = None
+
+    def attention_at(self, mask: str, tokens: int) -> float:
+        """Flash attention's FLOP/s for a call of `tokens` keys with `mask` ("none", or anything masked):
+        log-linear between the published lengths, the last beyond them."""
+        curve = self.attention_by_length["none" if mask == "none" else "causal"]
+        return _interpolate(curve, max(tokens, 1))
+
+    def serial_call(self, workers: int) -> float | None:
+        """Seconds of GIL-held Python per logical call with `workers` call workers (None: not measured)."""
+        if not self.serial_call_s:
+            return None
+        return float(self.serial_call_s[min(workers, len(self.serial_call_s)) - 1])
 
     def slowdown(self, busy: int) -> float:
         """The contention factor with `busy` workers computing at once (1.0 when not measured)."""
@@ -112,9 +135,24 @@ class Device:
 GEMM_EFFICIENCY = {"a100": 267.9 / 312, "h100": 792.1 / 989, "h200": 792.1 / 989}
 # Attention throughput, forward, BF16/FP16, long sequences, as the FlashAttention papers report:
 # FlashAttention-3 (Shah et al., arXiv 2407.08608, abstract) up to 740 TFLOP/s on H100 (75% of
-# peak); FlashAttention-2 (Dao, arXiv 2307.08691, abstract) 50-73% of peak on A100, the top of
-# that range for long-sequence forward: 0.73 x 312. H200: the H100's (FA3 is Hopper's kernel).
+# peak; head dim 256); FlashAttention-2 (Dao, arXiv 2307.08691, abstract) 50-73% of peak on A100,
+# the top of that range for long-sequence forward: 0.73 x 312. H200: the H100's (FA3 is Hopper's
+# kernel). The flat figure serves where no curve by call length is known (the A100).
 ATTENTION_FLOPS = {"a100": 0.73 * 312e12, "h100": 740e12, "h200": 740e12}
+# ... and by the call's sequence length and mask, at head dim 128 (every Llama-3 shape): FlashAttention-3's
+# Figure 5 (arXiv 2407.08608, "Attention forward speed, head dim 128 (H100 80GB SXM5)", BF16, batch x
+# sequence length = 16k tokens, 16 heads of 128), FA3's bars at 512, 1k, 2k, 4k, 8k and 16k tokens:
+# without the causal mask 467, 565, 625, 638, 646, 648 TFLOP/s; with it 292, 423, 521, 579, 602, 616
+# (a causal call's FLOPs are its visible half, as the planner counts them). A call longer than 16k runs
+# at the 16k rate; a window's or sink's masked call at the causal rate (the diagonal tiles' masking
+# is what slows a causal call). H200: the H100's (same compute die and clocks).
+_FA3_HD128 = {"none": {512: 467e12, 1024: 565e12, 2048: 625e12, 4096: 638e12, 8192: 646e12, 16384: 648e12},
+              "causal": {512: 292e12, 1024: 423e12, 2048: 521e12, 4096: 579e12, 8192: 602e12, 16384: 616e12}}
+ATTENTION_BY_LENGTH = {"h100": _FA3_HD128, "h200": _FA3_HD128}
+# FP8 GEMMs: DeepGEMM (github.com/deepseek-ai/DeepGEMM, README, News 2025.04.18) reaches "up to 1550
+# TFLOPS" of FP8 on the H800, whose SXM5 compute die and FP8 peak (1,979 dense) are the H100's:
+# 78.3% of the FP8 peak, the best published FP8 GEMM rate found (a best case, as MAMF is for bf16).
+FP8_GEMM_FLOPS = {"h100": 1550e12, "h200": 1550e12}
 # A logical call's fixed cost on a GPU: a few kernel launches. Assumed (about 5 us a launch, four
 # launches a call); no measurement on a GPU backs it yet (docs/planner.md says so).
 GPU_CALL_OVERHEAD_S = 20e-6
@@ -126,7 +164,7 @@ PCIE_BYTES_PER_S = {"a100": 32e9, "h100": 64e9, "h200": 64e9}
 
 def _gpu(name: str, peaks: dict, bandwidth: float, memory_gb: float, source: str) -> Device:
     return Device(name, peaks, bandwidth, memory_gb * GB, GEMM_EFFICIENCY[name], GPU_CALL_OVERHEAD_S, source,
-                  attention_rate={"bf16": ATTENTION_FLOPS[name]})
+                  attention_rate={"bf16": ATTENTION_FLOPS[name]}, attention_by_length=ATTENTION_BY_LENGTH.get(name))
 
 
 DEVICES = {
@@ -192,6 +230,9 @@ class Hardware:
     ffn_share: float = 0.0
     ffn_speedup: float = 1.0
     allreduce_bytes_per_flop: float = 0.0
+    # GPUs with a published attention curve: the keys of a pair call (the forward's M), which sets
+    # the flash kernel's rate (Device.attention_at); 0: the flat rate
+    call_tokens: int = 0
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -235,9 +276,30 @@ def value_bytes(key, spec, spans) -> int:
     return m * d * b
 
 
+def gpu_attention_s(visible: float, blocks, dev: Device, tokens: int) -> float:
+    """Seconds of a task's attend calls on one GPU at flash attention's rate for calls of `tokens`
+    keys (Device.attention_at): the unmasked (and sampled) calls' FLOPs at the unmasked rate, the
+    rest of the visible FLOPs (causal diagonals, windows, sinks) at the causal one. `blocks`: the
+    kernel FLOPs by mask (graphs.compact.MASKS order)."""
+    from graphs.compact import MASKS
+
+    unmasked = sum(f for mask, f in zip(MASKS, blocks) if mask.value in ("none", "sample"))
+    masked = max(0.0, visible - unmasked)
+    return unmasked / dev.attention_at("none", tokens) + masked / dev.attention_at("causal", tokens)
+
+
 def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
     """The cost model of one task on one worker (module docstring); the per-call costs (Ray's
     dispatch, the driver's and Ray's CPU) only for a task that starts a Ray call."""
+    serial, parallel = task_parts(t, hw, starts_call)
+    return serial + parallel
+
+
+def task_parts(t, hw: Hardware, starts_call: bool = True) -> tuple[float, float]:
+    """(serial, parallel) seconds of one task: `serial` is the Python of its logical calls where the
+    local executor's call workers share one GIL (hw.shared on a CPU whose per-call cost was measured
+    with that many workers, Device.serial_call_s): the simulation runs it one task at a time across
+    the workers; `parallel` is the rest, the kernels (x the contention factor) and any Ray cost."""
     dev, g = hw.device, hw.gpus_per_worker
     other = t.flops - t.attend_flops
     other_calls = max(1, t.calls - t.pairs)
@@ -251,6 +313,8 @@ def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
             if flops:  # a sample's call is an unmasked one over the gathered keys
                 table = dev.masked_attention.get(mask.value) or dev.attention_flops
                 compute += flops / (g * _interpolate(table, per_call))
+    elif t.attend_flops and dev.attention_by_length and hw.call_tokens:
+        compute += gpu_attention_s(t.attend_flops, t.attend_blocks, dev, hw.call_tokens) / g
     elif t.attend_flops:
         compute += t.attend_flops / (g * dev.rate(hw.dtype, "attention", t.attend_flops / max(1, t.pairs)))
     memory = t.bytes / (g * dev.bandwidth)
@@ -258,4 +322,7 @@ def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
     allreduce = 0.0
     if g > 1 and hw.tp_bytes_per_s:  # not overlapped with compute: the next GEMM needs the sum
         allreduce = ring_allreduce_s(other * hw.allreduce_bytes_per_flop, g, hw.tp_bytes_per_s)
-    return (max(compute, memory) + allreduce + t.calls * dev.call_overhead_s) * hw.slowdown + per_call
+    serial = dev.serial_call(hw.workers) if hw.shared else None
+    if serial is not None:  # measured under k workers already: no contention factor on top
+        return t.calls * serial, (max(compute, memory) + allreduce) * hw.slowdown + per_call
+    return 0.0, (max(compute, memory) + allreduce + t.calls * dev.call_overhead_s) * hw.slowdown + per_call

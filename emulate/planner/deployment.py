@@ -9,7 +9,7 @@ import math
 
 from emulate.errors import EmulateError
 from emulate.models.config import ModelConfig
-from emulate.planner.costs import GB, NVLINK_BYTES_PER_S, PCIE_BYTES_PER_S, Device
+from emulate.planner.costs import FP8_GEMM_FLOPS, GB, NVLINK_BYTES_PER_S, PCIE_BYTES_PER_S, Device
 
 WEIGHT_DTYPES = ("bf16", "fp8-ffn")
 TP_LINKS = ("nvlink", "pcie")
@@ -48,7 +48,9 @@ def deployment(config: ModelConfig, device: str, dev: Device, gpus_per_worker: i
     if weight_dtype == "fp8-ffn":
         if "fp8" not in dev.flops:
             raise EmulateError(f"--weight-dtype fp8-ffn needs a device with fp8 tensor cores; {device} has none")
-        fields["ffn_speedup"] = dev.flops["fp8"] / dev.flops["bf16"]
+        # the published fp8 GEMM rate over the bf16 one the device runs (costs.py: DeepGEMM, MAMF)
+        fp8 = FP8_GEMM_FLOPS.get(device, dev.flops["fp8"] * dev.efficiency)
+        fields["ffn_speedup"] = fp8 / (dev.flops["bf16"] * dev.efficiency)
     if gpus_per_worker > 1 and device in NVLINK_BYTES_PER_S:
         fields["tp_bytes_per_s"] = (NVLINK_BYTES_PER_S if tp_link == "nvlink" else PCIE_BYTES_PER_S)[device]
         # two all-reduces per token-layer (after attention's output projection and after the MLP)

@@ -51,8 +51,9 @@ class Prediction:
 
 
 def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, link_gbps: float | None = None,
-             calibrate: bool = False, executor: str = "ray", threads=None) -> Hardware:
-    """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached).
+             recalibrate: bool = False, executor: str = "ray", threads=None, *, calibrate: bool | None = None) -> Hardware:
+    """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached;
+    recalibrate: measured again, as `emulate plan --recalibrate`; `calibrate` is its old name).
     executor="local" on the cpu: the local executor's call workers as a run with `threads` would
     have them (emulate/runtime/threads.py, worker_count: None is torch's setting), sharing one process."""
     from emulate.runtime.threads import (  # they import torch: only a plan needs it
@@ -60,8 +61,9 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
     )
     from emulate.runtime.threads import worker_count
 
+    recalibrate = _renamed(recalibrate, calibrate, "hardware")
     if device == "cpu":
-        dev = cpu_device(recalibrate=calibrate)
+        dev = cpu_device(recalibrate=recalibrate)
         link, lat, over, dtype = CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_TASK_OVERHEAD_S, "fp32"
     elif device in DEVICES:
         dev = DEVICES[device]
@@ -83,9 +85,10 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
 
 def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention="auto", window: int | None = None,
             sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
-            link_gbps: float | None = None, calibrate: bool = False, executor: str = "ray", threads=None,
+            link_gbps: float | None = None, recalibrate: bool = False, executor: str = "ray", threads=None,
             weight_dtype: str = "bf16", tp_link: str = "nvlink", allow_overcommit: bool = False,
-            placement: str = "sequence", grid: str | None = None, hw: Hardware | None = None) -> Prediction:
+            placement: str = "sequence", grid: str | None = None, hw: Hardware | None = None,
+            calibrate: bool | None = None) -> Prediction:
     """Predict one forward's time on `workers` workers of `device` (nothing runs).
 
     model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
@@ -98,14 +101,28 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
     workers per range of layers, splitting its blocks; `grid` "2x2", default the executor's), as the
     Ray executor places them (emulate/planner/placements.py); `predict_placements` compares them.
     A layout whose peak does not fit a worker's memory is refused (EmulateError, naming what would
-    fit) unless allow_overcommit. `hw` overrides the hardware.
+    fit) unless allow_overcommit. `hw` overrides the hardware. recalibrate: measure this machine's
+    CPU again (`emulate plan --recalibrate`; `calibrate`, its old name, still works with a DeprecationWarning).
     """
     from emulate.planner.placements import placement_of
 
     chosen = placement_of(placement)
+    recalibrate = _renamed(recalibrate, calibrate, "predict")
     forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
-                       link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw, grid)
+                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw, grid)
     return forward.predict(chosen, allow_overcommit)[0]
+
+
+def _renamed(recalibrate: bool, calibrate: bool | None, function: str) -> bool:
+    """`calibrate=`, the keyword's old name, still read (with a DeprecationWarning) so that callers
+    written against it keep working; the name is `recalibrate`, as the CLI's flag."""
+    if calibrate is None:
+        return recalibrate
+    import warnings
+
+    warnings.warn(f"{function}(calibrate=...) is renamed recalibrate=..., as `emulate plan --recalibrate`",
+                  DeprecationWarning, stacklevel=3)
+    return bool(calibrate) or recalibrate
 
 
 @dataclass
@@ -126,17 +143,18 @@ class PlacementOutcome:
 def predict_placements(model=None, tokens: int = 4096, *, placement: str = "all", block_size: int = 256,
                        attention="auto", window: int | None = None, sinks: int | None = None, workers: int = 1,
                        device: str = "cpu", gpus_per_worker: int = 1, link_gbps: float | None = None,
-                       calibrate: bool = False, executor: str = "ray", threads=None, weight_dtype: str = "bf16",
-                       tp_link: str = "nvlink", grid: str | None = None,
-                       hw: Hardware | None = None) -> list[PlacementOutcome]:
+                       recalibrate: bool = False, executor: str = "ray", threads=None, weight_dtype: str = "bf16",
+                       tp_link: str = "nvlink", grid: str | None = None, hw: Hardware | None = None,
+                       calibrate: bool | None = None) -> list[PlacementOutcome]:
     """`predict` under each placement ("all", or one name), side by side: the graph is compiled and
     the hardware measured once. Every placement is predicted whether or not it fits, with the
     refusal `predict` would give beside it."""
     from emulate.planner.placements import placements_of
 
     chosen = placements_of(placement)
+    recalibrate = _renamed(recalibrate, calibrate, "predict_placements")
     forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
-                       link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw, grid)
+                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw, grid)
     out = []
     for p in chosen:
         try:
@@ -182,7 +200,8 @@ class _Forward:
 
         from emulate.planner.deployment import deployment, weights_bytes
 
-        hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes))
+        hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes),
+                     call_tokens=block_size)
         try:
             spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
                                kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
@@ -239,6 +258,7 @@ class _Forward:
                     "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": self.weight_dtype,
                     "tp_link": self.tp_link if hw.gpus_per_worker > 1 else None, "executor": self.executor,
                     "call_workers": hw.workers if hw.shared else None, "work_flops": c["work_flops"],
+                    "logical_calls": sum(t.calls for t in plan.tasks),
                     "calibration": hw.device.calibration.to_dict() if hw.device.calibration else None})
         return prediction, refusal
 

@@ -14,14 +14,17 @@ for every worker or one per worker (the layers placement holds only a worker's l
 Hardware with `shared` set is the local executor: P call workers of one process. Its values never
 cross a link, and a free worker takes the first ready task of the whole plan (the executor's
 workers take their next node themselves, emulate/runtime/local.py, run_parallel); memory is the
-process's, one figure.
+process's, one figure. The Python of a task's calls (emulate/planner/costs.py, task_parts: the
+per-call cost measured with P workers) holds the process's one GIL: it runs one task at a time
+across the workers, and a worker whose task needs it while another holds it waits; the kernels
+run beside each other (torch releases the GIL inside them).
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
 
-from emulate.planner.costs import Hardware, task_seconds, value_bytes
+from emulate.planner.costs import Hardware, task_parts, value_bytes
 
 
 @dataclass
@@ -47,7 +50,9 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float | list[float]
     n, P = len(tasks), (hw.workers if shared else plan.workers)
     # the executor runs consecutive tasks of a worker in one Ray call (graphs.plan.calls)
     firsts = {c[0].index for c in calls(plan, tasks)}
-    dur = [task_seconds(t, hw, t.index in firsts) for t in tasks]
+    parts = [task_parts(t, hw, t.index in firsts) for t in tasks]
+    dur = [a + b for a, b in parts]
+    gil_free = 0.0  # shared: when the one GIL of the call workers' process is next free
     size_of: dict = {}
 
     def size(key) -> int:
@@ -106,12 +111,17 @@ def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float | list[float]
         order += 1
 
     def try_start(w: int, now: float):
+        nonlocal gil_free
         if shared:  # one queue: every free worker takes the first ready task
             while queues[0] and True in free:
                 w = free.index(True)
                 i = heapq.heappop(queues[0])
                 free[w], ran_on[i], start[i] = False, w, now
-                push(now + dur[i], 0, i)
+                # its calls' Python runs while no other worker's does (one GIL), its kernels beside them
+                serial, parallel = parts[i]
+                held = max(now, gil_free) if serial else now
+                gil_free = held + serial if serial else gil_free
+                push(held + serial + parallel, 0, i)
             return
         if free[w] and queues[w]:
             i = heapq.heappop(queues[w])

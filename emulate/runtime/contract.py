@@ -21,8 +21,11 @@ with a safe default, never from its class or name:
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)
-    executor.keeps_kv  (False)  it keeps each block's keys and values in the Job's `kv` store,
-                                where they were made (generation decodes on them, emulate/generation.py)
+    executor.keeps_kv  (False)  given a Job with a `kv` store, it keeps each block's keys and values
+                                where they were made and hands back the store that holds them as
+                                Execution.kv: the Job's own when they were made in this process, its
+                                own otherwise (the Ray workers', cluster/decode.py); generation
+                                decodes on it (emulate/generation.py, emulate/runtime/decode.py)
 
 docs/extending.md shows a user's oracle and executor built on this page alone.
 """
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from emulate.errors import EmulateError
 from graphs import MaskKind, Node, Pattern
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not to read this page
@@ -111,14 +115,16 @@ class Execution:
     """(block, head value) pairs in block order; `figures` is complete once the iteration ends.
 
     A head value is {"hidden": [m, width], "logprob_next": [m'] (decoders only)}. `counts` are the
-    calls that ran (CallCounts), filled by the executor as they run.
+    calls that ran (CallCounts), filled by the executor as they run. `kv`: the store holding the
+    blocks' keys and values once the iteration ended, for an executor that keeps them (keeps_kv).
     """
 
     def __init__(self, blocks: Iterator[tuple[int, dict]], figures: dict | None = None,
-                 counts: CallCounts | None = None):
+                 counts: CallCounts | None = None, kv: Any = None):
         self._blocks = blocks
         self.figures: dict = {} if figures is None else figures
         self.counts = CallCounts() if counts is None else counts
+        self.kv = kv
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         return self._blocks
@@ -212,6 +218,14 @@ class CallCounts:
 def capability(obj: Any, name: str, default: Any = False) -> Any:
     """An optional capability of an oracle or executor (module docstring), with its safe default."""
     return getattr(obj, name, default)
+
+
+def check_oracle_dtype(oracle: Any, dtype: torch.dtype) -> None:
+    """The one dtype rule of every backend: bfloat16 and float16 pair calls run on an oracle with the
+    `half` capability (float32 partials, so that every merge adds in float32); refused in one line otherwise."""
+    if dtype.itemsize == 2 and not capability(oracle, "half"):
+        raise EmulateError(f"the {oracle.name} oracle runs float32 or float64 only; "
+                           f"{str(dtype).removeprefix('torch.')} runs on the kernel oracle")
 
 
 def combine_summaries(summaries: list[dict]) -> dict:

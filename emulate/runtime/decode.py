@@ -1,10 +1,18 @@
 """Decoding on the block KV cache: one new token through every layer as small calls of at most M keys.
 
     KVCache     each block's keys and values (after RoPE), kept where the prefill made them; new
-                tokens go to a tail block that becomes an ordinary block once it holds M tokens
+                tokens go to a tail block that becomes an ordinary block once it holds M tokens;
+                attend(layer, pairs, q) runs a step's pair calls on the blocks it holds
     Decoder     step(token, position) -> logits: per layer, the new query attends each key block
                 its pattern lets it see in one call (the query and at most M keys), the partials
                 merged by the prefill's merger (emulate/runtime/merge.py, TreeMerge)
+    KVLost      a store lost blocks (a Ray worker died, cluster/decode.py): the generation rebuilds
+                the cache and replays its steps (emulate/generation.py)
+
+The Decoder reads its cache through four members, so the blocks may live elsewhere: `block_size`,
+`filled` (per layer, tokens held by each block), `append` and `attend`. The local executor's store
+is a KVCache in this process; the Ray executor's (cluster/decode.py, RemoteKV) keeps each block in
+a KVCache on the worker that projected it and sends the step's query there.
 
 Block j holds positions [j M, (j + 1) M), prompt and generated tokens alike, so the pairs of a
 decode step are the prefill's pairs for a query block of one row (graphs/patterns.py, pair_mask):
@@ -28,6 +36,10 @@ if TYPE_CHECKING:
     import networkx as nx
 
 TAIL_START = 16  # rows a new tail block is given; it doubles from there up to M
+
+
+class KVLost(Exception):
+    """Blocks a step needed are gone with the process that held them: the cache is to be rebuilt."""
 
 
 class KVCache:
@@ -71,12 +83,38 @@ class KVCache:
 
     def keys(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's keys and values, the tokens it holds so far."""
+        if block not in self.blocks[layer]:
+            raise KVLost(f"layer {layer} block {block} is not held here")
         k, v = self.blocks[layer][block]
         n = self.filled[layer][block]
         return k[:, :n], v[:, :n]
 
     def tokens(self, layer: int = 0) -> int:
         return sum(self.filled[layer].values())
+
+    def attend(self, layer: int, pairs: list[tuple[int, PairCall]], q: torch.Tensor, scale: float,
+               oracle: BoundOracle, counts: CallCounts) -> list:
+        """The partials (o, lse) of query q [H, 1, dh] against each block of `pairs` ((block, pair call),
+        ascending), one call each, counted in `counts`; each call reads the keys of its pair's span."""
+        partials = []
+        for j, pair in pairs:
+            kb, vb = self.keys(layer, j)
+            width = pair.key_span[1] - pair.key_span[0]
+            if kb.shape[1] < width:
+                raise KVLost(f"layer {layer} block {j} holds {kb.shape[1]} tokens where the step reads {width}")
+            kb, vb = kb[:, :width], vb[:, :width]
+            counts.call(max(1, width), layer, attention=True)
+            partials.append(oracle.attend(replace(pair, layer=layer), q, kb, vb, scale))
+        return partials
+
+    def inventory(self) -> dict[tuple[int, int], int]:
+        """(layer, block) -> tokens held, for every block here."""
+        return {(layer, j): n for layer, held in enumerate(self.filled) for j, n in held.items()}
+
+    def clear(self) -> None:
+        for layer in range(len(self.blocks)):
+            self.blocks[layer].clear()
+            self.filled[layer].clear()
 
     def nbytes(self) -> int:
         """Bytes the cache holds (the tail's unused room included)."""
@@ -97,7 +135,7 @@ def visible_blocks(pattern: Pattern, position: int, block_size: int) -> list[int
 class Decoder:
     """One token at a time through the model, reading and extending `cache`; every call counted in `counts`."""
 
-    def __init__(self, model: Transformer, patterns: list[Pattern], cache: KVCache, oracle: BoundOracle):
+    def __init__(self, model: Transformer, patterns: list[Pattern], cache, oracle: BoundOracle):
         self.model, self.patterns, self.cache, self.oracle = model, patterns, cache, oracle
         self.block_size = cache.block_size
         self.counts = CallCounts()
@@ -115,11 +153,7 @@ class Decoder:
             self.cache.append(layer, position, k, v)
             if pattern not in plans:
                 plans[pattern] = self.pairs(pattern, position, layer)
-            partials = []
-            for j, pair in plans[pattern]:
-                kb, vb = self.cache.keys(layer, j)
-                self.counts.call(max(1, kb.shape[1]), layer, attention=True)
-                partials.append(self.oracle.attend(replace(pair, layer=layer), q, kb, vb, m.scale))
+            partials = self.cache.attend(layer, plans[pattern], q, m.scale, self.oracle, self.counts)
             if len(partials) > 1:
                 self.counts.call(1)
             o, _ = merge(partials)

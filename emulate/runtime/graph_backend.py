@@ -15,6 +15,7 @@ import torch
 from emulate.errors import EmulateError
 from emulate.problem import Problem
 from emulate.runtime.contract import AttentionOracle, BlockOutput, CallCounts, Executor, Job, capability
+from emulate.runtime.kernels_cuda import kernel_figures
 from emulate.runtime.loop import Reference, describe, window_of
 from emulate.runtime.verify import tolerance_for
 from graphs import CompactGraph
@@ -45,6 +46,12 @@ class GraphBackend:
         for block, value in self._execution:
             yield BlockOutput(block, tuple(spans[block]), value["hidden"], value.get("logprob_next"))
 
+    @property
+    def kept_kv(self):
+        """Where the executor kept the prefill's keys and values (generation decodes on it): the Job's
+        `kv` store, or the executor's own (contract.py, keeps_kv)."""
+        return None if self._execution is None else self._execution.kv
+
     def close(self) -> None:
         if self._execution is not None:
             self._execution.close()
@@ -68,6 +75,7 @@ class GraphBackend:
             "max_call_tokens": counted.max_call_tokens,
             **{k: c[k] for k in ("graph_nodes", "graph_edges", "graph_depth")},
             "forward_s": round(forward_s, 4), **figures, **oracle_keys,
+            **kernel_figures(p.dtype, config.head_dim, self.device),
         }
 
     def reference(self, progress=None, dtype: torch.dtype | None = None) -> Reference:

@@ -22,8 +22,9 @@ output, so a pair call never writes its [mq, mk] score matrix to GPU memory:
 cuDNN's kernel (aten._scaled_dot_product_cudnn_attention) also returns an lse, but only for the
 half-precision calls flash already takes, behind cuDNN-version checks; it is not used.
 
-`choose_kernel` is the whole rule, a pure function of the call's description, so it is tested on
-machines without a GPU; `run_kernel` holds everything around the op call (layout, GQA, alignment,
+`choose_kernel` is the whole rule, a pure function of the call's description (`explain_kernel`
+gives the same choice with its reason, and `kernel_note` the line a 16-bit run that misses flash
+reports), so it is tested on machines without a GPU; `run_kernel` holds everything around the op call (layout, GQA, alignment,
 the lse's padding and empty rows) and is tested on CPU with stand-ins for the two ops.
 """
 from __future__ import annotations
@@ -54,18 +55,64 @@ def choose_kernel(dtype: torch.dtype, mask: MaskKind, head_dim: int, capability:
 
     mask: none, causal (an aligned diagonal block) or explicit (an additive bias).
     """
-    if capability is None or dtype not in (*HALF, torch.float32):
-        return MATH
+    return explain_kernel(dtype, mask, head_dim, capability, q_len, k_len)[0]
+
+
+def explain_kernel(dtype: torch.dtype, mask: MaskKind, head_dim: int, capability: tuple[int, int] | None,
+                   q_len: int, k_len: int) -> tuple[str, str]:
+    """(choose_kernel's kernel, why): the rule itself, with the reason a call does not reach a faster
+    kernel in words, so that a 16-bit run that falls back from FlashAttention says why (kernel_note)."""
+    if capability is None:
+        return MATH, "not a CUDA device"
+    if dtype not in (*HALF, torch.float32):
+        return MATH, f"no fused kernel takes {_name(dtype)}"
     mask = MaskKind(mask)
     half = dtype in HALF
-    if (half and FLASH_ARCHS[0] <= capability <= FLASH_ARCHS[1] and head_dim % 8 == 0 and head_dim <= 256
-            and mask != MaskKind.EXPLICIT and not (mask == MaskKind.CAUSAL and q_len != k_len)):
-        return FLASH
-    if (EFFICIENT_ARCHS[0] <= capability <= EFFICIENT_ARCHS[1]
-            and (dtype != torch.bfloat16 or capability >= (8, 0))
-            and head_dim % (8 if half else 4) == 0):
-        return EFFICIENT
-    return MATH
+    arch = f"sm{capability[0]}{capability[1]}"
+    why_not_flash = (
+        "flash runs float16 and bfloat16 only" if not half else
+        f"flash runs on sm80 to sm121, this GPU is {arch}" if not FLASH_ARCHS[0] <= capability <= FLASH_ARCHS[1] else
+        f"flash needs head_dim a multiple of 8 up to 256, the model's is {head_dim}"
+        if head_dim % 8 or head_dim > 256 else
+        "flash takes no mask tensor (a partly visible block)" if mask == MaskKind.EXPLICIT else
+        f"flash aligns a causal block's diagonal bottom-right, this block is {q_len} x {k_len}"
+        if mask == MaskKind.CAUSAL and q_len != k_len else None)
+    if why_not_flash is None:
+        return FLASH, f"{_name(dtype)} on {arch}"
+    if not EFFICIENT_ARCHS[0] <= capability <= EFFICIENT_ARCHS[1]:
+        return MATH, f"{why_not_flash}; the efficient kernel runs on sm50 to sm121, this GPU is {arch}"
+    if dtype == torch.bfloat16 and capability < (8, 0):
+        return MATH, f"{why_not_flash}; the efficient kernel runs bfloat16 from sm80, this GPU is {arch}"
+    if head_dim % (8 if half else 4):
+        return MATH, (f"{why_not_flash}; the efficient kernel needs head_dim a multiple of {8 if half else 4}, "
+                      f"the model's is {head_dim}")
+    return EFFICIENT, why_not_flash
+
+
+def kernel_note(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> str | None:
+    """For a 16-bit run on a CUDA device: one line when its unmasked and causal diagonal pair calls
+    (every block but the partly visible ones of a window) will not run FlashAttention, naming the
+    kernel they run instead and why; None where they will, or off CUDA, or for float32 and float64."""
+    if capability is None or dtype not in HALF:
+        return None
+    kernel, why = explain_kernel(dtype, MaskKind.NONE, head_dim, capability, 1, 1)
+    if kernel == FLASH:
+        return None
+    path = "the math path (attend_math)" if kernel == MATH else f"the {kernel} kernel"
+    return f"{_name(dtype)} pair calls run {path}, not FlashAttention: {why}"
+
+
+def kernel_figures(dtype: torch.dtype, head_dim: int, device: str) -> dict:
+    """What a backend's summary adds for a run on `device` ("cpu", "cuda", "cuda:1"): {"kernel_note": ...}
+    where its 16-bit pair calls miss FlashAttention (kernel_note), else {} (also for a head_dim not known)."""
+    if head_dim is None:
+        return {}
+    note = kernel_note(dtype, head_dim, device_capability(torch.device(device)))
+    return {} if note is None else {"kernel_note": note}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @lru_cache(maxsize=None)

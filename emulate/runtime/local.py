@@ -104,7 +104,7 @@ class Local:
                 write_trace(self.trace, records, tracks, t0, "emulate local executor")
                 figures["trace"] = self.trace
 
-        return Execution(blocks(), figures, runner.counts)
+        return Execution(blocks(), figures, runner.counts, job.kv)
 
 
 def run_local(schedule: NodeOrder, runner, on_node: Callable[[int], None] | None = None,

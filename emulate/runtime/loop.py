@@ -225,7 +225,8 @@ def finish(stream: Stream, *, output: str | None = None, hidden: bool = False, v
     if verify and b.dtype in HALF_DTYPES:
         # the relative contract (docs/numerics.md): the float64 forward, and the monolithic one in the run's dtype
         exact, same = b.reference(progress, torch.float64), b.reference(progress)
-        stats.update({"reference_s": round(exact.stats["reference_s"] + same.stats["reference_s"], 4),
+        named = {"reference": same.stats["reference"]} if "reference" in same.stats else {}  # what the forwards ran
+        stats.update({**named, "reference_s": round(exact.stats["reference_s"] + same.stats["reference_s"], 4),
                       **compare_half(got_hidden, got_logprobs, exact.hidden, exact.logprobs, same.hidden,
                                      same.logprobs, tolerance)})
     elif verify:
