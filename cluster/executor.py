@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from graphs.plan import Plan, calls, make_plan, routes
-from cluster.placement import Placement, check_worker_memory, layer_ranges, owned_weights, place_by_layers
+from cluster.placement import AUTO, Layout, Placement, check_worker_memory, layout_of
 from cluster.session import WorkerPool, capacity, connect, disconnect, pool_size
 from cluster.failures import HEALTH_EVERY_S
 from cluster.failures import Lost as _Lost
@@ -51,8 +51,9 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
     if opts.trace:  # a bad trace path fails before any work
         check_trace_path(opts.trace)
     g = job.compact  # the plan's tasks carry their nodes, made row by row: no networkx graph of the run
+    placed = None
     if opts.workers is not None:  # a placement that cannot fit is refused before Ray starts
-        _placement(job, opts, opts.workers)
+        placed = _placement(job, opts, opts.workers)
     t0 = time.perf_counter()
     import ray
 
@@ -68,13 +69,15 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
         handlers.restore()
         _pickle_by_value(job.oracle)
         size = pool_size(opts)
-        need, loads = _placement(job, opts, size)
+        if placed is None or placed[1].workers != size:
+            placed = _placement(job, opts, size)
+        need, layout, chosen = placed
         pool = WorkerPool(opts, job.device, job.model.config, job.model.weights, job.tokens, g.graph_attrs(),
-                          str(job.dtype).rsplit(".", 1)[-1], job.oracle, size, loads, keep_kv=job.kv is not None)
+                          str(job.dtype).rsplit(".", 1)[-1], job.oracle, size, layout.owned(_shapes(job)),
+                          keep_kv=job.kv is not None)
         handlers.restore()
-        plan = make_plan(g, pool.size)
-        if loads is not None:
-            place_by_layers(plan, layer_ranges(job.model.config.layers, pool.size))
+        plan = make_plan(g, layout.plan_workers)
+        layout.place(plan)
     except BaseException as err:
         with handlers.ignored(), _native_stderr_silenced():  # Ray's core logs what the interrupt cut short
             if pool is not None:
@@ -92,32 +95,43 @@ def start(job: Job, opts, progress: Progress | None = None) -> Execution:
         "ray_setup_s": round(time.perf_counter() - t0, 4), "plan": plan.describe(),
         "placement": str(need.placement), "worker_need_mb": round(need.total / 2**20, 1),
     }
-    if loads is not None:
-        ranges = layer_ranges(job.model.config.layers, pool.size)
-        figures["worker_layers"] = [[r.start, r.stop] for r in ranges]
+    if need.grid is not None:
+        figures["grid"] = str(need.grid)
+    if chosen is not None:
+        figures["placement_auto"] = chosen
+    if layout.grid.layers > 1:
+        figures["worker_layers"] = [[r.start, r.stop] for r in layout.ranges]
     counts = CallCounts()
     # generation: the workers' kept blocks outlive the prefill
     keep = None if job.kv is None else _Keep(job.model.config.layers, job.kv.block_size, len(job.tokens))
-    execution = Execution(_execute(plan, pool, owned, opts, figures, counts, progress, handlers, keep), figures, counts)
+    execution = Execution(_execute(plan, pool, owned, opts, layout, figures, counts, progress, handlers, keep),
+                          figures, counts)
     if keep is not None:
         keep.execution = execution  # before the first block is asked for, so before _execute reads it
     return execution
 
 
-def _placement(job: Job, opts, workers: int):
-    """The run's placement priced per worker (refused when over --worker-memory), and the weight
-    names each worker loads (None: all of them)."""
+def _shapes(job: Job) -> dict:
     from emulate.models.presets import weight_names
 
-    config = job.model.config
-    shapes = {n: tuple(w.shape) for n, w in job.model.weights.items()} or weight_names(config)
-    if opts.placement == Placement.LAYERS:
-        layer_ranges(config.layers, workers)  # more workers than layers: refused in one line
-    need = check_worker_memory(opts.placement, config, shapes, len(job.tokens), workers, job.dtype.itemsize,
-                               opts.worker_memory)
-    if opts.placement != Placement.LAYERS:
-        return need, None
-    return need, [owned_weights(shapes, config.layers, r) for r in layer_ranges(config.layers, workers)]
+    return {n: tuple(w.shape) for n, w in job.model.weights.items()} or weight_names(job.model.config)
+
+
+def _placement(job: Job, opts, workers: int):
+    """The run's placement priced per worker (refused when over --worker-memory), its layout (which
+    layers and blocks each worker runs, which weights it loads) and, under auto, the planner's
+    figures it chose by (cluster/auto_placement.py; one line on stderr names the choice)."""
+    config, chosen, placement, grid = job.model.config, None, opts.placement, opts.grid
+    if placement == AUTO:
+        from cluster.auto_placement import choose
+
+        choice = choose(job, opts, workers, _shapes(job))
+        placement, grid, chosen = choice.placement, choice.grid, choice.figures
+        print(f"emulate: {choice.line}", file=sys.stderr, flush=True)
+    layout: Layout = layout_of(placement, workers, config.layers, grid)  # one that cannot be laid out: one line
+    need = check_worker_memory(placement, config, _shapes(job), len(job.tokens), workers, job.dtype.itemsize,
+                               opts.worker_memory, layout.grid if placement == Placement.GRID else None)
+    return need, layout, chosen
 
 
 @contextlib.contextmanager
@@ -194,7 +208,7 @@ def _pickle_by_value(oracle) -> None:
     cloudpickle.register_pickle_by_value(module)
 
 
-def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, figures: dict, counts: CallCounts,
+def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, layout: Layout, figures: dict, counts: CallCounts,
              progress: Progress | None, handlers: _SignalHandlers, keep: _Keep | None = None):
     """The run's blocks in order, then its figures. With `keep` (generation), the workers and their
     kept keys and values stay up after the last block: the execution's kv is then the store that
@@ -203,7 +217,7 @@ def _execute(plan: Plan, pool: WorkerPool, owned: bool, opts, figures: dict, cou
 
     try:
         t0 = time.time()
-        run = _Dispatch(plan, pool, opts)
+        run = _Dispatch(plan, pool, opts, layout.ranges if layout.grid.layers > 1 else None)
         run.submit(plan.tasks)
         handlers.restore()
         yield from _drive(run, plan, pool, opts, progress)
@@ -246,7 +260,7 @@ def _prefill_again(plan: Plan, pool: WorkerPool, opts, first: int) -> int:
     """Run every task of `plan` again as submission `first` onwards (the workers refuse the calls of
     earlier ones); the heads are dropped, the workers keep the keys and values the projections make.
     Returns the last submission it used."""
-    run = _Dispatch(plan, pool, opts, first)
+    run = _Dispatch(plan, pool, opts, first=first)
     run.submit(plan.tasks)
     for _ in _drive(run, plan, pool, opts, None):
         pass
@@ -335,8 +349,9 @@ class _Dispatch:
     inputs, so a re-run gives the same bits.
     """
 
-    def __init__(self, plan: Plan, pool: WorkerPool, opts, first: int = 0):
-        """first: the number of its first submission (a prefill run again starts after the last one's)."""
+    def __init__(self, plan: Plan, pool: WorkerPool, opts, ranges: list[range] | None = None, first: int = 0):
+        """ranges: each worker's layers under the layers and grid placements; first: the number of its
+        first submission (a prefill run again starts after the last one's)."""
         self.plan, self.pool, self.opts = plan, pool, opts
         self.producer = {key: t for t in plan.tasks for key in t.writes}
         self.readers_left: dict = {}  # key -> indices of its readers not yet finished
@@ -350,14 +365,10 @@ class _Dispatch:
         self.done: dict[int, dict] = {}  # task index -> the figures of the run that counts
         self.lost: set[int] = set()  # tasks whose run failed for a lost worker or value
         self.records: list[dict] = []
-        # under the layers placement the trace's slices are coloured by layer range (graphs/pictures/gantt.py
-        # colours by kind), so the pipeline's fill and drain show: one range per worker
-        self.ranges = None
-        if opts.placement == Placement.LAYERS:
-            owned: dict[int, list[int]] = {}
-            for t in plan.tasks:
-                owned.setdefault(t.worker, []).append(max(t.layer, 0))
-            self.ranges = {w: f"layers {min(ls)}-{max(ls)}" for w, ls in owned.items()}
+        # under the layers and grid placements (`ranges`: each worker's layers) the trace's slices are
+        # coloured by layer range (graphs/pictures/gantt.py colours by kind), so the pipeline's fill
+        # and drain show: one colour per range, the same for the workers of a grid's row
+        self.ranges = None if ranges is None else [f"layers {r.start}-{r.stop - 1}" for r in ranges]
         self.first = first
         self.recoveries = first  # the current submission's number
         self.calls = 0  # Ray calls submitted

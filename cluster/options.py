@@ -23,8 +23,12 @@ class Ray:
     task finishes for that many seconds. max_restarts: per actor, then the run stops.
     start_timeout: seconds for the workers to be placed.
     placement: "sequence" (every worker loads the whole model and runs every layer for its run of
-    query blocks) or "layers" (each worker owns a contiguous range of layers and loads only their
-    weights; blocks flow through the workers as a pipeline): cluster/placement.py.
+    query blocks), "layers" (each worker owns a contiguous range of layers and loads only their
+    weights; blocks flow through the workers as a pipeline), "grid" (P_layers x P_sequence: a row of
+    workers per range of layers, the row's workers splitting the query blocks) or "auto" (the
+    placement the planner predicts fastest among those that fit, named in one line on stderr):
+    cluster/placement.py, cluster/auto_placement.py. grid: the grid's shape, "2x2" (P_layers x
+    P_sequence; default: cluster/placement.py `default_grid`).
     worker_memory: bytes one worker may hold; a placement whose workers would need more is
     refused in one line naming a placement that fits (cluster/placement.py, worker_need).
     """
@@ -39,6 +43,7 @@ class Ray:
     start_timeout: float = 120.0
     placement: str = "sequence"
     worker_memory: int | None = None
+    grid: str | None = None
 
     name = "ray"
     in_process = False  # verify's reference runs on the driver's CPU
@@ -55,9 +60,14 @@ class Ray:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or (value <= 0 if strict else value < 0):
                 raise EmulateError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
-        from cluster.placement import placement_of
+        from cluster.placement import AUTO, Placement, parse_grid, placement_of
 
-        object.__setattr__(self, "placement", placement_of(self.placement))
+        object.__setattr__(self, "placement", placement_of(self.placement, auto=True))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", parse_grid(self.grid))
+            if self.placement not in (Placement.GRID, AUTO):
+                raise EmulateError(f"--grid is the shape of --placement grid (or auto), not of --placement "
+                                   f"{self.placement}")
         if self.worker_memory is not None and (isinstance(self.worker_memory, bool) or not isinstance(
                 self.worker_memory, int) or self.worker_memory < 1):
             raise EmulateError(f"--worker-memory must be an integer number of bytes >= 1, got {self.worker_memory!r}")

@@ -407,8 +407,8 @@ class WorkerPool:
         """opts: the run's cluster.options.Ray (its workers, their CPUs, GPUs and threads, restarts, start
         timeout); oracle: the run's oracle description, bound in each worker. size: the workers, when
         the caller counted them (`pool_size`). owned: the weight names each worker loads (the layers
-        placement, cluster/placement.py); None: every worker loads them all. keep_kv: each worker keeps
-        the keys and values of the projections it runs (generation, cluster/decode.py)."""
+        and grid placements, cluster/placement.py); None: every worker loads them all. keep_kv: each worker
+        keeps the keys and values of the projections it runs (generation, cluster/decode.py)."""
         import ray
 
         from cluster.worker import Worker
@@ -427,8 +427,13 @@ class WorkerPool:
 
         if owned is None:
             self.shared = [ray.put(to_wire(weights)), ray.put(tokens)]
-        else:  # each worker's own weights, put once each: no worker's process ever holds the others'
-            self.shared = [[ray.put(to_wire({n: weights[n] for n in names})) for names in owned], ray.put(tokens)]
+        else:  # each worker's own weights, put once per range (a grid's row shares one copy): no worker's
+            # process ever holds another range's
+            put: dict[tuple, object] = {}
+            for names in owned:
+                if tuple(names) not in put:
+                    put[tuple(names)] = ray.put(to_wire({n: weights[n] for n in names}))
+            self.shared = [[put[tuple(names)] for names in owned], ray.put(tokens)]
         actor = ray.remote(Worker)
         # Several workers run their tasks out of order, as inputs arrive (the wavefront); a lone
         # worker has nothing to wait for but itself, and runs them in plan order (a topological

@@ -158,8 +158,8 @@ class Worker:
         if self.runner is None:
             import ray
 
-            # shared[0]: the whole model's weights, or under the layers placement one ref per worker
-            # holding only its layers' (cluster/placement.py); a restarted actor reloads its own
+            # shared[0]: the whole model's weights, or under the layers and grid placements one ref per
+            # worker holding only its layers' (cluster/placement.py); a restarted actor reloads its own
             own = shared[0][self.index] if isinstance(shared[0], list) else shared[0]
             weights, tokens = ray.get([own, shared[1]])
             weights = from_wire(weights)  # read-only views of the store's memory: no kernel writes a weight

@@ -57,7 +57,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
            executor: Any = None, oracle: Any = "kernel", pack_heads: int | str | None = None,
            address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
            gpus_per_worker: float | None = None, trace: str | None = None, stall_timeout: float | None = None,
-           placement: str | None = None, worker_memory: int | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
+           placement: str | None = None, worker_memory: int | None = None, grid: str | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
            **unknown) -> Stream:
     """Compile and start one forward; iterate the result for (block, BlockOutput) in block order.
 
@@ -69,7 +69,7 @@ def stream(model=None, tokens=None, *, text: str | None = None, input: str | Non
                    block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype, device=device,
                    executor=executor, oracle=oracle, pack_heads=pack_heads, address=address, workers=workers,
                    cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, trace=trace,
-                   stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, threads=threads, backend=backend, progress=progress)
+                   stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, grid=grid, threads=threads, backend=backend, progress=progress)
 
 
 def run(model=None, tokens=None, *, text: str | None = None, input: str | None = None,
@@ -78,7 +78,7 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
         executor: Any = None, oracle: Any = "kernel", pack_heads: int | str | None = None,
         address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
         gpus_per_worker: float | None = None, trace: str | None = None, stall_timeout: float | None = None,
-        placement: str | None = None, worker_memory: int | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
+        placement: str | None = None, worker_memory: int | None = None, grid: str | None = None, threads: int | str | None = None, backend: str = "graph", progress: StageProgress | None = None,
         output: str | None = None, hidden: bool = False, verify: bool = False, tolerance: float | None = None,
         collect: bool = True, **unknown) -> Run:
     """Run one emulated forward end to end, in-process or on any registered executor.
@@ -95,7 +95,7 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
     executor: a registered name ("local", the default; "ray"; emulate.register_executor adds
     more) or an object with `name` and `start` (emulate.Executor). Named executors take their
     options here: address, workers, cpus_per_worker, gpus_per_worker, stall_timeout, placement
-    ("sequence" or "layers") and worker_memory (bytes per worker) (Ray's: cluster/options.py),
+    ("sequence", "layers", "grid" or "auto"), grid ("2x2") and worker_memory (bytes per worker) (Ray's: cluster/options.py),
     threads (the local executor's call workers on CPU: an integer, or "auto") and trace (the
     executed schedule as Chrome trace-event JSON, either).
     oracle: a registered name ("kernel", "paper", "paper-stable"; emulate.register_oracle adds
@@ -124,7 +124,7 @@ def run(model=None, tokens=None, *, text: str | None = None, input: str | None =
                 attention=attention, window=window, sinks=sinks, dtype=dtype, device=device, executor=executor,
                 oracle=oracle, pack_heads=pack_heads, address=address, workers=workers,
                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, trace=trace,
-                stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, threads=threads, backend=backend, progress=progress,
+                stall_timeout=stall_timeout, placement=placement, worker_memory=worker_memory, grid=grid, threads=threads, backend=backend, progress=progress,
                 collect=collect, verify=verify)
     return finish(s, output=output, hidden=hidden, verify=verify, tolerance=tolerance, collect=collect,
                   progress=progress, t_start=t_start)
@@ -169,7 +169,7 @@ def _stream(model, tokens, *, backend: str, executor, oracle, pack_heads, device
 
 
 EXECUTOR_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "stall_timeout", "trace", "threads",
-                    "placement", "worker_memory")
+                    "placement", "worker_memory", "grid")
 
 
 def _graph_backend(model, tokens, executor, oracle, pack_heads, device, progress, collect, verify, **options):

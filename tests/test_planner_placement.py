@@ -1,6 +1,7 @@
-"""The planner's placements (emulate/planner/placements.py): the layers placement's bytes between
-workers and weights per worker, worked out by hand from the published shapes (emulate/models/shapes.py)
-and set against the planner's simulation; `emulate plan --placement` in a child process."""
+"""The planner's placements (emulate/planner/placements.py): the layers and grid placements' bytes
+between workers and weights per worker, worked out by hand from the published shapes
+(emulate/models/shapes.py) and set against the planner's simulation; `emulate plan --placement` in a
+child process."""
 from __future__ import annotations
 
 import json
@@ -49,11 +50,47 @@ def test_layers_moves_one_blocks_state_per_boundary_and_less_than_sequence():
     assert at_least > 3 * by_hand_layers  # the shape's arithmetic alone: layers must move less
 
     common = {"block_size": m, "attention": "causal", "workers": p, "device": "h100"}
-    seq, lay = (o.prediction for o in predict_placements("llama3-8b", n, **common))
+    seq, lay, _ = (o.prediction for o in predict_placements("llama3-8b", n, **common))
     assert lay.bytes_moved == by_hand_layers
     assert seq.bytes_moved >= at_least
     assert lay.inputs["placement"] == "layers" and seq.inputs["placement"] == "sequence"
     assert predict("llama3-8b", n, placement="layers", **common).bytes_moved == by_hand_layers
+
+
+def test_grid_moves_each_blocks_state_across_the_row_boundary_and_its_keys_within_a_row():
+    """Llama-3 8B, causal, N = 16384 in 8 blocks, grid 2x2: rows own layers 0-15 and 16-31, and under
+    a causal mask a row deals its blocks out to its two columns in turn (block i on column i mod 2,
+    cluster/placement.py `place_on_grid`). By hand: every block crosses the row boundary once, to its
+    own column (its residual, and its queries, keys and values of layer 16: width + (heads + 2
+    kv_heads) x head_dim per token, as under layers); and in each of the 32 layers the keys and
+    values of every block but the last go once to the other column of the row running that layer (a
+    later block there reads them; layer 16's from the first row). bf16."""
+    s, n, m = SHAPES["llama3-8b"], 16384, 2048
+    blocks = n // m
+    xq_token = (s["width"] + s["heads"] * s["head_dim"]) * BF16
+    kv_token = 2 * s["kv_heads"] * s["head_dim"] * BF16
+    by_hand = n * (xq_token + kv_token) + s["layers"] * (blocks - 1) * m * kv_token
+
+    # the same, block by block and layer by layer: a value goes once to each other worker that reads it
+    def worker(layer: int, block: int) -> int:
+        return 2 * (max(layer, 0) >= 16) + block % 2
+
+    counted = 0
+    for layer in range(s["layers"]):
+        for i in range(blocks):
+            made = worker(layer - 1, i)
+            counted += (worker(layer, i) != made) * m * xq_token
+            counted += len({worker(layer, j) for j in range(i, blocks)} - {made}) * m * kv_token
+    assert counted == by_hand
+    common = {"block_size": m, "attention": "causal", "workers": 4, "device": "h100"}
+    outcomes = {o.placement: o.prediction for o in predict_placements("llama3-8b", n, grid="2x2", **common)}
+    grid, lay = outcomes["grid"], outcomes["layers"]
+    assert grid.bytes_moved == by_hand and grid.inputs["grid"] == "2x2"
+    assert predict("llama3-8b", n, placement="grid", **common).bytes_moved == by_hand  # 2x2: the default for 4
+    # the two workers of a row hold the same weights, about half the model's
+    w = grid.worker_weights_gb
+    assert w[0] == w[1] and w[2] == w[3] and all(abs(x / (sum(lay.worker_weights_gb) / 2) - 1) < 0.1 for x in w)
+    assert grid.peak_worker_memory_gb < outcomes["sequence"].peak_worker_memory_gb
 
 
 def test_layers_holds_about_a_pth_of_the_weights_and_fits_where_sequence_does_not():
@@ -93,11 +130,12 @@ def test_plan_placement_all_prints_both_side_by_side():
                          "--workers", "2", "--device", "h100", "--placement", "all")
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines()}
-    assert {"sequence", "layers", "ratio"} <= rows.keys() and rows["layers"].endswith("yes")
+    assert {"sequence", "layers", "grid", "ratio"} <= rows.keys() and rows["layers"].endswith("yes")
+    assert rows["grid"].startswith("grid 2x1")  # 2 workers: the default grid is the layers layout
     as_json = emulate_child("plan", "--shape", "llama3-8b", "--tokens", "16384", "-M", "4096", "--attention",
                             "causal", "--workers", "2", "--device", "h100", "--placement", "all", "--json")
     placed = {r["placement"]: r for r in json.loads(as_json.stdout)["placements"]}
-    assert placed["layers"]["bytes_moved"] == 16384 * 10240 * 2
+    assert placed["layers"]["bytes_moved"] == 16384 * 10240 * 2 == placed["grid"]["bytes_moved"]
     assert f"{placed['layers']['predicted_s']:.4g}" in rows["layers"]
     one = emulate_child("plan", "--shape", "llama3-8b", "--tokens", "16384", "-M", "4096", "--attention", "causal",
                         "--workers", "2", "--device", "h100", "--placement", "layers")
@@ -105,7 +143,9 @@ def test_plan_placement_all_prints_both_side_by_side():
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--placement", "grid"], "invalid choice"),
+    (["--placement", "auto"], "invalid choice"),
+    (["--placement", "grid", "--workers", "4", "--grid", "3x3"], "--grid 3x3 is 9 workers, but the run has 4"),
+    (["--placement", "layers", "--workers", "2", "--grid", "2x1"], "--grid is the shape of --placement grid"),
     (["--placement", "layers", "--workers", "17"], "17 workers for 16 layers"),
     (["--placement", "layers", "--plot", "p.png"], "--plot draws the sequence placement only"),
 ])
@@ -119,9 +159,10 @@ def test_plan_placement_bad_input_is_one_line(args, says, tmp_path):
 def test_all_names_a_placement_it_cannot_lay_out():
     outcomes = predict_placements("llama3.2-1b", 8192, block_size=4096, attention="causal", workers=17,
                                   device="h100")
-    assert [o.placement for o in outcomes] == ["sequence", "layers"]
+    assert [o.placement for o in outcomes] == ["sequence", "layers", "grid"]
     assert outcomes[0].prediction is not None and outcomes[1].prediction is None
     assert "17 workers for 16 layers" in outcomes[1].refusal
+    assert outcomes[2].prediction.inputs["grid"] == "1x17"  # 17 is prime and past the layers: one row
 
 
 def test_a_model_past_a_node_is_refused_naming_the_layers_placement_which_fits():

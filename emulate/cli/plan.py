@@ -20,8 +20,8 @@ def add_plan_command(sub) -> None:
                     "bandwidth, tensor-parallel all-reduces, link bandwidth and latency, per-task and per-call "
                     "overheads, memory per worker). Prints the predicted time, each worker's peak memory, the bytes "
                     "moved, utilisation and the critical path; a layout that does not fit a worker's memory is "
-                    "refused, naming what would. --placement all prints the sequence and layers placements side by "
-                    "side. The cpu device is measured on this machine (15 to 30 s) and cached "
+                    "refused, naming what would. --placement all prints the sequence, layers and grid placements side "
+                    "by side. The cpu device is measured on this machine (15 to 30 s) and cached "
                     "with when and under what load it was measured, printed with every plan; docs/planner.md "
                     "explains the model and the source of every constant.",
         epilog="examples:\n"
@@ -63,7 +63,11 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=CHOICES, default="sequence",
                    help="sequence: every worker holds the model and runs its run of query blocks; layers: each worker "
                         "owns a range of layers and holds only their weights, blocks flowing through as a pipeline; "
-                        "all: both side by side, each with whether it fits")
+                        "grid: P_layers x P_sequence workers, a row per range of layers splitting its blocks; "
+                        "all: each side by side, with whether it fits")
+    p.add_argument("--grid", default=None, metavar="LxS",
+                   help="the grid placement's shape, P_layers x P_sequence workers (default: as the Ray executor "
+                        "picks it, docs/cluster.md)")
     p.add_argument("--allow-overcommit", action="store_true",
                    help="predict a layout whose weights and values do not fit a worker's memory (refused otherwise)")
     p.add_argument("--link-gbps", type=float, default=None,
@@ -91,7 +95,7 @@ def _threads(text: str):
 
 
 def cmd_plan(args) -> int:
-    from emulate.planner.placements import ALL, describe_ranges
+    from emulate.planner.placements import ALL, describe_layout
     from emulate.planner.prediction import predict, predict_placements
 
     if args.shape is not None and args.model is not None:
@@ -114,7 +118,9 @@ def cmd_plan(args) -> int:
                 "sinks": args.sinks, "workers": args.workers, "device": args.device,
                 "gpus_per_worker": args.gpus_per_worker, "link_gbps": args.link_gbps, "recalibrate": args.recalibrate,
                 "executor": args.executor, "threads": args.threads, "weight_dtype": args.weight_dtype,
-                "tp_link": args.tp_link}
+                "tp_link": args.tp_link, "grid": args.grid}
+    if args.grid is not None and args.placement not in ("grid", ALL):
+        raise EmulateError(f"--grid is the shape of --placement grid (or all), not of --placement {args.placement}")
     if args.placement == ALL:
         return _compare(predict_placements(model, args.tokens, placement=ALL, **keywords), args.json)
     p = predict(model, args.tokens, placement=args.placement, allow_overcommit=args.allow_overcommit, **keywords)
@@ -135,7 +141,8 @@ def cmd_plan(args) -> int:
     print(_header(d) +
           f"predicted  {d['predicted_s']:.4g} s; utilisation {d['utilisation']:.0%}; critical path "
           f"{d['critical_path_s']:.4g} s over {len(path)} tasks ({' > '.join(shown)})\n"
-          + (f"placement  {d['placement']}: {describe_ranges(d['layers'], d['workers'])}; weights "
+          + (f"placement  {d['placement']}: {describe_layout(d['layers'], d['workers'], d['placement'], d['grid'])}; "
+             f"weights "
              f"{_spread(d['worker_weights_gb'])} GB and peak {_spread(d['worker_memory_gb'])} GB per worker\n"
              if d["placement"] != "sequence" else "") +
           f"memory     peak {d['peak_worker_memory_gb']:.3g} GB per worker (weights {d['weights_gb_per_worker']:.3g} GB)"
@@ -229,14 +236,17 @@ def _compare(outcomes, as_json: bool) -> int:
             lines.append(f"{r['placement']:<10} cannot lay out this forward: {r['refusal']}")
             continue
         weights, peaks = r["worker_weights_gb"], r["worker_memory_gb"]
-        lines.append(f"{r['placement']:<10} {r['predicted_s']:>11.4g} {r['utilisation']:>11.0%} "
+        name = f"grid {r['grid']}" if r.get("grid") else r["placement"]
+        lines.append(f"{name:<10} {r['predicted_s']:>11.4g} {r['utilisation']:>11.0%} "
                      f"{r['bytes_moved'] / 1e9:>9.4g} {_spread(weights):>15} {_spread(peaks):>15}  "
                      + ("yes" if r["fits"] else "no: " + (r["refusal"] or "")))
     lines.append("(weights_GB and peak_GB per worker, least to most; bytes moved between workers)")
     done = {r["placement"]: r for r in rows if "predicted_s" in r}
-    if len(done) == 2:
-        seq, lay = done["sequence"]["predicted_s"], done["layers"]["predicted_s"]
-        lines.append(f"ratio      sequence / layers predicted time = {seq / lay:.3g}")
+    if len(done) > 1:
+        fastest = min(done, key=lambda name: done[name]["predicted_s"])
+        lines.append(f"ratio      predicted time / the fastest's ({fastest}): " + ", ".join(
+            f"{name} {r['predicted_s'] / done[fastest]['predicted_s']:.3g}" for name, r in done.items()
+            if name != fastest))
     print("\n".join(lines))
     return 0
 

@@ -80,10 +80,15 @@ def run_options(run: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
     ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
                      help="stop with an error when no task finishes for S seconds (default 600)")
-    ray.add_argument("--placement", choices=("sequence", "layers"), default=None,
+    ray.add_argument("--placement", choices=("sequence", "layers", "grid", "auto"), default=None,
                      help="sequence: every worker loads the whole model and runs every layer for its run of blocks "
                           "(default); layers: each worker owns a contiguous range of layers and loads only their "
-                          "weights, blocks flowing through the workers as a pipeline")
+                          "weights, blocks flowing through the workers as a pipeline; grid: P_layers x P_sequence "
+                          "workers, a row per range of layers splitting its blocks; auto: the one the planner "
+                          "predicts fastest among those that fit (named on stderr)")
+    ray.add_argument("--grid", default=None, metavar="LxS",
+                     help="the grid placement's shape, P_layers x P_sequence workers (default: the squarest, more "
+                          "rows than columns, docs/cluster.md)")
     ray.add_argument("--worker-memory", type=int, default=None, metavar="BYTES",
                      help="the most one worker may hold; a placement that would need more is refused, naming one "
                           "that fits")
@@ -106,7 +111,7 @@ def cmd_run(args) -> int:
             args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
             oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
-            stall_timeout=args.stall_timeout, placement=args.placement, worker_memory=args.worker_memory,
+            stall_timeout=args.stall_timeout, placement=args.placement, worker_memory=args.worker_memory, grid=args.grid,
             threads=args.threads, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False, backend=args.backend,
             progress=progress)

@@ -466,4 +466,5 @@ def block_outputs(hidden: torch.Tensor, logprobs: torch.Tensor | None, block_siz
 NOT_FOR_THIS_BACKEND = {"window": "--window", "sinks": "--sinks", "trace": "--trace", "address": "--address",
                         "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
                         "gpus_per_worker": "--gpus-per-worker", "stall_timeout": "--stall-timeout",
-                        "placement": "--placement", "worker_memory": "--worker-memory"}
+                        "placement": "--placement", "worker_memory": "--worker-memory",
+                        "grid": "--grid"}

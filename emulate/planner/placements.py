@@ -6,9 +6,12 @@
               embedding on the first, the final norm and head on the last, and where a range ends
               the next layer's pre-norm and q, k, v projections, which ride with its last mix);
               every task of a layer runs on its owner, in the executor's pipeline order
+    grid      P_layers x P_sequence workers: a row per range of layers holding only its weights, the
+              row's workers splitting its query blocks as sequence splits them over all, rows in the
+              layers pipeline (`--grid 2x2`; default the executor's `default_grid`)
 
-`place` applies a placement to a counted plan (graphs/plan.py, runnable=False) with the executor's
-own functions, so the simulation (emulate/planner/simulation.py) runs the plan the executor would;
+`placed_plan` makes a counted plan (graphs/plan.py, runnable=False) and places it with the executor's
+own layout (cluster/placement.py `layout_of`: `plan_workers`, `place`), so the simulation (emulate/planner/simulation.py) runs the plan the executor would;
 `worker_weights` prices each worker's weights from the config's canonical weight names
 (emulate/models/presets.py, weight_names) and the executor's `owned_weights`.
 
@@ -30,6 +33,7 @@ _FFN = ("gate.", "up.", "down.")
 class PlannedPlacement(StrEnum):
     SEQUENCE = "sequence"
     LAYERS = "layers"
+    GRID = "grid"
 
 
 ALL = "all"
@@ -68,29 +72,50 @@ def describe_ranges(layers: int, workers: int) -> str:
     return f"{big} layers on the first {more} workers, {small} on the other {workers - more}"
 
 
-def place(plan, placement: PlannedPlacement, config: ModelConfig) -> None:
-    """Place the tasks of `plan` as the executor would: `sequence` is make_plan's own placement;
-    `layers` puts each task on the owner of its layer and orders the plan block by block."""
-    if placement == PlannedPlacement.LAYERS:
-        ex = _executor()
-        ex.place_by_layers(plan, ex.layer_ranges(config.layers, plan.workers))
+def layout(config: ModelConfig, placement: PlannedPlacement, workers: int, grid=None):
+    """The executor's layout (cluster/placement.py `Layout`) of `placement` on P workers; `grid`
+    ("2x2" or None for the executor's default) for the grid placement only. Refused in one line
+    where it cannot be laid out."""
+    ex = _executor()
+    return ex.layout_of(ex.Placement(placement.value), workers, config.layers,
+                        grid if placement == PlannedPlacement.GRID else None)
+
+
+def describe_layout(layers: int, workers: int, placement: str = "layers", grid: str | None = None) -> str:
+    """A layers or grid placement in words."""
+    if placement != PlannedPlacement.GRID:
+        return describe_ranges(layers, workers)
+    g = _executor().grid_of(grid, workers, layers)
+    return (f"{g}, {g.layers} row(s) of {g.sequence} worker(s): "
+            f"{describe_ranges(layers, g.layers).replace('workers', 'rows')}, each row's blocks over its {g.sequence}")
+
+
+def placed_plan(graph, placement: PlannedPlacement, config: ModelConfig, workers: int, grid=None):
+    """The counted plan of `graph` placed as the executor places it: made by make_plan for the
+    layout's `plan_workers` (a grid's row; P otherwise), then put on the layout's P workers."""
+    from graphs.plan import make_plan
+
+    lay = layout(config, placement, workers, grid)
+    plan = make_plan(graph, lay.plan_workers, runnable=False)
+    lay.place(plan)
+    return plan
 
 
 def worker_weights(config: ModelConfig, placement: PlannedPlacement, workers: int, whole: float,
-                   dtype_bytes: int, weight_dtype: str) -> list[float]:
+                   dtype_bytes: int, weight_dtype: str, grid=None) -> list[float]:
     """Bytes of weights each worker holds: `whole` (the model's, deployment.py weights_bytes) on
-    every worker under sequence; under layers the weights the executor's worker of that range loads,
-    the feed-forward's at one byte under fp8-ffn."""
-    if placement == PlannedPlacement.SEQUENCE:
-        return [whole] * workers
+    every worker under sequence; under layers and grid the weights the executor's worker of that
+    range loads, the feed-forward's at one byte under fp8-ffn."""
     from emulate.models.presets import weight_names
 
     shapes = weight_names(config)
-    ex = _executor()
+    owned = layout(config, placement, workers, grid).owned(shapes)
+    if owned is None:
+        return [whole] * workers
     out = []
-    for own in ex.layer_ranges(config.layers, workers):
+    for names in owned:
         total = 0
-        for name in ex.owned_weights(shapes, config.layers, own):
+        for name in names:
             count = 1
             for n in shapes[name]:
                 count *= n

@@ -87,7 +87,8 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
             sinks: int | None = None, workers: int = 1, device: str = "cpu", gpus_per_worker: int = 1,
             link_gbps: float | None = None, recalibrate: bool = False, executor: str = "ray", threads=None,
             weight_dtype: str = "bf16", tp_link: str = "nvlink", allow_overcommit: bool = False,
-            placement: str = "sequence", hw: Hardware | None = None, calibrate: bool | None = None) -> Prediction:
+            placement: str = "sequence", grid: str | None = None, hw: Hardware | None = None,
+            calibrate: bool | None = None) -> Prediction:
     """Predict one forward's time on `workers` workers of `device` (nothing runs).
 
     model: a preset, a checkpoint directory, an emulate.Model or a published shape (llama3-8b, ...).
@@ -95,9 +96,10 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
     predicts the in-process executor (no per-task cost; on the cpu its call workers as `threads`
     gives them, emulate/runtime/threads.py). weight_dtype "fp8-ffn": the feed-forward weights in fp8;
     tp_link: the GPUs of a worker all-reduce over "nvlink" or "pcie" (emulate/planner/deployment.py).
-    placement: "sequence" (every worker holds the model and runs its run of query blocks) or
-    "layers" (each worker owns a range of layers and holds only their weights), as the Ray executor
-    places them (emulate/planner/placements.py); `predict_placements` compares them.
+    placement: "sequence" (every worker holds the model and runs its run of query blocks),
+    "layers" (each worker owns a range of layers and holds only their weights) or "grid" (a row of
+    workers per range of layers, splitting its blocks; `grid` "2x2", default the executor's), as the
+    Ray executor places them (emulate/planner/placements.py); `predict_placements` compares them.
     A layout whose peak does not fit a worker's memory is refused (EmulateError, naming what would
     fit) unless allow_overcommit. `hw` overrides the hardware. recalibrate: measure this machine's
     CPU again (`emulate plan --recalibrate`; `calibrate`, its old name, still works with a DeprecationWarning).
@@ -107,7 +109,7 @@ def predict(model=None, tokens: int = 4096, *, block_size: int = 256, attention=
     chosen = placement_of(placement)
     recalibrate = _renamed(recalibrate, calibrate, "predict")
     forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
-                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw)
+                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw, grid)
     return forward.predict(chosen, allow_overcommit)[0]
 
 
@@ -142,7 +144,7 @@ def predict_placements(model=None, tokens: int = 4096, *, placement: str = "all"
                        attention="auto", window: int | None = None, sinks: int | None = None, workers: int = 1,
                        device: str = "cpu", gpus_per_worker: int = 1, link_gbps: float | None = None,
                        recalibrate: bool = False, executor: str = "ray", threads=None, weight_dtype: str = "bf16",
-                       tp_link: str = "nvlink", hw: Hardware | None = None,
+                       tp_link: str = "nvlink", grid: str | None = None, hw: Hardware | None = None,
                        calibrate: bool | None = None) -> list[PlacementOutcome]:
     """`predict` under each placement ("all", or one name), side by side: the graph is compiled and
     the hardware measured once. Every placement is predicted whether or not it fits, with the
@@ -152,7 +154,7 @@ def predict_placements(model=None, tokens: int = 4096, *, placement: str = "all"
     chosen = placements_of(placement)
     recalibrate = _renamed(recalibrate, calibrate, "predict_placements")
     forward = _Forward(model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
-                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw)
+                       link_gbps, recalibrate, executor, threads, weight_dtype, tp_link, hw, grid)
     out = []
     for p in chosen:
         try:
@@ -169,7 +171,7 @@ class _Forward:
     and checks the fit of each placement over it."""
 
     def __init__(self, model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
-                 link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw):
+                 link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw, grid=None):
         from emulate.problem import resolve_patterns
         from graphs import CompactGraph, ForwardSpec, PatternError
 
@@ -213,24 +215,23 @@ class _Forward:
         self.executor, self.weight_dtype, self.tp_link = executor, weight_dtype, tp_link
         self.weights = weights_bytes(config, weight_dtype, dtype_bytes)
         self.fp8 = weights_bytes(config, "fp8-ffn", dtype_bytes) if "fp8" in hw.device.flops else None
+        self.grid = grid  # the grid placement's shape (None: the executor's default_grid)
 
     def predict(self, placement, allow_overcommit: bool) -> tuple[Prediction, str | None]:
         """The prediction under `placement`, and the line refusing it when it does not fit (raised
         unless allow_overcommit)."""
         from emulate.planner.deployment import fit_refusal
-        from emulate.planner.placements import place, worker_weights
-        from graphs.plan import make_plan
+        from emulate.planner.placements import layout, placed_plan, worker_weights
 
         config, hw, dtype_bytes = self.config, self.hw, self.dtype_bytes
         workers = 1 if hw.shared else hw.workers
-        held = worker_weights(config, placement, workers, self.weights, dtype_bytes, self.weight_dtype)
+        held = worker_weights(config, placement, workers, self.weights, dtype_bytes, self.weight_dtype, self.grid)
         fp8 = None
         if self.fp8 is not None:
-            fp8 = worker_weights(config, placement, workers, self.fp8, dtype_bytes, "fp8-ffn")
+            fp8 = worker_weights(config, placement, workers, self.fp8, dtype_bytes, "fp8-ffn", self.grid)
         for peaks in (held, None):  # the weights alone, before the schedule; then with the values alive
             if peaks is None:
-                plan = make_plan(self.graph, workers, runnable=False)
-                place(plan, placement, config)
+                plan = placed_plan(self.graph, placement, config, workers, self.grid)
                 sim = simulate(plan, self.spec, self.graph.spans, hw, held[0] if hw.shared else held)
                 peaks = sim.peak_memory
             w = max(range(len(peaks)), key=peaks.__getitem__)  # the fullest worker names what would fit
@@ -251,6 +252,8 @@ class _Forward:
             inputs={"model": config.name, "tokens": self.tokens, "block_size": self.block_size,
                     "blocks": self.graph.blocks, "layers": config.layers,
                     "attention": sorted({str(p.describe()) for p in self.patterns}), "placement": placement.value,
+                    "grid": str(layout(config, placement, workers, self.grid).grid)
+                    if placement == placement.GRID else None,
                     "workers": hw.workers, "device": hw.device.name, "gpus_per_worker": hw.gpus_per_worker,
                     "link_gbps": hw.link_gbps, "dtype": hw.dtype, "weight_dtype": self.weight_dtype,
                     "tp_link": self.tp_link if hw.gpus_per_worker > 1 else None, "executor": self.executor,
