@@ -107,7 +107,7 @@ def merge_in(rounding):
 @pytest.mark.parametrize("dtype", HALF)
 def test_a_merge_in_sixteen_bits_fails_verify(dtype, monkeypatch):
     """The same partials rounded to the run's dtype before they merge: 1.34x on seed 4 in float16 and
-    on seed 5 in bfloat16 (1.26x to 1.34x over 20 seeds, docs/numerics.md); a bfloat16 merge inside a
+    on seed 5 in bfloat16 (1.25x to 1.34x over 20 seeds, benchmarks/half_ratio.py); a bfloat16 merge inside a
     float16 run is several times the monolithic forward's error."""
     seed = 4 if dtype == torch.float16 else 5
     monkeypatch.setattr(runner, "merge", merge_in(dtype))
