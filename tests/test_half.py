@@ -1,8 +1,9 @@
 """bfloat16 and float16 runs: docs/numerics.md's relative contract.
 
-A 16-bit run has no absolute tolerance: its error against the float64 forward must be at most
-1.25x the monolithic forward's own error in the same dtype, and its perplexity within 0.5% of the
-monolithic forward's. Both sides are measured here, on a seeded preset and on SmolLM2.
+A 16-bit run has no absolute tolerance: its norm-wise error against the float64 forward must be at
+most 1.25x the monolithic forward's own error in the same dtype, and its perplexity within 0.5% of the
+monolithic forward's. Both sides are measured here, on a seeded preset over several seeds and on
+SmolLM2; partials rounded to 16 bits before they merge fail the ratio, so the check can fail.
 """
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ from test_hardening import emulate_child, one_error_line
 
 import emulate
 from emulate.errors import EmulateError
+from emulate.runtime import runner
 from emulate.runtime.kernels import attend, attend_intervals
 from emulate.runtime.merge import merge
-from emulate.runtime.verify import HALF_PERPLEXITY, HALF_RATIO
+from emulate.runtime.verify import (
+    HALF_PERPLEXITY,
+    HALF_RATIO,
+    compare_half,
+    normwise_error,
+)
 from graphs import MaskKind
 
 HALF = [pytest.param(torch.bfloat16, id="bfloat16"), pytest.param(torch.float16, id="float16")]
@@ -29,9 +36,30 @@ def errors_of(model, dtype, **problem) -> dict:
     s = run.stats
     assert run.hidden.dtype == dtype
     assert s["max_rel_err"] > 0 and s["monolithic_rel_err"] > 0  # both forwards really ran in 16 bits
-    # the worst row is often one both compute alike; the mean error holds to the same ratio
-    assert s["mean_rel_err"] <= HALF_RATIO * s["monolithic_mean_rel_err"], s
+    # the gate is the norm-wise ratio; the worst rows' ratio is reported beside it
+    assert s["error_ratio"] == pytest.approx(s["normwise_rel_err"] / s["monolithic_normwise_rel_err"])
+    assert s["max_error_ratio"] == pytest.approx(s["max_rel_err"] / s["monolithic_rel_err"])
+    assert s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_normwise_rel_err"])
     return s
+
+
+def test_the_ratio_is_normwise_and_the_worst_row_does_not_gate():
+    """One row far off with the rest as good as the monolithic forward's passes; every row 1.3x worse fails."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(200, 32, generator=g, dtype=torch.float64)
+    noise = torch.randn(200, 32, generator=g, dtype=torch.float64)
+    same = exact + 1e-2 * noise
+    one_row = same.clone()
+    one_row[7] = exact[7] + 5e-2 * noise[7]  # 5x the monolithic forward's error on one row of 200
+    s = compare_half(one_row, None, exact, None, same, None)
+    # the worst row alone would fail it; the norm-wise ratio sees one row of 200
+    assert s["max_error_ratio"] > 2 * HALF_RATIO and s["error_ratio"] < 1.1 and s["verified"], s
+    worse = compare_half(exact + 1.3e-2 * noise, None, exact, None, same, None)
+    assert worse["error_ratio"] == pytest.approx(1.3) and not worse["verified"], worse
+    assert normwise_error(same, exact) == pytest.approx(float((same - exact).norm() / exact.norm()))
+    nan = one_row.clone()
+    nan[3, 3] = float("nan")
+    assert not compare_half(nan, None, exact, None, same, None)["verified"]  # NaN never passes
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -57,10 +85,38 @@ def test_pair_partials_and_the_merge_are_float32(dtype):
 def test_a_seeded_preset_meets_the_relative_contract(dtype):
     s = errors_of("tiny-llama", dtype, random_tokens=600, block_size=64)
     assert s["verified"], s
-    assert s["max_rel_err"] <= HALF_RATIO * s["monolithic_rel_err"]
-    assert s["perplexity_gap"] <= HALF_PERPLEXITY
+    assert s["error_ratio"] <= HALF_RATIO and s["perplexity_gap"] <= HALF_PERPLEXITY
     # far from float32's contract: the comparison is against a forward that is itself 16-bit
     assert s["monolithic_rel_err"] > 1e-4
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_correct_run_passes_over_seeds(dtype):
+    """tiny-llama, 300 ids in blocks of 16: the float32 merge verifies on every seed, its norm-wise ratio
+    within a few percent of 1 (docs/numerics.md: 0.98 to 1.04 over 20 seeds and 4 models)."""
+    for seed in (0, 1, 2):
+        s = errors_of("tiny-llama", dtype, random_tokens=300, seed=seed, block_size=16)
+        assert s["verified"] and s["error_ratio"] < 1.1, (seed, s)
+
+
+def merge_in(rounding):
+    """The merge of partials first rounded to `rounding`: what a merge that adds in 16 bits computes."""
+    return lambda partials: merge([(o.to(rounding), lse.to(rounding)) for o, lse in partials])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_merge_in_sixteen_bits_fails_verify(dtype, monkeypatch):
+    """The same partials rounded to the run's dtype before they merge: 1.34x on seed 4 in float16 and
+    on seed 5 in bfloat16 (1.25x to 1.34x over 20 seeds, benchmarks/half_ratio.py); a bfloat16 merge inside a
+    float16 run is several times the monolithic forward's error."""
+    seed = 4 if dtype == torch.float16 else 5
+    monkeypatch.setattr(runner, "merge", merge_in(dtype))
+    bad = errors_of("tiny-llama", dtype, random_tokens=300, seed=seed, block_size=16)
+    assert not bad["verified"] and bad["error_ratio"] > HALF_RATIO, bad
+    if dtype == torch.float16:
+        monkeypatch.setattr(runner, "merge", merge_in(torch.bfloat16))
+        bad = errors_of("tiny-llama", dtype, random_tokens=300, seed=seed, block_size=16)
+        assert not bad["verified"] and bad["error_ratio"] > 2 * HALF_RATIO, bad
 
 
 @pytest.mark.slow
@@ -81,7 +137,7 @@ def test_the_cli_verifies_bfloat16_against_float64_and_the_monolithic_run(tmp_pa
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["dtype"] == "bfloat16" and s["verified"] and s["tolerance"] == pytest.approx(
-        HALF_RATIO * s["monolithic_rel_err"])
+        HALF_RATIO * s["monolithic_normwise_rel_err"])
     import pyarrow as pa
 
     table = pa.ipc.open_file(str(out)).read_all()

@@ -2,10 +2,10 @@
 
 A model in 16 bits with attn_implementation="emulate" makes its pair calls in its dtype; each
 partial comes back in float32 and the merge adds in float32 (emulate/hf/attention.py). The
-contract, as for the graph backend (tests/test_half.py): the emulated forward's error against the
-float64 forward is at most HALF_RATIO times the error of transformers' own sdpa forward in the same
-dtype. Both are measured here on seeded save_pretrained checkpoints (tests/hf_models.py); a merge
-that adds in 16 bits breaks the ratio, so the comparison can fail.
+contract, as for the graph backend (tests/test_half.py): the emulated forward's norm-wise error
+against the float64 forward is at most HALF_RATIO times the error of transformers' own sdpa forward
+in the same dtype. Both are measured here on seeded save_pretrained checkpoints (tests/hf_models.py)
+over two seeds; a merge that adds in 16 bits breaks the ratio, so the comparison can fail.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from emulate.cli import main
 from emulate.errors import EmulateError
 from emulate.runtime.merge import merge
 from emulate.runtime.oracles import KernelOracle
-from emulate.runtime.verify import HALF_PERPLEXITY, HALF_RATIO, row_errors
+from emulate.runtime.verify import HALF_PERPLEXITY, HALF_RATIO, normwise_error
 
 HALF = [pytest.param(torch.bfloat16, id="bfloat16"), pytest.param(torch.float16, id="float16")]
 # emulate.hf re-exports the function `attention`, which shadows the module's name as an attribute
@@ -37,9 +37,9 @@ def checkpoints(tmp_path_factory):
     return {family: checkpoint(family, root)[1] for family in ("llama", "mistral", "qwen2")}
 
 
-def run_half(path, dtype, block_size=64) -> dict:
-    run = emulate.run(str(path), random_tokens=300, block_size=block_size, backend="transformers", dtype=dtype,
-                      verify=True)
+def run_half(path, dtype, block_size=64, seed=0) -> dict:
+    run = emulate.run(str(path), random_tokens=300, seed=seed, block_size=block_size, backend="transformers",
+                      dtype=dtype, verify=True)
     assert run.hidden.dtype == dtype and run.stats["dtype"] == str(dtype).removeprefix("torch.")
     return run.stats
 
@@ -47,28 +47,43 @@ def run_half(path, dtype, block_size=64) -> dict:
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_a_checkpoint_meets_the_relative_contract(checkpoints, family, dtype):
-    s = run_half(checkpoints[family], dtype)
-    assert s["backend"] == "transformers" and s["reference"] == "sdpa"
-    assert s["max_rel_err"] > 0 and s["monolithic_rel_err"] > 1e-4  # both forwards really ran in 16 bits
-    assert s["verified"], s
-    assert s["max_rel_err"] <= HALF_RATIO * s["monolithic_rel_err"]
-    assert s["mean_rel_err"] <= HALF_RATIO * s["monolithic_mean_rel_err"]
-    assert s["perplexity_gap"] <= HALF_PERPLEXITY
+    for seed in (0, 7):
+        s = run_half(checkpoints[family], dtype, seed=seed)
+        assert s["backend"] == "transformers" and s["reference"] == "sdpa"
+        assert s["max_rel_err"] > 0 and s["monolithic_rel_err"] > 1e-4  # both forwards really ran in 16 bits
+        assert s["verified"], (seed, s)
+        # 0.98 to 1.04 over 20 seeds (docs/numerics.md): far inside the bound
+        assert s["error_ratio"] < 1.1 and s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_normwise_rel_err"])
+        assert s["perplexity_gap"] <= HALF_PERPLEXITY
+
+
+def test_the_worst_row_alone_would_fail_a_correct_run(checkpoints):
+    """mistral in bfloat16 on ids of seed 7: nothing is wrong, the norm-wise ratio is about 1.0, yet the
+    worst row's ratio is 1.29: a gate on the max over rows fails a correct run by chance."""
+    s = run_half(checkpoints["mistral"], torch.bfloat16, seed=7)
+    assert s["verified"] and s["error_ratio"] < 1.05, s
+    assert s["max_error_ratio"] > HALF_RATIO, s
 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_a_merge_in_sixteen_bits_breaks_the_ratio(checkpoints, dtype, monkeypatch):
-    """19 blocks of M = 16: the float32 merge meets the ratio; the same partials rounded to the run's
-    dtype before they merge (what a merge accumulating in 16 bits does) do not."""
-    good = run_half(checkpoints["llama"], dtype, block_size=16)
+    """qwen2, 19 blocks of M = 16, ids of seed 5: the float32 merge meets the ratio; the same partials
+    rounded to the run's dtype before they merge (what a merge accumulating in 16 bits does) do not
+    (1.30x in bfloat16, 1.33x in float16; 1.22x to 1.34x over 20 seeds, docs/numerics.md); a bfloat16
+    merge inside a float16 run is several times the error."""
+    good = run_half(checkpoints["qwen2"], dtype, block_size=16, seed=5)
     assert good["verified"] and good["error_ratio"] <= HALF_RATIO, good
 
-    def merge_in_sixteen_bits(partials):
-        return merge([(o.to(dtype), lse.to(dtype)) for o, lse in partials])
+    def merge_in(rounding):
+        return lambda partials: merge([(o.to(rounding), lse.to(rounding)) for o, lse in partials])
 
-    monkeypatch.setattr(ATTENTION, "merge", merge_in_sixteen_bits)
-    bad = run_half(checkpoints["llama"], dtype, block_size=16)
+    monkeypatch.setattr(ATTENTION, "merge", merge_in(dtype))
+    bad = run_half(checkpoints["qwen2"], dtype, block_size=16, seed=5)
     assert not bad["verified"] and bad["error_ratio"] > HALF_RATIO, bad
+    if dtype == torch.float16:
+        monkeypatch.setattr(ATTENTION, "merge", merge_in(torch.bfloat16))
+        bad = run_half(checkpoints["qwen2"], dtype, block_size=16, seed=5)
+        assert not bad["verified"] and bad["error_ratio"] > 2 * HALF_RATIO, bad
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -79,7 +94,8 @@ def test_generate_with_the_cache_in_sixteen_bits(checkpoints, family, dtype):
     Greedy tokens need not be equal in 16 bits: where two candidates' float64 logits are closer than
     the 16-bit rounding, either forward may pick either (llama in bfloat16 parts from sdpa at step 6
     on such a tie). What the contract promises is checked on every step both runs share: each
-    step's logits, against the float64 model's on the same tokens, within HALF_RATIO of sdpa's error.
+    step's logits, against the float64 model's on the same tokens, within HALF_RATIO of sdpa's error
+    (norm-wise over the steps, the contract's figure).
     """
     prompt, steps = 70, 24
     hf.register(block_size=16)
@@ -105,7 +121,7 @@ def test_generate_with_the_cache_in_sixteen_bits(checkpoints, family, dtype):
         exact = exact_model(input_ids=want.sequences[:, :prompt + shared - 1], use_cache=False).logits[0, prompt - 1:]
     ours, sdpa = (torch.stack(g.logits[:shared])[:, 0] for g in (got, want))
     assert ours.dtype == dtype or ours.dtype == torch.float32
-    ours_err, sdpa_err = row_errors(ours, exact)[1], row_errors(sdpa, exact)[1]
+    ours_err, sdpa_err = normwise_error(ours, exact), normwise_error(sdpa, exact)
     assert 0 < ours_err <= HALF_RATIO * sdpa_err, (ours_err, sdpa_err)
 
 
@@ -146,12 +162,14 @@ def test_the_cli_runs_and_verifies_bfloat16_on_the_transformers_backend(checkpoi
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert (s["backend"], s["dtype"], s["verified"]) == ("transformers", "bfloat16", True)
-    assert s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_rel_err"])
+    assert s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_normwise_rel_err"])
     r = emulate_child(*args, "--oracle", "paper")
     assert r.returncode == 2 and one_error_line(r.stderr).endswith(
         "the paper oracle runs float32 or float64 only; bfloat16 runs on the kernel oracle")
     assert main(args) == 0
-    assert "verify     float64 and bfloat16 forwards under sdpa" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verify     float64 and bfloat16 forwards under sdpa" in out and "norm-wise error" in out
+    assert "worst row: max_rel_err" in out and "not gating" in out
 
 
 def test_a_run_whose_pair_calls_would_miss_flash_says_so_on_both_backends(checkpoints, monkeypatch, capsys):

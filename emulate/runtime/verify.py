@@ -20,8 +20,10 @@ TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
 # (tests/test_numerics.py). Real weights need not meet it (all-MiniLM-L6-v2: docs/theorems.md).
 SAMPLED_CONSTANT = 1.0
 # bfloat16 and float16 promise no absolute figure but one relative to the monolithic forward in the same
-# dtype (docs/numerics.md): the emulated forward's error against float64 at most HALF_RATIO times the
-# monolithic forward's own, and its perplexity within HALF_PERPLEXITY of the monolithic forward's
+# dtype (docs/numerics.md): the emulated forward's norm-wise error against float64 (normwise_error) at most
+# HALF_RATIO times the monolithic forward's own, and its perplexity within HALF_PERPLEXITY of the monolithic
+# forward's. Over 20 seeds x 4 models x 2 dtypes x M in {16, 64} (benchmarks/half_ratio.py) a correct run's
+# norm-wise ratio stayed within 0.98 to 1.04, where its max-row ratio spread over 0.74 to 1.29.
 HALF_RATIO = 1.25
 HALF_PERPLEXITY = 0.005
 
@@ -82,6 +84,17 @@ def compare(hidden: torch.Tensor, logprobs: torch.Tensor | None, want_hidden: to
     return out
 
 
+def normwise_error(hidden: torch.Tensor, reference: torch.Tensor) -> float:
+    """||Y - T||_F / ||T||_F over all rows: the norm-wise relative error of the whole output.
+
+    The 16-bit contract's ratio is taken on this figure, not on the worst row's: a max over rows is an
+    extreme value, and two 16-bit forwards that round differently put their worst row in different
+    places, so its ratio swings (0.74x to 1.29x for correct runs in docs/numerics.md) where this one,
+    a sum over every row, holds within a few percent and still moves when every merged row is worse."""
+    diff = hidden.double() - reference.double()
+    return float(diff.norm() / reference.double().norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def mean_row_error(hidden: torch.Tensor, reference: torch.Tensor) -> float:
     """mean_i ||y_i - t_i|| / ||t_i||."""
     diff = hidden.double() - reference.double()
@@ -96,19 +109,24 @@ def compare_half(hidden: torch.Tensor, logprobs: torch.Tensor | None, exact_hidd
                  exact_logprobs: torch.Tensor | None, same_hidden: torch.Tensor, same_logprobs: torch.Tensor | None,
                  ratio: float | None = None) -> dict:
     """verify's figures for a 16-bit run: its error against the float64 forward (exact_*) beside the
-    monolithic forward's in the same dtype (same_*); `tolerance` is `ratio` (HALF_RATIO) times the latter."""
+    monolithic forward's in the same dtype (same_*). The ratio verify gates on, `error_ratio`, is of the
+    norm-wise errors (`normwise_error`); `tolerance` is `ratio` (HALF_RATIO) times the monolithic
+    forward's norm-wise error. The worst rows' errors and their ratio (`max_error_ratio`) and the mean
+    per-row errors are reported beside it and gate nothing."""
     ratio = HALF_RATIO if ratio is None else float(ratio)
     exact_hidden = exact_hidden.to(hidden.device)
     out = compare(hidden, logprobs, exact_hidden, exact_logprobs, math.inf)
     same_hidden = same_hidden.to(hidden.device)
     _, same_err = row_errors(same_hidden, exact_hidden)
     out["monolithic_rel_err"] = same_err
-    # the worst row is often one both forwards compute alike (the first block's): the mean shows the rest
+    out["max_error_ratio"] = out["max_rel_err"] / same_err if same_err > 0 else math.inf
     out["mean_rel_err"], out["monolithic_mean_rel_err"] = mean_row_error(hidden, exact_hidden), \
         mean_row_error(same_hidden, exact_hidden)
-    out["error_ratio"] = out["max_rel_err"] / same_err if same_err > 0 else math.inf
-    out["tolerance"], out["error_ratio_bound"] = ratio * same_err, ratio
-    ok = math.isfinite(out["max_rel_err"]) and out["max_rel_err"] <= out["tolerance"]
+    err, same_norm = normwise_error(hidden, exact_hidden), normwise_error(same_hidden, exact_hidden)
+    out["normwise_rel_err"], out["monolithic_normwise_rel_err"] = err, same_norm
+    out["error_ratio"] = err / same_norm if same_norm > 0 else math.inf
+    out["tolerance"], out["error_ratio_bound"] = ratio * same_norm, ratio
+    ok = math.isfinite(err) and err <= out["tolerance"]  # NaN never passes
     if logprobs is not None and logprobs.numel():
         out["monolithic_perplexity"] = perplexity(same_logprobs)
         out["perplexity_gap"] = abs(perplexity(logprobs) / out["monolithic_perplexity"] - 1)
