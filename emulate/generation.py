@@ -92,6 +92,8 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
              executor: Any = None, oracle: Any = "kernel", threads: int | str | None = None, verify: bool = False,
              keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
              workers: int | None = None, placement: str | None = None,
+             cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
+             stall_timeout: float | None = None, worker_memory: int | None = None, grid: str | None = None,
              allow_past_positions: bool = False) -> Generation:
     """Generate up to `max_new_tokens` tokens after `prompt` (token ids, or text for a model with a tokenizer).
 
@@ -108,14 +110,17 @@ def generate(model=None, prompt=None, *, max_new_tokens: int = 16, temperature: 
     max_position_embeddings unless allow_past_positions (emulate/models/config.py, check_positions).
     executor "ray" (or emulate.Ray(...)): the prefill runs on Ray worker actors, each block's keys
     and values stay on the worker that projected them and the decode steps' calls run there
-    (cluster/decode.py); address, workers and placement ("sequence" or "layers") go to the Ray
-    executor. Returns a Generation.
+    (cluster/decode.py); address, workers, cpus_per_worker, gpus_per_worker, stall_timeout,
+    placement ("sequence", "layers", "grid" or "auto"), grid and worker_memory go to the Ray executor
+    (cluster/options.py), as emulate.run's do. Returns a Generation.
     """
     stream = generate_iter(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, input=input, block_size=block_size, attention=attention, window=window,
                            sinks=sinks, dtype=dtype, device=device, executor=executor, oracle=oracle, threads=threads,
                            verify=verify, keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids,
                            address=address, workers=workers, placement=placement,
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                           stall_timeout=stall_timeout, worker_memory=worker_memory, grid=grid,
                            allow_past_positions=allow_past_positions)
     for _ in stream:
         pass
@@ -129,13 +134,17 @@ def generate_iter(model=None, prompt=None, *, max_new_tokens: int = 16, temperat
                   threads: int | str | None = None, verify: bool = False,
                   keep_logits: bool = False, ignore_eos: bool = False, stop_ids=None, address: str | None = None,
                   workers: int | None = None, placement: str | None = None,
+                  cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
+                  stall_timeout: float | None = None, worker_memory: int | None = None, grid: str | None = None,
                   allow_past_positions: bool = False) -> GenerationStream:
     """`generate`, yielding each Token as it is chosen; every argument is checked before this returns."""
     run = _Generator(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                      input=input, block_size=block_size, attention=attention, window=window, sinks=sinks, dtype=dtype,
                      device=device, executor=executor, oracle=oracle, threads=threads, verify=verify,
                      keep_logits=keep_logits, ignore_eos=ignore_eos, stop_ids=stop_ids, address=address,
-                     workers=workers, placement=placement, allow_past_positions=allow_past_positions)
+                     workers=workers, placement=placement, cpus_per_worker=cpus_per_worker,
+                     gpus_per_worker=gpus_per_worker, stall_timeout=stall_timeout, worker_memory=worker_memory,
+                     grid=grid, allow_past_positions=allow_past_positions)
     return GenerationStream(run)
 
 
@@ -187,7 +196,8 @@ class _Generator:
 
     def __init__(self, model, prompt, *, max_new_tokens, temperature, top_p, seed, input, block_size, attention,
                  window, sinks, dtype, device, executor, oracle, threads, verify, keep_logits, ignore_eos, stop_ids,
-                 address, workers, placement, allow_past_positions=False):
+                 address, workers, placement, cpus_per_worker=None, gpus_per_worker=None, stall_timeout=None,
+                 worker_memory=None, grid=None, allow_past_positions=False):
         from emulate.problem import check_device, positive_int, prepare
         from emulate.runtime.contract import capability
         from emulate.runtime.decode import KVCache
@@ -200,7 +210,9 @@ class _Generator:
         self.sampling = Sampling(temperature, top_p, seed)
         check_device(device)
         ex = EXECUTORS.resolve("local" if executor is None else executor,
-                               {"threads": threads, "address": address, "workers": workers, "placement": placement})
+                               {"threads": threads, "address": address, "workers": workers, "placement": placement,
+                                "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
+                                "stall_timeout": stall_timeout, "worker_memory": worker_memory, "grid": grid})
         if not capability(ex, "keeps_kv"):
             raise EmulateError(f"generation needs an executor that keeps each block's keys and values where they "
                                f"were made; the {ex.name} executor does not (use the local or the ray executor)")

@@ -44,6 +44,21 @@ def test_greedy_tokens_and_logits_on_ray_are_the_local_executors_bit_for_bit(ray
     assert s["max_call_tokens"] <= 16 and s["kv_rebuilds"] == 0
 
 
+def test_grid_and_auto_placements_generate_the_local_tokens_through_the_keyword_api(ray_cluster):
+    """emulate.generate takes the Ray options emulate.run takes (cpus_per_worker, placement, grid):
+    on a 2x2 grid each worker keeps the blocks its row's layers projected, and the logits are the
+    local run's; auto runs whichever placement the planner names."""
+    local = emulate.generate("tiny-llama", PROMPT, **SHORT)
+    for placement, grid in (("grid", "2x2"), ("auto", None)):
+        g = emulate.generate("tiny-llama", PROMPT, executor="ray", address=ray_cluster, workers=4,
+                             cpus_per_worker=0.5, placement=placement, grid=grid, stall_timeout=120.0, **SHORT)
+        assert g.tokens == local.tokens and torch.equal(g.logits, local.logits), placement
+        assert len(g.stats["kv_bytes_per_worker"]) == 4
+        assert sum(g.stats["kv_bytes_per_worker"]) == local.stats["kv_bytes"]
+        if placement == "grid":
+            assert g.stats["placement"] == "grid" and all(b > 0 for b in g.stats["kv_bytes_per_worker"])
+
+
 def test_seeded_sampling_draws_the_same_tokens_on_both_executors(ray_cluster):
     sampled = dict(SHORT, temperature=0.9, top_p=0.95, seed=11)
     local = emulate.generate("tiny-llama", PROMPT, **sampled)

@@ -10,7 +10,12 @@ import json
 import math
 import sys
 
-from emulate.cli.options import add_problem_options, problem_keywords
+from emulate.cli.options import (
+    add_problem_options,
+    add_ray_options,
+    problem_keywords,
+    ray_keywords,
+)
 from emulate.cli.parser import Help
 
 
@@ -51,17 +56,11 @@ def generate_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
                    help="where the prefill runs and the keys are kept: local (this process) or ray (each block's "
                         "keys on the worker that made them; the decode calls run there) (default: local)")
-    g.add_argument("--address", default=None, help="with --executor ray: join a running cluster, auto or HOST:PORT "
-                   "(default $RAY_ADDRESS, else a private local instance, stopped at the end)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="with --executor ray: worker actors (default: as many as the cluster fits)")
-    g.add_argument("--placement", choices=("sequence", "layers"), default=None,
-                   help="with --executor ray: sequence (each worker runs every layer for its run of blocks, "
-                        "default) or layers (each worker owns a range of layers)")
     g.add_argument("--oracle", choices=ORACLES.names(), default="kernel", help="what runs each pair call")
     g.add_argument("--verify", action="store_true",
                    help="also run the monolithic forward over prompt and new tokens and compare every step's logits")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else there")
+    add_ray_options(g)
     g.set_defaults(handler=cmd_generate)
 
 
@@ -71,7 +70,7 @@ def cmd_generate(args) -> int:
     stream = generate_iter(args.model, **problem_keywords(args, prompt=True), max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, dtype=args.dtype, executor=args.executor,
                            oracle=args.oracle, verify=args.verify, ignore_eos=args.ignore_eos, stop_ids=args.stop_id,
-                           address=args.address, workers=args.workers, placement=args.placement,
+                           **ray_keywords(args),
                            allow_past_positions=args.allow_past_positions)
     shown: list[str] = []  # what stdout has of the new text (or ids, for a model without a tokenizer)
     try:

@@ -63,3 +63,36 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
 def pack_width(text: str) -> int | str:
     """--pack-heads H' (an integer), or "all" (what the option means with no value)."""
     return text if text == "all" else int(text)
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The Ray executor's options, one group shared by `emulate run` and `emulate generate`
+    (their values reach cluster/options.py's Ray through ray_keywords)."""
+    ray = parser.add_argument_group("Ray executor (with --executor ray)")
+    ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default "
+                     "$RAY_ADDRESS, else a private local instance, stopped at the end)")
+    ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker; its torch threads (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
+    ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                     help="stop with an error when no task finishes for S seconds (default 600)")
+    ray.add_argument("--placement", choices=("sequence", "layers", "grid", "auto"), default=None,
+                     help="sequence: every worker loads the whole model and runs every layer for its run of blocks "
+                          "(default); layers: each worker owns a contiguous range of layers and loads only their "
+                          "weights, blocks flowing through the workers as a pipeline; grid: P_layers x P_sequence "
+                          "workers, a row per range of layers splitting its blocks; auto: the one the planner "
+                          "predicts fastest among those that fit (named on stderr)")
+    ray.add_argument("--grid", default=None, metavar="LxS",
+                     help="the grid placement's shape, P_layers x P_sequence workers (default: the squarest, more "
+                          "rows than columns, docs/cluster.md)")
+    ray.add_argument("--worker-memory", type=int, default=None, metavar="BYTES",
+                     help="the most one worker may hold; a placement that would need more is refused, naming one "
+                          "that fits")
+
+
+def ray_keywords(args) -> dict:
+    """The keywords emulate.run and emulate.generate take for the Ray executor, from add_ray_options."""
+    return {"address": args.address, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker, "stall_timeout": args.stall_timeout,
+            "placement": args.placement, "worker_memory": args.worker_memory, "grid": args.grid}
+

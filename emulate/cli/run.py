@@ -8,7 +8,14 @@ import math
 import os
 import sys
 
-from emulate.cli.options import add_problem_options, add_quiet_option, pack_width, problem_keywords
+from emulate.cli.options import (
+    add_problem_options,
+    add_quiet_option,
+    add_ray_options,
+    pack_width,
+    problem_keywords,
+    ray_keywords,
+)
 from emulate.cli.parser import Help
 from emulate.cli.progress import ProgressReport
 
@@ -72,26 +79,7 @@ def run_options(run: argparse.ArgumentParser) -> None:
     oracle.add_argument("--pack-heads", type=pack_width, nargs="?", const="all", default=None, metavar="H'",
                         help="Lemma 3.3: run H' single-head instances side by side in one call (no value: all heads; "
                              "default 1)")
-    ray = run.add_argument_group("Ray executor (with --executor ray)")
-    ray.add_argument("--address", default=None, help="join a running cluster: auto or HOST:PORT (default "
-                     "$RAY_ADDRESS, else a private local instance, stopped at the end)")
-    ray.add_argument("--workers", type=int, default=None, help="worker actors (default: as many as the cluster fits)")
-    ray.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker; its torch threads (default 1)")
-    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, with --device cuda (default 0)")
-    ray.add_argument("--stall-timeout", type=float, default=None, metavar="S",
-                     help="stop with an error when no task finishes for S seconds (default 600)")
-    ray.add_argument("--placement", choices=("sequence", "layers", "grid", "auto"), default=None,
-                     help="sequence: every worker loads the whole model and runs every layer for its run of blocks "
-                          "(default); layers: each worker owns a contiguous range of layers and loads only their "
-                          "weights, blocks flowing through the workers as a pipeline; grid: P_layers x P_sequence "
-                          "workers, a row per range of layers splitting its blocks; auto: the one the planner "
-                          "predicts fastest among those that fit (named on stderr)")
-    ray.add_argument("--grid", default=None, metavar="LxS",
-                     help="the grid placement's shape, P_layers x P_sequence workers (default: the squarest, more "
-                          "rows than columns, docs/cluster.md)")
-    ray.add_argument("--worker-memory", type=int, default=None, metavar="BYTES",
-                     help="the most one worker may hold; a placement that would need more is refused, naming one "
-                          "that fits")
+    add_ray_options(run)
     run.set_defaults(handler=cmd_run)
 
 
@@ -109,9 +97,7 @@ def cmd_run(args) -> int:
     try:
         result = run(
             args.model, **problem_keywords(args), dtype=args.dtype, device=args.device, executor=args.executor,
-            oracle=args.oracle, pack_heads=args.pack_heads, address=args.address, workers=args.workers,
-            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, trace=args.trace,
-            stall_timeout=args.stall_timeout, placement=args.placement, worker_memory=args.worker_memory, grid=args.grid,
+            oracle=args.oracle, pack_heads=args.pack_heads, **ray_keywords(args), trace=args.trace,
             threads=args.threads, output=args.output, hidden=args.hidden,
             verify=args.verify or default_run, tolerance=args.tolerance, collect=False, backend=args.backend,
             progress=progress)
