@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from emulate.errors import EmulateError
-from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
+from emulate.runtime.contract import BoundOracle, CallCounts, PairCall, Partial
 from emulate.runtime.decode import KVLost
 
 
@@ -85,9 +87,9 @@ class RemoteKV:
         return min(count, key=lambda w: (count[w], w)) if count else 0
 
     def attend(self, layer: int, pairs: list[tuple[int, PairCall]], q, scale: float, oracle: BoundOracle,
-               counts: CallCounts) -> list:
-        """The partials of q against each (block, pair call), from the workers holding the blocks, in
-        the order of `pairs`; the calls counted where they ran, added to `counts`. `oracle` and
+               counts: CallCounts) -> Partial:
+        """The partials of q against each (block, pair call), from the workers holding the blocks,
+        stacked in the order of `pairs` (o [n, H, 1, dh], lse [n, H, 1], as KVCache.attend); the calls counted where they ran, added to `counts`. `oracle` and
         `scale` are the workers' own (each bound the run's oracle when it loaded the model)."""
         import ray
 
@@ -107,7 +109,7 @@ class RemoteKV:
         asks = {w: self.pool.actors[w].decode.remote(self.pool.shared, layer, append.get(w), wire_q, calls)
                 for w, calls in by_worker.items()}
         self._wait(list(asks.values()))
-        got: dict[int, object] = {}
+        got: dict[int, tuple] = {}
         for w, ref in asks.items():
             try:
                 partials, ran, held = get(ray, ref, f"layer {layer}'s decode calls", self.pool)
@@ -115,9 +117,13 @@ class RemoteKV:
                 raise KVLost(str(err)) from None
             counts.add(ran)
             self.worker_bytes[w] = held
-            for (j, _), partial in zip(by_worker[w], partials):
-                got[j] = from_wire(partial, q.device, copy=True)
-        return [got[j] for j, _ in pairs]
+            if not by_worker[w]:
+                continue  # the tail's worker, sent only the new token's keys
+            o, lse = from_wire(partials, q.device)
+            for i, (j, _) in enumerate(by_worker[w]):
+                got[j] = (o[i], lse[i])
+        # stacked in the order of `pairs` (copies: the received arrays stay the object store's)
+        return (torch.stack([got[j][0] for j, _ in pairs]), torch.stack([got[j][1] for j, _ in pairs]))
 
     def _wait(self, refs: list) -> None:
         """Until every call has answered, checking the workers' health as the executor does."""

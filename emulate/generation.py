@@ -246,7 +246,7 @@ class _Generator:
         self.problem, self.executor, self.oracle, self.bound, self.device = p, ex, chosen, bound, device
         # the prefill's store: this process's for the local executor; the Ray executor keeps the
         # blocks on its workers and hands back its own (the backend's kept_kv, once the prefill ran)
-        self.cache = KVCache(config.layers, p.block_size)
+        self.cache = KVCache(config.layers, p.block_size, capacity=total - 1)  # the last token is never fed back
         self.backend = GraphBackend(p, p.compact_graph(), ex, chosen, device, kv=self.cache)
         self.replayed = 0  # decode steps run again on rebuilt blocks
         self.sampler = Sampler(self.sampling)

@@ -42,15 +42,16 @@ class Transformer:
             x = self._norm(x, "embed.norm")
         return x
 
-    def project(self, layer: int, x: torch.Tensor, positions: torch.Tensor):
-        """x[i] -> q[i], k[i], v[i]: the pre-norm, the QKV projections and RoPE at global positions."""
+    def project(self, layer: int, x: torch.Tensor, positions: torch.Tensor, rope=None):
+        """x[i] -> q[i], k[i], v[i]: the pre-norm, the QKV projections and RoPE at global positions.
+        rope: `self.rope(positions)` when the caller has it already (a decode step's, for every layer)."""
         c, p = self.config, f"layers.{layer}."
         h = self._norm(x, p + "attn_norm") if c.prenorm else x
         q = self._linear(h, p + "q").view(-1, c.heads, c.head_dim).transpose(0, 1)
         k = self._linear(h, p + "k").view(-1, c.kv_heads, c.head_dim).transpose(0, 1)
         v = self._linear(h, p + "v").view(-1, c.kv_heads, c.head_dim).transpose(0, 1)
         if c.positions == "rope":
-            cos, sin = self.rope(positions)
+            cos, sin = self.rope(positions) if rope is None else rope
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         return q.contiguous(), k.contiguous(), v.contiguous()

@@ -18,6 +18,10 @@ with a safe default, never from its class or name:
                                 add up across processes (the Ray executor runs it on its workers)
     oracle.tolerance(dtype)     the error it promises when looser than the dtype's contract
     oracle.half        (False)  it runs bfloat16 and float16 pair calls, returning float32 partials
+    oracle.attend_blocks(pairs, q, k, v, scale)  (absent: one attend per pair) a decode step's pair
+                                calls against whole blocks (mask none) in one invocation, k and v
+                                stacked [n, Hkv, mk, dh], the partials stacked [n, ...]; each block
+                                its own softmax (emulate/runtime/decode.py, KVCache.attend)
     executor.in_process (False) it runs on the caller's device, where verify's reference then runs
     executor.graph_form ("compact")  the form of the graph it holds: "compact" or "plan"
                                 (emulate/runtime/memory.py prices each)

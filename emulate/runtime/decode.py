@@ -1,11 +1,12 @@
 """Decoding on the block KV cache: one new token through every layer as small calls of at most M keys.
 
-    KVCache     each block's keys and values (after RoPE), kept where the prefill made them; new
-                tokens go to a tail block that becomes an ordinary block once it holds M tokens;
-                attend(layer, pairs, q) runs a step's pair calls on the blocks it holds
+    KVCache     each block's keys and values (after RoPE), kept where the prefill made them, full
+                blocks side by side in one stacked store per layer; new tokens go to a tail block
+                that joins the store once it holds M tokens; attend(layer, pairs, q) runs a step's
+                pair calls on the blocks it holds (a run of whole blocks as one batched invocation)
     Decoder     step(token, position) -> logits: per layer, the new query attends each key block
-                its pattern lets it see in one call (the query and at most M keys), the partials
-                merged by the prefill's merger (emulate/runtime/merge.py, TreeMerge)
+                its pattern lets it see in one call (the query and at most M keys), the stacked
+                partials merged in the prefill's tree (emulate/runtime/merge.py, merge_stacked)
     KVLost      a store lost blocks (a Ray worker died, cluster/decode.py): the generation rebuilds
                 the cache and replays its steps (emulate/generation.py)
 
@@ -21,16 +22,16 @@ blocks the window and the sinks reach (O(1)). Every call is counted as it runs (
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from emulate.models.block import Transformer
-from emulate.runtime.contract import BoundOracle, CallCounts, PairCall
-from emulate.runtime.merge import merge
-from graphs import Pattern, pair_mask
+from emulate.runtime.contract import BoundOracle, CallCounts, PairCall, Partial
+from emulate.runtime.merge import merge_stacked
+from graphs import MaskKind, Pattern, pair_mask
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -46,17 +47,58 @@ class KVCache:
     """Keys and values [Hkv, m, dh] per layer and block; the last block of each layer is the tail.
 
     keep(layer, block, k, v) is the prefill's store (emulate/runtime/runner.py calls it for every
-    projection); append(layer, position, k, v) adds one decoded token.
+    projection); append(layer, position, k, v) adds one decoded token. A layer's full blocks (M
+    tokens) live side by side in one stacked tensor [slots, Hkv, M, dh], so a step attends them in
+    one batched call without stacking anything per step; the tail grows in place and joins the
+    store once full. capacity: the tokens the cache will hold (the prompt and every new token but
+    the last), when known: the store is made once, block j in slot j, for the full blocks those
+    tokens make. Otherwise (a Ray worker's share, cluster/worker.py) the full blocks kept since the
+    last step are stacked with the store's at the next attend: exactly the blocks held, one copy of
+    the layer's blocks once per M tokens, never a slot for a block held elsewhere.
     """
 
-    def __init__(self, layers: int, block_size: int):
+    def __init__(self, layers: int, block_size: int, capacity: int | None = None):
         self.block_size = block_size
+        self.capacity = capacity
         self.blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
         self.filled: list[dict[int, int]] = [{} for _ in range(layers)]  # tokens held by each block
+        self._stacked: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers  # full blocks' k, v
+        self._slot: list[dict[int, int]] = [{} for _ in range(layers)]  # block -> its slot in _stacked
+        self._loose: list[set[int]] = [set() for _ in range(layers)]  # full blocks not yet in _stacked
+        self._lock = threading.Lock()  # the local executor's call workers keep blocks side by side
 
     def keep(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[1] == self.block_size:
+            with self._lock:
+                k, v = self._full(layer, block, k, v)
         self.blocks[layer][block] = (k, v)
         self.filled[layer][block] = k.shape[1]
+
+    def _full(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block that holds M tokens: copied into its slot when the store was made for it, else loose."""
+        slots = self._slot[layer]
+        if self.capacity is not None and block < self.capacity // self.block_size:
+            held = self._stacked[layer]
+            if held is None:
+                room = self.capacity // self.block_size
+                held = self._stacked[layer] = tuple(t.new_empty((room, *t.shape)) for t in (k, v))
+            held[0][block], held[1][block] = k, v
+            slots[block] = block
+            return held[0][block], held[1][block]
+        slots.pop(block, None)
+        self._loose[layer].add(block)
+        return k, v
+
+    def _stack(self, layer: int) -> None:
+        """The layer's full blocks, the store's and the loose ones, into one store of exactly those blocks."""
+        full = sorted(set(self._slot[layer]) | self._loose[layer])
+        k = torch.stack([self.blocks[layer][j][0] for j in full])
+        v = torch.stack([self.blocks[layer][j][1] for j in full])
+        self._stacked[layer] = (k, v)
+        self._slot[layer] = {j: s for s, j in enumerate(full)}
+        for s, j in enumerate(full):  # the blocks' views of the new store; the old one is freed
+            self.blocks[layer][j] = (k[s], v[s])
+        self._loose[layer].clear()
 
     def append(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token's k, v [Hkv, 1, dh] at `position` (the next one): into the tail block, or a new one."""
@@ -78,6 +120,8 @@ class KVCache:
             grown_k[:, :row], grown_v[:, :row] = kb[:, :row], vb[:, :row]
             kb, vb = grown_k, grown_v
         kb[:, row:row + 1], vb[:, row:row + 1] = k, v
+        if row + 1 == M:  # the tail is full: an ordinary block, for the stacked store
+            kb, vb = self._full(layer, block, kb, vb)
         self.blocks[layer][block] = (kb, vb)
         self.filled[layer][block] = row + 1
 
@@ -93,19 +137,54 @@ class KVCache:
         return sum(self.filled[layer].values())
 
     def attend(self, layer: int, pairs: list[tuple[int, PairCall]], q: torch.Tensor, scale: float,
-               oracle: BoundOracle, counts: CallCounts) -> list:
-        """The partials (o, lse) of query q [H, 1, dh] against each block of `pairs` ((block, pair call),
-        ascending), one call each, counted in `counts`; each call reads the keys of its pair's span."""
-        partials = []
+               oracle: BoundOracle, counts: CallCounts) -> Partial:
+        """The partials of query q [H, 1, dh] against each block of `pairs` ((block, pair call),
+        ascending), stacked in that order (o [n, H, 1, dh], lse [n, H, 1]); one call each, counted in
+        `counts`, each reading the keys of its pair's span. A run of whole blocks that see every key
+        (mask none) next to each other in the stacked store goes to the oracle as one batched
+        invocation when it offers one (`attend_blocks`, emulate/runtime/oracles.py), each block its
+        own softmax of M keys; the rest one `attend` each."""
+        batched = getattr(oracle, "attend_blocks", None)
+        if batched is not None and self._loose[layer]:
+            self._stack(layer)
+        M, slots, held = self.block_size, self._slot[layer], self._stacked[layer]
+        os, lses, run = [], [], []
+
+        def flush():
+            if run:
+                a = slots[run[0][0]]
+                k, v = held[0][a:a + len(run)], held[1][a:a + len(run)]
+                o, lse = batched([at_layer(pair, layer) for _, pair in run], q, k, v, scale)
+                os.append(o)
+                lses.append(lse)
+                run.clear()
+
         for j, pair in pairs:
-            kb, vb = self.keys(layer, j)
             width = pair.key_span[1] - pair.key_span[0]
-            if kb.shape[1] < width:
-                raise KVLost(f"layer {layer} block {j} holds {kb.shape[1]} tokens where the step reads {width}")
-            kb, vb = kb[:, :width], vb[:, :width]
+            have = self.filled[layer].get(j)
+            if have is None:
+                raise KVLost(f"layer {layer} block {j} is not held here")
+            if have < width:
+                raise KVLost(f"layer {layer} block {j} holds {have} tokens where the step reads {width}")
             counts.call(max(1, width), layer, attention=True)
-            partials.append(oracle.attend(replace(pair, layer=layer), q, kb, vb, scale))
-        return partials
+            slot = slots.get(j)
+            if batched is not None and width == M and pair.mask == MaskKind.NONE and slot is not None:
+                if run and slots[run[-1][0]] + 1 != slot:
+                    flush()
+                run.append((j, pair))
+                continue
+            flush()
+            kb, vb = self.keys(layer, j)
+            o, lse = oracle.attend(at_layer(pair, layer), q, kb[:, :width], vb[:, :width], scale)
+            os.append(o[None])
+            lses.append(lse[None])
+        flush()
+        if not os:  # nothing asked of this store (a Ray worker sent only the new token's keys)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            return q.new_zeros((0, *q.shape), dtype=acc), q.new_zeros((0, *q.shape[:2]), dtype=acc)
+        if len(os) == 1:
+            return os[0], lses[0]
+        return torch.cat(os), torch.cat(lses)
 
     def inventory(self) -> dict[tuple[int, int], int]:
         """(layer, block) -> tokens held, for every block here."""
@@ -115,11 +194,23 @@ class KVCache:
         for layer in range(len(self.blocks)):
             self.blocks[layer].clear()
             self.filled[layer].clear()
+            self._slot[layer].clear()
+            self._loose[layer].clear()
+            self._stacked[layer] = None
 
     def nbytes(self) -> int:
-        """Bytes the cache holds (the tail's unused room included)."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for layer in self.blocks for k, v in layer.values())
+        """Bytes the cache holds: the stacked stores (free slots included) and the tails' room."""
+        stores = sum(t.numel() * t.element_size() for held in self._stacked if held is not None for t in held)
+        tails = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                    for layer, slots in zip(self.blocks, self._slot)
+                    for j, (k, v) in layer.items() if j not in slots)
+        return stores + tails
+
+
+def at_layer(pair: PairCall, layer: int) -> PairCall:
+    """The step's pair call for `layer` (the layers of one pattern share a step's pairs); built
+    directly, as dataclasses.replace costs several times more on a step's hundreds of calls."""
+    return pair if pair.layer == layer else PairCall(layer, pair.span, pair.key_span, pair.mask, pair.pattern)
 
 
 def visible_blocks(pattern: Pattern, position: int, block_size: int) -> list[int]:
@@ -146,17 +237,18 @@ class Decoder:
         pos = torch.tensor([position], device=m.device)
         self.counts.call(1)
         x = m.embed(torch.tensor([token], device=m.device), pos)
+        rope = m.rope(pos) if m.config.positions == "rope" else None  # the same for every layer
         plans: dict[Pattern, list[tuple[int, PairCall]]] = {}  # layers of one pattern share the step's pairs
         for layer, pattern in enumerate(self.patterns):
             self.counts.call(1)
-            q, k, v = m.project(layer, x, pos)
+            q, k, v = m.project(layer, x, pos, rope)
             self.cache.append(layer, position, k, v)
             if pattern not in plans:
                 plans[pattern] = self.pairs(pattern, position, layer)
-            partials = self.cache.attend(layer, plans[pattern], q, m.scale, self.oracle, self.counts)
-            if len(partials) > 1:
+            o, lse = self.cache.attend(layer, plans[pattern], q, m.scale, self.oracle, self.counts)
+            if o.shape[0] > 1:
                 self.counts.call(1)
-            o, _ = merge(partials)
+            o, _ = merge_stacked(o, lse)
             self.counts.call(1)
             x = m.mix(layer, x, o)
         self.counts.call(1)

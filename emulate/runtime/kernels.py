@@ -57,6 +57,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     return _partial(o, lse)
 
 
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` of one query block against n key blocks, all their keys visible: q [H, mq, dh], k and v
+    [n, Hkv, mk, dh] -> (o [n, H, mq, dh], lse [n, H, mq]), block b's partial that of `attend(q, k[b], v[b])`.
+
+    One kernel invocation with the blocks as its batch: every (block, head) is its own softmax over
+    the block's mk keys, so each block is still its own call of at most mk keys, without paying a
+    kernel's start n times (a decode step's query against the cache's full blocks, emulate/runtime/decode.py).
+    """
+    n, Hkv = k.shape[0], k.shape[1]
+    H, mq, dh = q.shape
+    if q.device.type != "cpu":
+        o, lse = zip(*(attend(q, k[b], v[b], scale) for b in range(n)))
+        return torch.stack(o), torch.stack(lse)
+    # GQA: each KV head's query heads folded into its rows (every row is its own softmax, as in `attend`)
+    qb = q.reshape(Hkv, -1, dh)[None].expand(n, Hkv, (H // Hkv) * mq, dh)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, k, v, 0.0, False, scale=scale)[:2]
+    return _partial(o.reshape(n, H, mq, dh), lse.reshape(n, H, mq))
+
+
 def _partial(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16-bit call's (o, lse) in float32; float32 and float64 as they are (promote_types is the identity)."""
     acc = torch.promote_types(o.dtype, torch.float32)

@@ -19,7 +19,7 @@ def merge_pair(a: Partial, b: Partial) -> Partial:
     """(o_a, lse_a) + (o_b, lse_b) -> (o, lse); o is [H, m, dh], lse is [H, m]."""
     (oa, la), (ob, lb) = a, b
     # sigmoid(lb - la) is b's share; -inf - -inf would be NaN, and a row empty in both stays empty
-    both_empty = torch.isinf(la) & torch.isinf(lb) & (la < 0) & (lb < 0)
+    both_empty = (la == float("-inf")) & (lb == float("-inf"))
     share_b = torch.sigmoid(torch.where(both_empty, torch.zeros_like(la), lb - la))
     out = oa - share_b[..., None] * (oa - ob)
     return out, torch.logaddexp(la, lb)
@@ -60,3 +60,20 @@ def merge(partials: list[Partial]) -> Partial:
     for p in partials:
         tree.push(p)
     return tree.result()
+
+
+def merge_stacked(o: torch.Tensor, lse: torch.Tensor) -> Partial:
+    """Merge n partials stacked along a first axis (o [n, H, m, dh], lse [n, H, m]) in the same
+    balanced tree as `merge` over their order, one level at a time: each level merges every
+    neighbouring pair in one vectorized `merge_pair` and carries an odd last partial up a level,
+    which is the tree TreeMerge folds (its docstring), so the result is the same math as
+    `merge([(o[0], lse[0]), ..., (o[n-1], lse[n-1])])`."""
+    if o.shape[0] == 0:
+        raise ValueError("nothing to merge")
+    while o.shape[0] > 1:
+        n = o.shape[0] - o.shape[0] % 2
+        mo, ml = merge_pair((o[0:n:2], lse[0:n:2]), (o[1:n:2], lse[1:n:2]))
+        if n < o.shape[0]:
+            mo, ml = torch.cat((mo, o[n:])), torch.cat((ml, lse[n:]))
+        o, lse = mo, ml
+    return o[0], lse[0]

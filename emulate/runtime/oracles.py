@@ -48,6 +48,13 @@ class KernelOracle:
         mask = MaskKind.NONE if pair.mask == MaskKind.SAMPLE else pair.mask
         return attend(q, k, v, scale, mask)
 
+    def attend_blocks(self, pairs: list[PairCall], q, k, v, scale: float) -> Partial:
+        """The pair calls of one query against whole key blocks (mask none), stacked k, v [n, Hkv, mk, dh]:
+        one kernel invocation, the blocks its batch (emulate/runtime/kernels.py, attend_blocks)."""
+        from emulate.runtime.kernels import attend_blocks
+
+        return attend_blocks(q, k, v, scale)
+
     def summary(self) -> dict:
         return {}
 
