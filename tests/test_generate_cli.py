@@ -27,6 +27,14 @@ def test_json_carries_the_measured_figures_and_verify():
     assert s["time_per_output_token_s"] > 0 and s["kv_bytes"] > 0 and s["executor"] == "local"
 
 
+def test_bfloat16_verify_states_the_relative_contract():
+    r = emulate_child("generate", "--model", "tiny-llama", "--text", "Hello there, friend", "--max-new-tokens", "5",
+                      "-M", "4", "--dtype", "bfloat16", "--verify", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("verify"))
+    assert "the monolithic bfloat16 forward's" in line and "(at most 1.25x)" in line and line.endswith(": verified")
+
+
 def test_the_new_tokens_stream_to_stdout_and_the_summary_to_stderr():
     r = emulate_child("generate", "--model", "tiny-llama", "--text", "Hello", "--max-new-tokens", "5", "-M", "4")
     assert r.returncode == 0, r.stderr

@@ -132,6 +132,22 @@ def test_matches_the_monolithic_reference(attention, extra):
     assert s["max_call_tokens"] <= 16 and len(g.tokens) == 12 and g.text is None
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_generation_is_held_to_the_relative_contract(dtype):
+    """In 16 bits verify compares the logits with a float64 and a same-dtype monolithic forward:
+    the emulated error is a real rounding error (not 0, not the float64 contract's 1e-10) and within
+    HALF_RATIO of the monolithic forward's own; a 16-bit merge of the partials would not be."""
+    from emulate.runtime.verify import HALF_RATIO
+
+    prompt = np.random.default_rng(1).integers(0, 1024, 70)
+    s = emulate.generate("tiny-llama", prompt, max_new_tokens=8, block_size=16, dtype=dtype, ignore_eos=True,
+                         verify=True).stats
+    assert s["dtype"] == dtype and s["verified"] and s["error_ratio_bound"] == HALF_RATIO
+    assert 1e-4 < s["monolithic_logit_err"] < 0.2 and s["logit_err"] > 1e-4
+    assert s["error_ratio"] == pytest.approx(s["logit_err"] / s["monolithic_logit_err"])
+    assert s["logit_err"] <= s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_logit_err"])
+
+
 def test_window_calls_stay_flat_while_causal_grows():
     """Per-token pair calls counted as they ran: O(N / M) for causal, O(1) for a window."""
     def calls(n, attention, **extra):

@@ -52,7 +52,8 @@ def generate_options(g: argparse.ArgumentParser) -> None:
                    help="also stop after this token id (kept in the output); may be given more than once")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens of probability >= P")
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the run's float type")
+    g.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+                   help="the run's float type (16 bits: pair partials and merges in float32, docs/numerics.md)")
     g.add_argument("--executor", choices=EXECUTORS.names(), default=None,
                    help="where the prefill runs and the keys are kept: local (this process) or ray (each block's "
                         "keys on the worker that made them; the decode calls run there) (default: local)")
@@ -98,8 +99,7 @@ def cmd_generate(args) -> int:
         print(flush=True)
         print(summary(s), file=sys.stderr)
     if s.get("verified") is False:
-        print(f"emulate: verify failed: max_logit_err {s['max_logit_err']:.3e} (tolerance {s['tolerance']:.1e}), "
-              f"greedy tokens match: {s.get('reference_tokens_match')}", file=sys.stderr)
+        print(f"emulate: verify failed: {verify_figures(s)}", file=sys.stderr)
         return 1
     return 0
 
@@ -130,8 +130,17 @@ def summary(s: dict) -> str:
     on = (f" on {len(per)} workers ({', '.join(f'{b / 2**20:.2f}' for b in per)} MiB)" if s["executor"] == "ray" else "")
     rebuilt = f"; rebuilt {s['kv_rebuilds']} time(s) after a worker died" if s.get("kv_rebuilds") else ""
     lines.append(f"KV cache   {s['kv_bytes'] / 2**20:.2f} MiB{on}{rebuilt}; peak RSS {s['peak_rss_mb']} MB")
-    if "max_logit_err" in s:
-        lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; max_logit_err {s['max_logit_err']:.3e}"
-                     + (f", greedy tokens match: {s['reference_tokens_match']}" if "reference_tokens_match" in s else "")
-                     + f": {'verified' if s['verified'] else 'NOT verified'} (tolerance {s['tolerance']:.0e})")
+    if "verified" in s:
+        lines.append(f"verify     monolithic reference {s['reference_s']:.3f} s; {verify_figures(s)}: "
+                     f"{'verified' if s['verified'] else 'NOT verified'}")
     return "\n".join(lines)
+
+
+def verify_figures(s: dict) -> str:
+    """The reference comparison in words: the logits' error against its tolerance (in 16 bits, the
+    norm-wise error beside the same-dtype monolithic forward's, emulate/generation.py _compare)."""
+    match = f", greedy tokens match: {s['reference_tokens_match']}" if "reference_tokens_match" in s else ""
+    if "error_ratio" in s:
+        return (f"logit error {s['logit_err']:.3e} against float64, {s['error_ratio']:.3f}x the monolithic "
+                f"{s['dtype']} forward's {s['monolithic_logit_err']:.3e} (at most {s['error_ratio_bound']}x){match}")
+    return f"max_logit_err {s['max_logit_err']:.3e} (tolerance {s['tolerance']:.0e}){match}"
