@@ -299,10 +299,16 @@ class _Generator:
         """Decoder.step; when the store lost blocks (a Ray worker died), it makes them again and the
         steps before this one are replayed on them, the same calls as before (cluster/decode.py)."""
         from emulate.runtime.decode import Decoder, KVLost
+        from emulate.runtime.threads import ThreadPolicy
 
         while True:
             try:
-                return self.decoder.step(token, position)
+                # one torch thread for the step, the caller's count put back after (28 us a step): a
+                # step is batch-1 GEMVs and calls of at most M keys, where intra-op threads spin more
+                # than they give; SmolLM2 measured 57 ms a token on one thread against 228 to 260 ms on
+                # torch's default two on 2 cores with other work running (docs/generation.md)
+                with ThreadPolicy(1 if self.device == "cpu" else None):
+                    return self.decoder.step(token, position)
             except KVLost:
                 rebuild = getattr(self.cache, "rebuild", None)
                 if rebuild is None:

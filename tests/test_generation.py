@@ -148,6 +148,34 @@ def test_16_bit_generation_is_held_to_the_relative_contract(dtype):
     assert s["logit_err"] <= s["tolerance"] == pytest.approx(HALF_RATIO * s["monolithic_logit_err"])
 
 
+def test_a_decode_step_runs_on_one_torch_thread_and_the_callers_count_comes_back():
+    """Batch-1 steps of small calls run on one intra-op thread (docs/generation.md: several spin on
+    a shared machine); the caller's count is back between the tokens it is handed."""
+    from emulate.runtime.oracles import KernelOracle
+
+    seen: list[int] = []
+
+    class ThreadsSeen(KernelOracle):
+        def attend(self, pair, q, k, v, scale):
+            seen.append(torch.get_num_threads())
+            return super().attend(pair, q, k, v, scale)
+
+        def attend_blocks(self, pairs, q, k, v, scale):
+            seen.append(torch.get_num_threads())
+            return super().attend_blocks(pairs, q, k, v, scale)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stream = emulate.generate_iter("tiny-llama", np.arange(40) % 1024, max_new_tokens=4, block_size=16,
+                                       oracle=ThreadsSeen(), ignore_eos=True)
+        between = [torch.get_num_threads() for _ in stream]
+    finally:
+        torch.set_num_threads(before)
+    assert between == [2, 2, 2, 2] and len(seen) > 0
+    assert set(seen[-3 * 4:]) == {1}  # the three decode steps' calls, 4 layers
+
+
 def test_window_calls_stay_flat_while_causal_grows():
     """Per-token pair calls counted as they ran: O(N / M) for causal, O(1) for a window."""
     def calls(n, attention, **extra):

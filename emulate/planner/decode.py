@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from emulate.errors import EmulateError
 from emulate.models.config import ModelConfig, check_positions
 from emulate.planner.costs import GB, Hardware, ring_allreduce_s
+from graphs import MaskKind, pair_mask
 
 # NCCL's own latency model of a ring all-reduce in the LL protocol, the one it picks for messages of
 # a few kilobytes (NVIDIA/nccl, src/graph/tuning.cc, baseLat and hwLat, "Latencies in us"): a base
@@ -204,6 +205,8 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
     ar = allreduce_s(act_bytes, G, hw, tp_link)
     from emulate.runtime.decode import visible_blocks
 
+    batched = device == "cpu"  # the CPU kernel batches a worker's full blocks; a GPU runs one call per block
+
     totals = dict.fromkeys(("weights", "kv", "calls", "tp_allreduce", "hops"), 0.0)
     calls_sum = pairs_sum = kv_sum = hops_sum = 0.0
     steps = K - 1
@@ -217,7 +220,8 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
         for pattern in patterns:
             if pattern not in per_pattern:
                 per_pattern[pattern] = _layer_attention(pattern, t, M, owner, tail_worker, P, config, b, dev, G, hw,
-                                                        over, q_bytes, partial_bytes, hop, link, visible_blocks)
+                                                        over, q_bytes, partial_bytes, hop, link, visible_blocks,
+                                                        batched)
             a = per_pattern[pattern]
             step["kv"] += a["kv_s"]
             step["calls"] += a["calls_s"] + 2 * over  # the projection and the mix
@@ -253,21 +257,30 @@ def _gemm_flops(config: ModelConfig) -> tuple[float, float]:
 
 
 def _layer_attention(pattern, t, M, owner, tail_worker, P, config, b, dev, G, hw, over, q_bytes, partial_bytes, hop,
-                     link, visible_blocks) -> dict:
+                     link, visible_blocks, batched: bool) -> dict:
     """One layer's attention for the token at position t: each worker's pair calls over its visible
-    blocks (the slowest worker counts), its local merge, and the hops between workers."""
+    blocks (the slowest worker counts), its local merge, and the hops between workers. batched: the
+    worker attends its full blocks in one kernel invocation and merges the partials in one stacked
+    step (the kernel oracle's attend_blocks on the CPU, emulate/runtime/decode.py), so it pays the
+    fixed cost of those invocations, not one per block; the calls counted stay one per block, as
+    generation counts them."""
     per_worker: dict[int, list[int]] = {}
     kv_bytes = 0.0
     for j in visible_blocks(pattern, t, M):
         keys = min(M, t + 1 - j * M)
-        per_worker.setdefault(owner(j), []).append(keys)
+        # a whole block that sees every key goes into the batched invocation (Decoder's KVCache.attend)
+        whole = keys == M and pair_mask(pattern, (t, t + 1), (j * M, j * M + M)).kind == MaskKind.NONE
+        per_worker.setdefault(owner(j), []).append((keys, whole))
         kv_bytes += 2 * config.kv_heads * config.head_dim * keys * b
     slowest, calls, slow_calls = 0.0, 0, 0.0
     for blocks in per_worker.values():
         n = len(blocks) + (1 if len(blocks) > 1 else 0)  # its pair calls and, past one, their merge
         calls += n
-        mem = sum(2 * config.kv_heads * config.head_dim * k * b for k in blocks) / (G * dev.bandwidth)
-        flops = sum(4 * config.heads * config.head_dim * k for k in blocks)
+        if batched:  # the whole blocks in one kernel invocation, the others one each, one stacked merge
+            whole = sum(1 for _, w in blocks if w)
+            n = (1 if whole else 0) + (len(blocks) - whole) + (1 if len(blocks) > 1 else 0)
+        mem = sum(2 * config.kv_heads * config.head_dim * k * b for k, _ in blocks) / (G * dev.bandwidth)
+        flops = sum(4 * config.heads * config.head_dim * k for k, _ in blocks)
         rate = dev.rate(hw.dtype, "attention", flops / len(blocks)) * G
         s = max(mem, flops / rate)
         if s + n * over >= slowest + slow_calls:
