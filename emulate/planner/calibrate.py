@@ -24,7 +24,7 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 3  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 4  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
@@ -91,7 +91,8 @@ def _device(entry: dict) -> Device:
                   attention_flops=tables["none"], matmul_flops=matmul,
                   masked_attention={m: t for m, t in tables.items() if m != "none"},
                   contention=tuple(float(c) for c in entry["contention"]), calibration=cal,
-                  serial_call_s=tuple(float(c) for c in entry["serial_call_s"]))
+                  serial_call_s=tuple(float(c) for c in entry["serial_call_s"]),
+                  merge_flops={float(f): float(r) for f, r in entry["merge_flops"]})
 
 
 def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> list[str]:
@@ -176,6 +177,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
                 flops = 4 * h * dh * kernel_entries(window, mask, span, keys)
                 tables["explicit"].append((flops, flops / _fastest(lambda p=pair, q=q, k=k, v=v: oracle.attend(p, q, k, v, 0.1), per)))
         tables["explicit"].sort()
+        merges = _merge_rates(g, per)
         big = torch.empty(2**25)  # 128 MiB
         copy = _fastest(lambda: big.clone(), per)
     finally:
@@ -186,9 +188,30 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
                       torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
                       seconds=clock() - began)
-    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables,
+    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges,
             "call_overhead_s": call, "serial_call_s": serial, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
             "memory": float(psutil.virtual_memory().total)}
+
+
+MERGE_PARTIALS = 4  # partials per timed merge: three pairwise merges of the tree
+
+
+def _merge_rates(g, per: float) -> list:
+    """[(FLOPs of one pairwise merge, FLOP/s)]: the executor's own merge (emulate/runtime/merge.py,
+    `merge`, which the runner's merge node calls) on MERGE_PARTIALS partials of block-call shapes,
+    FLOPs counted as the graph counts them (graphs/costs.py, merge_cost). The merge is elementwise:
+    its passes over the partials' memory, not its arithmetic, set its time, so it runs far below the
+    GEMM rate the rest of a task's non-attention FLOPs are priced at."""
+    import torch
+
+    from emulate.runtime.merge import merge
+
+    out = []
+    for h, m, dh in ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64)):
+        partials = [(torch.randn(h, m, dh, generator=g), torch.randn(h, m, generator=g)) for _ in range(MERGE_PARTIALS)]
+        flops = 5 * m * h * dh * (MERGE_PARTIALS - 1)
+        out.append((flops / (MERGE_PARTIALS - 1), flops / _fastest(lambda p=partials: merge(p), per)))
+    return out
 
 
 def _kernel_mix():
