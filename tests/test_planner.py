@@ -184,11 +184,12 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 4, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": 5, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
         "serial_call_s": [2e-5, 3e-5], "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
+        "node_flops": [[1e6, 5e9], [1e9, 1.5e10]],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
 
@@ -311,3 +312,17 @@ def test_merges_are_priced_at_the_measured_merge_rate():
     assert two == pytest.approx(2 * one)
     none, pairs_none, _ = added(spec(64, 8, [Pattern("sliding", window=1)]))
     assert pairs_none == 0 and none == pytest.approx(0.0)
+
+
+def test_position_wise_nodes_are_priced_at_their_measured_rate():
+    """A device that measured the executor's project and mix nodes (emulate/models/block.py, their
+    norms, RoPE and activations beside the GEMMs) prices the non-attention, non-merge FLOPs at that
+    rate: at half the GEMM rate they take twice as long, the attention calls unchanged."""
+    from dataclasses import replace
+
+    s = spec(64, 8, [Pattern("causal")] * 2)
+    hw = toy_hardware(1)
+    plan, base = schedule(s, hw)
+    halved = replace(hw, device=replace(hw.device, node_flops={1.0: FLOPS / 2}))
+    nodes = sum(t.flops - t.attend_flops for t in plan.tasks)  # merges too: this device has no merge rate
+    assert schedule(s, halved)[1].makespan - base.makespan == pytest.approx(nodes / FLOPS)
