@@ -98,6 +98,10 @@ class Task:
     pairs: int = 0  # of which attend calls
     attend_flops: int = 0  # the FLOPs of those attend calls
     attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of the scores their kernel computes, by mask
+    # its merges (graphs/costs.py, merge_cost): their FLOPs and the pairwise merges of partials they
+    # run (emulate/runtime/merge.py, merge_pair), which the planner prices at the merge's measured rate
+    merge_flops: int = 0
+    merge_pairs: int = 0
 
     @property
     def name(self) -> str:
@@ -364,6 +368,9 @@ class _GraphRows:
             t.flops += a.flops
             t.bytes += a.bytes
             t.calls += 1
+            if a.kind == NodeKind.MERGE:
+                t.merge_flops += a.flops
+                t.merge_pairs += len(a.inputs) - 1
             if a.kind == NodeKind.ATTEND:
                 t.attend_flops += a.flops
                 span = a.span
@@ -453,6 +460,8 @@ class _CompactRows:
             if kind == NodeKind.MERGE:
                 _, _, mf, mb, _ = self.per_template[self.c.layer_template[node_layer]]
                 f, b = mf[block], mb[block]
+                t.merge_flops += int(f)
+                t.merge_pairs += int(self.c.template(node_layer).partials[block]) - 1
             else:
                 f, b = (int(v[block]) for v in self.kinds[kind])
             t.flops += f

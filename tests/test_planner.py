@@ -184,11 +184,12 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 3, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": 5, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
-        "serial_call_s": [2e-5, 3e-5],
+        "serial_call_s": [2e-5, 3e-5], "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
+        "node_flops": [[1e6, 5e9], [1e9, 1.5e10]],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
 
@@ -285,3 +286,43 @@ def test_plan_plot_is_written(capsys, tmp_path):
     assert main(["plan", "--shape", "llama3.2-1b", "--tokens", "32768", "-M", "4096", "--attention", "causal",
                  "--device", "h200", "--workers", "2", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merges_are_priced_at_the_measured_merge_rate():
+    """A device that measured its merge of partials (emulate/runtime/merge.py) prices every pairwise
+    merge the plan runs at that rate: the time added over the GEMM-rate pricing is each merge's
+    FLOPs over the merge rate, so a graph with twice the merges adds twice the time, and a graph
+    without merges (every block one key block) adds nothing."""
+    from dataclasses import replace
+
+    merge_rate = FLOPS / 50  # elementwise passes over memory: far below the GEMM rate
+
+    def added(s):
+        hw = toy_hardware(1)
+        priced = replace(hw, device=replace(hw.device, merge_flops={1.0: merge_rate}))
+        plan, base = schedule(s, hw)
+        pairs = sum(t.merge_pairs for t in plan.tasks)
+        flops = sum(t.merge_flops for t in plan.tasks)
+        return schedule(s, priced)[1].makespan - base.makespan, pairs, flops
+
+    one, pairs_one, flops_one = added(spec(64, 8, [Pattern("causal")]))
+    two, pairs_two, _ = added(spec(64, 8, [Pattern("causal")] * 2))
+    assert pairs_one == sum(range(8)) and pairs_two == 2 * pairs_one
+    assert one == pytest.approx(flops_one / merge_rate - flops_one / FLOPS)
+    assert two == pytest.approx(2 * one)
+    none, pairs_none, _ = added(spec(64, 8, [Pattern("sliding", window=1)]))
+    assert pairs_none == 0 and none == pytest.approx(0.0)
+
+
+def test_position_wise_nodes_are_priced_at_their_measured_rate():
+    """A device that measured the executor's project and mix nodes (emulate/models/block.py, their
+    norms, RoPE and activations beside the GEMMs) prices the non-attention, non-merge FLOPs at that
+    rate: at half the GEMM rate they take twice as long, the attention calls unchanged."""
+    from dataclasses import replace
+
+    s = spec(64, 8, [Pattern("causal")] * 2)
+    hw = toy_hardware(1)
+    plan, base = schedule(s, hw)
+    halved = replace(hw, device=replace(hw.device, node_flops={1.0: FLOPS / 2}))
+    nodes = sum(t.flops - t.attend_flops for t in plan.tasks)  # merges too: this device has no merge rate
+    assert schedule(s, halved)[1].makespan - base.makespan == pytest.approx(nodes / FLOPS)

@@ -59,6 +59,9 @@ def test_the_real_calibration_records_the_clock_load_and_settings_it_ran_under()
     # the per-call wall cost with k = 1 .. cores call workers, the first the one-worker figure
     assert len(m["serial_call_s"]) == len(m["contention"]) and m["serial_call_s"][0] == m["call_overhead_s"]
     assert all(0 < c < 0.01 for c in m["serial_call_s"])
+    # the executor's merge, elementwise: measured at each size, below the largest GEMM's rate
+    assert len(m["node_flops"]) == 4 and all(r > 0 for _, r in m["node_flops"])
+    assert len(m["merge_flops"]) == 4 and all(0 < r < max(r for _, r in m["matmul_flops"]) for _, r in m["merge_flops"])
 
 
 def test_a_corrupt_or_old_cache_is_measured_again_with_a_note(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 3  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 5  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
@@ -91,7 +91,9 @@ def _device(entry: dict) -> Device:
                   attention_flops=tables["none"], matmul_flops=matmul,
                   masked_attention={m: t for m, t in tables.items() if m != "none"},
                   contention=tuple(float(c) for c in entry["contention"]), calibration=cal,
-                  serial_call_s=tuple(float(c) for c in entry["serial_call_s"]))
+                  serial_call_s=tuple(float(c) for c in entry["serial_call_s"]),
+                  merge_flops={float(f): float(r) for f, r in entry["merge_flops"]},
+                  node_flops={float(f): float(r) for f, r in entry["node_flops"]})
 
 
 def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> list[str]:
@@ -176,6 +178,8 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
                 flops = 4 * h * dh * kernel_entries(window, mask, span, keys)
                 tables["explicit"].append((flops, flops / _fastest(lambda p=pair, q=q, k=k, v=v: oracle.attend(p, q, k, v, 0.1), per)))
         tables["explicit"].sort()
+        merges = _merge_rates(g, per)
+        nodes = _node_rates(g, per)
         big = torch.empty(2**25)  # 128 MiB
         copy = _fastest(lambda: big.clone(), per)
     finally:
@@ -186,9 +190,72 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
                       torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
                       seconds=clock() - began)
-    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables,
+    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges, "node_flops": nodes,
             "call_overhead_s": call, "serial_call_s": serial, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
             "memory": float(psutil.virtual_memory().total)}
+
+
+MERGE_PARTIALS = 4  # partials per timed merge: three pairwise merges of the tree
+
+
+def _merge_rates(g, per: float) -> list:
+    """[(FLOPs of one pairwise merge, FLOP/s)]: the executor's own merge (emulate/runtime/merge.py,
+    `merge`, which the runner's merge node calls) on MERGE_PARTIALS partials of block-call shapes,
+    FLOPs counted as the graph counts them (graphs/costs.py, merge_cost). The merge is elementwise:
+    its passes over the partials' memory, not its arithmetic, set its time, so it runs far below the
+    GEMM rate the rest of a task's non-attention FLOPs are priced at."""
+    import torch
+
+    from emulate.runtime.merge import merge
+
+    out = []
+    for h, m, dh in ((8, 64, 32), (8, 256, 32), (8, 1024, 32), (16, 2048, 64)):
+        partials = [(torch.randn(h, m, dh, generator=g), torch.randn(h, m, generator=g)) for _ in range(MERGE_PARTIALS)]
+        flops = 5 * m * h * dh * (MERGE_PARTIALS - 1)
+        out.append((flops / (MERGE_PARTIALS - 1), flops / _fastest(lambda p=partials: merge(p), per)))
+    return out
+
+
+# The block shapes whose position-wise nodes `_node_rates` times: (width, heads, kv_heads, mlp_width),
+# head_dim 32, at M = 256 and 1024; neither width is a validation row's (benchmarks/plan_validation.py)
+NODE_SHAPES = ((128, 4, 2, 256), (512, 16, 4, 1024))
+NODE_TOKENS = (256, 1024)
+
+
+def _node_rates(g, per: float) -> list:
+    """[(FLOPs of one position-wise call, FLOP/s)]: the executor's own project and mix nodes
+    (emulate/models/block.py, which the runner calls: norms, the projections, RoPE, the MLP and the
+    residuals) of a synthetic Llama block, FLOPs as graphs/costs.py counts them, keyed by the mean of
+    the two calls. Their elementwise work (norms, RoPE, SiLU, residual adds, the copies into heads)
+    runs beside the GEMMs the FLOPs count, so the rate is below a bare GEMM's at the same size."""
+    import torch
+
+    from emulate.models.block import Transformer
+    from emulate.models.presets import weight_names
+    from graphs import ForwardSpec, Pattern
+    from graphs.costs import mix_cost, project_cost
+
+    out = []
+    for width, heads, kv_heads, mlp in NODE_SHAPES:
+        config = ModelConfig(name="calibration", family="llama", vocab=64, width=width, layers=1, heads=heads,
+                             kv_heads=kv_heads, head_dim=32, mlp_width=mlp)
+        weights = {name: torch.randn(shape, generator=g) / shape[-1] ** 0.5
+                   for name, shape in weight_names(config).items()}
+        block = Transformer(config, weights)
+        spec = ForwardSpec(tokens=max(NODE_TOKENS), block_size=max(NODE_TOKENS), patterns=(Pattern("causal"),),
+                           heads=heads, kv_heads=kv_heads, head_dim=32, width=width, mlp_width=mlp, vocab=0,
+                           dtype_bytes=4)
+        for m in NODE_TOKENS:
+            x, positions = torch.randn(m, width, generator=g), torch.arange(m)
+            o = torch.randn(heads, m, 32, generator=g)
+
+            def nodes(x=x, positions=positions, o=o, block=block):
+                block.project(0, x, positions)
+                block.mix(0, x, o)
+            flops = project_cost(spec, m)[0] + mix_cost(spec, m)[0]
+            with torch.no_grad():
+                out.append((flops / 2, flops / _fastest(nodes, per)))
+    return out
 
 
 def _kernel_mix():

@@ -89,6 +89,12 @@ class Device:
     # GPUs: the attention kernel's published FLOP/s by the call's sequence length, per mask ("none",
     # "causal"); None: the flat attention_rate
     attention_by_length: dict | None = None
+    # calibrated CPUs: the executor's merge of partials (emulate/runtime/merge.py), FLOP/s as
+    # graphs/costs.py counts a merge's FLOPs, by the FLOPs of one pairwise merge; None: the GEMM rate
+    merge_flops: dict | None = None
+    # calibrated CPUs: the executor's position-wise nodes (project, mix: emulate/models/block.py), FLOP/s
+    # by FLOPs per call, elementwise work included; None: the GEMM rate
+    node_flops: dict | None = None
 
     def attention_at(self, mask: str, tokens: int) -> float:
         """Flash attention's FLOP/s for a call of `tokens` keys with `mask` ("none", or anything masked):
@@ -302,9 +308,14 @@ def task_parts(t, hw: Hardware, starts_call: bool = True) -> tuple[float, float]
     the workers; `parallel` is the rest, the kernels (x the contention factor) and any Ray cost."""
     dev, g = hw.device, hw.gpus_per_worker
     other = t.flops - t.attend_flops
+    merging = 0.0  # the merges at their own measured rate: elementwise passes, far below a GEMM's
+    if dev.merge_flops and t.merge_pairs:
+        other -= t.merge_flops
+        merging = t.merge_flops / (g * _interpolate(dev.merge_flops, t.merge_flops / t.merge_pairs))
     other_calls = max(1, t.calls - t.pairs)
-    gemm = dev.rate(hw.dtype, "matmul", other / other_calls)
-    compute = other * (1 - hw.ffn_share + hw.ffn_share / hw.ffn_speedup) / (g * gemm)
+    gemm = (_interpolate(dev.node_flops, other / other_calls) if dev.node_flops
+            else dev.rate(hw.dtype, "matmul", other / other_calls))
+    compute = merging + other * (1 - hw.ffn_share + hw.ffn_share / hw.ffn_speedup) / (g * gemm)
     if t.attend_flops and dev.masked_attention is not None:
         from graphs.compact import MASKS
 
