@@ -6,7 +6,10 @@ sliding window; prints a markdown table of the measured time per output token an
 per token (counted as they ran), and with --plot draws both against N.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_cost.py [--tokens 1024,4096,16384] [-M 256]
-        [--window 512] [--new 8] [--model tiny-llama] [--plot decode_cost.png]
+        [--window 512] [--new 8] [--model tiny-llama] [--causal-max N] [--plot decode_cost.png]
+
+--causal-max leaves exact causal out past N prompt tokens: its prefill grows as N^2 (a million
+tokens of it is hours on a CPU), the window's as N.
 
 Sized for about a minute at its defaults on this project's CPU machine.
 """
@@ -33,17 +36,21 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--new", type=int, default=8, help="new tokens per run (the first comes from the prefill)")
     ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--causal-max", type=int, default=None, help="exact causal only up to this prompt length")
     ap.add_argument("--plot", default=None, help="draw ms per token against N to this image")
     args = ap.parse_args()
     ns = [int(x) for x in args.tokens.split(",")]
     modes = {"causal": {"attention": "causal"}, f"sliding r={args.window}": {"attention": "sliding",
                                                                             "window": args.window}}
-    rows = {mode: [measure(args.model, n, args.block_size, args.new, **kw) for n in ns] for mode, kw in modes.items()}
+    lengths = {mode: [n for n in ns if mode != "causal" or args.causal_max is None or n <= args.causal_max]
+               for mode in modes}
+    rows = {mode: [measure(args.model, n, args.block_size, args.new, **kw) for n in lengths[mode]]
+            for mode, kw in modes.items()}
     print(f"{args.model}, M = {args.block_size}, {args.new} new tokens, float32, local executor, one thread\n")
     print("| prompt N | mode | ms per token | pair calls per token | max call tokens | KV MiB |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for mode, results in rows.items():
-        for n, r in zip(ns, results):
+        for n, r in zip(lengths[mode], results):
             print(f"| {n} | {mode} | {r['ms_per_token']:.2f} | {r['calls']:.0f} | {r['max_call_tokens']} | "
                   f"{r['kv_mib']:.1f} |")
     if args.plot:
@@ -52,10 +59,14 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from emulate.planner.plot import plain_log_axes
+
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode, results in rows.items():
-            ax.plot(ns, [r["ms_per_token"] for r in results], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
+            ax.plot(lengths[mode], [r["ms_per_token"] for r in results], marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain_log_axes(ax)
         ax.set_xlabel("prompt tokens N")
         ax.set_ylabel("ms per output token")
         ax.set_title(f"{args.model}, M = {args.block_size}: decode cost")
