@@ -54,27 +54,34 @@ def main() -> None:
             print(f"| {n} | {mode} | {r['ms_per_token']:.2f} | {r['calls']:.0f} | {r['max_call_tokens']} | "
                   f"{r['kv_mib']:.1f} |")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from emulate.planner.plot import plain_log_axes
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode, results in rows.items():
-            ax.plot(lengths[mode], [r["ms_per_token"] for r in results], marker="o", label=mode)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        plain_log_axes(ax)
-        ax.set_xlabel("prompt tokens N")
-        ax.set_ylabel("ms per output token")
-        ax.set_title(f"{args.model}, M = {args.block_size}: decode cost")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        draw({mode: (lengths[mode], [r["ms_per_token"] for r in rows[mode]]) for mode in modes}, args.plot,
+             f"{args.model}, M = {args.block_size}: decode cost")
         print(f"\nplot: {args.plot}")
 
+
+def draw(series: dict, path: str, title: str) -> None:
+    """ms per output token against the prompt length, one line per mode: {mode: (lengths, ms)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator
+
+    from emulate.planner.plot import plain_log_axes
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for mode, (ns, ms) in series.items():
+        ax.plot(ns, ms, marker="o", label=mode)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain_log_axes(ax)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))  # powers of ten: the labels do not collide
+    ax.set_xlabel("prompt tokens N")
+    ax.set_ylabel("ms per output token")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 if __name__ == "__main__":
     main()
