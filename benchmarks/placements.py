@@ -16,14 +16,15 @@ sequence: the same plan, so it is not run again.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ray_vs_local import command  # the sibling script's `emulate run` line of a forward
+from ray_vs_local import (  # the sibling script's command line and child process
+    command,
+    in_fresh_process,
+)
 
 # (model, tokens or None for the default text, M, attention keywords)
 CASES = [
@@ -52,32 +53,9 @@ def forward_case(model: str, tokens: int | None, block: int, pattern: dict, ray:
     return stats
 
 
-def _child(conn, *args) -> None:
-    try:
-        conn.send(("ok", forward_case(*args)))
-    except BaseException:  # noqa: BLE001 - the parent reports it and stops
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
-
-
 def run(model: str, tokens: int | None, block: int, pattern: dict, ray: dict | None) -> dict:
     """forward_case(...) in a fresh process that starts its own private Ray instance."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, model, tokens, block, pattern, ray))
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    try:
-        child.start()
-    finally:
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
-    send.close()
-    try:
-        status, value = receive.recv()
-    except EOFError:  # it died without a word (killed, out of memory)
-        status, value = "error", f"the process ended without a result (exit code {child.exitcode})"
-    child.join()
+    status, value = in_fresh_process(forward_case, model, tokens, block, pattern, ray)
     if status != "ok":
         raise SystemExit(f"failed: {command(model, tokens, block, pattern, ray, None)}\n{value}")
     return value

@@ -46,9 +46,9 @@ def forward(model: str, tokens: int, block: int, pattern: dict, ray: dict | None
     return run.stats
 
 
-def _child(conn, *args) -> None:
+def _child(conn, work, *args) -> None:
     try:
-        conn.send(("ok", forward(*args)))
+        conn.send(("ok", work(*args)))
     except BaseException:  # noqa: BLE001 - the parent reports it and stops
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -72,11 +72,12 @@ def _environment(threads: int | None):
                 os.environ[k] = v
 
 
-def run(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None) -> dict:
-    """forward(...) in a fresh (spawned) Python process that starts with `threads` torch threads."""
+def in_fresh_process(work, *args, threads: int | None = None) -> tuple[str, object]:
+    """("ok", work(*args)) or ("error", its traceback), from a fresh (spawned) Python process that
+    starts with `threads` torch threads and its own private Ray instance (placements.py uses it too)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, model, tokens, block, pattern, ray, threads))
+    child = ctx.Process(target=_child, args=(send, work, *args))
     with _environment(threads):
         child.start()
     send.close()
@@ -87,6 +88,12 @@ def run(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, th
     child.join()
     if status != "ok" and child.exitcode:
         value += f"\n(exit code {child.exitcode})"
+    return status, value
+
+
+def run(model: str, tokens: int, block: int, pattern: dict, ray: dict | None, threads: int | None) -> dict:
+    """forward(...) in a fresh process that starts with `threads` torch threads."""
+    status, value = in_fresh_process(forward, model, tokens, block, pattern, ray, threads, threads=threads)
     if status != "ok":
         raise SystemExit(f"failed: {command(model, tokens, block, pattern, ray, threads)}\n{value}")
     return value

@@ -23,7 +23,7 @@ import torch
 
 from emulate.errors import EmulateError
 from emulate.runtime.contract import BoundOracle, CallCounts, PairCall, Partial
-from emulate.runtime.decode import KVLost
+from emulate.runtime.decode import KVLost, tail_slot
 
 
 class RemoteKV:
@@ -70,11 +70,7 @@ class RemoteKV:
 
     def append(self, layer: int, position: int, k, v) -> None:
         """The new token's k, v [Hkv, 1, dh] at `position`: sent with the layer's next attend to the tail's worker."""
-        M = self.block_size
-        block, row = divmod(position, M)
-        have = self.filled[layer].get(block, 0)
-        if have != row:
-            raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
+        block, row = tail_slot(self.filled[layer], layer, position, self.block_size)
         if row == 0:
             self.owner[layer][block] = self._new_owner(layer)
         self.filled[layer][block] = row + 1

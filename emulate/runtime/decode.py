@@ -103,10 +103,7 @@ class KVCache:
     def append(self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token's k, v [Hkv, 1, dh] at `position` (the next one): into the tail block, or a new one."""
         M = self.block_size
-        block, row = divmod(position, M)
-        have = self.filled[layer].get(block, 0)
-        if have != row:
-            raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
+        block, row = tail_slot(self.filled[layer], layer, position, M)
         if row == 0:
             kb, vb = k.new_empty((k.shape[0], 0, k.shape[2])), v.new_empty((v.shape[0], 0, v.shape[2]))
         else:
@@ -205,6 +202,16 @@ class KVCache:
                     for layer, slots in zip(self.blocks, self._slot)
                     for j, (k, v) in layer.items() if j not in slots)
         return stores + tails
+
+
+def tail_slot(filled: dict[int, int], layer: int, position: int, block_size: int) -> tuple[int, int]:
+    """(block, row) where the token at `position` goes, given each block's filled count of the layer:
+    the next row of the tail block (row 0: a new block), or ValueError where it is not the next."""
+    block, row = divmod(position, block_size)
+    have = filled.get(block, 0)
+    if have != row:
+        raise ValueError(f"layer {layer}: position {position} appended where block {block} holds {have} tokens")
+    return block, row
 
 
 def at_layer(pair: PairCall, layer: int) -> PairCall:
