@@ -477,6 +477,18 @@ def _parse(n: str) -> tuple[NodeKind, int, int]:
     return NodeKind(parts[1]), int(parts[0][1:]), int(parts[2])
 
 
+def balanced_runs(costs: list[float], workers: int) -> list[int]:
+    """The worker of each item of an ordered list: contiguous runs of about equal total cost, an
+    item going to the run its cost's midpoint falls in (place's rule, and the decode planner's,
+    emulate/planner/decode.py)."""
+    total = sum(costs) or 1
+    owners, done = [], 0.0
+    for c in costs:
+        owners.append(min(workers - 1, int((done + c / 2) * workers / total)))
+        done += c
+    return owners
+
+
 def place(tasks: list[Task], workers: int, layers: int) -> None:
     """Give each worker a contiguous run of blocks of about equal FLOPs, the same run every layer.
 
@@ -490,12 +502,8 @@ def place(tasks: list[Task], workers: int, layers: int) -> None:
     for layer, group in by_layer.items():
         if layer < 0:
             continue
-        total = sum(t.flops for t in group) or 1
-        done = 0
-        for t in group:
-            middle = done + t.flops / 2
-            t.worker = min(workers - 1, int(middle * workers / total))
-            done += t.flops
+        for t, w in zip(group, balanced_runs([t.flops for t in group], workers)):
+            t.worker = w
     first = {t.block: t.worker for t in by_layer.get(0, []) if t.kind in (TaskKind.ROW, TaskKind.COMBINE)}
     for t in by_layer.get(-1, []):
         t.worker = first.get(t.block, t.block * workers // max(1, len(by_layer[-1])))

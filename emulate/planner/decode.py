@@ -99,6 +99,7 @@ def block_owners(blocks: int, workers: int, patterns, block_size: int, config: M
     same run every layer, as graphs/plan.py `place` lays out the prefill (work: the block's dense
     FLOPs plus its pair calls' score entries)."""
     from emulate.planner.deployment import layer_gemm_flops
+    from graphs.plan import balanced_runs
 
     proj, ffn = layer_gemm_flops(config)
     pattern = patterns[0]
@@ -110,12 +111,7 @@ def block_owners(blocks: int, workers: int, patterns, block_size: int, config: M
             r = pattern.key_range([t])
             seen += int(r.hi[0] - r.lo[0]) + int(r.sink_hi[0])
         work.append(block_size * (proj + ffn) + 4 * config.heads * config.head_dim * block_size * seen / 2)
-    total = sum(work) or 1.0
-    owners, done = [], 0.0
-    for w in work:
-        owners.append(min(workers - 1, int((done + w / 2) * workers / total)))
-        done += w
-    return owners
+    return balanced_runs(work, workers)
 
 
 def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, block_size: int = 256,
