@@ -98,6 +98,7 @@ class Task:
     pairs: int = 0  # of which attend calls
     attend_flops: int = 0  # the FLOPs of those attend calls
     attend_blocks: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # FLOPs of the scores their kernel computes, by mask
+    attend_counts: list[int] = field(default_factory=lambda: [0] * len(MASKS))  # ... and their calls, by mask
     # its merges (graphs/costs.py, merge_cost): their FLOPs and the pairwise merges of partials they
     # run (emulate/runtime/merge.py, merge_pair), which the planner prices at the merge's measured rate
     merge_flops: int = 0
@@ -378,6 +379,7 @@ class _GraphRows:
                 entries = kernel_entries(self.patterns[a.layer], a.mask, span, key_span)
                 t.attend_blocks[MASKS.index(a.mask)] += attend_cost(self.spec, span[1] - span[0],
                                                                        key_span[1] - key_span[0], entries)[0]
+                t.attend_counts[MASKS.index(a.mask)] += 1
         t.pairs = len(pairs)
 
 
@@ -402,7 +404,8 @@ class _CompactRows:
             # prefix sums: a range of pairs is priced in O(1); Python ints, exact
             prefix = lambda v: np.concatenate([[0], np.cumsum(v)]).tolist()  # noqa: E731
             self.per_template[k] = (prefix(af), prefix(ab), mf.tolist(), mb.tolist(),
-                                    [prefix(np.where(t.mask == code, whole, 0)) for code in range(len(MASKS))])
+                                    [prefix(np.where(t.mask == code, whole, 0)) for code in range(len(MASKS))],
+                                    [prefix(t.mask == code) for code in range(len(MASKS))])
         self.kv = {}  # (layer, block) -> its ValueKey, shared by every reader
 
     def row(self, layer: int, i: int):
@@ -444,8 +447,9 @@ class _CompactRows:
 
     def price(self, t: Task, layer: int, pairs) -> None:
         if len(pairs):
-            af, ab, _, _, blocks = self.per_template[self.c.layer_template[layer]]
+            af, ab, _, _, blocks, counts = self.per_template[self.c.layer_template[layer]]
             t.attend_blocks = [v[pairs.stop] - v[pairs.start] for v in blocks]
+            t.attend_counts = [int(v[pairs.stop] - v[pairs.start]) for v in counts]
             t.flops += af[pairs.stop] - af[pairs.start]
             t.attend_flops = af[pairs.stop] - af[pairs.start]
             t.bytes += ab[pairs.stop] - ab[pairs.start]
@@ -458,7 +462,7 @@ class _CompactRows:
             if kind == NodeKind.ATTEND:
                 continue  # priced above, by range
             if kind == NodeKind.MERGE:
-                _, _, mf, mb, _ = self.per_template[self.c.layer_template[node_layer]]
+                _, _, mf, mb, _, _ = self.per_template[self.c.layer_template[node_layer]]
                 f, b = mf[block], mb[block]
                 t.merge_flops += int(f)
                 t.merge_pairs += int(self.c.template(node_layer).partials[block]) - 1

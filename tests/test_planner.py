@@ -44,8 +44,12 @@ def test_the_compact_plan_is_the_executors_plan(N, M, patterns):
         c = CompactGraph.build(s)
         a, b = make_plan(build_graph(s), workers, split), make_plan(c, workers, split, runnable=False)
         fields = lambda t: (t.kind, t.layer, t.block, t.worker, t.flops, t.bytes, t.calls, t.pairs,  # noqa: E731
-                            t.attend_flops, t.attend_blocks, t.reads, t.writes, [n for n in t.logical_nodes() if "attend" not in n])
+                            t.attend_flops, t.attend_blocks, t.attend_counts, t.reads, t.writes,
+                            [n for n in t.logical_nodes() if "attend" not in n])
         assert [fields(t) for t in a.tasks] == [fields(t) for t in b.tasks], workers
+        # every attend call counted once, under its own mask
+        assert all(sum(t.attend_counts) == t.pairs for t in b.tasks)
+        assert sum(sum(t.attend_counts) for t in b.tasks) == c.counts()["attention_calls"]
         assert a.split_blocks == b.split_blocks
         # what the Ray executor runs: the same tasks to the last node attribute, with no networkx graph
         runnable = make_plan(c, workers, split)
@@ -184,11 +188,12 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 5, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": 6, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
-        "serial_call_s": [2e-5, 3e-5], "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
+        "worker_contention": [1.0, 1.3],
+        "serial_call_s": [2e-5, 3e-5], "loaded_call_s": [2e-5, 3e-5], "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
         "node_flops": [[1e6, 5e9], [1e9, 1.5e10]],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
@@ -326,3 +331,23 @@ def test_position_wise_nodes_are_priced_at_their_measured_rate():
     halved = replace(hw, device=replace(hw.device, node_flops={1.0: FLOPS / 2}))
     nodes = sum(t.flops - t.attend_flops for t in plan.tasks)  # merges too: this device has no merge rate
     assert schedule(s, halved)[1].makespan - base.makespan == pytest.approx(nodes / FLOPS)
+
+
+def test_each_masks_calls_are_priced_at_their_own_size():
+    """A task of one whole causal block (1e9 FLOPs) and ten small explicit calls (a sink's few keys,
+    1e6 FLOPs each): the explicit calls at the rate of a 1e6-FLOP call, not of the task's mean call."""
+    from graphs.compact import MASKS
+    from graphs.plan import Task, TaskKind
+
+    slow_small = {1e6: 1e8, 1e9: 1e10}  # FLOP/s by FLOPs per call
+    dev = Device("toy", {"fp32": 1e30}, bandwidth=1e30, memory=1e12, efficiency=1.0, call_overhead_s=0.0,
+                 attention_flops=slow_small, masked_attention={"causal": slow_small, "explicit": slow_small})
+    hw = Hardware(dev, 1, 1, 8.0, 0.0, 0.0, "fp32")
+    t = Task(0, TaskKind.ROW, 0, 0, [], [], [])
+    blocks, counts = [0] * len(MASKS), [0] * len(MASKS)
+    for mask, flops, n in (("causal", 10**9, 1), ("explicit", 10 * 10**6, 10)):
+        i = [m.value for m in MASKS].index(mask)
+        blocks[i], counts[i] = flops, n
+    t.attend_blocks, t.attend_counts, t.pairs = blocks, counts, 11
+    t.flops = t.attend_flops = sum(blocks)
+    assert task_seconds(t, hw) == pytest.approx(1e9 / 1e10 + 1e7 / 1e8)

@@ -36,10 +36,10 @@ def test_no_row_is_a_problem_the_ray_constants_were_measured_on():
 
 
 def test_no_row_is_a_forward_the_cpu_calibration_runs():
-    from emulate.planner.calibrate import PROBE, PROBE_FORWARDS
+    from emulate.planner.calibrate import KERNEL_PROBE, PROBE, PROBE_FORWARDS
 
     rows = load("plan_validation").ROWS
-    probes = {(m, n, b, a) for m, n, b, a in PROBE_FORWARDS}
+    probes = {(m, n, b, a) for m, n, b, a in (*PROBE_FORWARDS, KERNEL_PROBE)}
     assert probes and not {(m, n, b, p["attention"]) for m, n, b, p, _ in rows} & probes
     assert PROBE not in {m for m, *_ in rows}
 

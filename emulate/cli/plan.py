@@ -77,7 +77,7 @@ def plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default=None, type=_threads, metavar="N|auto",
                    help="the local executor's call workers, as `emulate run --threads` (default torch's setting)")
     p.add_argument("--recalibrate", "--calibrate", dest="recalibrate", action="store_true",
-                   help="measure this machine's CPU again (about 15 s)")
+                   help="measure this machine's CPU again (about 30 s)")
     p.add_argument("--new-tokens", type=int, default=None, metavar="K",
                    help="predict generation instead of the forward: the time per output token of K new tokens after "
                         "the N-token prompt, each attending its visible key blocks in calls of at most M keys, "

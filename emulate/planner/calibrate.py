@@ -24,10 +24,15 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 5  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 6  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
+# Ray starts its worker processes at this niceness unless RAY_worker_niceness says otherwise
+# (ray-project/ray, src/ray/common/ray_config_def.h, `RAY_CONFIG(int, worker_niceness, 15)`: "so
+# that the OS prioritizes CPU for other processes over worker"); `_worker_contention` measures
+# workers at it
+RAY_WORKER_NICENESS = 15
 
 
 # The forwards the calibration runs (the probe model of `_call_overhead`: model, N, M, attention),
@@ -62,12 +67,12 @@ def cpu_device(recalibrate: bool = False, *, clock=time.time, loadavg=os.getload
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-                note(f"the CPU calibration at {path} is of an older format: measuring again (about 15 s)")
+                note(f"the CPU calibration at {path} is of an older format: measuring again (about 30 s)")
             else:
                 entry = data
                 _device(entry)  # a cache missing a field is as unreadable as a corrupt one
         except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
-            note(f"the CPU calibration at {path} is unreadable: measuring again (about 15 s)")
+            note(f"the CPU calibration at {path} is unreadable: measuring again (about 30 s)")
             entry = None
     if entry is None:
         entry = {"format": CACHE_FORMAT, **calibrate_cpu(clock=clock, loadavg=loadavg)}
@@ -90,8 +95,10 @@ def _device(entry: dict) -> Device:
                   float(entry["call_overhead_s"]), f"measured on this machine ({cal.describe()})",
                   attention_flops=tables["none"], matmul_flops=matmul,
                   masked_attention={m: t for m, t in tables.items() if m != "none"},
-                  contention=tuple(float(c) for c in entry["contention"]), calibration=cal,
+                  contention=tuple(float(c) for c in entry["contention"]),
+                  worker_contention=tuple(float(c) for c in entry["worker_contention"]), calibration=cal,
                   serial_call_s=tuple(float(c) for c in entry["serial_call_s"]),
+                  loaded_call_s=tuple(float(c) for c in entry["loaded_call_s"]),
                   merge_flops={float(f): float(r) for f, r in entry["merge_flops"]},
                   node_flops={float(f): float(r) for f, r in entry["node_flops"]})
 
@@ -100,9 +107,10 @@ def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> lis
     """Why a cached calibration may mislead: taken while the machine was busy, older than a week,
     or under other settings than `settings` (current_settings())."""
     out = []
-    if cal.load > cal.cores - BUSY_MARGIN:
+    if cal.load > cal.cores - BUSY_MARGIN or cal.others_cores >= BUSY_MARGIN:
         out.append(f"the CPU calibration was measured while the machine was busy (load average {cal.load:.2f} on "
-                   f"{cal.cores} cores): predictions carry that load; `emulate plan --recalibrate` on a quiet machine")
+                   f"{cal.cores} cores, other processes using {cal.others_cores:.1f}): predictions carry that load; "
+                   "`emulate plan --recalibrate` on a quiet machine")
     age = now - cal.when
     if age > STALE_S:
         out.append(f"the CPU calibration is {age / 86400:.0f} days old; `emulate plan --recalibrate` measures again")
@@ -112,6 +120,22 @@ def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> lis
         out.append(f"the CPU calibration was made under other settings ({shown(then)}; now {shown(settings)}); "
                    "`emulate plan --recalibrate` measures again")
     return out
+
+
+def _others_cores(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU the other processes on this machine used over `seconds` while this one
+    sleeps: the machine's busy time (user, nice, system, interrupts, and time a hypervisor gave
+    elsewhere) less this process's own, over the wall time."""
+    import psutil
+
+    def busy(t) -> float:
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    me = psutil.Process()
+    t0, machine, own = time.perf_counter(), busy(psutil.cpu_times()), sum(me.cpu_times()[:2])
+    time.sleep(seconds)
+    wall = time.perf_counter() - t0
+    return max(0.0, (busy(psutil.cpu_times()) - machine - (sum(me.cpu_times()[:2]) - own)) / wall)
 
 
 def _fastest(fn, per: float) -> float:
@@ -135,7 +159,8 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     executor's own kernels by mask (emulate/runtime/kernels.py: unmasked and causal block calls,
     and a window's explicit pairs through the kernel oracle, which cuts them into tiles) per score
     the kernel computes (graphs.patterns.kernel_entries); the local executor's per-call cost;
-    memory bandwidth; and the contention of k one-thread workers. About budget_s + 4 seconds."""
+    memory bandwidth; the contention of k one-thread workers, as threads and as processes at Ray's
+    worker niceness; and what other processes use of the cores. About budget_s + 10 seconds."""
     import psutil
     import torch
 
@@ -148,6 +173,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     settings = current_settings()
     load = float(loadavg()[0])
     began = clock()
+    others = _others_cores()
     per = budget_s / 20
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -186,13 +212,20 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
         torch.set_num_threads(before)
     serial = _call_overhead()
     call = serial[0]
-    contention = _contention(budget_s / 4)
+    contention, alone = _contention(budget_s / 4)
+    workers = _worker_contention(alone, budget_s / 4)
+    entry = {"matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges, "node_flops": nodes,
+             "call_overhead_s": call, "serial_call_s": serial, "contention": contention,
+             "worker_contention": workers, "bandwidth": 2 * big.numel() * 4 / copy,
+             "memory": float(psutil.virtual_memory().total)}
+    # the per-call cost of call workers running kernels: fitted on the kernel probe with the rest as measured
+    entry["calibration"] = Calibration(when=began, load=load, load_after=load, cores=settings["cores"], torch="",
+                                       torch_threads=0).to_dict()
+    entry["loaded_call_s"] = _loaded_calls(entry)
     cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
                       torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
-                      seconds=clock() - began)
-    return {"calibration": cal.to_dict(), "matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges, "node_flops": nodes,
-            "call_overhead_s": call, "serial_call_s": serial, "contention": contention, "bandwidth": 2 * big.numel() * 4 / copy,
-            "memory": float(psutil.virtual_memory().total)}
+                      seconds=clock() - began, others_cores=others)
+    return {**entry, "calibration": cal.to_dict()}
 
 
 MERGE_PARTIALS = 4  # partials per timed merge: three pairwise merges of the tree
@@ -292,13 +325,38 @@ def _kernel_mix():
     return mix
 
 
-def _contention(budget_s: float = 2.0) -> list[float]:
-    """[1.0, f_2, ..., f_C]: how much longer the executor's kernels (`_kernel_mix`) take on each of k
-    threads running them at once than on one thread alone, for k up to the cores this process may
-    use (at most 8). Threads of one process, each on one torch thread (torch releases the GIL inside
-    the kernel), share the cores as the local executor's call workers and one-thread Ray workers do:
-    the factor holds what the machine gives k workers at once (shared caches and memory bandwidth,
-    the allocator, and any other work running then). The fastest of ROUNDS rounds per k."""
+def _mix_rate(mix, seconds: float) -> tuple[int, float]:
+    """(mixes done, seconds they took): `mix` run back to back until `seconds` have passed."""
+    t0 = time.perf_counter()
+    done = 0
+    while True:
+        mix()
+        done += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return done, elapsed
+
+
+def _factor(k: int, rounds: list[float], alone: float) -> float:
+    """k workers' contention factor from their summed rates (mixes per second) in ROUNDS windows:
+    k / (the median rate x one mix alone), at least 1."""
+    import statistics
+
+    return max(1.0, k / (statistics.median(rounds) * alone))
+
+
+def _contention(budget_s: float = 2.0) -> tuple[list[float], float]:
+    """([1.0, f_2, ..., f_C], seconds of one kernel mix on one thread alone): how much longer the
+    executor's kernels (`_kernel_mix`) take on each of k threads running them at once than on one
+    thread alone, for k up to the cores this process may use (at most 8). Threads of one process,
+    each on one torch thread (torch releases the GIL inside the kernel), share the cores as the
+    local executor's call workers do: the factor holds what the machine gives k workers at once
+    (shared caches and memory bandwidth, the allocator, and any other work running then). One
+    alone: the fastest of ROUNDS rounds (an interrupted round is slower, never faster). k at once:
+    every thread runs mixes back to back through the same window, their rates summed, the median of
+    ROUNDS windows: a steady share, as a run's workers that keep taking tasks see it (threads that
+    each ran a fixed count would let the first to finish hand its core to the rest, and the fastest
+    window is the one a neighbour happened to take least of)."""
     import threading
 
     import torch
@@ -306,42 +364,167 @@ def _contention(budget_s: float = 2.0) -> list[float]:
     from emulate.runtime.threads import cores as usable_cores
 
     cores = min(8, usable_cores())
-    if cores < 2:
-        return [1.0]
+    window = budget_s / ROUNDS / cores
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         mix = _kernel_mix()
-        mix()
-        t0, reps = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.05:
+        with torch.no_grad():
             mix()
-            reps += 1
-        reps = max(3, int(reps * budget_s / 0.05 / sum(range(1, cores + 1)) / ROUNDS))
+            alone = min(elapsed / done for done, elapsed in (_mix_rate(mix, window) for _ in range(ROUNDS)))
 
         def loop(out: list):
             torch.set_num_threads(1)  # OpenMP's count is per thread: each loop is one worker of one thread
             with torch.no_grad():  # grad mode is per thread, as in the executor's workers
-                start = time.perf_counter()
-                for _ in range(reps):
-                    mix()
-            out.append(time.perf_counter() - start)
+                done, elapsed = _mix_rate(mix, window)
+            out.append(done / elapsed)
 
-        per_k = []
-        for k in range(1, cores + 1):
-            best = float("inf")
+        factors = [1.0]
+        for k in range(2, cores + 1):
+            rounds = []
             for _ in range(ROUNDS):
-                times: list[float] = []
-                threads = [threading.Thread(target=loop, args=(times,)) for _ in range(k)]
+                rates: list[float] = []
+                threads = [threading.Thread(target=loop, args=(rates,)) for _ in range(k)]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
-                best = min(best, sum(times) / k)
-            per_k.append(best)
+                rounds.append(sum(rates))
+            factors.append(_factor(k, rounds, alone))
     finally:
         torch.set_num_threads(before)
-    return [1.0] + [max(1.0, t / per_k[0]) for t in per_k[1:]]
+    return factors, alone
+
+
+# The forward `_loaded_calls` runs (model, N, M, attention): the probe model widened so that its
+# calls are mostly kernels (width 128, M = 512: about 4% of a call is Python); not a validation row
+KERNEL_PROBE = (PROBE, 8192, 512, "causal")
+KERNEL_PROBE_SHAPE = dict(width=128, heads=4, kv_heads=2, head_dim=32, mlp_width=256)
+
+
+def _loaded_calls(entry: dict) -> list[float]:
+    """[s_1, ..., s_C]: seconds of GIL-held Python per logical call with k call workers *while they
+    run kernels*: the per-call cost at which the planner's simulation (emulate/planner/simulation.py)
+    of KERNEL_PROBE's forward on k call workers, the rest of `entry` as measured, takes as long as
+    that forward measured on this machine (the median of ROUNDS forwards per k); the simulation's
+    own miss with one worker is divided out first, so only what k workers add is put on their
+    calls, and never below the all-Python probe's per-call cost (entry's serial_call_s). Beside a
+    busy neighbour this is where call workers lose more than the cores' fair share: a worker that
+    holds the GIL is preempted and the others wait on it, so that two call workers run about as
+    fast as one. A median, not the fastest: a neighbour's share is steady, and the fastest forward
+    is the one it happened to take least of."""
+    import statistics
+    from dataclasses import replace
+
+    from emulate.api import run
+    from emulate.planner.costs import CPU_LINK_GBPS, CPU_LINK_LATENCY_S, Hardware, cpu_sharing
+    from emulate.planner.simulation import forward_spec, simulate
+    from emulate.problem import resolve_patterns
+    from emulate.runtime.threads import cores as usable_cores
+    from graphs import CompactGraph
+    from graphs.plan import make_plan
+
+    model = _probe_model("float32", **KERNEL_PROBE_SHAPE)  # float32, as runs default
+    _, n, m, att = KERNEL_PROBE
+    dev = _device({**entry, "loaded_call_s": entry["serial_call_s"]})
+    spec = forward_spec(model.config, n, m, resolve_patterns(model.config, att), 4)
+    graph = CompactGraph.build(spec)
+    plan = make_plan(graph, 1, runnable=False)  # the local executor's: one queue
+    fitted = []
+    for k in range(1, len(entry["serial_call_s"]) + 1):
+        run(model, random_tokens=2 * m, block_size=m, attention=att, collect=False, threads=k)  # warm-up
+        got = statistics.median(run(model, random_tokens=n, block_size=m, attention=att, collect=False,
+                                    threads=k).stats["forward_s"] for _ in range(ROUNDS))
+        floor = dev.serial_call_s[k - 1]
+        slowdown, _ = cpu_sharing(dev, k, False, usable_cores())
+
+        def simulated(per_call: float, k=k, slowdown=slowdown) -> float:
+            table = list(dev.serial_call_s)
+            table[k - 1] = per_call
+            hw = Hardware(replace(dev, loaded_call_s=tuple(table)), k, 1, CPU_LINK_GBPS, CPU_LINK_LATENCY_S, 0.0,
+                          "fp32", slowdown, shared=True)
+            return simulate(plan, spec, graph.spans, hw).makespan
+        if k == 1:
+            own_miss = got / simulated(floor)  # the model's miss on this forward with one worker
+            fitted.append(floor)
+            continue
+        target = got / own_miss
+        if simulated(floor) >= target:
+            fitted.append(floor)
+            continue
+        low, high = floor, 2 * floor
+        while simulated(high) < target and high < 1.0:
+            low, high = high, 2 * high
+        for _ in range(30):
+            mid = (low + high) / 2
+            low, high = (mid, high) if simulated(mid) < target else (low, mid)
+        fitted.append(high)
+    return fitted
+
+
+# One worker process of `_worker_contention`: Ray's worker niceness, one torch thread; for every line
+# read (a window in seconds), kernel mixes back to back through it, its rate written back
+_WORKER = """
+import os, sys, time
+os.nice(int(sys.argv[1]))
+import torch
+torch.set_num_threads(1)
+from emulate.planner.calibrate import _kernel_mix, _mix_rate
+mix = _kernel_mix()
+with torch.no_grad():
+    mix()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        done, elapsed = _mix_rate(mix, float(line))
+        print(done / elapsed, flush=True)
+"""
+
+
+def _worker_contention(alone: float, budget_s: float = 2.0) -> list[float]:
+    """[f_1, ..., f_C]: how much longer the kernel mix takes on each of k one-thread worker processes
+    running it at once, at the niceness Ray starts its workers at (RAY_worker_niceness, else
+    RAY_WORKER_NICENESS), than `alone` (one mix on one thread of this process, `_contention`), from
+    their summed rates through a window, the median of ROUNDS windows per k: f_1 against `alone`
+    (at least 1), f_k against f_1 (a worker process's own rate, so that a process's few percent
+    against a thread do not count k times), times f_1. A Ray worker at that
+    niceness gives its core to any process of normal priority: beside one busy neighbour on two
+    cores, two workers share the one core it leaves (about 2x), where two threads of normal
+    priority share both with it (about 1.5x)."""
+    import statistics
+    import subprocess
+
+    from emulate.runtime.threads import cores as usable_cores
+
+    nice = os.environ.get("RAY_worker_niceness", str(RAY_WORKER_NICENESS))
+    root = str(Path(__file__).resolve().parents[2])  # where the emulate package is imported from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, nice], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env)
+             for _ in range(min(8, usable_cores()))]
+    window = budget_s / ROUNDS / len(procs)
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a calibration worker process did not start")
+        out = []
+        for k in range(1, len(procs) + 1):
+            rounds = []
+            for _ in range(ROUNDS):
+                for p in procs[:k]:
+                    p.stdin.write(f"{window}\n")
+                    p.stdin.flush()
+                rounds.append(sum(float(p.stdout.readline()) for p in procs[:k]))
+            if k == 1:  # one worker process alone: the baseline of the others, as slow as a thread alone or slower
+                one = statistics.median(rounds)
+                out.append(max(1.0, 1 / (one * alone)))
+            else:
+                out.append(_factor(k, rounds, 1 / one) * out[0])
+        return out
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def _call_overhead() -> list[float]:
@@ -353,19 +536,10 @@ def _call_overhead() -> list[float]:
     simulation (emulate/planner/simulation.py) runs this share of a task's time one task at a time
     across the local executor's workers. The forward's fixed costs (the schedule's start, the call
     workers' threads) are in it, spread over the probe's calls."""
-    import torch
-
     from emulate.api import run
-    from emulate.models.loaders import Model
-    from emulate.models.presets import weight_names
     from emulate.runtime.threads import cores as usable_cores
 
-    config = ModelConfig(name=PROBE, family="llama", vocab=64, width=16, layers=2, heads=2, kv_heads=1,
-                         head_dim=8, mlp_width=32)
-    gen = torch.Generator().manual_seed(0)
-    weights = {name: torch.randn(shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
-               for name, shape in weight_names(config).items()}
-    model = Model(config, weights)
+    model = _probe_model(width=16, heads=2, kv_heads=1, head_dim=8, mlp_width=32)
     (_, warm_n, warm_m, warm_att), (_, n, m, att) = PROBE_FORWARDS
     out = []
     for k in range(1, min(8, usable_cores()) + 1):
@@ -376,3 +550,18 @@ def _call_overhead() -> list[float]:
             best = min(best, probe.stats["forward_s"] / probe.stats["graph_nodes"])
         out.append(best)
     return out
+
+
+def _probe_model(dtype: str = "float64", **shape):
+    """The calibration's probe model: a seeded two-layer Llama of the given shape (never a preset),
+    weights in `dtype`."""
+    import torch
+
+    from emulate.models.loaders import Model
+    from emulate.models.presets import weight_names
+
+    config = ModelConfig(name=PROBE, family="llama", vocab=64, layers=2, **shape)
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(size, generator=gen, dtype=getattr(torch, dtype)) / size[-1] ** 0.5
+               for name, size in weight_names(config).items()}
+    return Model(config, weights)

@@ -42,14 +42,19 @@ class Calibration:
     torch_threads: int  # torch's thread setting of the measuring process (OMP_NUM_THREADS or the cores)
     call_threads: int = 1  # threads each measured call ran on: the executors' calls on a CPU run on one
     seconds: float = 0.0  # how long the measurement took
+    # cores' worth of CPU other processes used in the second before the measurement began (all the
+    # machine's busy time less this process's own, emulate/planner/calibrate.py `_others_cores`): a
+    # busy neighbour shows here at once, where the 1-minute load average lags behind it
+    others_cores: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.when))
-        return (f"calibrated {when} at load average {self.load:.2f} on {self.cores} cores, torch {self.torch}, "
-                f"calls on {self.call_threads} thread (torch's setting {self.torch_threads})")
+        return (f"calibrated {when} at load average {self.load:.2f} on {self.cores} cores (other processes using "
+                f"{self.others_cores:.1f}), torch {self.torch}, calls on {self.call_threads} thread (torch's setting "
+                f"{self.torch_threads})")
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,20 @@ class Device:
     # at once than on one alone, for k = 1, 2, ... up to the cores (shared caches, memory bandwidth,
     # other work on the machine); None: workers never slow each other (one device each)
     contention: tuple | None = None
+    # calibrated CPUs: the same for k one-thread worker *processes* at the niceness Ray gives its
+    # workers (emulate/planner/calibrate.py, RAY_WORKER_NICENESS), against one thread of this process
+    # alone: at that niceness a worker yields its core to any process of normal priority, so next to
+    # a busy neighbour k workers share the cores it leaves (None: `contention` stands for it)
+    worker_contention: tuple | None = None
     calibration: Calibration | None = None  # calibrated CPUs: when and how
     # calibrated CPUs: wall seconds per logical call of a run of the local executor on k call workers,
     # k = 1, 2, ..., measured on a probe whose calls are all overhead (emulate/planner/calibrate.py):
     # the Python of a call holds the GIL, so k workers' overheads run one at a time
     serial_call_s: tuple | None = None
+    # ... and the same while the call workers run kernels beside each other and whatever else runs
+    # on the machine (fitted on a probe forward whose calls are mostly kernels): what the simulation
+    # charges; never below serial_call_s
+    loaded_call_s: tuple | None = None
     # GPUs: the attention kernel's published FLOP/s by the call's sequence length, per mask ("none",
     # "causal"); None: the flat attention_rate
     attention_by_length: dict | None = None
@@ -104,15 +118,19 @@ class Device:
 
     def serial_call(self, workers: int) -> float | None:
         """Seconds of GIL-held Python per logical call with `workers` call workers (None: not measured)."""
-        if not self.serial_call_s:
+        table = self.loaded_call_s or self.serial_call_s
+        if not table:
             return None
-        return float(self.serial_call_s[min(workers, len(self.serial_call_s)) - 1])
+        return float(table[min(workers, len(table)) - 1])
 
-    def slowdown(self, busy: int) -> float:
-        """The contention factor with `busy` workers computing at once (1.0 when not measured)."""
-        if not self.contention or busy <= 1:
+    def slowdown(self, busy: int, processes: bool = False) -> float:
+        """The contention factor with `busy` workers computing at once (1.0 when not measured):
+        threads of one process (the local executor's call workers), or with `processes` Ray's
+        one-thread worker processes (worker_contention where measured)."""
+        table = (self.worker_contention or self.contention) if processes else self.contention
+        if not table or (busy <= 1 and not processes):
             return 1.0
-        return float(self.contention[min(busy, len(self.contention)) - 1])
+        return float(table[max(1, min(busy, len(table))) - 1])
 
     def rate(self, dtype: str, kind: str = "matmul", per_call: float | None = None) -> float:
         table = self.attention_flops if kind == "attention" else self.matmul_flops
@@ -198,6 +216,21 @@ CPU_TASK_OVERHEAD_S = 2e-3  # a Ray actor call: submit, schedule, fetch the inpu
 CPU_SERVICE_S_PER_CALL = 2.5e-3  # CPU of the driver and Ray's services per task, on the workers' cores
 
 
+def cpu_sharing(dev: Device, workers: int, ray: bool, cores: int) -> tuple[float, float]:
+    """(slowdown, service_s) of P workers sharing this machine's C cores (Hardware's fields): the
+    kernels measured with min(P, C) workers at once (Ray's as processes at its workers' niceness,
+    the local executor's as threads), times P / C past the cores; and for Ray the driver's and its
+    services' CPU per task, out of the workers' time once they fill the cores other processes leave
+    them (F = C less the cores others used when the CPU was calibrated): CPU_SERVICE_S_PER_CALL x
+    P / F, phased in over the last core (none while a whole free core is left over)."""
+    slowdown = dev.slowdown(min(workers, cores), processes=ray) * max(1.0, workers / cores)
+    if not ray:
+        return slowdown, 0.0
+    others = dev.calibration.others_cores if dev.calibration else 0.0
+    free = max(1.0, cores - others)
+    return slowdown, CPU_SERVICE_S_PER_CALL * workers / free * min(1.0, max(0.0, workers + 1 - free))
+
+
 def ring_allreduce_s(nbytes: float, parties: int, bytes_per_s: float) -> float:
     """A ring all-reduce of `nbytes` over `parties` GPUs: each sends and receives 2 (p - 1) / p of
     the bytes, one direction of each link at a time (Patarasuk and Yuan, J. Parallel Distrib.
@@ -221,8 +254,9 @@ class Hardware:
     # CPU workers on one machine: every task's own work takes this factor longer (P workers
     # computing at once on C cores: the calibrated contention at min(P, C), times P / C past C) ...
     slowdown: float = 1.0
-    # ... and, once the workers fill every core, the driver's and Ray's CPU per task comes out of
-    # their time: CPU_SERVICE_S_PER_CALL x P / C per task
+    # ... and, once the workers fill the cores other processes leave them (F = C less the cores
+    # others used at calibration), the driver's and Ray's CPU per task comes out of their time:
+    # CPU_SERVICE_S_PER_CALL x P / F per task (emulate/planner/prediction.py, hardware)
     service_s: float = 0.0
     # the local executor: P call workers of one process, no links, one queue (emulate/planner/simulation.py)
     shared: bool = False
@@ -319,11 +353,12 @@ def task_parts(t, hw: Hardware, starts_call: bool = True) -> tuple[float, float]
     if t.attend_flops and dev.masked_attention is not None:
         from graphs.compact import MASKS
 
-        per_call = sum(t.attend_blocks) / max(1, t.pairs)
-        for mask, flops in zip(MASKS, t.attend_blocks):
+        for mask, flops, count in zip(MASKS, t.attend_blocks, t.attend_counts):
             if flops:  # a sample's call is an unmasked one over the gathered keys
                 table = dev.masked_attention.get(mask.value) or dev.attention_flops
-                compute += flops / (g * _interpolate(table, per_call))
+                # each mask's calls at their own mean size: a window's few-key sink call beside a
+                # whole causal block is not priced at the block's rate
+                compute += flops / (g * _interpolate(table, flops / max(1, count)))
     elif t.attend_flops and dev.attention_by_length and hw.call_tokens:
         compute += gpu_attention_s(t.attend_flops, t.attend_blocks, dev, hw.call_tokens) / g
     elif t.attend_flops:

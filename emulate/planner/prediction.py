@@ -14,7 +14,6 @@ from emulate.planner.calibrate import cpu_device
 from emulate.planner.costs import (
     CPU_LINK_GBPS,
     CPU_LINK_LATENCY_S,
-    CPU_SERVICE_S_PER_CALL,
     CPU_TASK_OVERHEAD_S,
     DEVICES,
     GB,
@@ -22,8 +21,9 @@ from emulate.planner.costs import (
     GPU_LINK_LATENCY_S,
     GPU_TASK_OVERHEAD_S,
     Hardware,
+    cpu_sharing,
 )
-from emulate.planner.simulation import simulate
+from emulate.planner.simulation import forward_spec, simulate
 
 
 @dataclass
@@ -51,9 +51,11 @@ class Prediction:
 
 
 def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, link_gbps: float | None = None,
-             recalibrate: bool = False, executor: str = "ray", threads=None, *, calibrate: bool | None = None) -> Hardware:
+             recalibrate: bool = False, executor: str = "ray", threads=None, *, calibrate: bool | None = None,
+             dev=None) -> Hardware:
     """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached;
-    recalibrate: measured again, as `emulate plan --recalibrate`; `calibrate` is its old name).
+    recalibrate: measured again, as `emulate plan --recalibrate`; `calibrate` is its old name; `dev`:
+    this Device instead, as the calibration prices its own probe before the cache is written).
     executor="local" on the cpu: the local executor's call workers as a run with `threads` would
     have them (emulate/runtime/threads.py, worker_count: None is torch's setting), sharing one process."""
     from emulate.runtime.threads import (  # they import torch: only a plan needs it
@@ -63,7 +65,7 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
 
     recalibrate = _renamed(recalibrate, calibrate, "hardware")
     if device == "cpu":
-        dev = cpu_device(recalibrate=recalibrate)
+        dev = dev or cpu_device(recalibrate=recalibrate)
         link, lat, over, dtype = CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_TASK_OVERHEAD_S, "fp32"
     elif device in DEVICES:
         dev = DEVICES[device]
@@ -75,10 +77,8 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
         over = 0.0
         if device == "cpu":
             workers, shared = worker_count(threads), True
-    if device == "cpu":  # P workers share this machine's C cores with the driver and Ray's services
-        cores = usable_cores()
-        slowdown = dev.slowdown(min(workers, cores)) * max(1.0, workers / cores)
-        service = CPU_SERVICE_S_PER_CALL * workers / cores if executor == "ray" and workers >= cores else 0.0
+    if device == "cpu":  # P workers share this machine's C cores with the driver, Ray's services and others
+        slowdown, service = cpu_sharing(dev, workers, executor == "ray", usable_cores())
     return Hardware(dev, workers, gpus_per_worker, link if link_gbps is None else link_gbps, lat, over, dtype,
                     slowdown, service, shared=shared)
 
@@ -173,7 +173,7 @@ class _Forward:
     def __init__(self, model, tokens, block_size, attention, window, sinks, workers, device, gpus_per_worker,
                  link_gbps, calibrate, executor, threads, weight_dtype, tp_link, hw, grid=None):
         from emulate.problem import resolve_patterns
-        from graphs import CompactGraph, ForwardSpec, PatternError
+        from graphs import CompactGraph, PatternError
 
         config = _config(model)
         for name, value, low in (("--tokens", tokens, 1), ("--block-size", block_size, 1), ("--workers", workers, 1),
@@ -203,10 +203,7 @@ class _Forward:
         hw = replace(hw, **deployment(config, device, hw.device, hw.gpus_per_worker, weight_dtype, tp_link, dtype_bytes),
                      call_tokens=block_size)
         try:
-            spec = ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
-                               kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
-                               mlp_width=config.mlp_width, vocab=config.vocab if config.lm_head else 0,
-                               dtype_bytes=dtype_bytes)
+            spec = forward_spec(config, tokens, block_size, patterns, dtype_bytes)
             graph = CompactGraph.build(spec)
         except PatternError as err:
             raise EmulateError(str(err)) from None

@@ -41,6 +41,17 @@ class Simulation:
     critical_path: list[int]  # that chain's task indices, first to last
 
 
+def forward_spec(config, tokens: int, block_size: int, patterns, dtype_bytes: int):
+    """The graph's ForwardSpec (graphs) of a forward of `config` (emulate.models.config.ModelConfig),
+    its layers' masks `patterns`, values of `dtype_bytes` each: what a plan compiles and prices."""
+    from graphs import ForwardSpec
+
+    return ForwardSpec(tokens=tokens, block_size=block_size, patterns=tuple(patterns), heads=config.heads,
+                       kv_heads=config.kv_heads, head_dim=config.head_dim, width=config.width,
+                       mlp_width=config.mlp_width, vocab=config.vocab if config.lm_head else 0,
+                       dtype_bytes=dtype_bytes)
+
+
 def simulate(plan, spec, spans, hw: Hardware, weights_bytes: float | list[float] = 0.0) -> Simulation:
     """Run `plan` (graphs.plan.Plan) on hw.workers simulated workers; see the module docstring."""
     from graphs.plan import calls
