@@ -11,12 +11,13 @@ before every row. Goal: every row within 20%, the median within 10%.
 The rows validate; nothing here calibrates. What the planner's constants were measured on is
 disjoint from them (tests/test_planner_validation.py checks it): the CPU calibration runs the
 executor's kernels on synthetic tensors (rates by call size; the contention of k call workers on a
-mix of them) and forwards of a 16-wide probe model, N = 64 and 256 at M = 8 (PROBE_FORWARDS), on 1
-to C call workers (emulate/planner/calibrate.py); Ray's per-call constants come from
+mix of them, as threads and as worker processes at Ray's niceness), forwards of a 16-wide probe
+model, N = 64 and 256 at M = 8 (PROBE_FORWARDS), and of a 128-wide one, N = 8192 at M = 512
+(KERNEL_PROBE), on 1 to C call workers (emulate/planner/calibrate.py); Ray's per-call constants come from
 benchmarks/ray_overheads.py's own problems (tiny-llama 8192/512 causal, tiny-mistral 16384/1024
 sliding 512). No constant was fitted to a row.
 
-    .venv/bin/python benchmarks/plan_validation.py                        # every row; ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/plan_validation.py                        # every row; 2 to 3 minutes on 2 cores
     .venv/bin/python benchmarks/plan_validation.py --rows 1,2,8 --no-ray  # a few local rows
     .venv/bin/python benchmarks/plan_validation.py --recalibrate --plot validation.png
     .venv/bin/python benchmarks/plan_validation.py --recalibrate --neighbour  # one busy process throughout
@@ -123,8 +124,10 @@ def validate(args) -> None:
     t0 = time.perf_counter()
     device = cpu_device(recalibrate=args.recalibrate)
     print(f"cpu: {device.source}; k workers at once each take "
-          f"{', '.join(f'x{f:.2f}' for f in device.contention)} on the kernels, and the local executor's calls "
-          f"{', '.join(f'{c * 1e6:.0f}' for c in device.serial_call_s)} us each of Python (k = 1, 2, ...)", flush=True)
+          f"{', '.join(f'x{f:.2f}' for f in device.contention)} on the kernels as threads, "
+          f"{', '.join(f'x{f:.2f}' for f in device.worker_contention)} as Ray's worker processes; the local "
+          f"executor's calls {', '.join(f'{c * 1e6:.0f}' for c in device.serial_call_s)} us each of Python, "
+          f"{', '.join(f'{c * 1e6:.0f}' for c in device.loaded_call_s)} beside kernels (k = 1, 2, ...)", flush=True)
     emulate.run("tiny-llama", random_tokens=1024, block_size=256, attention="causal", collect=False)  # warm-up
     rows = []
     for k, model, tokens, block, pattern, executor in cases:
