@@ -180,3 +180,18 @@ def test_the_simulation_charges_the_per_call_cost_measured_beside_kernels(tmp_pa
     calls = base.inputs["logical_calls"]
     assert calls * 0.1 <= slow.predicted_s < calls * 0.1 + base.predicted_s
     assert base.predicted_s < calls * 0.1
+
+
+@pytest.mark.parametrize("value", ["abc", "20", "-1"])
+def test_a_ray_worker_niceness_ray_would_not_take_is_one_line_before_anything_is_measured(tmp_path, value):
+    """A real child: RAY_worker_niceness set to what Ray refuses stops `emulate plan --recalibrate`
+    with one line and exit 2, in well under the calibration's time, and writes no cache."""
+    env = dict(CHILD_ENV, XDG_CACHE_HOME=str(tmp_path), RAY_worker_niceness=value)
+    t0 = time.perf_counter()
+    done = subprocess.run([str(EMULATE), "plan", "--random-tokens", "2048", "-M", "256", "--recalibrate"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert "RAY_worker_niceness must be an integer from 0 to 19" in line and repr(value) in line
+    assert "Traceback" not in done.stderr and not (tmp_path / "emulate").exists()
+    assert time.perf_counter() - t0 < 60  # a hang guard: nothing was measured

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from emulate.models.config import ModelConfig
@@ -122,6 +123,23 @@ def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> lis
     return out
 
 
+def ray_worker_niceness() -> int:
+    """The niceness Ray starts its workers at here: RAY_worker_niceness when set (Ray takes 0 to 19),
+    else RAY_WORKER_NICENESS; a value Ray would not take is one line."""
+    from emulate.errors import EmulateError
+
+    text = os.environ.get("RAY_worker_niceness")
+    if text is None:
+        return RAY_WORKER_NICENESS
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise EmulateError(f"RAY_worker_niceness must be an integer from 0 to 19, as Ray takes it, got {text!r}")
+    return value
+
+
 def _others_cores(seconds: float = 1.0) -> float:
     """Cores' worth of CPU the other processes on this machine used over `seconds` while this one
     sleeps: the machine's busy time (user, nice, system, interrupts, and time a hypervisor gave
@@ -160,7 +178,8 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     and a window's explicit pairs through the kernel oracle, which cuts them into tiles) per score
     the kernel computes (graphs.patterns.kernel_entries); the local executor's per-call cost;
     memory bandwidth; the contention of k one-thread workers, as threads and as processes at Ray's
-    worker niceness; and what other processes use of the cores. About budget_s + 10 seconds."""
+    worker niceness; what other processes use of the cores; and the call workers' per-call cost
+    beside kernels (a probe forward). About budget_s + 20 seconds."""
     import psutil
     import torch
 
@@ -171,6 +190,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     from graphs.patterns import kernel_entries, pair_mask
 
     settings = current_settings()
+    nice = ray_worker_niceness()  # before anything is measured: a bad value costs no time
     load = float(loadavg()[0])
     began = clock()
     others = _others_cores()
@@ -213,19 +233,17 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     serial = _call_overhead()
     call = serial[0]
     contention, alone = _contention(budget_s / 4)
-    workers = _worker_contention(alone, budget_s / 4)
+    workers = _worker_contention(alone, nice, budget_s / 4)
+    cal = Calibration(when=began, load=load, load_after=load, cores=settings["cores"], torch=settings["torch"],
+                      torch_threads=settings["torch_threads"], call_threads=1, others_cores=others)
     entry = {"matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges, "node_flops": nodes,
              "call_overhead_s": call, "serial_call_s": serial, "contention": contention,
              "worker_contention": workers, "bandwidth": 2 * big.numel() * 4 / copy,
-             "memory": float(psutil.virtual_memory().total)}
+             "memory": float(psutil.virtual_memory().total), "calibration": cal.to_dict()}
     # the per-call cost of call workers running kernels: fitted on the kernel probe with the rest as measured
-    entry["calibration"] = Calibration(when=began, load=load, load_after=load, cores=settings["cores"], torch="",
-                                       torch_threads=0).to_dict()
     entry["loaded_call_s"] = _loaded_calls(entry)
-    cal = Calibration(when=began, load=load, load_after=float(loadavg()[0]), cores=settings["cores"],
-                      torch=settings["torch"], torch_threads=settings["torch_threads"], call_threads=1,
-                      seconds=clock() - began, others_cores=others)
-    return {**entry, "calibration": cal.to_dict()}
+    done = replace(cal, load_after=float(loadavg()[0]), seconds=clock() - began)
+    return {**entry, "calibration": done.to_dict()}
 
 
 MERGE_PARTIALS = 4  # partials per timed merge: three pairwise merges of the tree
@@ -414,7 +432,6 @@ def _loaded_calls(entry: dict) -> list[float]:
     fast as one. A median, not the fastest: a neighbour's share is steady, and the fastest forward
     is the one it happened to take least of."""
     import statistics
-    from dataclasses import replace
 
     from emulate.api import run
     from emulate.planner.costs import CPU_LINK_GBPS, CPU_LINK_LATENCY_S, Hardware, cpu_sharing
@@ -480,10 +497,10 @@ with torch.no_grad():
 """
 
 
-def _worker_contention(alone: float, budget_s: float = 2.0) -> list[float]:
+def _worker_contention(alone: float, nice: int = RAY_WORKER_NICENESS, budget_s: float = 2.0) -> list[float]:
     """[f_1, ..., f_C]: how much longer the kernel mix takes on each of k one-thread worker processes
-    running it at once, at the niceness Ray starts its workers at (RAY_worker_niceness, else
-    RAY_WORKER_NICENESS), than `alone` (one mix on one thread of this process, `_contention`), from
+    running it at once, at the niceness Ray starts its workers at (`nice`, ray_worker_niceness()),
+    than `alone` (one mix on one thread of this process, `_contention`), from
     their summed rates through a window, the median of ROUNDS windows per k: f_1 against `alone`
     (at least 1), f_k against f_1 (a worker process's own rate, so that a process's few percent
     against a thread do not count k times), times f_1. A Ray worker at that
@@ -493,20 +510,21 @@ def _worker_contention(alone: float, budget_s: float = 2.0) -> list[float]:
     import statistics
     import subprocess
 
+    from emulate.errors import EmulateError
     from emulate.runtime.threads import cores as usable_cores
 
-    nice = os.environ.get("RAY_worker_niceness", str(RAY_WORKER_NICENESS))
     root = str(Path(__file__).resolve().parents[2])  # where the emulate package is imported from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, nice], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(nice)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, env=env)
              for _ in range(min(8, usable_cores()))]
     window = budget_s / ROUNDS / len(procs)
     try:
         for p in procs:
             if p.stdout.readline().strip() != "ready":
-                raise RuntimeError("a calibration worker process did not start")
+                raise EmulateError("the CPU calibration could not start its worker processes (`python -c` "
+                                   "with emulate on PYTHONPATH)")
         out = []
         for k in range(1, len(procs) + 1):
             rounds = []

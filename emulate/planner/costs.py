@@ -256,7 +256,7 @@ class Hardware:
     slowdown: float = 1.0
     # ... and, once the workers fill the cores other processes leave them (F = C less the cores
     # others used at calibration), the driver's and Ray's CPU per task comes out of their time:
-    # CPU_SERVICE_S_PER_CALL x P / F per task (emulate/planner/prediction.py, hardware)
+    # CPU_SERVICE_S_PER_CALL x P / F per task (`cpu_sharing`)
     service_s: float = 0.0
     # the local executor: P call workers of one process, no links, one queue (emulate/planner/simulation.py)
     shared: bool = False

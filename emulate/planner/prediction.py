@@ -51,11 +51,9 @@ class Prediction:
 
 
 def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, link_gbps: float | None = None,
-             recalibrate: bool = False, executor: str = "ray", threads=None, *, calibrate: bool | None = None,
-             dev=None) -> Hardware:
+             recalibrate: bool = False, executor: str = "ray", threads=None, *, calibrate: bool | None = None) -> Hardware:
     """The Hardware of P workers of a named device ("cpu" is calibrated on this machine, cached;
-    recalibrate: measured again, as `emulate plan --recalibrate`; `calibrate` is its old name; `dev`:
-    this Device instead, as the calibration prices its own probe before the cache is written).
+    recalibrate: measured again, as `emulate plan --recalibrate`; `calibrate` is its old name).
     executor="local" on the cpu: the local executor's call workers as a run with `threads` would
     have them (emulate/runtime/threads.py, worker_count: None is torch's setting), sharing one process."""
     from emulate.runtime.threads import (  # they import torch: only a plan needs it
@@ -65,7 +63,7 @@ def hardware(device: str = "cpu", workers: int = 1, gpus_per_worker: int = 1, li
 
     recalibrate = _renamed(recalibrate, calibrate, "hardware")
     if device == "cpu":
-        dev = dev or cpu_device(recalibrate=recalibrate)
+        dev = cpu_device(recalibrate=recalibrate)
         link, lat, over, dtype = CPU_LINK_GBPS, CPU_LINK_LATENCY_S, CPU_TASK_OVERHEAD_S, "fp32"
     elif device in DEVICES:
         dev = DEVICES[device]
