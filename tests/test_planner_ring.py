@@ -113,3 +113,45 @@ def test_the_sequence_placement_prices_its_m_token_calls_at_their_rate():
     flat_hw = replace(hardware("h100"), device=replace(H100, attention_by_length=None))
     flat = predict("llama3-8b", 32768, block_size=4096, attention="causal", device="h100", hw=flat_hw)
     assert curve.predicted_s > flat.predicted_s
+
+
+def test_a_partial_prefill_adds_the_cached_keys_to_every_step_and_pass_kv_moves_them():
+    """T new tokens after P cached (the paper's persistent-KV prefill): every step adds the node's T / C
+    queries on its P / C cached keys, one unmasked call at FA3's rate for the rectangle's shorter side;
+    pass-KV moves the (P + T) / C tokens' keys and values a step."""
+    s = SHAPES["llama3-405b"]
+    T, P, C, G = 12800, 115200, 4, 8
+    full = predict_ring("llama3-405b", T, nodes=C, weight_dtype="fp8-ffn")
+    part = predict_ring("llama3-405b", T, nodes=C, cached=P, weight_dtype="fp8-ffn")
+    L, dh, H = s["layers"], s["head_dim"], s["heads"]
+    local, held = T / C, P / C
+    on_cached = local * held * 4 * dh * H / G / H100.attention_at("none", int(local))
+    assert part.attention_compute_s - full.attention_compute_s == pytest.approx(L * C * on_cached)
+    assert part.gemm_s == full.gemm_s and part.allreduce_s == full.allreduce_s  # the same T new tokens
+    kv = (P + T) / C * 2 * 1 * dh * 2
+    assert part.transfer_s == pytest.approx(L * (C - 1) * (GPU_LINK_LATENCY_S + kv / 50e9))
+    assert part.cached == P and part.variant == "pass-kv" and part.all_to_all_s == 0.0
+
+
+def test_pass_q_moves_the_queries_and_returns_the_outputs_in_an_all_to_all():
+    s = SHAPES["llama3-405b"]
+    T, P, C, G = 1280, 126720, 4, 8
+    kv = predict_ring("llama3-405b", T, nodes=C, cached=P, weight_dtype="fp8-ffn")
+    q = predict_ring("llama3-405b", T, nodes=C, cached=P, weight_dtype="fp8-ffn", variant="pass-q")
+    L, dh, H = s["layers"], s["head_dim"], s["heads"]
+    local = T / C
+    assert q.attention_compute_s == pytest.approx(kv.attention_compute_s)  # the same scores either way
+    assert q.transfer_s == pytest.approx(L * (C - 1) * (GPU_LINK_LATENCY_S + local * H / G * dh * 2 / 50e9))
+    # 16 query heads a GPU on T / C rows against 1 KV head's keys and values on (P + T) / C: 8% of the bytes
+    assert q.transfer_s < kv.transfer_s / 8
+    outputs = (C - 1) * local * H / G * (dh * 2 + 4)
+    assert q.all_to_all_s == pytest.approx(L * (GPU_LINK_LATENCY_S + outputs / 50e9))
+    assert q.exposed_transfer_s == 0.0 and kv.exposed_transfer_s > 0  # 320 queries a step: pass-KV waits on its keys
+    assert q.predicted_s < kv.predicted_s  # at a 1% miss rate pass-Q is the faster, as the paper finds
+    assert predict_ring("llama3-405b", T, nodes=1, cached=P, variant="pass-q").all_to_all_s == 0.0
+
+
+@pytest.mark.parametrize("kw", [{"cached": -1}, {"cached": 1.5}, {"variant": "pass-o"}])
+def test_bad_partial_prefill_input_is_refused(kw):
+    with pytest.raises(EmulateError):
+        predict_ring("llama3-8b", 4096, nodes=2, **kw)
