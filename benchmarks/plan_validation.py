@@ -5,8 +5,9 @@ Each row is one real `emulate.run` beside `emulate.planner.predict` for the same
 pattern, executor, workers and threads, on the calibrated cpu device, at default settings (no
 thread variables set): the local executor with its default call workers (torch's thread count, one
 per core) and with one (`threads=1`), and Ray with 1 and 2 workers of one CPU. forward_s is the
-run's own (it excludes Ray's start and the workers' weight loading). The load average is printed
-before every row. Goal: every row within 20%, the median within 10%.
+run's own (it excludes Ray's start and the workers' weight loading), the median of --repeat
+forwards (3 by default: one slow forward on a shared machine is not the row's figure; every one is
+printed). The load average is printed before every row. Goal: every row within 20%, the median within 10%.
 
 The rows validate; nothing here calibrates. What the planner's constants were measured on is
 disjoint from them (tests/test_planner_validation.py checks it): the CPU calibration runs the
@@ -101,9 +102,13 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="local rows only")
     ap.add_argument("--recalibrate", action="store_true", help="measure the CPU again before predicting")
     ap.add_argument("--plot", default=None, metavar="FILE.png", help="write the predicted-against-measured scatter")
+    ap.add_argument("--repeat", type=int, default=3, metavar="K",
+                    help="forwards measured per row; the row is their median (default 3)")
     ap.add_argument("--neighbour", action="store_true",
                     help="one CPU-bound process runs throughout, calibration included (implies --recalibrate)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.neighbour:  # its own calibration cache: the quiet one stays as it was
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         os.environ["XDG_CACHE_HOME"] = os.path.join(base, "emulate-neighbour")
@@ -134,13 +139,16 @@ def validate(args) -> None:
         run_kw, plan_kw = settings(executor)
         p = predict(model, tokens, block_size=block, device="cpu", **plan_kw, **pattern)
         load = os.getloadavg()[0]
-        got = emulate.run(model, random_tokens=tokens, block_size=block, collect=False, **pattern,
-                          **run_kw).stats["forward_s"]
+        runs = [emulate.run(model, random_tokens=tokens, block_size=block, collect=False, **pattern,
+                            **run_kw).stats["forward_s"] for _ in range(args.repeat)]
+        got = statistics.median(runs)
         rows.append((k, model, tokens, block, name(pattern), executor, p.predicted_s, got, load))
         print(f"  row {k} {model} {tokens} {block} {name(pattern)} {executor}: predicted {p.predicted_s:.3f} s, "
-              f"measured {got:.3f} s, load {load:.2f} before", flush=True)
+              f"measured {got:.3f} s (median of {', '.join(f'{r:.3f}' for r in runs)}), load {load:.2f} before",
+              flush=True)
     print()
-    print("| # | model | N | M | attention | executor | predicted_s | measured forward_s | predicted / measured "
+    print(f"| # | model | N | M | attention | executor | predicted_s | measured forward_s (median of {args.repeat}) "
+          "| predicted / measured "
           "| load before |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, model, n, m, pat, ex, pred, got, load in rows:
