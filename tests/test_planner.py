@@ -10,6 +10,7 @@ import pytest
 
 from graphs.plan import make_plan
 from emulate.cli import main
+from emulate.planner.calibrate import CACHE_FORMAT
 from emulate.planner import (DEVICES, Device, Hardware, cpu_device, hardware, predict, predict_placements, simulate,
                              task_seconds, value_bytes)
 from graphs import CompactGraph, ForwardSpec, Pattern, build_graph
@@ -185,7 +186,7 @@ def test_datasheet_figures():
 
 # -- the CPU calibration ---------------------------------------------------------------------------
 
-FAKE = {"format": 6, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
+FAKE = {"format": CACHE_FORMAT, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
         "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
@@ -348,3 +349,66 @@ def test_each_masks_calls_are_priced_at_their_own_size():
     t.attend_blocks, t.attend_counts, t.pairs = blocks, counts, 11
     t.flops = t.attend_flops = sum(blocks)
     assert task_seconds(t, hw) == pytest.approx(1e9 / 1e10 + 1e7 / 1e8)
+
+
+def test_a_grouped_query_models_masked_calls_pay_the_key_and_value_copy_at_the_copy_bandwidth():
+    """The CPU kernels repeat a GQA model's keys and values to every query head before a masked call
+    (emulate/runtime/kernels.py, attend): the causal call its square block, a window's tiles their
+    boxes; priced at the device's copy bandwidth, and not for a model with a KV head per query head."""
+    from dataclasses import replace
+
+    from graphs.compact import MASKS
+    from graphs.plan import Task, TaskKind
+    from emulate.planner.deployment import deployment
+    from emulate.planner.prediction import _config
+
+    rate = {1.0: 1e10}
+    dev = Device("toy", {"fp32": 1e30}, bandwidth=2e9, memory=1e12, efficiency=1.0, call_overhead_s=0.0,
+                 attention_flops=rate, masked_attention={"causal": rate, "explicit": rate})
+    gqa, m = _config("tiny-mistral"), 512
+    H, dh = gqa.heads, gqa.head_dim
+    assert gqa.kv_heads < H
+    fields = deployment(gqa, "cpu", dev, 1, "bf16", "nvlink", 4)
+    assert fields["kv_repeat_bytes"] == 2 * H * dh * 4 and fields["score_flops"] == 4 * H * dh
+    assert "kv_repeat_bytes" not in deployment(replace(gqa, kv_heads=H), "cpu", dev, 1, "bf16", "nvlink", 4)
+    assert "kv_repeat_bytes" not in deployment(gqa, "h100", DEVICES["h100"], 1, "bf16", "nvlink", 2)
+    t = Task(0, TaskKind.ROW, 0, 0, [], [], [])
+    blocks, counts = [0] * len(MASKS), [0] * len(MASKS)
+    causal, explicit = 3 * 4 * H * dh * m * m, 4 * H * dh * 300 * 128  # three causal blocks; tiles holding 300 keys
+    for mask, flops, n in (("causal", causal, 3), ("explicit", explicit, 1)):
+        i = [x.value for x in MASKS].index(mask)
+        blocks[i], counts[i] = flops, n
+    t.attend_blocks, t.attend_counts, t.pairs = blocks, counts, 4
+    t.flops = t.attend_flops = sum(blocks)
+    plain = Hardware(dev, 1, 1, 8.0, 0.0, 0.0, "fp32")
+    grouped = replace(plain, **{k: v for k, v in fields.items() if k in ("kv_repeat_bytes", "score_flops")})
+    copied = (3 * m + 300) * 2 * H * dh * 4
+    assert task_seconds(t, grouped) - task_seconds(t, plain) == pytest.approx(copied / 2e9)
+
+
+@pytest.mark.parametrize("pattern", [Pattern("sliding", window=64), Pattern("sliding", window=300),
+                                     Pattern("sliding", window=1000), Pattern("sink", window=512, sinks=4)])
+@pytest.mark.parametrize("m", [1000, 1024, 2048])
+def test_the_repeated_keys_are_the_boxes_of_the_tiles_the_kernel_masks(pattern, m):
+    """The keys the planner counts for a window's tiled call (costs.repeated_keys, from its kernel
+    scores) against the boxes the kernel copies: the tiles it runs masked (attend_intervals). Blocks
+    at least as long as the window: with a longer window some tiles see their whole box and copy
+    nothing, where the count is an upper bound."""
+    import numpy as np
+
+    from emulate.planner.costs import repeated_keys
+    from graphs import MaskKind
+    from graphs.patterns import TILE_ROWS, kernel_entries, pair_mask, relative_range, tile_boxes
+
+    for span, keys in (((m, 2 * m), (m, 2 * m)), ((m, 2 * m), (0, m))):
+        mask = pair_mask(pattern, span, keys).kind
+        if mask != MaskKind.EXPLICIT:
+            continue
+        lo, hi, sink = relative_range(pattern, span, keys)
+        copied = 0
+        for i, (a, b) in enumerate(zip(*tile_boxes(lo, hi, sink, m))):
+            rows = slice(i * TILE_ROWS, min(m, (i + 1) * TILE_ROWS))
+            cols = np.arange(a, b)
+            seen = ((cols >= lo[rows, None]) & (cols < hi[rows, None])) | (cols < sink[rows, None])
+            copied += (b - a) if a < b and not seen.all() else 0
+        assert repeated_keys("explicit", kernel_entries(pattern, mask, span, keys), 1) == pytest.approx(copied, rel=0.05)

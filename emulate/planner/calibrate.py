@@ -25,7 +25,7 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 6  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 7  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
@@ -435,6 +435,7 @@ def _loaded_calls(entry: dict) -> list[float]:
 
     from emulate.api import run
     from emulate.planner.costs import CPU_LINK_GBPS, CPU_LINK_LATENCY_S, Hardware, cpu_sharing
+    from emulate.planner.deployment import kv_repeat
     from emulate.planner.simulation import forward_spec, simulate
     from emulate.problem import resolve_patterns
     from emulate.runtime.threads import cores as usable_cores
@@ -459,7 +460,7 @@ def _loaded_calls(entry: dict) -> list[float]:
             table = list(dev.serial_call_s)
             table[k - 1] = per_call
             hw = Hardware(replace(dev, loaded_call_s=tuple(table)), k, 1, CPU_LINK_GBPS, CPU_LINK_LATENCY_S, 0.0,
-                          "fp32", slowdown, shared=True)
+                          "fp32", slowdown, shared=True, **kv_repeat(model.config, dev, 4))
             return simulate(plan, spec, graph.spans, hw).makespan
         if k == 1:
             own_miss = got / simulated(floor)  # the model's miss on this forward with one worker

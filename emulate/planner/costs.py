@@ -273,6 +273,13 @@ class Hardware:
     # GPUs with a published attention curve: the keys of a pair call (the forward's M), which sets
     # the flash kernel's rate (Device.attention_at); 0: the flat rate
     call_tokens: int = 0
+    # a grouped-query model on the CPU: before a masked call (causal, or a window's tiles) the kernel
+    # repeats the keys and values to every query head (emulate/runtime/kernels.py, attend), a copy of
+    # kv_repeat_bytes per key the call holds at the calibrated copy bandwidth, which the calibration's
+    # kernels (a KV head per query head) do not make; score_flops: the FLOPs of one (query, key)
+    # score over all heads (4 x heads x head_dim), to count a call's keys from its FLOPs
+    kv_repeat_bytes: float = 0.0
+    score_flops: float = 0.0
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -328,6 +335,19 @@ def gpu_attention_s(visible: float, blocks, dev: Device, tokens: int) -> float:
     return unmasked / dev.attention_at("none", tokens) + masked / dev.attention_at("causal", tokens)
 
 
+def repeated_keys(mask: str, entries: float, calls: int) -> float:
+    """Keys a grouped-query model's masked calls repeat to every query head (emulate/runtime/kernels.py):
+    a causal call its whole square block (sqrt of its scores), a window's tiled call each tile's box
+    of keys (its scores over the tile's TILE_ROWS rows, graphs/patterns.py, kernel_entries). A tile
+    that sees the whole of its box runs unmasked and copies nothing (a window longer than the block,
+    the sinks' own calls): there the count is an upper bound."""
+    from graphs.patterns import TILE_ROWS
+
+    if mask == "causal":
+        return calls * math.sqrt(entries / max(1, calls))
+    return entries / TILE_ROWS
+
+
 def task_seconds(t, hw: Hardware, starts_call: bool = True) -> float:
     """The cost model of one task on one worker (module docstring); the per-call costs (Ray's
     dispatch, the driver's and Ray's CPU) only for a task that starts a Ray call."""
@@ -359,6 +379,9 @@ def task_parts(t, hw: Hardware, starts_call: bool = True) -> tuple[float, float]
                 # each mask's calls at their own mean size: a window's few-key sink call beside a
                 # whole causal block is not priced at the block's rate
                 compute += flops / (g * _interpolate(table, flops / max(1, count)))
+                if hw.kv_repeat_bytes and mask.value in ("causal", "explicit"):
+                    compute += repeated_keys(mask.value, flops / hw.score_flops, count) * hw.kv_repeat_bytes / (
+                        g * dev.bandwidth)
     elif t.attend_flops and dev.attention_by_length and hw.call_tokens:
         compute += gpu_attention_s(t.attend_flops, t.attend_blocks, dev, hw.call_tokens) / g
     elif t.attend_flops:

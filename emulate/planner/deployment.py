@@ -36,6 +36,15 @@ def weights_bytes(config: ModelConfig, weight_dtype: str, dtype_bytes: int) -> f
     return float(total)
 
 
+def kv_repeat(config: ModelConfig, dev: Device, dtype_bytes: int) -> dict:
+    """The Hardware fields of the CPU kernels' key and value copy for a grouped-query model (costs.py,
+    Hardware.kv_repeat_bytes); none on a GPU, whose kernels read the shared heads in place."""
+    if dev.masked_attention is None or config.kv_heads == config.heads:
+        return {}
+    return {"kv_repeat_bytes": 2.0 * config.heads * config.head_dim * dtype_bytes,
+            "score_flops": 4.0 * config.heads * config.head_dim}
+
+
 def deployment(config: ModelConfig, device: str, dev: Device, gpus_per_worker: int, weight_dtype: str,
                tp_link: str, dtype_bytes: int) -> dict:
     """The Hardware fields (emulate/planner/costs.py) of a worker of `gpus_per_worker` GPUs."""
@@ -44,7 +53,7 @@ def deployment(config: ModelConfig, device: str, dev: Device, gpus_per_worker: i
     if tp_link not in TP_LINKS:
         raise EmulateError(f"--tp-link must be one of {', '.join(TP_LINKS)}, got {tp_link!r}")
     proj, ffn = layer_gemm_flops(config)
-    fields = {"ffn_share": ffn / (proj + ffn)}
+    fields = {"ffn_share": ffn / (proj + ffn), **kv_repeat(config, dev, dtype_bytes)}
     if weight_dtype == "fp8-ffn":
         if "fp8" not in dev.flops:
             raise EmulateError(f"--weight-dtype fp8-ffn needs a device with fp8 tensor cores; {device} has none")
