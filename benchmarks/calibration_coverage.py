@@ -1,0 +1,113 @@
+"""Where the CPU calibration's rates may not hold for a run: kernels on warm tensors against cold
+ones, and position-wise nodes of other shapes than the calibration's against the rate the planner
+reads off its table. Both on one torch thread, each the fastest of repeated calls, as the
+calibration measures (emulate/planner/calibrate.py).
+
+1. Warm against cold: the calibration calls each kernel on the same tensors, which stay in the
+   caches; a run's calls read keys and values other calls have made since. Here each kernel runs
+   on one set of tensors (warm) and round a ring of 64 sets, tens of MB (cold): a window's tiled
+   pair, a causal and an unmasked block call (8 query heads over 2 KV heads) and a GEMM.
+2. Nodes by shape: the executor's project and mix nodes (emulate/models/block.py) of synthetic
+   Llama blocks at widths 128 to 512 and M = 256 to 2048, their FLOP/s measured against the
+   calibrated table's rate at the same FLOPs per call (the table is keyed by FLOPs alone; its own
+   shapes are NODE_SHAPES at NODE_TOKENS). Reads the cached calibration (`emulate plan` makes one).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_coverage.py      # about a minute
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def warm_against_cold(per: float) -> None:
+    import time
+
+    import torch
+
+    from emulate.runtime.contract import PairCall
+    from emulate.runtime.kernels import attend
+    from emulate.runtime.oracles import KernelOracle
+    from graphs import MaskKind, Pattern
+    from graphs.patterns import pair_mask
+
+    g = torch.Generator().manual_seed(0)
+    oracle = KernelOracle()
+
+    def per_call(fn, sets) -> float:
+        best, began = float("inf"), time.perf_counter()
+        while time.perf_counter() - began < per:
+            t0 = time.perf_counter()
+            for s in sets:
+                fn(*s)
+            best = min(best, (time.perf_counter() - t0) / len(sets))
+        return best
+
+    def qkv(m):
+        return (torch.randn(8, m, 32, generator=g), torch.randn(2, m, 32, generator=g), torch.randn(2, m, 32, generator=g))
+
+    window = Pattern("sliding", window=512)
+    span = (2048, 4096)
+    pair = PairCall(0, span, span, pair_mask(window, span, span).kind, window)
+    cases = [
+        ("window pair, M 2048, r 512", lambda: qkv(2048), lambda q, k, v: oracle.attend(pair, q, k, v, 0.1)),
+        ("causal block, M 1024", lambda: qkv(1024), lambda q, k, v: attend(q, k, v, 0.1, MaskKind.CAUSAL)),
+        ("unmasked block, M 1024", lambda: qkv(1024), lambda q, k, v: attend(q, k, v, 0.1, MaskKind.NONE)),
+        ("GEMM 2048 x 256 x 1024", lambda: (torch.randn(2048, 256, generator=g), torch.randn(256, 1024, generator=g)),
+         lambda a, b: a @ b),
+    ]
+    print("| kernel | warm ms | cold ms | cold / warm |\n| --- | --- | --- | --- |")
+    for name, make, fn in cases:
+        warm, cold = per_call(fn, [make()] * 16), per_call(fn, [make() for _ in range(64)])
+        print(f"| {name} | {warm * 1e3:.2f} | {cold * 1e3:.2f} | {cold / warm:.2f} |", flush=True)
+
+
+def nodes_by_shape(per: float) -> None:
+    import torch
+
+    from emulate.models.block import Transformer
+    from emulate.models.config import ModelConfig
+    from emulate.models.presets import weight_names
+    from emulate.planner import cpu_device
+    from emulate.planner.calibrate import _fastest
+    from emulate.planner.costs import _interpolate
+    from graphs import ForwardSpec, Pattern
+    from graphs.costs import mix_cost, project_cost
+
+    table = cpu_device().node_flops
+    g = torch.Generator().manual_seed(0)
+    print("\n| width | M | FLOPs per call | measured GFLOP/s | calibrated table's GFLOP/s | measured / table |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for width, heads, kv_heads, mlp in ((128, 4, 2, 256), (256, 8, 2, 512), (512, 16, 4, 1024)):
+        config = ModelConfig(name="coverage", family="llama", vocab=64, width=width, layers=1, heads=heads,
+                             kv_heads=kv_heads, head_dim=32, mlp_width=mlp)
+        block = Transformer(config, {name: torch.randn(shape, generator=g) / shape[-1] ** 0.5
+                                     for name, shape in weight_names(config).items()})
+        for m in (256, 1024, 2048):
+            spec = ForwardSpec(tokens=m, block_size=m, patterns=(Pattern("causal"),), heads=heads, kv_heads=kv_heads,
+                               head_dim=32, width=width, mlp_width=mlp, vocab=0, dtype_bytes=4)
+            x, positions, o = torch.randn(m, width, generator=g), torch.arange(m), torch.randn(heads, m, 32, generator=g)
+
+            def nodes(x=x, positions=positions, o=o, block=block):
+                block.project(0, x, positions)
+                block.mix(0, x, o)
+            flops = project_cost(spec, m)[0] + mix_cost(spec, m)[0]
+            with torch.no_grad():
+                rate = flops / _fastest(nodes, per)
+            cal = _interpolate(table, flops / 2)
+            print(f"| {width} | {m} | {flops / 2:.3g} | {rate / 1e9:.1f} | {cal / 1e9:.1f} | {rate / cal:.2f} |",
+                  flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per case (default 1)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    warm_against_cold(args.seconds)
+    nodes_by_shape(args.seconds / 2)
+
+
+if __name__ == "__main__":
+    main()
