@@ -75,8 +75,9 @@ def main() -> None:
             if (tokens, nodes) not in placed:
                 placed[tokens, nodes] = predict("llama3-405b", tokens, block_size=args.block_size, attention="causal",
                                                 workers=nodes, gpus_per_worker=8, device="h100",
-                                                weight_dtype="fp8-ffn", allow_overcommit=True).predicted_s
-            seq = f"{placed[tokens, nodes]:.1f} (M = {args.block_size})"
+                                                weight_dtype="fp8-ffn", allow_overcommit=True)
+            p = placed[tokens, nodes]
+            seq = f"{p.predicted_s:.1f} (M = {args.block_size})" + ("" if p.fits else ", does not fit: overcommitted")
         print(f"| {tokens} | {cached} | {nodes} x 8 | {variant} | {r.predicted_s:.3g} ({r.attention_s:.3g}, "
               f"{r.gemm_s:.3g}, {r.allreduce_s:.3g}, {r.all_to_all_s:.3g}) | {reported:g} | {err:+.0%} | {seq} "
               f"| {where} |  <!-- {time.perf_counter() - t0:.0f} s -->", flush=True)

@@ -369,7 +369,7 @@ def test_a_grouped_query_models_masked_calls_pay_the_key_and_value_copy_at_the_c
     H, dh = gqa.heads, gqa.head_dim
     assert gqa.kv_heads < H
     fields = deployment(gqa, "cpu", dev, 1, "bf16", "nvlink", 4)
-    assert fields["kv_repeat_bytes"] == 2 * H * dh * 4 and fields["score_flops"] == 4 * H * dh
+    assert fields["kv_repeat_bytes"] == 2 * (H + gqa.kv_heads) * dh * 4 and fields["score_flops"] == 4 * H * dh
     assert "kv_repeat_bytes" not in deployment(replace(gqa, kv_heads=H), "cpu", dev, 1, "bf16", "nvlink", 4)
     assert "kv_repeat_bytes" not in deployment(gqa, "h100", DEVICES["h100"], 1, "bf16", "nvlink", 2)
     t = Task(0, TaskKind.ROW, 0, 0, [], [], [])
@@ -382,7 +382,7 @@ def test_a_grouped_query_models_masked_calls_pay_the_key_and_value_copy_at_the_c
     t.flops = t.attend_flops = sum(blocks)
     plain = Hardware(dev, 1, 1, 8.0, 0.0, 0.0, "fp32")
     grouped = replace(plain, **{k: v for k, v in fields.items() if k in ("kv_repeat_bytes", "score_flops")})
-    copied = (3 * m + 300) * 2 * H * dh * 4
+    copied = (3 * m + 300) * 2 * (H + gqa.kv_heads) * dh * 4  # read from the KV heads, written to every query head
     assert task_seconds(t, grouped) - task_seconds(t, plain) == pytest.approx(copied / 2e9)
 
 

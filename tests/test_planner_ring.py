@@ -151,7 +151,9 @@ def test_pass_q_moves_the_queries_and_returns_the_outputs_in_an_all_to_all():
     assert predict_ring("llama3-405b", T, nodes=1, cached=P, variant="pass-q").all_to_all_s == 0.0
 
 
-@pytest.mark.parametrize("kw", [{"cached": -1}, {"cached": 1.5}, {"variant": "pass-o"}])
+@pytest.mark.parametrize("kw", [{"cached": -1}, {"cached": 1.5}, {"variant": "pass-o"}, {"link_gbps": 0},
+                                {"link_gbps": -1.0}, {"link_gbps": float("nan")}, {"tokens": 7}])
 def test_bad_partial_prefill_input_is_refused(kw):
+    kw = {"tokens": 4096, **kw}  # 7 tokens cannot fill the 2 x 4 chunks of 4 nodes
     with pytest.raises(EmulateError):
-        predict_ring("llama3-8b", 4096, nodes=2, **kw)
+        predict_ring("llama3-8b", nodes=4, **kw)

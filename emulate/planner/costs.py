@@ -274,8 +274,9 @@ class Hardware:
     # the flash kernel's rate (Device.attention_at); 0: the flat rate
     call_tokens: int = 0
     # a grouped-query model on the CPU: before a masked call (causal, or a window's tiles) the kernel
-    # repeats the keys and values to every query head (emulate/runtime/kernels.py, attend), a copy of
-    # kv_repeat_bytes per key the call holds at the calibrated copy bandwidth, which the calibration's
+    # repeats the keys and values to every query head (emulate/runtime/kernels.py, attend), a copy
+    # moving kv_repeat_bytes (read and written) per key the call holds at the calibrated copy
+    # bandwidth (which counts a copy's reads and writes), which the calibration's
     # kernels (a KV head per query head) do not make; score_flops: the FLOPs of one (query, key)
     # score over all heads (4 x heads x head_dim), to count a call's keys from its FLOPs
     kv_repeat_bytes: float = 0.0

@@ -41,7 +41,9 @@ def kv_repeat(config: ModelConfig, dev: Device, dtype_bytes: int) -> dict:
     Hardware.kv_repeat_bytes); none on a GPU, whose kernels read the shared heads in place."""
     if dev.masked_attention is None or config.kv_heads == config.heads:
         return {}
-    return {"kv_repeat_bytes": 2.0 * config.heads * config.head_dim * dtype_bytes,
+    # read from the KV heads, written to every query head: the bytes the calibrated bandwidth counts
+    # (a copy's reads and writes, emulate/planner/calibrate.py)
+    return {"kv_repeat_bytes": 2.0 * (config.heads + config.kv_heads) * config.head_dim * dtype_bytes,
             "score_flops": 4.0 * config.heads * config.head_dim}
 
 

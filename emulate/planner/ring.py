@@ -21,8 +21,9 @@ P / C cached tokens on every node. Each ring step then adds one unmasked call of
 queries on the P / C cached keys it holds. The paper's two variants differ in what moves:
 
 - pass-KV: the keys and values move, (P + T) / C tokens a step, as above;
-- pass-Q: the queries move (T / C tokens of the GPU's query heads a step, 16 times fewer bytes a
-  token than keys and values for Llama-3 405B's 128 query and 8 KV heads), and the partial outputs
+- pass-Q: the queries move (T / C tokens of the GPU's query heads a step: 8 times the bytes a token
+  of one KV head's keys and values for Llama-3 405B's 128 query and 8 KV heads, so fewer bytes only
+  when the new tokens are under 1/8 of the context), and the partial outputs
   then go back to the nodes that own their queries in one all-to-all after the ring (each GPU sends
   C - 1 blocks of T / C rows: bf16 outputs and a float32 log-sum-exp), on the critical path.
 
@@ -31,6 +32,7 @@ bound, a small share at these lengths), and the LM head (a prefill needs the las
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from emulate.errors import EmulateError
@@ -86,10 +88,14 @@ def predict_ring(model, tokens: int, *, nodes: int, gpus_per_node: int = 8, devi
     config: ModelConfig = _config(model)
     if device not in DEVICES or device not in NVLINK_BYTES_PER_S:
         raise EmulateError(f"the ring baseline prices GPUs ({', '.join(DEVICES)}), not {device!r}")
-    for name, value, least in (("tokens", tokens, 1), ("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 1),
-                               ("cached", cached, 0)):
+    for name, value, least in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 1), ("cached", cached, 0),
+                               ("tokens", tokens, 2 * nodes if isinstance(nodes, int) else 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise EmulateError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise EmulateError(f"{name} must be an integer >= {least}, got {value!r}"
+                               + (" (a token in each of the 2 x nodes chunks)" if name == "tokens" else ""))
+    if isinstance(link_gbps, bool) or not isinstance(link_gbps, (int, float)) or not math.isfinite(link_gbps) \
+            or link_gbps <= 0:
+        raise EmulateError(f"link_gbps must be a finite number > 0, got {link_gbps!r}")
     if weight_dtype not in ("bf16", "fp8-ffn"):
         raise EmulateError(f"weight_dtype must be bf16 or fp8-ffn, got {weight_dtype!r}")
     if variant not in VARIANTS:
@@ -127,8 +133,9 @@ def predict_ring(model, tokens: int, *, nodes: int, gpus_per_node: int = 8, devi
     if variant == "pass-q" and C > 1:
         outputs = (C - 1) * local * heads_per_gpu * (config.head_dim * 2 + 4)  # bf16 rows and their log-sum-exp
         all_to_all = GPU_LINK_LATENCY_S + outputs / link
-    # per layer: C attention steps, 4 GEMMs, 2 all-reduces (and pass-Q's all-to-all)
-    calls = L * (C + 6 + (all_to_all > 0)) * GPU_CALL_OVERHEAD_S
+    # per layer: C attention steps (and one call on the cached keys in each), 4 GEMMs, 2 all-reduces (and
+    # pass-Q's all-to-all)
+    calls = L * (C * (1 + (held > 0)) + 6 + (all_to_all > 0)) * GPU_CALL_OVERHEAD_S
     total = gemm + allreduce + L * (ring + all_to_all) + calls
     return RingPrediction(predicted_s=total, nodes=C, gpus_per_node=G, tokens_per_node=int(local), cached=cached,
                           variant=variant, gemm_s=gemm, allreduce_s=allreduce, attention_s=L * ring,
