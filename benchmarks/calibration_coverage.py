@@ -20,10 +20,9 @@ import argparse
 
 
 def warm_against_cold(per: float) -> None:
-    import time
-
     import torch
 
+    from emulate.planner.calibrate import _fastest
     from emulate.runtime.contract import PairCall
     from emulate.runtime.kernels import attend
     from emulate.runtime.oracles import KernelOracle
@@ -33,14 +32,8 @@ def warm_against_cold(per: float) -> None:
     g = torch.Generator().manual_seed(0)
     oracle = KernelOracle()
 
-    def per_call(fn, sets) -> float:
-        best, began = float("inf"), time.perf_counter()
-        while time.perf_counter() - began < per:
-            t0 = time.perf_counter()
-            for s in sets:
-                fn(*s)
-            best = min(best, (time.perf_counter() - t0) / len(sets))
-        return best
+    def per_call(fn, sets) -> float:  # the calibration's own timer, over the whole ring of sets
+        return _fastest(lambda: [fn(*s) for s in sets], per) / len(sets)
 
     def qkv(m):
         return (torch.randn(8, m, 32, generator=g), torch.randn(2, m, 32, generator=g), torch.randn(2, m, 32, generator=g))

@@ -196,6 +196,13 @@ def tile_boxes(lo: np.ndarray, hi: np.ndarray, sink: np.ndarray, mk: int,
     return np.minimum.reduceat(first, starts), np.maximum.reduceat(last, starts)
 
 
+def tile_seen(lo: np.ndarray, hi: np.ndarray, sink: np.ndarray, rows: slice, a: int, b: int) -> np.ndarray:
+    """The boolean [rows, b - a] mask of the keys [a, b) the query rows `rows` see (rows as
+    tile_boxes takes them): all true where the tile runs unmasked on its box."""
+    cols = np.arange(a, b)
+    return ((cols >= lo[rows, None]) & (cols < hi[rows, None])) | (cols < sink[rows, None])
+
+
 def relative_range(pattern: Pattern, q_span: tuple[int, int], k_span: tuple[int, int]):
     """(lo, hi, sink) per query of q_span: its visible keys as offsets into k_span."""
     k0 = k_span[0]

@@ -391,14 +391,13 @@ def test_a_grouped_query_models_masked_calls_pay_the_key_and_value_copy_at_the_c
 @pytest.mark.parametrize("m", [1000, 1024, 2048])
 def test_the_repeated_keys_are_the_boxes_of_the_tiles_the_kernel_masks(pattern, m):
     """The keys the planner counts for a window's tiled call (costs.repeated_keys, from its kernel
-    scores) against the boxes the kernel copies: the tiles it runs masked (attend_intervals). Blocks
+    scores) against the boxes the kernel copies: the tiles it runs masked (attend_intervals, by
+    graphs.patterns.tile_seen). Blocks
     at least as long as the window: with a longer window some tiles see their whole box and copy
     nothing, where the count is an upper bound."""
-    import numpy as np
-
     from emulate.planner.costs import repeated_keys
     from graphs import MaskKind
-    from graphs.patterns import TILE_ROWS, kernel_entries, pair_mask, relative_range, tile_boxes
+    from graphs.patterns import TILE_ROWS, kernel_entries, pair_mask, relative_range, tile_boxes, tile_seen
 
     for span, keys in (((m, 2 * m), (m, 2 * m)), ((m, 2 * m), (0, m))):
         mask = pair_mask(pattern, span, keys).kind
@@ -408,7 +407,6 @@ def test_the_repeated_keys_are_the_boxes_of_the_tiles_the_kernel_masks(pattern, 
         copied = 0
         for i, (a, b) in enumerate(zip(*tile_boxes(lo, hi, sink, m))):
             rows = slice(i * TILE_ROWS, min(m, (i + 1) * TILE_ROWS))
-            cols = np.arange(a, b)
-            seen = ((cols >= lo[rows, None]) & (cols < hi[rows, None])) | (cols < sink[rows, None])
-            copied += (b - a) if a < b and not seen.all() else 0
+            # the kernel's own rule (emulate/runtime/kernels.py, attend_intervals): a masked tile copies its box
+            copied += (b - a) if a < b and not tile_seen(lo, hi, sink, rows, a, b).all() else 0
         assert repeated_keys("explicit", kernel_entries(pattern, mask, span, keys), 1) == pytest.approx(copied, rel=0.05)

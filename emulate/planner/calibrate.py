@@ -448,6 +448,7 @@ def _loaded_calls(entry: dict) -> list[float]:
     spec = forward_spec(model.config, n, m, resolve_patterns(model.config, att), 4)
     graph = CompactGraph.build(spec)
     plan = make_plan(graph, 1, runnable=False)  # the local executor's: one queue
+    copy = kv_repeat(model.config, dev, 4)
     fitted = []
     for k in range(1, len(entry["serial_call_s"]) + 1):
         run(model, random_tokens=2 * m, block_size=m, attention=att, collect=False, threads=k)  # warm-up
@@ -460,7 +461,7 @@ def _loaded_calls(entry: dict) -> list[float]:
             table = list(dev.serial_call_s)
             table[k - 1] = per_call
             hw = Hardware(replace(dev, loaded_call_s=tuple(table)), k, 1, CPU_LINK_GBPS, CPU_LINK_LATENCY_S, 0.0,
-                          "fp32", slowdown, shared=True, **kv_repeat(model.config, dev, 4))
+                          "fp32", slowdown, shared=True, **copy)
             return simulate(plan, spec, graph.spans, hw).makespan
         if k == 1:
             own_miss = got / simulated(floor)  # the model's miss on this forward with one worker

@@ -89,10 +89,11 @@ def predict_ring(model, tokens: int, *, nodes: int, gpus_per_node: int = 8, devi
     if device not in DEVICES or device not in NVLINK_BYTES_PER_S:
         raise EmulateError(f"the ring baseline prices GPUs ({', '.join(DEVICES)}), not {device!r}")
     for name, value, least in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 1), ("cached", cached, 0),
-                               ("tokens", tokens, 2 * nodes if isinstance(nodes, int) else 1)):
+                               ("tokens", tokens, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise EmulateError(f"{name} must be an integer >= {least}, got {value!r}"
-                               + (" (a token in each of the 2 x nodes chunks)" if name == "tokens" else ""))
+            raise EmulateError(f"{name} must be an integer >= {least}, got {value!r}")
+    if tokens < 2 * nodes:
+        raise EmulateError(f"tokens must be at least 2 x nodes = {2 * nodes} (a token in each chunk), got {tokens}")
     if isinstance(link_gbps, bool) or not isinstance(link_gbps, (int, float)) or not math.isfinite(link_gbps) \
             or link_gbps <= 0:
         raise EmulateError(f"link_gbps must be a finite number > 0, got {link_gbps!r}")

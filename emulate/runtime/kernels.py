@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from graphs import MaskKind
-from graphs.patterns import TILE_ROWS, tile_boxes
+from graphs.patterns import TILE_ROWS, tile_boxes, tile_seen
 
 NEG_INF = float("-inf")
 
@@ -103,9 +103,8 @@ def attend_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             outs.append(q.new_zeros(H, r1 - r0, dh, dtype=acc))
             lses.append(q.new_full((H, r1 - r0), NEG_INF, dtype=acc))
             continue
-        cols = np.arange(a, b)
         rows = slice(r0, r1)
-        seen = (((cols >= lo[rows, None]) & (cols < hi[rows, None])) | (cols < sink[rows, None]))
+        seen = tile_seen(lo, hi, sink, rows, a, b)
         qt = q[:, rows] if (r0, r1) != (0, mq) else q
         if seen.all():
             o, lse = attend(qt, k[:, a:b], v[:, a:b], scale)
