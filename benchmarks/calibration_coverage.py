@@ -95,6 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per case (default 1)")
     args = ap.parse_args()
+    if not args.seconds > 0:  # NaN too
+        ap.error(f"--seconds must be a number > 0, got {args.seconds}")
     import torch
 
     torch.set_num_threads(1)

@@ -81,3 +81,17 @@ def test_the_neighbour_ends_by_itself_when_the_benchmark_is_killed_outright(tmp_
             break
         time.sleep(0.05)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("script, args", [("plan_validation.py", ["--repeat", "0"]),
+                                          ("calibration_coverage.py", ["--seconds", "0"]),
+                                          ("calibration_coverage.py", ["--seconds", "nan"])])
+def test_a_benchmark_refuses_a_bad_count_in_one_line_before_measuring(script, args):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"{args[0]} must be" in last and "got" in last and "Traceback" not in out.stderr
