@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -71,7 +72,64 @@ class Watched:
         return self.execution
 
 
-__all__ = ["Watched", "emulate_and_reference", "record_error", "row_errors"]
+class CrashOnce:
+    """An oracle that SIGKILLs the process it runs in at the first pair call of one layer's query
+    block (queries from `start`), once in the whole run: the first process there creates `marker`
+    and writes its pid into it, the others (the restarted worker, a re-run) find it and go on. Every
+    call runs the kernel oracle, so the outputs are the kernel's bits.
+
+    A fault test chooses where in a worker's own work it dies, rather than killing it when the
+    driver happens to see some count of finished tasks: on a busy machine the driver sees late, and
+    the worker may have finished all it had by then (nothing to restart, nothing to recover).
+    """
+
+    name = "crash-once"
+    distributed = True  # pickles to the Ray workers; its summary is empty
+
+    def __init__(self, marker, layer: int, start: int):
+        self.marker, self.layer, self.start = str(marker), layer, start
+
+    def bind(self, block_size, heads):
+        return _CrashingOnce(self, emulate.KernelOracle().bind(block_size, heads))
+
+
+class _CrashingOnce:
+    def __init__(self, spec: CrashOnce, kernel):
+        self.spec, self.kernel = spec, kernel
+
+    def attend(self, pair, q, k, v, scale):
+        if pair.layer == self.spec.layer and pair.span[0] == self.spec.start:
+            try:
+                fd = os.open(self.spec.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.kernel.attend(pair, q, k, v, scale)
+
+    def summary(self):
+        return {}
+
+
+def crash_mid_work(p: emulate.Problem, marker, worker: int, placement: str = "sequence", workers: int = 2,
+                   grid: str | None = None) -> CrashOnce:
+    """A CrashOnce that kills `worker` of the Ray executor's plan for `p` (made and placed as the
+    executor does, cluster/executor.py) at the middle one of its layer tasks: by then it has run
+    some, holds their keys and values, and has some left."""
+    from cluster.placement import Placement, layout_of
+    from graphs.plan import make_plan
+
+    layout = layout_of(Placement(placement), workers, p.model.config.layers, grid)
+    plan = make_plan(p.compact_graph(), layout.plan_workers)
+    layout.place(plan)
+    own = [t for t in plan.tasks if t.worker == worker and t.layer >= 0]
+    t = own[len(own) // 2]
+    return CrashOnce(marker, t.layer, t.block * p.block_size)
+
+
+__all__ = ["CrashOnce", "Watched", "emulate_and_reference", "crash_mid_work", "record_error", "row_errors"]
 
 
 @pytest.fixture(scope="session")

@@ -242,33 +242,26 @@ def test_grid_and_auto_bad_input_is_one_line(tmp_path, args, says):
 @pytest.mark.slow
 @pytest.mark.parametrize("placement,grid,workers,victim", [("sequence", None, 2, 1), ("layers", None, 2, 1),
                                                             ("grid", "2x2", 4, 2)])
-def test_a_killed_worker_reloads_its_own_weights_and_the_bits_are_the_same(ray_cluster, placement, grid, workers,
-                                                                           victim):
-    """SIGKILL a worker half way: under sequence the last (the last blocks), under layers the last
-    (the last layers and the head), under grid 2x2 the first of the last row (the last layers of the
-    first blocks, which by half way has run and holds some: the second column's blocks come last in
-    the pipeline). Its restarted process loads its own range's weights again (the whole model under
-    sequence), the driver re-runs what it held, and the outputs are the local bits."""
-    import signal
-
-    from conftest import Watched
+def test_a_killed_worker_reloads_its_own_weights_and_the_bits_are_the_same(ray_cluster, tmp_path, placement, grid,
+                                                                           workers, victim):
+    """SIGKILL a worker in the middle of its own tasks (conftest.py, CrashOnce): under sequence the
+    last (the last blocks), under layers the last (the last layers and the head), under grid 2x2 the
+    first of the last row (the last layers of every other block). By then it has run some and holds
+    their keys and values, so its restarted process loads its own range's weights again (the whole
+    model under sequence), the driver re-runs what it held, and the outputs are the local bits."""
+    from conftest import Watched, crash_mid_work
 
     p = problem(tokens=1024, block=128)
     want = local(p).hidden
+    marker = tmp_path / "killed"
     watched = Watched(emulate.Ray(workers=workers, cpus_per_worker=0.5, placement=placement, grid=grid,
                                   stall_timeout=120))
-    killed = []
-
-    def kill_once(stage, done, total):
-        if stage == "forward" and not killed and done >= total // 2:
-            killed.append(watched.execution.figures["ray_workers"][victim]["pid"])
-            os.kill(killed[0], signal.SIGKILL)
-
     stream = emulate.stream(p.model, p.tokens, block_size=p.block_size, attention=list(p.patterns), dtype=p.dtype,
-                            executor=watched, progress=kill_once)
+                            executor=watched, oracle=crash_mid_work(p, marker, victim, placement, workers, grid))
     hidden = torch.cat([out.hidden for _, out in stream])
     s = stream.stats
-    assert killed and torch.equal(hidden, want)
+    assert int(marker.read_text()) == watched.execution.figures["ray_workers"][victim]["pid"]
+    assert torch.equal(hidden, want)
     assert s["worker_processes"] > workers and s["recoveries"] >= 1
     total = sum(w.numel() * 4 for w in p.model.weights.values()) / 2**20
     if placement == "sequence":

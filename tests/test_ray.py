@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Watched, record_error
+from conftest import Watched, crash_mid_work, record_error
 
 import emulate
 from graphs.plan import CALL_TASKS, TaskKind, calls, make_plan, slice_size
@@ -375,20 +375,16 @@ def test_cli_private_instance_starts_and_stops(tmp_path):
 
 # -- faults -----------------------------------------------------------------------------------
 
-def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs):
-    """SIGKILL one worker's process once half the tasks have finished: Ray restarts it, re-runs its tasks."""
+def test_killing_a_worker_mid_run_gives_the_same_bits(ray_cluster, causal_runs, tmp_path):
+    """SIGKILL the last worker's process in the middle of its own tasks (conftest.py, CrashOnce): Ray
+    restarts it, the driver re-runs what it held, and the bits are the same."""
     p, runs = causal_runs
-    watched = Watched(on_ray(2))
-    killed = []
-
-    def kill_once(stage, done, total):
-        if stage == "forward" and not killed and done >= total // 2:
-            killed.append(watched.execution.figures["ray_workers"][-1]["pid"])  # the last worker holds the heavy late rows
-            os.kill(killed[0], signal.SIGKILL)
-
-    stream = emulate.stream(p.model, p.tokens, **options(p, watched), progress=kill_once)
+    marker = tmp_path / "killed"
+    watched = Watched(on_ray(2))  # the default placement, sequence; the last worker holds the heavy late rows
+    stream = emulate.stream(p.model, p.tokens, **options(p, watched), oracle=crash_mid_work(p, marker, 1))
     hidden = [out.hidden for _, out in stream]
-    assert killed and torch.equal(torch.cat(hidden), runs[2].hidden)
+    assert int(marker.read_text()) == watched.execution.figures["ray_workers"][1]["pid"]
+    assert torch.equal(torch.cat(hidden), runs[2].hidden)
     assert stream.stats["worker_processes"] > 2  # the restarted process really ran tasks
     # its residuals and queries were held only in its memory: the driver re-ran their producers
     assert stream.stats["recoveries"] >= 1 and stream.stats["tasks_rerun"] > 0
