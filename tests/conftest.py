@@ -129,7 +129,7 @@ def crash_mid_work(p: emulate.Problem, marker, worker: int, placement: str = "se
     return CrashOnce(marker, t.layer, t.block * p.block_size)
 
 
-__all__ = ["CrashOnce", "Watched", "emulate_and_reference", "crash_mid_work", "record_error", "row_errors"]
+__all__ = ["CrashOnce", "Watched", "crash_mid_work", "emulate_and_reference", "record_error", "row_errors"]
 
 
 @pytest.fixture(scope="session")

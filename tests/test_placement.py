@@ -9,7 +9,6 @@ executor tests run real Ray (one module-scoped instance) against the local execu
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
