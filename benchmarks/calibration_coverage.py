@@ -9,8 +9,9 @@ calibration measures (emulate/planner/calibrate.py).
    pair, a causal and an unmasked block call (8 query heads over 2 KV heads) and a GEMM.
 2. Nodes by shape: the executor's project and mix nodes (emulate/models/block.py) of synthetic
    Llama blocks at widths 128 to 512 and M = 256 to 2048, their FLOP/s measured against the
-   calibrated table's rate at the same FLOPs per call (the table is keyed by FLOPs alone; its own
-   shapes are NODE_SHAPES at NODE_TOKENS). Reads the cached calibration (`emulate plan` makes one).
+   calibrated table's rate at the same M and FLOPs per call (Device.node_rate; the table's own
+   shapes are NODE_SHAPES at NODE_TOKENS, so width 256 is one it did not measure). Reads the cached
+   calibration (`emulate plan` makes one).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_coverage.py      # about a minute
 """
@@ -62,11 +63,10 @@ def nodes_by_shape(per: float) -> None:
     from emulate.models.presets import weight_names
     from emulate.planner import cpu_device
     from emulate.planner.calibrate import _fastest
-    from emulate.planner.costs import _interpolate
     from graphs import ForwardSpec, Pattern
     from graphs.costs import mix_cost, project_cost
 
-    table = cpu_device().node_flops
+    device = cpu_device()
     g = torch.Generator().manual_seed(0)
     print("\n| width | M | FLOPs per call | measured GFLOP/s | calibrated table's GFLOP/s | measured / table |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -86,7 +86,7 @@ def nodes_by_shape(per: float) -> None:
             flops = project_cost(spec, m)[0] + mix_cost(spec, m)[0]
             with torch.no_grad():
                 rate = flops / _fastest(nodes, per)
-            cal = _interpolate(table, flops / 2)
+            cal = device.node_rate(m, flops / 2)
             print(f"| {width} | {m} | {flops / 2:.3g} | {rate / 1e9:.1f} | {cal / 1e9:.1f} | {rate / cal:.2f} |",
                   flush=True)
 

@@ -132,7 +132,8 @@ def validate(args) -> None:
           f"{', '.join(f'x{f:.2f}' for f in device.contention)} on the kernels as threads, "
           f"{', '.join(f'x{f:.2f}' for f in device.worker_contention)} as Ray's worker processes; the local "
           f"executor's calls {', '.join(f'{c * 1e6:.0f}' for c in device.serial_call_s)} us each of Python, "
-          f"{', '.join(f'{c * 1e6:.0f}' for c in device.loaded_call_s)} beside kernels (k = 1, 2, ...)", flush=True)
+          f"{', '.join(f'{c * 1e6:.0f}' for c in device.loaded_call_s)} beside kernels (k = 1, 2, ...); the kernel "
+          f"probe on one call worker measured x{device.probe_miss:.2f} of its simulation", flush=True)
     emulate.run("tiny-llama", random_tokens=1024, block_size=256, attention="causal", collect=False)  # warm-up
     rows = []
     for k, model, tokens, block, pattern, executor in cases:

@@ -189,10 +189,10 @@ def test_datasheet_figures():
 FAKE = {"format": CACHE_FORMAT, "matmul_flops": [[1e6, 1e9], [1e9, 2e10]],
         "attention_flops": {"none": [[1e6, 5e8], [1e9, 1e10]], "causal": [[1e6, 4e8], [1e9, 8e9]],
                             "explicit": [[1e6, 2e8], [1e9, 5e9]]},
-        "call_overhead_s": 2e-5, "bandwidth": 1e10, "memory": 8e9, "contention": [1.0, 1.2],
+        "call_overhead_s": 2e-5, "bandwidth": 1e10, "read_rates": [[2.5e5, 3e10], [1e8, 1.5e10]], "memory": 8e9, "contention": [1.0, 1.2],
         "worker_contention": [1.0, 1.3],
-        "serial_call_s": [2e-5, 3e-5], "loaded_call_s": [2e-5, 3e-5], "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
-        "node_flops": [[1e6, 5e9], [1e9, 1.5e10]],
+        "serial_call_s": [2e-5, 3e-5], "loaded_call_s": [2e-5, 3e-5], "kernel_probe_miss": 1.05, "merge_flops": [[8e4, 3e9], [1e7, 1e9]],
+        "node_flops": [[256, 1e6, 5e9], [256, 1e9, 1.5e10], [1024, 4e6, 4e9], [1024, 4e9, 1.4e10]],
         "calibration": {"when": 1.0e9, "load": 0.1, "load_after": 0.2, "cores": 2, "torch": "x", "torch_threads": 2}}
 
 
@@ -326,9 +326,22 @@ def test_position_wise_nodes_are_priced_at_their_measured_rate():
     s = spec(64, 8, [Pattern("causal")] * 2)
     hw = toy_hardware(1)
     plan, base = schedule(s, hw)
-    halved = replace(hw, device=replace(hw.device, node_flops={1.0: FLOPS / 2}))
+    halved = replace(hw, device=replace(hw.device, node_flops={8: {1.0: FLOPS / 2}}))
     nodes = sum(t.flops - t.attend_flops for t in plan.tasks)  # merges too: this device has no merge rate
     assert schedule(s, halved)[1].makespan - base.makespan == pytest.approx(nodes / FLOPS)
+
+
+def test_the_node_rate_is_read_by_the_calls_rows_as_well_as_its_flops():
+    """One FLOP count is a wide block's short call or a narrow one's long call: each M's own curve by
+    FLOPs, log-linear between the measured Ms, the nearest M's beyond them."""
+    from emulate.planner.costs import Device
+
+    dev = Device("cpu", {"fp32": 1e10}, 1e10, 8e9, 1.0, 0.0, "test",
+                 node_flops={256: {1e6: 4e9, 1e8: 8e9}, 2048: {1e6: 2e9, 1e8: 6e9}})
+    assert dev.node_rate(256, 1e7) == pytest.approx(6e9)  # half way in log FLOPs
+    assert dev.node_rate(2048, 1e7) == pytest.approx(4e9)
+    assert dev.node_rate(724, 1e7) == pytest.approx(5e9, rel=1e-3)  # about half way in log M (sqrt(256 x 2048))
+    assert dev.node_rate(64, 1e9) == pytest.approx(8e9) and dev.node_rate(8192, 1e5) == pytest.approx(2e9)
 
 
 def test_each_masks_calls_are_priced_at_their_own_size():

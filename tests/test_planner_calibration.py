@@ -10,8 +10,8 @@ import time
 import pytest
 
 from emulate.planner import cpu_device, predict
-from emulate.planner.calibrate import (BUSY_MARGIN, CACHE_FORMAT, STALE_S, cache_path, calibrate_cpu,
-                                       calibration_warnings, current_settings)
+from emulate.planner.calibrate import (BUSY_MARGIN, CACHE_FORMAT, NODE_SHAPES, NODE_TOKENS, READ_SHAPES, STALE_S,
+                                       cache_path, calibrate_cpu, calibration_warnings, current_settings)
 from emulate.planner.costs import Calibration
 from tests.test_hardening import CHILD_ENV, EMULATE
 from tests.test_planner import FAKE, fake_calibration
@@ -66,7 +66,13 @@ def test_the_real_calibration_records_the_clock_load_and_settings_it_ran_under()
     assert len(m["worker_contention"]) == len(m["contention"]) and all(f >= 1.0 for f in m["worker_contention"])
     assert cal.others_cores >= 0.0
     # the executor's merge, elementwise: measured at each size, below the largest GEMM's rate
-    assert len(m["node_flops"]) == 4 and all(r > 0 for _, r in m["node_flops"])
+    # the position-wise nodes at every M of NODE_TOKENS for every shape of NODE_SHAPES
+    assert sorted(int(t) for t, _, _ in m["node_flops"]) == sorted(NODE_TOKENS * len(NODE_SHAPES))
+    assert all(r > 0 for _, _, r in m["node_flops"])
+    # cold reads of every READ_SHAPES matrix by one token's linear; a copy's reads and writes
+    assert [n for n, _ in m["read_rates"]] == [4 * r * c for r, c in READ_SHAPES]
+    assert all(r > 0 for _, r in m["read_rates"]) and m["bandwidth"] > 0
+    assert 0.2 < m["kernel_probe_miss"] < 5  # the probe forward, measured over simulated: a ratio, not fitted
     assert len(m["merge_flops"]) == 4 and all(0 < r < max(r for _, r in m["matmul_flops"]) for _, r in m["merge_flops"])
 
 

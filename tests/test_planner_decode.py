@@ -128,6 +128,29 @@ def test_emulate_plan_new_tokens_prints_the_decode_row_and_refuses_bad_input():
     assert bad.returncode == 2 and "sequence placement" in one_error_line(bad.stderr)
 
 
+def test_a_cpu_decode_reads_its_weights_at_the_measured_cold_read_rate_of_their_size(tmp_path, monkeypatch):
+    """On a calibrated CPU a decode step's weights are read once, cold, never written: each layer's
+    projections and its out-projection + MLP at the measured read rate of their mean matrix (three
+    and four matrices for tiny-llama), the head as one matrix; not at a copy's bandwidth."""
+    from test_planner import FAKE
+
+    from emulate.planner import cpu_device
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fast_gemm = {**FAKE, "matmul_flops": [[1e3, 1e15], [1e9, 1e15]]}  # so that the bytes bound each GEMV
+    monkeypatch.setattr("emulate.planner.calibrate.calibrate_cpu",
+                        lambda **_: {k: v for k, v in fast_gemm.items() if k != "format"})
+    p = predict_decode("tiny-llama", 64, 2, block_size=16, device="cpu")
+    dev = cpu_device()
+    # tiny-llama in float32: q, k, v 256 x 12 x 32 and the pre-norm; out 256 x 256, gate/up/down 3 x 256 x 512, a norm
+    proj, mix = (256 * 12 * 32 + 256) * 4, (256 * 256 + 3 * 256 * 512 + 256) * 4
+    head = 1024 * 256 * 4 + 2 * 256 * 4  # the head and one embedding row, the final norm
+    expect = 4 * (proj / dev.reads_per_s(proj / 3) + mix / dev.reads_per_s(mix / 4)) + head / dev.reads_per_s(head)
+    assert p.parts["weights"] == pytest.approx(expect, rel=1e-9)
+    assert dev.reads_per_s(proj / 3) == 3e10 and dev.reads_per_s(head) < dev.reads_per_s(mix / 4) < 3e10
+    assert p.parts["weights"] < p.weight_bytes_per_token / FAKE["bandwidth"]  # a copy would take longer
+
+
 def test_bad_decode_input_is_one_line():
     for kwargs, message in (({"new_tokens": 1}, "--new-tokens must be an integer >= 2"),
                             ({"model": "tiny-bert"}, "cannot generate"),

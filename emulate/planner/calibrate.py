@@ -1,7 +1,7 @@
 """This machine's CPU as the planner's cost model sees it (emulate/planner/costs.py, Device):
 matmul and attention FLOP/s by call size (the attention kernels the executor runs, per mask: none,
 causal, and the tiled explicit calls of windows and sinks), the per-call cost of the local executor,
-memory bandwidth and how much one-thread workers slow each other, measured once and cached as JSON
+memory bandwidth (a copy's, and one token's linear reading cold weights) and how much one-thread workers slow each other, measured once and cached as JSON
 (`cache_path`, under $XDG_CACHE_HOME) with when, under what load and under which settings it was
 taken (`Calibration`, emulate/planner/costs.py).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from emulate.models.config import ModelConfig
 from emulate.planner.costs import Calibration, Device
 
-CACHE_FORMAT = 7  # caches of another format (older releases) are measured again
+CACHE_FORMAT = 8  # caches of another format (older releases) are measured again
 ROUNDS = 5  # short rounds per size; the fastest is kept
 BUSY_MARGIN = 0.5  # busy: the 1-minute load average when calibration began above cores - this
 STALE_S = 7 * 86400  # a calibration older than a week is flagged
@@ -101,7 +101,16 @@ def _device(entry: dict) -> Device:
                   serial_call_s=tuple(float(c) for c in entry["serial_call_s"]),
                   loaded_call_s=tuple(float(c) for c in entry["loaded_call_s"]),
                   merge_flops={float(f): float(r) for f, r in entry["merge_flops"]},
-                  node_flops={float(f): float(r) for f, r in entry["node_flops"]})
+                  node_flops=_by_tokens(entry["node_flops"]), read_rates={float(n): float(r) for n, r in entry["read_rates"]},
+                  probe_miss=float(entry["kernel_probe_miss"]))
+
+
+def _by_tokens(rows) -> dict:
+    """[(M, FLOPs, FLOP/s)] -> {M: {FLOPs: FLOP/s}}."""
+    table: dict = {}
+    for m, flops, rate in rows:
+        table.setdefault(int(m), {})[float(flops)] = float(rate)
+    return table
 
 
 def calibration_warnings(cal: Calibration, *, now: float, settings: dict) -> list[str]:
@@ -177,7 +186,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     executor's own kernels by mask (emulate/runtime/kernels.py: unmasked and causal block calls,
     and a window's explicit pairs through the kernel oracle, which cuts them into tiles) per score
     the kernel computes (graphs.patterns.kernel_entries); the local executor's per-call cost;
-    memory bandwidth; the contention of k one-thread workers, as threads and as processes at Ray's
+    memory bandwidth, of a copy and of a token's linear reading cold weights; the contention of k one-thread workers, as threads and as processes at Ray's
     worker niceness; what other processes use of the cores; and the call workers' per-call cost
     beside kernels (a probe forward). About budget_s + 20 seconds."""
     import psutil
@@ -228,6 +237,7 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
         nodes = _node_rates(g, per)
         big = torch.empty(2**25)  # 128 MiB
         copy = _fastest(lambda: big.clone(), per)
+        reads = _read_rates(g, per)
     finally:
         torch.set_num_threads(before)
     serial = _call_overhead()
@@ -239,11 +249,37 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     entry = {"matmul_flops": matmul, "attention_flops": tables, "merge_flops": merges, "node_flops": nodes,
              "call_overhead_s": call, "serial_call_s": serial, "contention": contention,
              "worker_contention": workers, "bandwidth": 2 * big.numel() * 4 / copy,
+             "read_rates": reads,
              "memory": float(psutil.virtual_memory().total), "calibration": cal.to_dict()}
     # the per-call cost of call workers running kernels: fitted on the kernel probe with the rest as measured
-    entry["loaded_call_s"] = _loaded_calls(entry)
+    entry["loaded_call_s"], entry["kernel_probe_miss"] = _loaded_calls(entry)
     done = replace(cal, load_after=float(loadavg()[0]), seconds=clock() - began)
     return {**entry, "calibration": done.to_dict()}
+
+
+# (rows, columns) of the weight matrices `_read_rates` times, 0.25 to 32 MiB of float32, each in a ring
+# of READ_RING_BYTES so that none is in a cache when read again; no model's shape (a decode row's
+# matrices are its own, benchmarks/plan_decode_validation.py)
+READ_SHAPES = ((256, 256), (512, 1024), (1024, 2048), (2048, 4096))
+READ_RING_BYTES = 2**27  # 128 MiB, past the last-level cache of the machines this runs on
+
+
+def _read_rates(g, per: float) -> list:
+    """[(bytes of one matrix, bytes/s)]: one token's linear (F.linear of a [1, in] row, as a decode
+    step's projections and MLP run it, emulate/models/block.py) over a ring of distinct weight
+    matrices, each read once a round: a decode step reads every weight once, cold, so a matrix
+    timed alone (warm in the caches) reads several times faster than a step does."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for rows, cols in READ_SHAPES:
+        nbytes = rows * cols * 4
+        ring = [torch.randn(rows, cols, generator=g) for _ in range(max(1, READ_RING_BYTES // nbytes))]
+        x = torch.randn(1, cols, generator=g)
+        seconds = _fastest(lambda ring=ring, x=x: [F.linear(x, w) for w in ring], per)
+        out.append((nbytes, nbytes * len(ring) / seconds))
+    return out
 
 
 MERGE_PARTIALS = 4  # partials per timed merge: three pairwise merges of the tree
@@ -268,16 +304,17 @@ def _merge_rates(g, per: float) -> list:
 
 
 # The block shapes whose position-wise nodes `_node_rates` times: (width, heads, kv_heads, mlp_width),
-# head_dim 32, at M = 256 and 1024; neither width is a validation row's (benchmarks/plan_validation.py)
+# head_dim 32, at M = 256, 1024 and 2048 (the Ms of the validation rows' range; no row is any of these
+# synthetic blocks, benchmarks/plan_validation.py)
 NODE_SHAPES = ((128, 4, 2, 256), (512, 16, 4, 1024))
-NODE_TOKENS = (256, 1024)
+NODE_TOKENS = (256, 1024, 2048)
 
 
 def _node_rates(g, per: float) -> list:
-    """[(FLOPs of one position-wise call, FLOP/s)]: the executor's own project and mix nodes
+    """[(M, FLOPs of one position-wise call, FLOP/s)]: the executor's own project and mix nodes
     (emulate/models/block.py, which the runner calls: norms, the projections, RoPE, the MLP and the
-    residuals) of a synthetic Llama block, FLOPs as graphs/costs.py counts them, keyed by the mean of
-    the two calls. Their elementwise work (norms, RoPE, SiLU, residual adds, the copies into heads)
+    residuals) of a synthetic Llama block on M rows, FLOPs as graphs/costs.py counts them, keyed by
+    M and the mean of the two calls (Device.node_rate reads them). Their elementwise work (norms, RoPE, SiLU, residual adds, the copies into heads)
     runs beside the GEMMs the FLOPs count, so the rate is below a bare GEMM's at the same size."""
     import torch
 
@@ -286,7 +323,7 @@ def _node_rates(g, per: float) -> list:
     from graphs import ForwardSpec, Pattern
     from graphs.costs import mix_cost, project_cost
 
-    out = []
+    cases = []
     for width, heads, kv_heads, mlp in NODE_SHAPES:
         config = ModelConfig(name="calibration", family="llama", vocab=64, width=width, layers=1, heads=heads,
                              kv_heads=kv_heads, head_dim=32, mlp_width=mlp)
@@ -303,9 +340,17 @@ def _node_rates(g, per: float) -> list:
             def nodes(x=x, positions=positions, o=o, block=block):
                 block.project(0, x, positions)
                 block.mix(0, x, o)
-            flops = project_cost(spec, m)[0] + mix_cost(spec, m)[0]
-            with torch.no_grad():
-                out.append((flops / 2, flops / _fastest(nodes, per)))
+            cases.append((m, project_cost(spec, m)[0] + mix_cost(spec, m)[0], nodes))
+    out = []
+    with torch.no_grad():
+        # every case once before any is timed: a run's process has made buffers of its calls' sizes
+        # before most of its calls, and the allocator serves them from memory it keeps; the first
+        # calls of a size each map fresh pages (a case timed before the largest measured up to 40%
+        # slower than the same case timed after it)
+        for _, _, nodes in sorted(cases, key=lambda c: -c[1]):
+            nodes()
+        for m, flops, nodes in cases:
+            out.append((m, flops / 2, flops / _fastest(nodes, per)))
     return out
 
 
@@ -420,8 +465,8 @@ KERNEL_PROBE = (PROBE, 8192, 512, "causal")
 KERNEL_PROBE_SHAPE = dict(width=128, heads=4, kv_heads=2, head_dim=32, mlp_width=256)
 
 
-def _loaded_calls(entry: dict) -> list[float]:
-    """[s_1, ..., s_C]: seconds of GIL-held Python per logical call with k call workers *while they
+def _loaded_calls(entry: dict) -> tuple[list[float], float]:
+    """([s_1, ..., s_C], miss): seconds of GIL-held Python per logical call with k call workers *while they
     run kernels*: the per-call cost at which the planner's simulation (emulate/planner/simulation.py)
     of KERNEL_PROBE's forward on k call workers, the rest of `entry` as measured, takes as long as
     that forward measured on this machine (the median of ROUNDS forwards per k); the simulation's
@@ -430,7 +475,8 @@ def _loaded_calls(entry: dict) -> list[float]:
     busy neighbour this is where call workers lose more than the cores' fair share: a worker that
     holds the GIL is preempted and the others wait on it, so that two call workers run about as
     fast as one. A median, not the fastest: a neighbour's share is steady, and the fastest forward
-    is the one it happened to take least of."""
+    is the one it happened to take least of. `miss`: that forward on one worker measured over
+    simulated, the model's own miss on a calibration problem (printed, never applied)."""
     import statistics
 
     from emulate.api import run
@@ -444,12 +490,12 @@ def _loaded_calls(entry: dict) -> list[float]:
 
     model = _probe_model("float32", **KERNEL_PROBE_SHAPE)  # float32, as runs default
     _, n, m, att = KERNEL_PROBE
-    dev = _device({**entry, "loaded_call_s": entry["serial_call_s"]})
+    dev = _device({**entry, "loaded_call_s": entry["serial_call_s"], "kernel_probe_miss": 1.0})  # fitted here
     spec = forward_spec(model.config, n, m, resolve_patterns(model.config, att), 4)
     graph = CompactGraph.build(spec)
     plan = make_plan(graph, 1, runnable=False)  # the local executor's: one queue
     copy = kv_repeat(model.config, dev, 4)
-    fitted = []
+    fitted, own_miss = [], 1.0
     for k in range(1, len(entry["serial_call_s"]) + 1):
         run(model, random_tokens=2 * m, block_size=m, attention=att, collect=False, threads=k)  # warm-up
         got = statistics.median(run(model, random_tokens=n, block_size=m, attention=att, collect=False,
@@ -461,7 +507,7 @@ def _loaded_calls(entry: dict) -> list[float]:
             table = list(dev.serial_call_s)
             table[k - 1] = per_call
             hw = Hardware(replace(dev, loaded_call_s=tuple(table)), k, 1, CPU_LINK_GBPS, CPU_LINK_LATENCY_S, 0.0,
-                          "fp32", slowdown, shared=True, **copy)
+                          "fp32", slowdown, shared=True, call_tokens=m, **copy)
             return simulate(plan, spec, graph.spans, hw).makespan
         if k == 1:
             own_miss = got / simulated(floor)  # the model's miss on this forward with one worker
@@ -478,7 +524,7 @@ def _loaded_calls(entry: dict) -> list[float]:
             mid = (low + high) / 2
             low, high = (mid, high) if simulated(mid) < target else (low, mid)
         fitted.append(high)
-    return fitted
+    return fitted, own_miss
 
 
 # One worker process of `_worker_contention`: Ray's worker niceness, one torch thread; for every line

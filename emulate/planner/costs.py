@@ -107,14 +107,38 @@ class Device:
     # graphs/costs.py counts a merge's FLOPs, by the FLOPs of one pairwise merge; None: the GEMM rate
     merge_flops: dict | None = None
     # calibrated CPUs: the executor's position-wise nodes (project, mix: emulate/models/block.py), FLOP/s
-    # by FLOPs per call, elementwise work included; None: the GEMM rate
+    # by the tokens of a call (M) and its FLOPs, elementwise work included ({M: {FLOPs: FLOP/s}});
+    # None: the GEMM rate
     node_flops: dict | None = None
+    # calibrated CPUs: the bytes/s at which one token's linear (torch's F.linear of a [1, in] row, one
+    # thread) reads a weight matrix no earlier call left in the caches, by the matrix's bytes: what a
+    # decode step's weights and cached keys cost, each read once a step and never written (where
+    # `bandwidth` is a copy's reads and writes); None (GPUs): `bandwidth`, the datasheet's read figure
+    read_rates: dict | None = None
+    # calibrated CPUs: the kernel probe's forward on one call worker (a calibration problem, never a
+    # validation row) measured over the simulation's figure with the rest as calibrated: how far the
+    # model misses a forward it was not fitted to, printed beside predictions, never applied
+    probe_miss: float | None = None
+
+    def reads_per_s(self, nbytes: float) -> float:
+        """Bytes/s at which memory is only read, `nbytes` a piece (a decode step's weight matrix, a
+        layer's cached keys): the measured rate for that size, log-linear between, where measured."""
+        return _interpolate(self.read_rates, max(nbytes, 1.0)) if self.read_rates else self.bandwidth
 
     def attention_at(self, mask: str, tokens: int) -> float:
         """Flash attention's FLOP/s for a call of `tokens` keys with `mask` ("none", or anything masked):
         log-linear between the published lengths, the last beyond them."""
         curve = self.attention_by_length["none" if mask == "none" else "causal"]
         return _interpolate(curve, max(tokens, 1))
+
+    def node_rate(self, tokens: int, flops: float) -> float:
+        """The position-wise nodes' FLOP/s for a call of `tokens` rows and `flops` FLOPs: at each
+        measured M by FLOPs (for one M they grow with the width), then log-linear between the Ms,
+        the nearest beyond them. Keyed by M as well as FLOPs because one FLOP count is a wide block's
+        short call or a narrow block's long one, and the narrow long call runs slower (more of its
+        time in elementwise passes over M x width; benchmarks/calibration_coverage.py)."""
+        by_tokens = {m: _interpolate(table, flops) for m, table in self.node_flops.items()}
+        return _interpolate(by_tokens, max(tokens, 1))
 
     def serial_call(self, workers: int) -> float | None:
         """Seconds of GIL-held Python per logical call with `workers` call workers (None: not measured)."""
@@ -270,8 +294,9 @@ class Hardware:
     ffn_share: float = 0.0
     ffn_speedup: float = 1.0
     allreduce_bytes_per_flop: float = 0.0
-    # GPUs with a published attention curve: the keys of a pair call (the forward's M), which sets
-    # the flash kernel's rate (Device.attention_at); 0: the flat rate
+    # the forward's M: on GPUs with a published attention curve the keys of a pair call, which sets
+    # the flash kernel's rate (Device.attention_at; 0: the flat rate); on calibrated CPUs the rows of
+    # a position-wise call, which with its FLOPs sets the nodes' rate (Device.node_rate)
     call_tokens: int = 0
     # a grouped-query model on the CPU: before a masked call (causal, or a window's tiles) the kernel
     # repeats the keys and values to every query head (emulate/runtime/kernels.py, attend), a copy
@@ -368,7 +393,7 @@ def task_parts(t, hw: Hardware, starts_call: bool = True) -> tuple[float, float]
         other -= t.merge_flops
         merging = t.merge_flops / (g * _interpolate(dev.merge_flops, t.merge_flops / t.merge_pairs))
     other_calls = max(1, t.calls - t.pairs)
-    gemm = (_interpolate(dev.node_flops, other / other_calls) if dev.node_flops
+    gemm = (dev.node_rate(hw.call_tokens, other / other_calls) if dev.node_flops
             else dev.rate(hw.dtype, "matmul", other / other_calls))
     compute = merging + other * (1 - hw.ffn_share + hw.ffn_share / hw.ffn_speedup) / (g * gemm)
     if t.attend_flops and dev.masked_attention is not None:

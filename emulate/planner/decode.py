@@ -185,13 +185,14 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
     proj_b, mix_b = layer_weight_bytes(config, weight_dtype, b)
     proj_f, ffn_f = _gemm_flops(config)
     head_b = config.vocab * config.width * b
-    bw = G * dev.bandwidth
+    layer_matrices = _layer_matrices(config)
     over = dev.call_overhead_s
 
-    def dense(nbytes: float, flops: float) -> float:
+    def dense(nbytes: float, flops: float, matrices: int) -> float:
         # one token's GEMVs: bound by the weights' bytes on every device priced (fp8's faster GEMM
-        # rate does not enter; its one byte per weight does)
-        return max(nbytes / bw, flops / (G * dev.rate(hw.dtype, "matmul", flops)))
+        # rate does not enter; its one byte per weight does), read at the rate of their mean
+        # matrix's size (a GPU's datasheet bandwidth; this CPU's measured cold reads)
+        return max(nbytes / (G * dev.reads_per_s(nbytes / matrices / G)), flops / (G * dev.rate(hw.dtype, "matmul", flops)))
 
     q_bytes = config.heads * config.head_dim * b
     partial_bytes = config.heads * (config.head_dim + 1) * b
@@ -206,8 +207,8 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
     totals = dict.fromkeys(("weights", "kv", "calls", "tp_allreduce", "hops"), 0.0)
     calls_sum = pairs_sum = kv_sum = hops_sum = 0.0
     steps = K - 1
-    layer_fixed = dense(proj_b, proj_f) + dense(mix_b, ffn_f)
-    head_s = dense(head_b + 2 * config.width * b, 2.0 * config.vocab * config.width)
+    layer_fixed = dense(proj_b, proj_f, layer_matrices[0]) + dense(mix_b, ffn_f, layer_matrices[1])
+    head_s = dense(head_b + 2 * config.width * b, 2.0 * config.vocab * config.width, 1)
     for t in range(N, N + steps):
         step = {"weights": layer_fixed * config.layers + head_s, "kv": 0.0, "tp_allreduce": 2 * ar * config.layers,
                 "hops": 0.0, "calls": 2 * over}  # embed and head
@@ -244,6 +245,12 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
         fits=refusal is None, refusal=refusal, inputs=inputs)
 
 
+def _layer_matrices(config: ModelConfig) -> tuple[int, int]:
+    """(projections q, k, v; out-projection + MLP) weight matrices of one layer, each its own linear
+    (emulate/models/block.py)."""
+    return 3, 1 + (3 if config.mlp == "swiglu" else 2)
+
+
 def _gemm_flops(config: ModelConfig) -> tuple[float, float]:
     """(projections q, k, v; out-projection + MLP) FLOPs of one token through one layer."""
     d = config.width
@@ -275,7 +282,8 @@ def _layer_attention(pattern, t, M, owner, tail_worker, P, config, b, dev, G, hw
         if batched:  # the whole blocks in one kernel invocation, the others one each, one stacked merge
             whole = sum(1 for _, w in blocks if w)
             n = (1 if whole else 0) + (len(blocks) - whole) + (1 if len(blocks) > 1 else 0)
-        mem = sum(2 * config.kv_heads * config.head_dim * k * b for k, _ in blocks) / (G * dev.bandwidth)
+        held = sum(2 * config.kv_heads * config.head_dim * k * b for k, _ in blocks)
+        mem = held / (G * dev.reads_per_s(held / 2 / G))  # the keys, then the values: two reads of half
         flops = sum(4 * config.heads * config.head_dim * k for k, _ in blocks)
         rate = dev.rate(hw.dtype, "attention", flops / len(blocks)) * G
         s = max(mem, flops / rate)
