@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py --tokens 16384,32768 --block-size 1024
 	$(BIN)/python benchmarks/contention.py --tokens 16384 --block-size 1024
 	$(BIN)/python benchmarks/plan_validation.py  # at default settings, as its goal is stated
+	$(BIN)/python benchmarks/plan_decode_validation.py
 	$(BIN)/python benchmarks/ray_vs_local.py
 	$(BIN)/python benchmarks/paper_numerics.py
 	$(BIN)/python benchmarks/thm41_sampling.py

@@ -85,7 +85,8 @@ def test_the_neighbour_ends_by_itself_when_the_benchmark_is_killed_outright(tmp_
 
 @pytest.mark.parametrize("script, args", [("plan_validation.py", ["--repeat", "0"]),
                                           ("calibration_coverage.py", ["--seconds", "0"]),
-                                          ("calibration_coverage.py", ["--seconds", "nan"])])
+                                          ("calibration_coverage.py", ["--seconds", "nan"]),
+                                          ("plan_decode_validation.py", ["--repeat", "0"])])
 def test_a_benchmark_refuses_a_bad_count_in_one_line_before_measuring(script, args):
     import subprocess
     import sys

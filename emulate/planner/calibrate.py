@@ -257,9 +257,9 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     return {**entry, "calibration": done.to_dict()}
 
 
-# (rows, columns) of the weight matrices `_read_rates` times, 0.25 to 32 MiB of float32, each in a ring
-# of READ_RING_BYTES so that none is in a cache when read again; no model's shape (a decode row's
-# matrices are its own, benchmarks/plan_decode_validation.py)
+# (rows, columns) of the random matrices `_read_rates` times, 0.25 to 32 MiB of float32, each in a
+# ring of READ_RING_BYTES so that none is in a cache when read again (the decode rows that validate
+# the rate run models, benchmarks/plan_decode_validation.py; the calibration runs none of them)
 READ_SHAPES = ((256, 256), (512, 1024), (1024, 2048), (2048, 4096))
 READ_RING_BYTES = 2**27  # 128 MiB, past the last-level cache of the machines this runs on
 
