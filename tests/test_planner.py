@@ -4,6 +4,7 @@ to work out by hand, scaling sanity, the CPU calibration's cache and `emulate pl
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -337,11 +338,14 @@ def test_the_node_rate_is_read_by_the_calls_rows_as_well_as_its_flops():
     from emulate.planner.costs import Device
 
     dev = Device("cpu", {"fp32": 1e10}, 1e10, 8e9, 1.0, 0.0, "test",
-                 node_flops={256: {1e6: 4e9, 1e8: 8e9}, 2048: {1e6: 2e9, 1e8: 6e9}})
-    assert dev.node_rate(256, 1e7) == pytest.approx(6e9)  # half way in log FLOPs
-    assert dev.node_rate(2048, 1e7) == pytest.approx(4e9)
-    assert dev.node_rate(724, 1e7) == pytest.approx(5e9, rel=1e-3)  # about half way in log M (sqrt(256 x 2048))
-    assert dev.node_rate(64, 1e9) == pytest.approx(8e9) and dev.node_rate(8192, 1e5) == pytest.approx(2e9)
+                 node_flops={256: {256e4: 4e9, 256e6: 8e9}, 2048: {2048e4: 2e9, 2048e6: 6e9}})
+    # one FLOP count, two Ms: the M = 256 call is the wider block's and runs faster
+    assert dev.node_rate(256, 256e5) == pytest.approx(6e9)  # half way in log FLOPs per row, at M = 256
+    wide, narrow = dev.node_rate(256, 2048e4), dev.node_rate(2048, 2048e4)  # FLOPs per row 8e4 and 1e4
+    assert wide == pytest.approx(4e9 + 4e9 * math.log(8) / math.log(100)) and narrow == pytest.approx(2e9)
+    # between the Ms, a block of the same width (FLOPs per row 1e5) at each: half way in log M
+    assert dev.node_rate(724, 724e5) == pytest.approx(5e9, rel=1e-3)  # sqrt(256 x 2048) = 724
+    assert dev.node_rate(64, 64e7) == pytest.approx(8e9) and dev.node_rate(8192, 8192e3) == pytest.approx(2e9)
 
 
 def test_each_masks_calls_are_priced_at_their_own_size():

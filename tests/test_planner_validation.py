@@ -42,6 +42,11 @@ def test_no_row_is_a_forward_the_cpu_calibration_runs():
     probes = {(m, n, b, a) for m, n, b, a in (*PROBE_FORWARDS, KERNEL_PROBE)}
     assert probes and not {(m, n, b, p["attention"]) for m, n, b, p, _ in rows} & probes
     assert PROBE not in {m for m, *_ in rows}
+    # nor a decode row (benchmarks/plan_decode_validation.py): the calibration generates nothing, and
+    # its forwards are the probe model's, never a decode row's model
+    decode = load("plan_decode_validation").ROWS
+    assert decode and PROBE not in {m for m, *_ in decode}
+    assert not {(m, n, b, p.get("attention", "auto")) for m, n, b, _, p in decode} & probes
 
 
 def test_the_neighbour_is_one_busy_child_for_the_block_and_is_gone_after_it():

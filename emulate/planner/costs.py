@@ -133,11 +133,14 @@ class Device:
 
     def node_rate(self, tokens: int, flops: float) -> float:
         """The position-wise nodes' FLOP/s for a call of `tokens` rows and `flops` FLOPs: at each
-        measured M by FLOPs (for one M they grow with the width), then log-linear between the Ms,
-        the nearest beyond them. Keyed by M as well as FLOPs because one FLOP count is a wide block's
+        measured M by FLOPs per row (which stands for the block's width), then log-linear between
+        the Ms, the nearest beyond them. Keyed by M as well because one FLOP count is a wide block's
         short call or a narrow block's long one, and the narrow long call runs slower (more of its
-        time in elementwise passes over M x width; benchmarks/calibration_coverage.py)."""
-        by_tokens = {m: _interpolate(table, flops) for m, table in self.node_flops.items()}
+        time in elementwise passes over M x width; benchmarks/calibration_coverage.py); read per row
+        so that between two Ms a block is compared with blocks of its own width."""
+        per_row = flops / max(tokens, 1)
+        by_tokens = {m: _interpolate({f / m: r for f, r in table.items()}, per_row)
+                     for m, table in self.node_flops.items()}
         return _interpolate(by_tokens, max(tokens, 1))
 
     def serial_call(self, workers: int) -> float | None:

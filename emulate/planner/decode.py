@@ -6,9 +6,12 @@ M keys each; exact causal: ceil((t + 1) / M) calls, a window or sinks: O(1)), th
 partials, and the mix (out-projection and MLP). At batch 1 every call is bound by the bytes it
 reads, so a step costs, layer by layer:
 
-    weights     the layer's weights read once (bytes / memory bandwidth of the worker's G GPUs; fp8
-                feed-forward weights one byte each, emulate/planner/deployment.py)
+    weights     the layer's weights read once (bytes / memory bandwidth of the worker's G GPUs, on a
+                calibrated CPU the measured cold read rate of one token's linear at the size of the
+                layer's mean matrix, Device.reads_per_s; fp8 feed-forward weights one byte each,
+                emulate/planner/deployment.py)
     KV          the keys and values of the visible blocks read once, on the workers that hold them
+                (at the same read rates)
     calls       each call's fixed cost (the device's call overhead, emulate/planner/costs.py)
     TP          two all-reduces of the token's activations inside a worker of G GPUs (after the
                 out-projection and after the MLP): NCCL's ring latency model plus the ring's bytes
