@@ -8,7 +8,8 @@ calibration measures (emulate/planner/calibrate.py).
    on one set of tensors (warm) and round a ring of 64 sets, tens of MB (cold): a window's tiled
    pair, a causal and an unmasked block call (8 query heads over 2 KV heads) and a GEMM.
 2. Nodes by shape: the executor's project and mix nodes (emulate/models/block.py) of synthetic
-   Llama blocks at widths 128 to 512 and M = 256 to 2048, their FLOP/s measured against the
+   Llama blocks at widths 128 to 512 and M = 256 to 2048, timed as the calibration times its own
+   (`_node_rates`), their FLOP/s measured against the
    calibrated table's rate at the same M and FLOPs per call (Device.node_rate; the table's own
    shapes are NODE_SHAPES at NODE_TOKENS, so width 256 is one it did not measure). Reads the cached
    calibration (`emulate plan` makes one).
@@ -55,40 +56,27 @@ def warm_against_cold(per: float) -> None:
         print(f"| {name} | {warm * 1e3:.2f} | {cold * 1e3:.2f} | {cold / warm:.2f} |", flush=True)
 
 
+# widths 128 and 512 are the calibration's own (NODE_SHAPES), 256 one it did not measure
+COVERAGE_SHAPES = ((128, 4, 2, 256), (256, 8, 2, 512), (512, 16, 4, 1024))
+COVERAGE_TOKENS = (256, 1024, 2048)
+
+
 def nodes_by_shape(per: float) -> None:
+    import itertools
+
     import torch
 
-    from emulate.models.block import Transformer
-    from emulate.models.config import ModelConfig
-    from emulate.models.presets import weight_names
     from emulate.planner import cpu_device
-    from emulate.planner.calibrate import _fastest
-    from graphs import ForwardSpec, Pattern
-    from graphs.costs import mix_cost, project_cost
+    from emulate.planner.calibrate import _node_rates
 
     device = cpu_device()
     g = torch.Generator().manual_seed(0)
     print("\n| width | M | FLOPs per call | measured GFLOP/s | calibrated table's GFLOP/s | measured / table |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for width, heads, kv_heads, mlp in ((128, 4, 2, 256), (256, 8, 2, 512), (512, 16, 4, 1024)):
-        config = ModelConfig(name="coverage", family="llama", vocab=64, width=width, layers=1, heads=heads,
-                             kv_heads=kv_heads, head_dim=32, mlp_width=mlp)
-        block = Transformer(config, {name: torch.randn(shape, generator=g) / shape[-1] ** 0.5
-                                     for name, shape in weight_names(config).items()})
-        for m in (256, 1024, 2048):
-            spec = ForwardSpec(tokens=m, block_size=m, patterns=(Pattern("causal"),), heads=heads, kv_heads=kv_heads,
-                               head_dim=32, width=width, mlp_width=mlp, vocab=0, dtype_bytes=4)
-            x, positions, o = torch.randn(m, width, generator=g), torch.arange(m), torch.randn(heads, m, 32, generator=g)
-
-            def nodes(x=x, positions=positions, o=o, block=block):
-                block.project(0, x, positions)
-                block.mix(0, x, o)
-            flops = project_cost(spec, m)[0] + mix_cost(spec, m)[0]
-            with torch.no_grad():
-                rate = flops / _fastest(nodes, per)
-            cal = device.node_rate(m, flops / 2)
-            print(f"| {width} | {m} | {flops / 2:.3g} | {rate / 1e9:.1f} | {cal / 1e9:.1f} | {rate / cal:.2f} |",
-                  flush=True)
+    measured = _node_rates(g, per, COVERAGE_SHAPES, COVERAGE_TOKENS)  # timed as the calibration times its own
+    for (shape, _), (m, flops, rate) in zip(itertools.product(COVERAGE_SHAPES, COVERAGE_TOKENS), measured):
+        cal = device.node_rate(m, flops)
+        print(f"| {shape[0]} | {m} | {flops:.3g} | {rate / 1e9:.1f} | {cal / 1e9:.1f} | {rate / cal:.2f} |", flush=True)
 
 
 def main() -> None:

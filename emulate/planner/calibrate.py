@@ -1,9 +1,10 @@
 """This machine's CPU as the planner's cost model sees it (emulate/planner/costs.py, Device):
 matmul and attention FLOP/s by call size (the attention kernels the executor runs, per mask: none,
 causal, and the tiled explicit calls of windows and sinks), the per-call cost of the local executor,
-memory bandwidth (a copy's, and one token's linear reading cold weights) and how much one-thread workers slow each other, measured once and cached as JSON
-(`cache_path`, under $XDG_CACHE_HOME) with when, under what load and under which settings it was
-taken (`Calibration`, emulate/planner/costs.py).
+memory bandwidth (a copy's, and one token's linear reading cold weights) and how much one-thread
+workers slow each other, measured once and cached as JSON (`cache_path`, under $XDG_CACHE_HOME)
+with when, under what load and under which settings it was taken (`Calibration`,
+emulate/planner/costs.py).
 
 Every call the executors run on a CPU runs on one torch thread: the local executor's call workers
 (emulate/runtime/local.py, run_parallel; one worker runs in the calling thread at one thread) and
@@ -101,7 +102,8 @@ def _device(entry: dict) -> Device:
                   serial_call_s=tuple(float(c) for c in entry["serial_call_s"]),
                   loaded_call_s=tuple(float(c) for c in entry["loaded_call_s"]),
                   merge_flops={float(f): float(r) for f, r in entry["merge_flops"]},
-                  node_flops=_by_tokens(entry["node_flops"]), read_rates={float(n): float(r) for n, r in entry["read_rates"]},
+                  node_flops=_by_tokens(entry["node_flops"]),
+                  read_rates={float(n): float(r) for n, r in entry["read_rates"]},
                   probe_miss=float(entry["kernel_probe_miss"]))
 
 
@@ -186,9 +188,10 @@ def calibrate_cpu(budget_s: float = 10.0, *, clock=time.time, loadavg=os.getload
     executor's own kernels by mask (emulate/runtime/kernels.py: unmasked and causal block calls,
     and a window's explicit pairs through the kernel oracle, which cuts them into tiles) per score
     the kernel computes (graphs.patterns.kernel_entries); the local executor's per-call cost;
-    memory bandwidth, of a copy and of a token's linear reading cold weights; the contention of k one-thread workers, as threads and as processes at Ray's
-    worker niceness; what other processes use of the cores; and the call workers' per-call cost
-    beside kernels (a probe forward). About budget_s + 20 seconds."""
+    memory bandwidth, of a copy and of a token's linear reading cold weights; the contention of k
+    one-thread workers, as threads and as processes at Ray's worker niceness; what other processes
+    use of the cores; and the call workers' per-call cost beside kernels (a probe forward). About
+    budget_s + 20 seconds."""
     import psutil
     import torch
 
@@ -310,12 +313,14 @@ NODE_SHAPES = ((128, 4, 2, 256), (512, 16, 4, 1024))
 NODE_TOKENS = (256, 1024, 2048)
 
 
-def _node_rates(g, per: float) -> list:
-    """[(M, FLOPs of one position-wise call, FLOP/s)]: the executor's own project and mix nodes
-    (emulate/models/block.py, which the runner calls: norms, the projections, RoPE, the MLP and the
-    residuals) of a synthetic Llama block on M rows, FLOPs as graphs/costs.py counts them, keyed by
-    M and the mean of the two calls (Device.node_rate reads them). Their elementwise work (norms, RoPE, SiLU, residual adds, the copies into heads)
-    runs beside the GEMMs the FLOPs count, so the rate is below a bare GEMM's at the same size."""
+def _node_rates(g, per: float, shapes=NODE_SHAPES, tokens=NODE_TOKENS) -> list:
+    """[(M, FLOPs of one position-wise call, FLOP/s)], for each of `shapes` at each M of `tokens`
+    in that order: the executor's own project and mix nodes (emulate/models/block.py, which the
+    runner calls: norms, the projections, RoPE, the MLP and the residuals) of a synthetic Llama
+    block on M rows, FLOPs as graphs/costs.py counts them, keyed by M and the mean of the two calls
+    (Device.node_rate reads them). Their elementwise work (norms, RoPE, SiLU, residual adds, the
+    copies into heads) runs beside the GEMMs the FLOPs count, so the rate is below a bare GEMM's at
+    the same size. benchmarks/calibration_coverage.py times other shapes through it."""
     import torch
 
     from emulate.models.block import Transformer
@@ -324,16 +329,16 @@ def _node_rates(g, per: float) -> list:
     from graphs.costs import mix_cost, project_cost
 
     cases = []
-    for width, heads, kv_heads, mlp in NODE_SHAPES:
+    for width, heads, kv_heads, mlp in shapes:
         config = ModelConfig(name="calibration", family="llama", vocab=64, width=width, layers=1, heads=heads,
                              kv_heads=kv_heads, head_dim=32, mlp_width=mlp)
         weights = {name: torch.randn(shape, generator=g) / shape[-1] ** 0.5
                    for name, shape in weight_names(config).items()}
         block = Transformer(config, weights)
-        spec = ForwardSpec(tokens=max(NODE_TOKENS), block_size=max(NODE_TOKENS), patterns=(Pattern("causal"),),
+        spec = ForwardSpec(tokens=max(tokens), block_size=max(tokens), patterns=(Pattern("causal"),),
                            heads=heads, kv_heads=kv_heads, head_dim=32, width=width, mlp_width=mlp, vocab=0,
                            dtype_bytes=4)
-        for m in NODE_TOKENS:
+        for m in tokens:
             x, positions = torch.randn(m, width, generator=g), torch.arange(m)
             o = torch.randn(heads, m, 32, generator=g)
 
@@ -466,8 +471,8 @@ KERNEL_PROBE_SHAPE = dict(width=128, heads=4, kv_heads=2, head_dim=32, mlp_width
 
 
 def _loaded_calls(entry: dict) -> tuple[list[float], float]:
-    """([s_1, ..., s_C], miss): seconds of GIL-held Python per logical call with k call workers *while they
-    run kernels*: the per-call cost at which the planner's simulation (emulate/planner/simulation.py)
+    """([s_1, ..., s_C], miss): seconds of GIL-held Python per logical call with k call workers
+    *while they run kernels*: the per-call cost at which the planner's simulation (emulate/planner/simulation.py)
     of KERNEL_PROBE's forward on k call workers, the rest of `entry` as measured, takes as long as
     that forward measured on this machine (the median of ROUNDS forwards per k); the simulation's
     own miss with one worker is divided out first, so only what k workers add is put on their

@@ -195,7 +195,8 @@ def predict_decode(model=None, tokens: int = 4096, new_tokens: int = 16, *, bloc
         # one token's GEMVs: bound by the weights' bytes on every device priced (fp8's faster GEMM
         # rate does not enter; its one byte per weight does), read at the rate of their mean
         # matrix's size (a GPU's datasheet bandwidth; this CPU's measured cold reads)
-        return max(nbytes / (G * dev.reads_per_s(nbytes / matrices / G)), flops / (G * dev.rate(hw.dtype, "matmul", flops)))
+        return max(nbytes / (G * dev.reads_per_s(nbytes / matrices / G)),
+                   flops / (G * dev.rate(hw.dtype, "matmul", flops)))
 
     q_bytes = config.heads * config.head_dim * b
     partial_bytes = config.heads * (config.head_dim + 1) * b
